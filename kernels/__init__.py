@@ -1,0 +1,1 @@
+"""Fast paths for minislm (Numba), each beside a plain-NumPy reference."""
