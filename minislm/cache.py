@@ -1,0 +1,59 @@
+"""The KV cache: the only state that changes from token to token (llama2.c's RunState).
+
+Attention at step t needs the keys and values of every earlier token in every
+layer. Recomputing them would make each new token cost as much as the whole
+prompt; storing them makes a decode step one token's worth of matmuls plus one
+pass over the cache. We preallocate the buffers once for the longest sequence
+this run can reach, so appending is a slice assignment, never a reallocation.
+"""
+
+import numpy as np
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """keys/values: (layers, kv_heads, capacity, head_dim); positions [0, length) are filled.
+
+    Keys are stored *after* RoPE. `rope_long` records which LongRoPE factor set the
+    cached tokens were computed with, and `tokens` their ids, so the model can
+    recompute them if a later forward crosses the switch point.
+    """
+
+    def __init__(self, config: ModelConfig, capacity: int, dtype=np.float32):
+        shape = (config.num_hidden_layers, config.num_key_value_heads, capacity, config.head_dim)
+        # np.zeros gets pages lazily from the OS: an unused tail costs no memory.
+        self.keys = np.zeros(shape, dtype=dtype)
+        self.values = np.zeros(shape, dtype=dtype)
+        self.tokens = np.zeros(capacity, dtype=np.int64)  # the ids whose keys/values are cached
+        self.length = 0
+        self.rope_long = False
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def store(self, layer: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write this forward's keys/values (kv_heads, T, head_dim) after the cached ones and
+        return views of everything so far, (kv_heads, length + T, head_dim) each.
+
+        `length` moves only when the whole forward is done (`advance`), because every
+        layer writes at the same positions.
+        """
+        end = self.length + keys.shape[1]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
+        self.keys[layer, :, self.length : end] = keys
+        self.values[layer, :, self.length : end] = values
+        return self.keys[layer, :, :end], self.values[layer, :, :end]
+
+    def advance(self, token_ids: np.ndarray, rope_long: bool) -> None:
+        """Mark the tokens of a finished forward as cached (every layer has stored them)."""
+        end = self.length + len(token_ids)
+        self.tokens[self.length : end] = token_ids
+        self.length = end
+        self.rope_long = rope_long
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (a chat turn that diverges from the cached tokens)."""
+        self.length = min(self.length, length)

@@ -1,0 +1,116 @@
+"""`python -m minislm <command>`: generate, chat, verify.
+
+Flags follow mlx_lm.generate and llama-cli (`--model`, `--prompt`, `--max-tokens`,
+`--temp`, `--top-p`, `--top-k`, `--seed`). Generated text streams to stdout;
+statistics go to stderr, so `> out.txt` captures only the text. Every input
+problem ends as one line on stderr and exit status 2.
+"""
+
+import argparse
+import sys
+
+from .errors import MinislmError
+
+EXIT_USAGE = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage first)."""
+
+    def error(self, message):
+        raise MinislmError(message)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="minislm", description="A readable CPU runtime for the Phi-3 family.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    commands.required = True
+
+    gen = commands.add_parser("generate", help="generate text from a prompt")
+    add_model_flags(gen)
+    gen.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
+    gen.add_argument("--prompt", "-p", help="the prompt")
+    gen.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
+    gen.add_argument("--system", help="system message for the chat template")
+    gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    add_sampling_flags(gen)
+
+    chat = commands.add_parser("chat", help="multi-turn chat that keeps the KV cache between turns")
+    add_model_flags(chat)
+    chat.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens per reply (default 512)")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens (default 4096)")
+    add_sampling_flags(chat)
+
+    verify = commands.add_parser("verify", help="compare minislm's logits with transformers' on a checkpoint")
+    add_model_flags(verify)
+    verify.add_argument("--prompt", "-p", help="text to run (default: a fixed sentence, or random ids without a tokenizer)")
+    verify.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| that passes (default 1e-4)")
+    verify.add_argument("--max-tokens", "-n", type=int, default=8, help="greedy tokens to compare (default 8)")
+    return parser
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="model folder or Hugging Face repo id (default: the bundled model)")
+    p.add_argument("--revision", help="branch, tag or commit of a hub repo")
+    p.add_argument("--threads", "-t", type=int, help="CPU threads for matmuls (default: all cores)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1] (default 1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the best one (default 0 = off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for repeated tokens (default 1 = off)")
+    p.add_argument("--seed", type=int, help="random seed: same seed, same text")
+
+
+def check_flags(args) -> None:
+    """Range checks with the flag's own name in the message."""
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise MinislmError(f"--threads must be >= 1, got {args.threads}")
+    if getattr(args, "max_tokens", 0) < 0:
+        raise MinislmError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if not hasattr(args, "temp"):
+        return
+    if not args.temp >= 0:
+        raise MinislmError(f"--temp must be >= 0, got {args.temp}")
+    if not 0 < args.top_p <= 1:
+        raise MinislmError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise MinislmError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 <= args.min_p <= 1:
+        raise MinislmError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if not args.repeat_penalty > 0:
+        raise MinislmError(f"--repeat-penalty must be > 0, got {args.repeat_penalty}")
+    if getattr(args, "ctx_size", 1) < 1:
+        raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        check_flags(args)
+        if args.command == "generate":
+            from .commands import run_generate
+
+            return run_generate(args)
+        if args.command == "chat":
+            from .commands import run_chat
+
+            return run_chat(args)
+        if args.command == "verify":
+            from .verify import run_verify
+
+            return run_verify(args)
+        raise MinislmError(f"unknown command {args.command}")
+    except MinislmError as e:
+        print(f"minislm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `| head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0

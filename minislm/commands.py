@@ -1,0 +1,167 @@
+"""What `generate` and `chat` do once their flags are parsed and checked."""
+
+import resource
+import sys
+from pathlib import Path
+
+from .errors import MinislmError
+from .generate import GenerationStats, generate_text, generate_tokens
+from .sampling import Sampler, SamplingSettings
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "shakespeare"
+
+
+def model_argument(args) -> str:
+    """--model, or the small model shipped inside the package when there is one."""
+    if args.model:
+        return args.model
+    if (BUNDLED_MODEL / "config.json").is_file():
+        return str(BUNDLED_MODEL)
+    raise MinislmError(
+        "no --model given and this install has no bundled model; pass --model with a folder or a Hugging Face repo id"
+    )
+
+
+def load_model(args):
+    from .load import load
+
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=args.threads)  # BLAS threads for the NumPy matmuls
+    model = load(model_argument(args), revision=args.revision)
+    if model.tokenizer is None:
+        raise MinislmError(f"{model.path}: no tokenizer.json in the model folder")
+    return model
+
+
+def sampler_for(args, model) -> Sampler:
+    settings = SamplingSettings(
+        temperature=args.temp,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+    )
+    allowed = min(model.tokenizer.vocab_size, model.config.vocab_size)
+    return Sampler(settings, seed=args.seed, allowed_ids=allowed)
+
+
+def stop_ids(model) -> set[int]:
+    """generation_config.json's ids plus the tokenizer's own end-of-sequence token."""
+    ids = set(model.generation_config.eos_token_ids)
+    eos = model.tokenizer.special.get("eos_token")
+    if eos and model.tokenizer.token_id(eos) is not None:
+        ids.add(model.tokenizer.token_id(eos))
+    return ids
+
+
+def prompt_ids(model, prompt: str, system: str | None, use_template: bool) -> list[int]:
+    tokenizer = model.tokenizer
+    if not use_template or not tokenizer.chat_template:
+        if system:
+            warn("--system needs a chat template; ignoring it")
+        return tokenizer.encode(prompt)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.render_chat(messages)
+    if system and system not in text:
+        warn("this model's chat template drops system messages; --system has no effect")
+    return tokenizer.encode(text, add_bos=False)
+
+
+def run_generate(args) -> int:
+    if args.prompt is not None and args.prompt_text is not None:
+        raise MinislmError("give the prompt once: either as PROMPT or with --prompt")
+    prompt = args.prompt if args.prompt is not None else args.prompt_text
+    if prompt is None:
+        raise MinislmError('no prompt: minislm generate "your prompt" (or --prompt TEXT)')
+    model = load_model(args)
+    ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
+    stats = GenerationStats()
+    tokens = generate_tokens(model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats)
+    for piece in generate_text(model.tokenizer, tokens, args.stop, stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print_stats(stats, model)
+    return 0
+
+
+def run_chat(args) -> int:
+    model = load_model(args)
+    tokenizer = model.tokenizer
+    if not tokenizer.chat_template:
+        raise MinislmError(f"{model.path}: the tokenizer has no chat_template, so chat cannot format turns")
+    capacity = min(args.ctx_size, model.config.max_position_embeddings)
+    cache = model.new_cache(capacity)
+    sampler = sampler_for(args, model)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print(f"minislm chat with {model.path}: /bye to quit, /clear to start over", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        command = line.strip()
+        if command == "/bye":
+            return 0
+        if command == "/clear":
+            messages = list(system)
+            cache.truncate(0)
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode_chat(messages)
+        if len(ids) >= capacity:
+            messages.pop()
+            print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)
+            continue
+        # Reuse the cache for the longest prefix it shares with the new conversation;
+        # only the rest (the new user turn, mostly) goes through the model.
+        keep = min(common_prefix(cache.tokens[: cache.length], ids), len(ids) - 1)
+        cache.truncate(keep)
+        stats = GenerationStats()
+        max_new = min(args.max_tokens, capacity - len(ids))
+        tokens = generate_tokens(
+            model, ids[keep:], max_new, sampler, stop_ids(model), cache=cache, history=ids[:keep], stats=stats
+        )
+        reply = []
+        for piece in generate_text(tokenizer, tokens, (), stats):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        print_stats(stats, model, reused=keep)
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def peak_memory_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def print_stats(stats: GenerationStats, model, reused: int | None = None) -> None:
+    parts = [f"prompt {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_second:.1f} tok/s"]
+    if reused:
+        parts[0] += f" ({reused} reused from the cache)"
+    parts.append(f"generated {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.2f} tok/s")
+    parts.append(f"stop: {stats.stop_reason or 'none'}")
+    parts.append(f"peak memory {peak_memory_bytes() / 2**30:.2f} GiB")
+    print("[" + " | ".join(parts) + "]", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    print(f"minislm: warning: {message}", file=sys.stderr)

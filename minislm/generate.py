@@ -1,0 +1,145 @@
+"""The generation loop: prefill the prompt once, then one cached forward per token.
+
+Two layers: `generate_tokens` yields ids (this is what `Model.generate` exposes),
+`generate_text` turns them into streamed text and handles stop strings. Timing
+lives here too, measured around the forwards only: prefill and decode separately,
+and decode speed counts generated tokens only.
+"""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cache import KVCache
+from .errors import MinislmError
+from .sampling import Sampler
+from .tokenizer import StreamingDetokenizer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0  # forwards after the first generated token
+    stop_reason: str = ""  # "eos", "length", "context" or "stop string"
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = self.generated_tokens - 1  # the first token comes from the prefill
+        return steps / self.decode_seconds if self.decode_seconds and steps > 0 else 0.0
+
+
+def check_context(prompt_len: int, cached: int, context: int, what: str = "prompt") -> None:
+    if cached + prompt_len >= context:
+        raise MinislmError(
+            f"{what} is {cached + prompt_len} tokens; the model's context is {context} "
+            "(max_position_embeddings), so nothing can be generated"
+        )
+
+
+def generate_tokens(
+    model,
+    prompt_ids,
+    max_new_tokens: int,
+    sampler: Sampler,
+    stop_ids=(),
+    cache: KVCache | None = None,
+    history: list[int] | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` ids following `prompt_ids`.
+
+    With a `cache`, `prompt_ids` are the tokens *after* those already cached (the
+    chat REPL keeps one cache across turns); `history` holds every id of the
+    sequence so far, for the repetition penalty. A stop id is yielded, then the
+    loop ends. Generation also ends at the model's context length.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    prompt = model.check_ids(prompt_ids)
+    if prompt.size == 0:
+        raise ValueError("the prompt needs at least one token id")
+    context = model.config.max_position_embeddings
+    if cache is None:
+        cache = model.new_cache(min(context, len(prompt) + max_new_tokens))
+    check_context(len(prompt), cache.length, context)
+    if cache.length + len(prompt) > cache.capacity:
+        raise ValueError(f"KV cache holds {cache.capacity} positions, {cache.length + len(prompt)} needed")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt)
+    history = list(history) if history is not None else []
+    history.extend(int(t) for t in prompt)
+    stop_ids = set(int(t) for t in stop_ids)
+    if max_new_tokens == 0:
+        stats.stop_reason = "length"
+        return
+
+    start = time.perf_counter()
+    logits = model.lm_head(model.forward(prompt, cache)[-1:])[0]  # (V,) for the last position
+    stats.prefill_seconds = time.perf_counter() - start
+
+    limit = min(context, cache.capacity)
+    for n in range(max_new_tokens):
+        token = sampler(logits, history)
+        history.append(token)
+        stats.generated_tokens += 1
+        yield token
+        if token in stop_ids:
+            stats.stop_reason = "eos"
+            return
+        if n == max_new_tokens - 1:
+            stats.stop_reason = "length"
+            return
+        if cache.length >= limit:
+            stats.stop_reason = "context"
+            return
+        start = time.perf_counter()
+        logits = model.lm_head(model.forward(np.array([token]), cache))[0]
+        stats.decode_seconds += time.perf_counter() - start
+
+
+def generate_text(tokenizer, token_stream: Iterator[int], stop_strings=(), stats: GenerationStats | None = None):
+    """Stream the text of `token_stream`, ending before the first stop string.
+
+    Text that could be the beginning of a stop string is held back until it is
+    known not to be one, so a stop string is never half-printed.
+    """
+    detokenizer = StreamingDetokenizer(tokenizer)
+    stop_strings = [s for s in stop_strings if s]
+    pending = ""
+    for token in token_stream:
+        pending += detokenizer.add(token)
+        emit, pending, stopped = split_at_stop(pending, stop_strings)
+        if emit:
+            yield emit
+        if stopped:
+            token_stream.close()
+            if stats is not None:
+                stats.stop_reason = "stop string"
+            return
+    emit, _, _ = split_at_stop(pending + detokenizer.flush(), stop_strings, final=True)
+    if emit:
+        yield emit
+
+
+def split_at_stop(text: str, stop_strings, final: bool = False) -> tuple[str, str, bool]:
+    """-> (text safe to print, text to hold back, whether a stop string was found)."""
+    hits = [text.find(s) for s in stop_strings if s in text]
+    if hits:
+        return text[: min(hits)], "", True
+    if final:
+        return text, "", False
+    hold = 0
+    for s in stop_strings:  # longest tail of `text` that begins some stop string
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    return text[: len(text) - hold], text[len(text) - hold :], False

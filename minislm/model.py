@@ -1,0 +1,300 @@
+"""The Phi-3 decoder in NumPy, read top to bottom like the paper.
+
+    tokens -> embed -> N x [ x += attention(rms_norm(x)); x += mlp(rms_norm(x)) ]
+           -> rms_norm -> lm_head -> logits
+
+`forward()` is the spine; everything it calls is a small pure function named
+after the paper's term. Weights are a dict keyed by the checkpoint's own tensor
+names (`model.layers.0.self_attn.qkv_proj.weight`), so what you read here is what
+is in the file. All math is float32, as in transformers' float32 reference.
+
+Shapes: T = tokens in this forward, S = tokens in the cache after it,
+D = hidden_size, H / KV = query / key-value heads, hd = head_dim, F = ffn size.
+"""
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .cache import KVCache
+from .config import GenerationConfig, ModelConfig, RopeConfig
+from .errors import MinislmError
+
+# Queries are processed in blocks of this many so that the (heads, T, S) score
+# matrix of a long prompt never needs more than ~heads * 256 * S floats at once.
+QUERY_BLOCK = 256
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """y = x @ w.T with the checkpoint's (out, in) layout. `w` is a float32 array or a
+    packed weight from minislm.kernels (bf16, int4) that multiplies itself."""
+    if isinstance(w, np.ndarray):
+        return x @ w.T
+    return w.matmul(x)
+
+
+def embed(embed_tokens, token_ids: np.ndarray) -> np.ndarray:
+    """Row lookup: (V, D)[ids] -> (T, D)."""
+    if isinstance(embed_tokens, np.ndarray):
+        return np.asarray(embed_tokens[token_ids], dtype=np.float32)
+    return embed_tokens.rows(token_ids)
+
+
+def rms_norm(x: np.ndarray, weight, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, per token. No mean subtraction, no bias."""
+    variance = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
+    return weight * (x / np.sqrt(variance + eps))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x), with sigmoid written via tanh so large |x| cannot overflow exp."""
+    return x * (0.5 + 0.5 * np.tanh(0.5 * x))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))  # -inf (masked) -> exp = 0
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+# ---------------------------------------------------------------- rotary embedding
+
+
+def rope_inv_freq(rope: RopeConfig, long: bool) -> np.ndarray:
+    """theta^(-2i/d) for i < d/2, divided by LongRoPE's per-frequency factors.
+
+    Computed in float32 exactly as transformers does, since a different rounding of
+    these frequencies becomes a visible logit difference at long positions.
+    """
+    d = rope.rotary_dim
+    exponent = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)  # (d/2,)
+    base = np.float32(rope.theta) ** exponent
+    if rope.kind == "longrope":
+        factors = rope.long_factor if long else rope.short_factor
+        base = np.asarray(factors, dtype=np.float32) * base
+    return (np.float32(1.0) / base).astype(np.float32)
+
+
+def use_long_factors(rope: RopeConfig, seq_len: int) -> bool:
+    """LongRoPE's switch, as transformers decides it: long factors once the sequence
+    (max position + 1) is longer than the context the model was pretrained on."""
+    return rope.kind == "longrope" and seq_len > rope.original_max_position_embeddings
+
+
+def rope_angles(rope: RopeConfig, positions: np.ndarray, long: bool) -> np.ndarray:
+    """(T,) positions -> (T, rotary_dim) angles; each frequency appears twice because
+    rotate-half pairs dim i with dim i + d/2."""
+    freqs = positions.astype(np.float32)[:, None] * rope_inv_freq(rope, long)[None, :]  # (T, d/2)
+    return np.concatenate([freqs, freqs], axis=-1)  # (T, d)
+
+
+def rope_tables(rope: RopeConfig, positions: np.ndarray, long: bool) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, (T, rotary_dim), times LongRoPE's attention scale (1.0 for plain RoPE)."""
+    angles = rope_angles(rope, positions, long)
+    scale = rope.long_scale if long else rope.short_scale
+    return np.cos(angles) * scale, np.sin(angles) * scale
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate the first rotary_dim dims of each head; the rest pass through (partial rotary).
+
+    x: (heads, T, hd); cos, sin: (T, rotary_dim). Rotate-half convention: dim i and
+    dim i + d/2 form a pair, NOT adjacent dims (2i, 2i+1) as in llama2.c/gpt-fast.
+    Using the wrong one still gives plausible first tokens, then gibberish.
+    """
+    d = cos.shape[-1]
+    x_rot, x_pass = x[..., :d], x[..., d:]
+    x1, x2 = x_rot[..., : d // 2], x_rot[..., d // 2 :]
+    rotated_half = np.concatenate([-x2, x1], axis=-1)  # (heads, T, d)
+    return np.concatenate([x_rot * cos + rotated_half * sin, x_pass], axis=-1)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attention_mask(q_positions: np.ndarray, n_keys: int, sliding_window: int | None) -> np.ndarray:
+    """(T, S) booleans, True where query q may attend to key k: causal (k <= q) and,
+    with a sliding window w, only the last w positions (q - w < k), as in transformers."""
+    k = np.arange(n_keys)[None, :]
+    q = q_positions[:, None]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed &= k > q - sliding_window
+    return allowed
+
+
+def grouped_query_attention(
+    q: np.ndarray, keys: np.ndarray, values: np.ndarray, allowed: np.ndarray, scale: float
+) -> np.ndarray:
+    """softmax(q k^T * scale + mask) v, where each kv head serves H / KV query heads.
+
+    q: (H, T, hd); keys, values: (KV, S, hd); allowed: (T, S) -> (H, T, hd).
+    Query heads h = kv * G + g all use kv head `kv` (transformers' repeat_kv), so
+    stacking a kv head's G query heads into one matrix lets one matmul serve them
+    all, without copying keys G times.
+    """
+    H, T, hd = q.shape
+    KV, S, _ = keys.shape
+    G = H // KV
+    q = q.reshape(KV, G * T, hd)
+    scores = (q @ keys.transpose(0, 2, 1)) * scale  # (KV, G*T, S)
+    scores = scores.reshape(KV, G, T, S)
+    scores = np.where(allowed, scores, -np.inf)
+    probs = softmax(scores, axis=-1).reshape(KV, G * T, S)
+    return (probs @ values).reshape(H, T, hd)  # (KV, G*T, hd) -> (H, T, hd)
+
+
+def attention(
+    x: np.ndarray, qkv_proj, o_proj, config: ModelConfig, cache: KVCache, layer: int, cos, sin, positions
+) -> np.ndarray:
+    """Self-attention of one layer: (T, D) -> (T, D), reading and extending the cache."""
+    T = x.shape[0]
+    H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    qkv = linear(x, qkv_proj)  # (T, (H + 2*KV) * hd): rows [q | k | v]
+    q = qkv[:, : H * hd].reshape(T, H, hd).transpose(1, 0, 2)  # (H, T, hd)
+    k = qkv[:, H * hd : (H + KV) * hd].reshape(T, KV, hd).transpose(1, 0, 2)  # (KV, T, hd)
+    v = qkv[:, (H + KV) * hd :].reshape(T, KV, hd).transpose(1, 0, 2)  # (KV, T, hd)
+
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    keys, values = cache.store(layer, k, v)  # (KV, S, hd) each
+
+    out = np.empty((H, T, hd), dtype=np.float32)
+    for start in range(0, T, QUERY_BLOCK):
+        block = slice(start, start + QUERY_BLOCK)
+        allowed = attention_mask(positions[block], keys.shape[1], config.sliding_window)
+        out[:, block] = grouped_query_attention(q[:, block], keys, values, allowed, hd**-0.5)
+    out = out.transpose(1, 0, 2).reshape(T, H * hd)  # heads side by side again
+    return linear(out, o_proj)  # (T, D)
+
+
+# ---------------------------------------------------------------- feed-forward
+
+
+def mlp(x: np.ndarray, gate_up_proj, down_proj) -> np.ndarray:
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused in one matrix.
+
+    gate_up_proj rows are [gate (F) | up (F)]: gate is the FIRST half.
+    """
+    gate_up = linear(x, gate_up_proj)  # (T, 2F)
+    gate, up = np.split(gate_up, 2, axis=-1)  # (T, F) each
+    return linear(silu(gate) * up, down_proj)  # (T, D)
+
+
+# ---------------------------------------------------------------- the spine
+
+
+def forward(
+    config: ModelConfig,
+    weights: dict,
+    token_ids: np.ndarray,
+    cache: KVCache,
+    hidden_states: list | None = None,
+) -> np.ndarray:
+    """Run T new tokens through the decoder, after the cache.length tokens already cached.
+
+    Returns the final normed hidden states (T, D); `lm_head` turns them into logits.
+    If `hidden_states` is a list, the residual stream after the embedding and after
+    each layer is appended to it (used by `minislm verify` to find a diverging layer).
+    """
+    w = weights
+    T = len(token_ids)
+    long = use_long_factors(config.rope, cache.length + T)
+    if cache.length and long != cache.rope_long:
+        return recompute_with_new_rope(config, weights, token_ids, cache, hidden_states)
+    positions = np.arange(cache.length, cache.length + T)  # (T,)
+    cos, sin = rope_tables(config.rope, positions, long)  # (T, rotary_dim) each
+
+    x = embed(w["model.embed_tokens.weight"], token_ids)  # (T, D)
+    if hidden_states is not None:
+        hidden_states.append(x)
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        h = rms_norm(x, w[layer + "input_layernorm.weight"], config.rms_norm_eps)
+        x = x + attention(
+            h, w[layer + "self_attn.qkv_proj.weight"], w[layer + "self_attn.o_proj.weight"],
+            config, cache, i, cos, sin, positions,
+        )
+        h = rms_norm(x, w[layer + "post_attention_layernorm.weight"], config.rms_norm_eps)
+        x = x + mlp(h, w[layer + "mlp.gate_up_proj.weight"], w[layer + "mlp.down_proj.weight"])
+        if hidden_states is not None:
+            hidden_states.append(x)
+    cache.advance(token_ids, long)
+    return rms_norm(x, w["model.norm.weight"], config.rms_norm_eps)  # (T, D)
+
+
+def recompute_with_new_rope(config, weights, token_ids, cache, hidden_states) -> np.ndarray:
+    """The sequence just crossed LongRoPE's switch point: start again from token 0.
+
+    A full forward over the longer sequence rotates *every* position with the other
+    factor set, so the cached keys are stale. Re-rotating them is not enough: from
+    layer 1 on, the cached keys and values of earlier tokens were computed from
+    attention outputs that used the old rotation, and those change too. The only way
+    to get what a full forward gives is to run one, once, over all cached tokens plus
+    the new ones. transformers' generate() does the same (it drops its cache).
+    """
+    all_ids = np.concatenate([cache.tokens[: cache.length], token_ids])
+    cache.truncate(0)
+    hidden = forward(config, weights, all_ids, cache, hidden_states)
+    return hidden[-len(token_ids) :]
+
+
+def lm_head(config: ModelConfig, weights: dict, hidden: np.ndarray) -> np.ndarray:
+    """(T, D) -> (T, V) logits. Tied models (Phi-4-mini) reuse the embedding matrix."""
+    name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    return linear(hidden, weights[name])
+
+
+# ---------------------------------------------------------------- the loaded model
+
+
+class Model:
+    """A loaded checkpoint: config + weights + tokenizer (see `minislm.load`)."""
+
+    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, generation_config=None, path=None):
+        self.config = config
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids)
+        self.path = path
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.config, capacity)
+
+    def check_ids(self, token_ids) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
+        return ids
+
+    def forward(self, token_ids, cache: KVCache, hidden_states: list | None = None) -> np.ndarray:
+        """Hidden states (T, D) of new tokens appended to `cache`."""
+        return forward(self.config, self.weights, self.check_ids(token_ids), cache, hidden_states)
+
+    def lm_head(self, hidden: np.ndarray) -> np.ndarray:
+        return lm_head(self.config, self.weights, hidden)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Full forward from an empty cache: float32 logits (T, vocab_size)."""
+        ids = self.check_ids(token_ids)
+        if ids.size == 0:
+            raise ValueError("logits() needs at least one token id")
+        cache = self.new_cache(len(ids))
+        return np.ascontiguousarray(self.lm_head(self.forward(ids, cache)), dtype=np.float32)
+
+    def generate(
+        self, token_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k=None, top_p=None, seed=None
+    ) -> Iterator[int]:
+        """Yield new token ids after `token_ids`: greedy at temperature 0, else sampled.
+
+        Runs through the KV cache (one prefill, then one forward per token) and stops
+        after an end-of-sequence id from generation_config.json, as transformers does.
+        """
+        from .generate import generate_tokens
+        from .sampling import Sampler, SamplingSettings
+
+        sampler = Sampler(SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed)
+        ids = self.check_ids(token_ids)
+        yield from generate_tokens(self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids)

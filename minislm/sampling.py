@@ -1,0 +1,109 @@
+"""From next-token logits to one token id.
+
+The order is transformers' order: repetition penalty, then temperature, then the
+filters top-k, top-p and min-p, then one draw. Temperature 0 means greedy
+(argmax), with no randomness at all. All randomness comes from one
+`numpy.random.Generator` made from the seed: same seed, same tokens.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None  # keep the k most likely ids
+    top_p: float | None = None  # keep the smallest set whose probability reaches p (nucleus)
+    min_p: float | None = None  # drop ids less likely than min_p * (probability of the best id)
+    repetition_penalty: float | None = None  # > 1 discourages ids already in the sequence
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+class Sampler:
+    """Settings plus the random generator; call it with logits to get an id."""
+
+    def __init__(self, settings: SamplingSettings, seed: int | None = None, allowed_ids: int | None = None):
+        self.settings = settings
+        self.rng = np.random.default_rng(seed)
+        # Ids >= allowed_ids exist as embedding rows but not in the tokenizer (Phi-3 pads
+        # 32011 real ids to 32064 rows); they are never sampled.
+        self.allowed_ids = allowed_ids
+
+    def __call__(self, logits: np.ndarray, previous_ids=()) -> int:
+        s = self.settings
+        logits = np.array(logits, dtype=np.float64)  # (V,), a copy we may edit
+        if self.allowed_ids is not None:
+            logits[self.allowed_ids :] = -np.inf
+        if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
+            logits = repetition_penalty(logits, previous_ids, s.repetition_penalty)
+        if s.temperature == 0:
+            return int(np.argmax(logits))
+        logits = logits / s.temperature
+        if s.top_k is not None:
+            logits = top_k_filter(logits, s.top_k)
+        if s.top_p is not None and s.top_p < 1.0:
+            logits = top_p_filter(logits, s.top_p)
+        if s.min_p is not None and s.min_p > 0:
+            logits = min_p_filter(logits, s.min_p)
+        return draw(probabilities(logits), self.rng)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - np.max(logits))
+    return e / e.sum()
+
+
+def repetition_penalty(logits: np.ndarray, previous_ids, penalty: float) -> np.ndarray:
+    """CTRL's penalty: divide positive logits (multiply negative ones) of seen ids."""
+    seen = np.unique(np.asarray(previous_ids, dtype=np.int64))
+    if seen.size == 0:
+        return logits
+    out = logits.copy()
+    values = out[seen]
+    out[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return out
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep ids whose logit is at least the k-th largest (ties at the boundary stay)."""
+    if k >= logits.size:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits >= kth, logits, -np.inf)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the most likely ids until their total probability reaches p (at least one)."""
+    order = np.argsort(-logits, kind="stable")
+    sorted_probs = probabilities(logits)[order]
+    # an id stays if the ids more likely than it do not yet reach p
+    keep_sorted = (np.cumsum(sorted_probs) - sorted_probs) < p
+    keep = np.zeros(logits.size, dtype=bool)
+    keep[order[keep_sorted]] = True
+    return np.where(keep, logits, -np.inf)
+
+
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop ids whose probability is below min_p times that of the most likely id."""
+    probs = probabilities(logits)
+    return np.where(probs >= min_p * probs.max(), logits, -np.inf)
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse-CDF sampling: one uniform number, one search."""
+    cumulative = np.cumsum(probs)
+    index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return min(index, probs.size - 1)

@@ -1,0 +1,162 @@
+"""Text <-> token ids, chat templates, and streaming detokenization.
+
+The BPE itself is the `tokenizers` library reading the model's tokenizer.json:
+plumbing, not the lesson. What is worth reading here is the streaming decoder:
+Phi-3's SentencePiece vocabulary marks a word's leading space with "▁", and
+characters outside ASCII may be split across several `<0xNN>` byte tokens, so
+decoding one token at a time drops spaces and prints broken characters.
+"""
+
+from pathlib import Path
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer as HFTokenizer
+
+from .config import read_json
+from .errors import MinislmError
+
+
+class Tokenizer:
+    """A tokenizer.json plus the settings from tokenizer_config.json that change encoding."""
+
+    def __init__(self, backend: HFTokenizer, special: dict, add_bos: bool, chat_template: str | None):
+        self.backend = backend
+        self.special = special  # {"bos_token": "<s>", "eos_token": ..., ...} as strings
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.bos_id = backend.token_to_id(special["bos_token"]) if special.get("bos_token") else None
+        # ids the tokenizer can turn back into text; config.vocab_size may be larger
+        # (Phi-3: 32064 embedding rows, padded), and those extra ids must never be sampled.
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Plain text to ids; a BOS in front if the tokenizer config asks for one."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        add_bos = self.add_bos if add_bos is None else add_bos
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template, rendered in jinja2's sandbox (templates come from downloads)."""
+        if not self.chat_template:
+            raise MinislmError("this model's tokenizer_config.json has no chat_template; use --no-chat-template")
+        try:
+            template = chat_environment().from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+        except jinja2.TemplateError as e:
+            raise MinislmError(f"chat template: {e}") from None
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Template output already holds any BOS and special tokens, so add nothing."""
+        return self.encode(self.render_chat(messages), add_bos=False)
+
+
+def chat_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+    """The same whitespace rules transformers uses, inside the sandbox: no attribute or
+    method access a template could use to reach Python."""
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer | None:
+    """The tokenizer of a model folder, or None if it has no tokenizer.json."""
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception for malformed files
+        raise MinislmError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0][:200]})") from None
+
+    config_path = model_dir / "tokenizer_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    special = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(key)
+        if isinstance(value, dict):  # serialized AddedToken
+            value = value.get("content")
+        if isinstance(value, str):
+            special[key] = value
+    return Tokenizer(backend, special, bos_policy(backend, config, special), chat_template(model_dir, config))
+
+
+def bos_policy(backend: HFTokenizer, config: dict, special: dict) -> bool:
+    """Whether plain-text prompts start with BOS: tokenizer_config's `add_bos_token` if it
+    says, else whatever tokenizer.json's post-processor does (as transformers would)."""
+    if "add_bos_token" in config:
+        return bool(config["add_bos_token"])
+    bos = special.get("bos_token")
+    bos_id = backend.token_to_id(bos) if bos else None
+    if bos_id is None:
+        return False
+    with_special = backend.encode("a", add_special_tokens=True).ids
+    return bool(with_special) and with_special[0] == bos_id
+
+
+def chat_template(model_dir: Path, config: dict) -> str | None:
+    """From tokenizer_config.json (a string, or a list of named templates) or chat_template.jinja."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    jinja_file = Path(model_dir) / "chat_template.jinja"
+    if not template and jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    return template if isinstance(template, str) else None
+
+
+class StreamingDetokenizer:
+    """Turns a stream of ids into a stream of text pieces that concatenate to
+    `tokenizer.decode(all_ids)`.
+
+    Decoding each id alone is wrong twice over: "▁world" alone decodes to "world"
+    (the space is stripped at the start of a text), and "é" arriving as two byte
+    tokens decodes to "\\ufffd" twice. So we decode a short window that ends at the
+    newest id and starts a token or so before the text already printed, and emit
+    only what is new; while the window ends in an incomplete UTF-8 character
+    ("\\ufffd") we wait for more bytes.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: text before it is final
+        self.read_offset = 0  # ids before this have been emitted as text
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; return the text it completes (possibly "")."""
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        already = decode(self.ids[self.prefix_offset : self.read_offset])
+        window = decode(self.ids[self.prefix_offset :])
+        if len(window) > len(already) and not window.endswith("\ufffd"):
+            # The first window begins the text, so a leading space is stripped, exactly
+            # as the full decode strips it; later windows start a token earlier and keep it.
+            new_text = window[len(already) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return new_text
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (a dangling partial character) at the end."""
+        already = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        window = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return window[len(already) :]

@@ -1,0 +1,212 @@
+"""Read safetensors checkpoints: memory-mapped, checked, never unpickled.
+
+A safetensors file is 8 bytes of little-endian header length N, N bytes of JSON
+(`{name: {"dtype", "shape", "data_offsets": [begin, end]}}`), then the raw tensor
+bytes. We read that header ourselves and memory-map the data with NumPy instead
+of going through the `safetensors` package's loader, for two reasons a learner
+should know about:
+
+* NumPy has no bfloat16, and safetensors' NumPy backend refuses BF16 tensors. We
+  keep them as raw uint16 words, which is exactly what bf16 is: the top half of a
+  float32 (`bf16_to_float32`). No torch needed.
+* Every way a file can be broken (too short, a header longer than the file, a
+  tensor past the end) becomes a one-line error naming the file.
+
+Pickle checkpoints (`*.bin`, `*.pt`) can run arbitrary code when loaded; we refuse
+them and never open them.
+"""
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig, read_json
+from .errors import MinislmError
+
+# safetensors dtype tag -> how we hold it in NumPy. BF16 stays as raw 16-bit words.
+NUMPY_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "BOOL": np.bool_,
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some exporters write next to the weights; they hold nothing we need.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as it lies in the file: its safetensors dtype tag and a memory-mapped array."""
+
+    dtype: str
+    array: np.ndarray
+
+    def float32(self) -> np.ndarray:
+        """The values as float32. F32 stays memory-mapped (no copy); F16/BF16 widen exactly."""
+        if self.dtype == "F32":
+            return self.array
+        if self.dtype == "BF16":
+            return bf16_to_float32(self.array)
+        if self.dtype in ("F16", "F64"):
+            return self.array.astype(np.float32)
+        raise MinislmError(f"tensor of dtype {self.dtype} is not a floating-point weight")
+
+
+def bf16_to_float32(words: np.ndarray) -> np.ndarray:
+    """bfloat16 is the upper 16 bits of a float32, so widening is a shift (exact)."""
+    return (words.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to the nearest bfloat16 (ties to even), returned as raw uint16 words."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def read_safetensors(path: Path) -> dict[str, StoredTensor]:
+    """Parse one .safetensors file and memory-map its tensors (nothing is read yet)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MinislmError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise MinislmError(
+                    f"{path}: safetensors header length {header_len} is larger than the file ({size} bytes)"
+                )
+            header_bytes = f.read(header_len)
+    except OSError as e:
+        raise MinislmError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MinislmError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise MinislmError(f"{path}: corrupt safetensors header (not a JSON object)")
+
+    data_start = 8 + header_len
+    data_size = size - data_start
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,)) if data_size else None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = view_tensor(path, name, info, data, data_size)
+    return tensors
+
+
+def view_tensor(path: Path, name: str, info, data, data_size: int) -> StoredTensor:
+    """Check one header entry against the file and return a zero-copy view of its bytes."""
+    try:
+        dtype_tag = info["dtype"]
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise MinislmError(f"{path}: corrupt safetensors header entry for '{name}'") from None
+    if dtype_tag not in NUMPY_DTYPES:
+        raise MinislmError(f"{path}: tensor '{name}' has unsupported dtype {dtype_tag}")
+    dtype = np.dtype(NUMPY_DTYPES[dtype_tag])
+    expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end > data_size:
+        raise MinislmError(
+            f"{path}: truncated: tensor '{name}' ends at byte {end} of the data but the file holds {data_size}"
+        )
+    if begin < 0 or end - begin != expected_bytes:
+        raise MinislmError(f"{path}: tensor '{name}' has {end - begin} bytes, its shape {list(shape)} needs {expected_bytes}")
+    if expected_bytes == 0:
+        return StoredTensor(dtype_tag, np.zeros(shape, dtype=dtype))
+    return StoredTensor(dtype_tag, data[begin:end].view(dtype).reshape(shape))
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model folder: one file, or the shards an index names."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MinislmError(f"{index_path}: no 'weight_map' in the index")
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            shard_path = model_dir / shard
+            if not shard_path.is_file():
+                raise MinislmError(f"{index_path}: names shard {shard}, which is not in {model_dir}")
+            files.append(shard_path)
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(model_dir.glob("*.safetensors"))
+    if others:
+        return others
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise MinislmError(
+            f"{model_dir}: only pickle checkpoints ({', '.join(pickles)}); minislm never loads pickle files, "
+            "which can run code. Use a safetensors checkpoint"
+        )
+    raise MinislmError(f"{model_dir}: no model.safetensors (or shards with {INDEX_FILE}) in this folder")
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, StoredTensor]:
+    """All tensors of a model folder, memory-mapped, keyed by their hub names."""
+    tensors = {}
+    for path in checkpoint_files(model_dir):
+        for name, tensor in read_safetensors(path).items():
+            if name in tensors:
+                raise MinislmError(f"{path}: tensor '{name}' appears in more than one shard")
+            tensors[name] = tensor
+    return tensors
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Phi-3 checkpoint must hold, with its shape (hub names, (out, in) layout)."""
+    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    q_size = config.num_attention_heads * config.head_dim
+    kv_size = config.num_key_value_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        shapes[layer + "input_layernorm.weight"] = (D,)
+        shapes[layer + "self_attn.qkv_proj.weight"] = (q_size + 2 * kv_size, D)
+        shapes[layer + "self_attn.o_proj.weight"] = (D, q_size)
+        shapes[layer + "post_attention_layernorm.weight"] = (D,)
+        shapes[layer + "mlp.gate_up_proj.weight"] = (2 * F, D)
+        shapes[layer + "mlp.down_proj.weight"] = (D, F)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, D)
+    return shapes
+
+
+def check_tensors(tensors: dict[str, StoredTensor], config: ModelConfig, where: Path) -> None:
+    """Every expected tensor present with its shape; nothing unknown."""
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise MinislmError(f"{where}: missing tensor '{name}'")
+        if tensors[name].array.shape != shape:
+            raise MinislmError(
+                f"{where}: tensor '{name}' has shape {list(tensors[name].array.shape)}, config.json implies {list(shape)}"
+            )
+    for name in tensors:
+        # A tied checkpoint may still carry lm_head.weight; transformers ignores it, so do we.
+        tied_copy = name == "lm_head.weight" and config.tie_word_embeddings
+        if name not in expected and not tied_copy and not name.endswith(IGNORED_SUFFIXES):
+            raise MinislmError(f"{where}: unknown tensor '{name}' (not part of a {config.model_type} model)")

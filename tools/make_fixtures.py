@@ -1,0 +1,227 @@
+"""Build the golden fixtures under tests/fixtures/ with Hugging Face transformers.
+
+    pip install -e '.[reference]'
+    python tools/make_fixtures.py            # rewrites tests/fixtures/
+
+For each variant of the Phi-3 architecture, this makes a tiny random checkpoint
+with transformers, writes it the way hub checkpoints look (safetensors, a hub
+style config.json, generation_config.json, tokenizer files), then loads it back
+*with transformers* from disk and records, in `reference.safetensors`:
+
+    case.<name>.input_ids  (T,)    int64    token ids fed in one forward
+    case.<name>.logits     (T, V)  float32  transformers' logits for them
+    greedy.prompt          (P,)    int64
+    greedy.tokens          (N,)    int64    transformers' greedy continuation (ends early
+                                            at a generation_config.json stop id, if one comes)
+
+The default test suite compares minislm against these files, so it needs
+neither torch nor transformers. Versions used are stored in the file's metadata.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, normalizers
+from tokenizers.models import BPE
+from transformers import Phi3Config, Phi3ForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and message['content'] %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+VOCAB_SIZE = 384  # embedding rows; the tokenizer knows fewer ids, like Phi-3 (32011 of 32064)
+
+# name -> (config overrides, {case name: sequence length}, greedy (prompt, new tokens), layout)
+VARIANTS = {
+    "mha": (dict(num_attention_heads=4, num_key_value_heads=4), {"seq": 48}, (24, 20), "hub"),
+    "gqa": (dict(num_attention_heads=8, num_key_value_heads=2), {"seq": 48}, (24, 20), "transformers5"),
+    "longrope": (
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            original_max_position_embeddings=64,
+            rope_scaling={"type": "longrope", "short_factor": "ramp:1:1.5", "long_factor": "ramp:1:6"},
+        ),
+        {"below": 40, "above": 100},
+        (56, 20),  # 56 + 20 crosses the original length (64): the switch happens mid-generation
+        "hub",
+    ),
+    "sliding": (dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8), {"seq": 40}, (24, 20), "hub"),
+    "partial_tied": (
+        dict(num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5, tie_word_embeddings=True),
+        {"seq": 48},
+        (24, 20),
+        "hub",
+    ),
+    "sharded_bf16": (dict(num_attention_heads=4, num_key_value_heads=2), {"seq": 48}, (24, 20), "hub"),
+}
+BASE = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    pad_token_id=0,
+)
+
+
+def build_tokenizer() -> Tokenizer:
+    """A SentencePiece-style character tokenizer with Phi-3's machinery: "▁" for spaces,
+    byte fallback for anything else, the same decoder chain, Phi-3's special tokens."""
+    chars = ["▁"] + [chr(c) for c in range(33, 127)]
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + chars
+    model = BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>", byte_fallback=True)
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(["<unk>", "<s>"] + SPECIAL_TOKENS)
+    return tok
+
+
+def write_tokenizer(folder: Path, tok: Tokenizer) -> dict:
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+
+
+def ramp(spec, n: int) -> list[float]:
+    _, lo, hi = spec.split(":")
+    return [float(v) for v in np.linspace(float(lo), float(hi), n)]
+
+
+def make_config(overrides: dict, special_ids: dict) -> Phi3Config:
+    kw = dict(BASE, **overrides)
+    kw["eos_token_id"] = special_ids["<|endoftext|>"]
+    scaling = kw.get("rope_scaling")
+    if scaling:
+        head_dim = kw["hidden_size"] // kw["num_attention_heads"]
+        n = int(head_dim * kw.get("partial_rotary_factor", 1.0)) // 2
+        kw["rope_scaling"] = {k: ramp(v, n) if isinstance(v, str) and v.startswith("ramp") else v for k, v in scaling.items()}
+    return Phi3Config(**kw)
+
+
+def randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Weights large enough that logits spread over ~10 units: argmax ties are then
+    vanishingly rare, so top-1 and greedy comparisons mean something."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norm gains around 1
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
+
+
+def hub_style_config(path: Path, config: Phi3Config) -> None:
+    """Rewrite config.json the way Microsoft's hub files look: rope_theta and
+    original_max_position_embeddings at the top, LongRoPE under rope_scaling."""
+    raw = json.loads(path.read_text())
+    params = raw.pop("rope_parameters", {}) or {}
+    raw["rope_theta"] = params.get("rope_theta", 10000.0)
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raw["partial_rotary_factor"] = params["partial_rotary_factor"]
+    if params.get("rope_type") == "longrope":
+        raw["rope_scaling"] = {
+            "type": "longrope",
+            "short_factor": params["short_factor"],
+            "long_factor": params["long_factor"],
+        }
+    else:
+        raw["rope_scaling"] = None
+    raw["architectures"] = ["Phi3ForCausalLM"]
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def write_generation_config(folder: Path, special_ids: dict) -> None:
+    stop = [special_ids["<|endoftext|>"], special_ids["<|assistant|>"], special_ids["<|end|>"]]
+    config = {"bos_token_id": 1, "eos_token_id": stop, "pad_token_id": 0}
+    (folder / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def make_variant(name: str, out: Path, tok: Tokenizer, seed: int) -> None:
+    overrides, cases, (prompt_len, new_tokens), layout = VARIANTS[name]
+    folder = out / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    special_ids = write_tokenizer(folder, tok)
+
+    generator = torch.Generator().manual_seed(seed)
+    config = make_config(overrides, special_ids)
+    model = Phi3ForCausalLM(config).eval()
+    randomize(model, generator)
+    if name == "sharded_bf16":
+        model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="60KB")
+    else:
+        model.save_pretrained(folder)
+    if layout == "hub":
+        hub_style_config(folder / "config.json", config)
+    write_generation_config(folder, special_ids)
+
+    # The reference is transformers reading the files we just wrote, in float32.
+    ref = Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    tensors = {}
+    rng = np.random.default_rng(seed)
+    vocab = tok.get_vocab_size()  # sample ids the tokenizer knows
+    for case, length in cases.items():
+        ids = rng.integers(0, vocab, length).astype(np.int64)
+        with torch.no_grad():
+            logits = ref(torch.from_numpy(ids)[None]).logits[0].float().numpy()
+        tensors[f"case.{case}.input_ids"] = ids
+        tensors[f"case.{case}.logits"] = np.ascontiguousarray(logits, dtype=np.float32)
+    prompt = rng.integers(0, vocab, prompt_len).astype(np.int64)
+    with torch.no_grad():
+        out = ref.generate(
+            torch.from_numpy(prompt)[None],
+            attention_mask=torch.ones(1, prompt_len, dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+        )
+    tensors["greedy.prompt"] = prompt
+    tensors["greedy.tokens"] = out[0, prompt_len:].numpy().astype(np.int64)
+    metadata = {"transformers": transformers.__version__, "torch": torch.__version__, "variant": name}
+    save_file(tensors, folder / "reference.safetensors", metadata=metadata)
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    print(f"{name:14s} {size / 1024:7.1f} KiB  cases {list(cases)}  greedy {prompt_len}+{new_tokens}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    tok = build_tokenizer()
+    for i, name in enumerate(VARIANTS):
+        make_variant(name, args.out, tok, args.seed + i)
+    total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"total {total / 2**20:.2f} MiB in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
