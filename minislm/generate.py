@@ -97,7 +97,7 @@ def generate_tokens(
         if n == max_new_tokens - 1:
             stats.stop_reason = "length"
             return
-        if cache.length >= limit:
+        if cache.length + 1 >= limit:  # prompt + generated tokens fill the context
             stats.stop_reason = "context"
             return
         start = time.perf_counter()

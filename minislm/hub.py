@@ -54,7 +54,8 @@ def download(repo_id: str, revision: str | None) -> Path:
         else:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             reason = f"could not fetch it from the Hugging Face Hub ({first_line})"
-        raise MinislmError(f"--model {repo_id}: no such folder, and {reason}") from None
+        at = f" at --revision {revision}" if revision else ""
+        raise MinislmError(f"--model {repo_id}{at}: no such folder, and {reason}") from None
 
 
 def offline() -> bool:

@@ -153,9 +153,6 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     single = model_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    others = sorted(model_dir.glob("*.safetensors"))
-    if others:
-        return others
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise MinislmError(

@@ -1,0 +1,156 @@
+"""Every bad input ends in exit status 2 and one line on stderr that names the file
+or flag and the problem: no traceback, and nothing on stdout."""
+
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES
+
+PROMPT = "hello"
+
+
+def minislm(*args, env=None):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "minislm", *args], capture_output=True, text=True, env=full_env, timeout=120
+    )
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("minislm: error: ")
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A private copy of a fixture checkpoint that a test may break."""
+    target = tmp_path / "model"
+    shutil.copytree(FIXTURES / "gqa", target)
+    return target
+
+
+def generate(model, *flags, env=None):
+    return minislm("generate", "--model", str(model), PROMPT, "--max-tokens", "4", *flags, env=env)
+
+
+def rewrite_safetensors(path: Path, edit) -> None:
+    """Re-serialize a safetensors file after `edit(header)` changed its header."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    new_header = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new_header)) + new_header + data[8 + n :])
+
+
+def test_missing_folder(tmp_path):
+    assert_clean_error(generate(tmp_path / "nope"), "--model", "no such folder")
+
+
+def test_unknown_repo_id_offline(tmp_path):
+    result = generate("nobody-here/no-such-model", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert_clean_error(result, "nobody-here/no-such-model", "HF_HUB_OFFLINE")
+
+
+def test_no_config_json(model_dir):
+    (model_dir / "config.json").unlink()
+    assert_clean_error(generate(model_dir), "no config.json")
+
+
+def test_invalid_json(model_dir):
+    (model_dir / "config.json").write_text('{"model_type": "phi3",')
+    assert_clean_error(generate(model_dir), "config.json", "invalid JSON")
+
+
+def test_unsupported_model_type(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["model_type"] = "llama"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert_clean_error(generate(model_dir), "config.json", "'llama'", "supported: phi3")
+
+
+def test_truncated_safetensors(model_dir):
+    path = model_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    assert_clean_error(generate(model_dir), "model.safetensors", "truncated")
+
+
+def test_header_length_larger_than_the_file(model_dir):
+    path = model_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", len(data) * 2) + data[8:])
+    assert_clean_error(generate(model_dir), "model.safetensors", "header length", "larger than the file")
+
+
+def test_missing_tensor(model_dir):
+    rewrite_safetensors(model_dir / "model.safetensors", lambda h: h.pop("model.layers.1.mlp.down_proj.weight"))
+    assert_clean_error(generate(model_dir), "missing tensor 'model.layers.1.mlp.down_proj.weight'")
+
+
+def test_wrong_shaped_tensor(model_dir):
+    def transpose(header):
+        entry = header["model.layers.0.self_attn.o_proj.weight"]
+        entry["shape"] = entry["shape"][::-1] + [1]
+    rewrite_safetensors(model_dir / "model.safetensors", transpose)
+    assert_clean_error(generate(model_dir), "model.layers.0.self_attn.o_proj.weight", "shape")
+
+
+def test_pickle_only_checkpoint_is_refused_and_never_opened(model_dir, tmp_path):
+    (model_dir / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Payload:  # unpickling this would create the marker file
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    assert_clean_error(generate(model_dir), "pytorch_model.bin", "pickle")
+    assert not marker.exists()
+
+
+def test_missing_tokenizer(model_dir):
+    (model_dir / "tokenizer.json").unlink()
+    assert_clean_error(generate(model_dir), "tokenizer.json")
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--temp", "-0.5"], ["--temp", ">= 0"]),
+        (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+        (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+        (["--max-tokens", "-3"], ["--max-tokens", ">= 0"]),
+        (["--top-k", "-1"], ["--top-k"]),
+        (["--min-p", "2"], ["--min-p"]),
+        (["--repeat-penalty", "0"], ["--repeat-penalty"]),
+        (["--threads", "0"], ["--threads"]),
+        (["--temp", "warm"], ["--temp", "invalid float value"]),
+        (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+    ],
+)
+def test_bad_flags(flags, fragments):
+    assert_clean_error(generate(FIXTURES / "gqa", *flags), *fragments)
+
+
+def test_prompt_longer_than_the_context():
+    long_prompt = "word " * 200  # the fixture's context is 128 tokens
+    result = minislm("generate", "--model", str(FIXTURES / "gqa"), long_prompt, "--no-chat-template")
+    assert_clean_error(result, "prompt is", "context is 128")
+
+
+def test_no_prompt():
+    assert_clean_error(minislm("generate", "--model", str(FIXTURES / "gqa")), "no prompt")

@@ -1,0 +1,97 @@
+"""The sampler: each filter on a hand-checked example, then seeds and distributions."""
+
+import numpy as np
+import pytest
+
+from minislm.sampling import (
+    Sampler,
+    SamplingSettings,
+    min_p_filter,
+    probabilities,
+    repetition_penalty,
+    top_k_filter,
+    top_p_filter,
+)
+
+# probabilities 0.5, 0.3, 0.15, 0.05
+LOGITS = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+
+
+def kept(logits):
+    return set(np.flatnonzero(np.isfinite(logits)).tolist())
+
+
+def test_greedy_is_argmax_whatever_the_seed():
+    logits = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    for seed in range(5):
+        assert Sampler(SamplingSettings(temperature=0.0), seed=seed)(logits) == int(np.argmax(logits))
+
+
+def test_top_k_keeps_the_k_best():
+    assert kept(top_k_filter(LOGITS, 1)) == {0}
+    assert kept(top_k_filter(LOGITS, 3)) == {0, 1, 2}
+    assert kept(top_k_filter(LOGITS, 10)) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("p, expected", [(0.4, {0}), (0.5, {0}), (0.7, {0, 1}), (0.79, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
+    assert kept(top_p_filter(LOGITS, p)) == expected
+
+
+def test_min_p_is_relative_to_the_best_token():
+    # 0.3 / 0.5 = 0.6, 0.15 / 0.5 = 0.3, 0.05 / 0.5 = 0.1
+    assert kept(min_p_filter(LOGITS, 0.5)) == {0, 1}
+    assert kept(min_p_filter(LOGITS, 0.2)) == {0, 1, 2}
+    assert kept(min_p_filter(LOGITS, 0.05)) == {0, 1, 2, 3}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = np.array([2.0, -2.0, 2.0, -2.0])
+    out = repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 2.0, -2.0]
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens():
+    logits = np.random.default_rng(1).normal(size=50)
+    settings = SamplingSettings(temperature=1.0)
+
+    def draws(seed):
+        sampler = Sampler(settings, seed=seed)
+        return [sampler(logits) for _ in range(30)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_sampling_follows_the_softmax_distribution():
+    sampler = Sampler(SamplingSettings(temperature=1.0), seed=0)
+    n = 20000
+    counts = np.bincount([sampler(LOGITS) for _ in range(n)], minlength=4) / n
+    # binomial standard error at n=20000 is <= 0.0036; 0.015 is > 4 sigma
+    assert np.abs(counts - probabilities(LOGITS)).max() < 0.015
+
+
+def test_temperature_sharpens_and_flattens():
+    n = 5000
+    cold = Sampler(SamplingSettings(temperature=0.3), seed=0)
+    hot = Sampler(SamplingSettings(temperature=3.0), seed=0)
+    cold_top = np.mean([cold(LOGITS) == 0 for _ in range(n)])
+    hot_top = np.mean([hot(LOGITS) == 0 for _ in range(n)])
+    assert cold_top > 0.8 > 0.5 > hot_top
+
+
+def test_ids_beyond_the_tokenizer_are_never_sampled():
+    logits = np.zeros(10)
+    logits[8:] = 50.0  # padded embedding rows with huge logits
+    for temperature in (0.0, 1.0):
+        sampler = Sampler(SamplingSettings(temperature=temperature), seed=0, allowed_ids=8)
+        assert all(sampler(logits) < 8 for _ in range(200))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(min_p=2.0), dict(repetition_penalty=0.0)],
+)
+def test_invalid_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingSettings(**bad)

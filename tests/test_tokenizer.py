@@ -1,0 +1,105 @@
+"""Tokenizer behaviour, with the real Phi-3 tokenizer from ../shared/phi3-tokenizer."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minislm.tokenizer import StreamingDetokenizer, load_tokenizer
+from conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def phi3(phi3_tokenizer_dir):
+    return load_tokenizer(phi3_tokenizer_dir)
+
+
+def vocab_test_vectors(folder):
+    """llama.cpp's 47 test strings and the ids the original Phi-3 tokenizer gives them."""
+    strings = (folder / "vocab-test.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    ids = (folder / "vocab-test.out").read_text(encoding="utf-8").split("\n")
+    strings[-1] = strings[-1].removesuffix("\n__ggml_vocab_test__\n").removesuffix("\n__ggml_vocab_test__")
+    return list(zip(strings, [[int(i) for i in line.split()] for line in ids]))
+
+
+def test_all_47_vocab_vectors(phi3, phi3_tokenizer_dir):
+    vectors = vocab_test_vectors(phi3_tokenizer_dir)
+    assert len(vectors) == 47
+    for text, expected in vectors:
+        assert phi3.encode(text, add_bos=False) == expected, repr(text)
+
+
+def test_bos_follows_tokenizer_config(phi3):
+    assert phi3.add_bos and phi3.bos_id == 1
+    assert phi3.encode("Hello")[0] == 1
+    assert phi3.encode("Hello", add_bos=False)[0] != 1
+
+
+def test_phi3_special_ids(phi3):
+    assert [phi3.token_id(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>")] == [
+        32000, 32001, 32007, 32010, 32006
+    ]
+
+
+def test_original_phi3_chat_template(phi3):
+    text = phi3.render_chat([{"role": "user", "content": "Hi there"}])
+    assert text == "<s><|user|>\nHi there<|end|>\n<|assistant|>\n"
+    ids = phi3.encode_chat([{"role": "user", "content": "Hi there"}])
+    assert ids[0] == 1 and ids.count(1) == 1  # the template's BOS, not a second one
+    assert 32010 in ids and 32007 in ids and 32001 in ids
+
+
+def test_chat_template_is_sandboxed(phi3):
+    phi3.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    from minislm.errors import MinislmError
+
+    with pytest.raises(MinislmError, match="chat template"):
+        phi3.render_chat([{"role": "user", "content": "x"}])
+
+
+def stream(tokenizer, ids):
+    detok = StreamingDetokenizer(tokenizer)
+    pieces = [detok.add(i) for i in ids]
+    return pieces + [detok.flush()]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Hello world, how are you?", "  leading spaces and  double  spaces", "Äpfel und Öl kosten 3 €", "日本語のテキスト 🦙🦙 emoji", "line\nbreaks\n\n  indented"],
+)
+def test_streaming_equals_full_decode(phi3, text):
+    ids = phi3.encode(text, add_bos=False)
+    pieces = stream(phi3, ids)
+    assert "".join(pieces) == phi3.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)  # never half a character
+
+
+def test_streaming_keeps_spaces_that_token_by_token_decoding_drops(phi3):
+    ids = phi3.encode("the quick brown fox", add_bos=False)
+    naive = "".join(phi3.decode([i]) for i in ids)
+    assert naive == "thequickbrownfox"  # the bug this class exists to avoid
+    assert "".join(stream(phi3, ids)) == "the quick brown fox"
+
+
+def test_streaming_waits_for_split_utf8(phi3):
+    ids = phi3.encode("🦙", add_bos=False)
+    assert len(ids) > 2  # byte-fallback: the llama is 4 byte tokens
+    pieces = stream(phi3, ids)
+    # nothing until the 4th byte arrives, then the whole character, then nothing left
+    assert pieces[: len(ids) - 1] == [""] * (len(ids) - 1)
+    assert pieces[len(ids) - 1 :] == ["🦙", ""]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40))
+def test_streaming_equals_full_decode_on_any_text(phi3, text):
+    ids = phi3.encode(text, add_bos=False)
+    assert "".join(stream(phi3, ids)) == phi3.decode(ids)
+
+
+def test_fixture_tokenizer_is_smaller_than_the_vocab():
+    """Like Phi-3 (32011 ids in a 32064-row embedding), so the sampler's limit is exercised."""
+    from minislm.config import load_config
+
+    tok = load_tokenizer(FIXTURES / "mha")
+    assert tok.vocab_size < load_config(FIXTURES / "mha").vocab_size
