@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m minislm bench` and the pieces it is built from."""

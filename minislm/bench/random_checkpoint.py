@@ -1,0 +1,81 @@
+"""Random-weight checkpoints with real model shapes, for speed measurements.
+
+Decode speed does not depend on the values of the weights, only on their shapes
+and dtype, so a random checkpoint with Phi-3-mini's exact shapes measures what a
+download of the real 7.6 GB model would, without the download. The file is
+streamed tensor by tensor, so writing it never needs the whole model in memory.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..config import parse_config
+from ..weights import expected_shapes, float32_to_bf16
+
+# microsoft/Phi-3-mini-4k-instruct's config.json, in the hub layout.
+PHI3_MINI_4K = {
+    "architectures": ["Phi3ForCausalLM"],
+    "model_type": "phi3",
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32064,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "rms_norm_eps": 1e-05,
+    "sliding_window": 2047,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "pad_token_id": 32000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+SAFETENSORS_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
+
+
+def random_tensor(rng: np.random.Generator, shape, dtype_tag: str) -> np.ndarray:
+    """N(0, 0.02) for matrices, ~1 for norm gains; stored in the requested dtype."""
+    if len(shape) == 1:
+        values = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+    else:
+        values = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+    if dtype_tag == "BF16":
+        return float32_to_bf16(values)
+    return values.astype(SAFETENSORS_DTYPES[dtype_tag][0])
+
+
+def write_random_checkpoint(folder: Path, config: dict, dtype_tag: str = "F16", seed: int = 0) -> Path:
+    """Write config.json, generation_config.json and model.safetensors with random weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = expected_shapes(parse_config(config))
+    itemsize = SAFETENSORS_DTYPES[dtype_tag][1]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape)) * itemsize
+        header[name] = {"dtype": dtype_tag, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt", "note": "random weights for benchmarks"}
+    header_bytes = json.dumps(header).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # keep tensor data 8-byte aligned
+
+    rng = np.random.default_rng(seed)
+    tmp = folder / "model.safetensors.partial"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for name, shape in shapes.items():
+            f.write(random_tensor(rng, shape, dtype_tag).tobytes())
+    tmp.rename(folder / "model.safetensors")  # only a complete file gets the real name
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return folder
