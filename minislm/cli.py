@@ -1,4 +1,4 @@
-"""`python -m minislm <command>`: generate, chat, verify.
+"""`python -m minislm <command>`: generate, chat, perplexity, verify.
 
 Flags follow mlx_lm.generate and llama-cli (`--model`, `--prompt`, `--max-tokens`,
 `--temp`, `--top-p`, `--top-k`, `--seed`). Generated text streams to stdout;
@@ -48,6 +48,11 @@ def build_parser() -> ArgumentParser:
     verify.add_argument("--prompt", "-p", help="text to run (default: a fixed sentence, or random ids without a tokenizer)")
     verify.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| that passes (default 1e-4)")
     verify.add_argument("--max-tokens", "-n", type=int, default=8, help="greedy tokens to compare (default 8)")
+    ppl = commands.add_parser("perplexity", help="nats/char, bits/char and token perplexity of a text file")
+    add_model_flags(ppl)
+    ppl.add_argument("--file", "-f", required=True, help="UTF-8 text file to score")
+    ppl.add_argument("--window", type=int, help="tokens per forward (default: the model's context)")
+    ppl.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
     return parser
 
 
@@ -72,6 +77,10 @@ def check_flags(args) -> None:
         raise MinislmError(f"--threads must be >= 1, got {args.threads}")
     if getattr(args, "max_tokens", 0) < 0:
         raise MinislmError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if getattr(args, "window", None) is not None and args.window < 2:
+        raise MinislmError(f"--window must be >= 2, got {args.window}")
+    if getattr(args, "ctx_size", 1) < 1:
+        raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
     if not hasattr(args, "temp"):
         return
     if not args.temp >= 0:
@@ -84,8 +93,6 @@ def check_flags(args) -> None:
         raise MinislmError(f"--min-p must be in [0, 1], got {args.min_p}")
     if not args.repeat_penalty > 0:
         raise MinislmError(f"--repeat-penalty must be > 0, got {args.repeat_penalty}")
-    if getattr(args, "ctx_size", 1) < 1:
-        raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
 
 
 def main(argv=None) -> int:
@@ -100,6 +107,10 @@ def main(argv=None) -> int:
             from .commands import run_chat
 
             return run_chat(args)
+        if args.command == "perplexity":
+            from .perplexity import run_perplexity
+
+            return run_perplexity(args)
         if args.command == "verify":
             from .verify import run_verify
 

@@ -154,3 +154,14 @@ def test_prompt_longer_than_the_context():
 
 def test_no_prompt():
     assert_clean_error(minislm("generate", "--model", str(FIXTURES / "gqa")), "no prompt")
+
+
+def test_perplexity_missing_file(tmp_path):
+    result = minislm("perplexity", "--model", str(FIXTURES / "gqa"), "--file", str(tmp_path / "none.txt"))
+    assert_clean_error(result, "--file", "no such file")
+
+
+def test_perplexity_stride_not_below_window(tmp_path):
+    (tmp_path / "t.txt").write_text("some text to score " * 20)
+    result = minislm("perplexity", "--model", str(FIXTURES / "gqa"), "--file", str(tmp_path / "t.txt"), "--window", "16", "--stride", "16")
+    assert_clean_error(result, "--stride")
