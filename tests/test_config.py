@@ -4,28 +4,17 @@ import math
 
 import pytest
 
+from minislm.bench.random_checkpoint import PHI3_MINI_4K
 from minislm.config import parse_config
 from minislm.errors import MinislmError
 
-PHI3_MINI_128K_HUB = {  # the shape of microsoft/Phi-3-mini-128k-instruct's config.json
-    "architectures": ["Phi3ForCausalLM"],
-    "model_type": "phi3",
-    "hidden_size": 3072,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32064,
-    "max_position_embeddings": 131072,
-    "original_max_position_embeddings": 4096,
-    "rope_theta": 10000.0,
-    "rope_scaling": {"type": "su", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
-    "rms_norm_eps": 1e-05,
-    "sliding_window": 262144,
-    "eos_token_id": 32000,
-    "bos_token_id": 1,
-    "hidden_act": "silu",
-}
+# the shape of microsoft/Phi-3-mini-128k-instruct's config.json: the 4k model's, plus LongRoPE
+PHI3_MINI_128K_HUB = dict(
+    PHI3_MINI_4K,
+    max_position_embeddings=131072,
+    rope_scaling={"type": "su", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
+    sliding_window=262144,
+)
 
 
 def test_hub_layout_with_su_is_longrope():
