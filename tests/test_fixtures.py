@@ -130,7 +130,8 @@ def test_moe_longrope_fixture_says_which_longrope_it_follows():
         assert "long_factor/long_mscale" in f.metadata()["longrope_reference"]
 
 
-def test_sliding_fixture_window_is_shorter_than_the_sequence():
-    model = minislm.load(FIXTURES / "sliding")
-    reference = load_file(FIXTURES / "sliding" / "reference.safetensors")
+@pytest.mark.parametrize("name", ["sliding", "moe_sharded_bf16"])
+def test_sliding_fixture_window_is_shorter_than_the_sequence(name):
+    model = minislm.load(FIXTURES / name)
+    reference = load_file(FIXTURES / name / "reference.safetensors")
     assert model.config.sliding_window < len(reference["case.seq.input_ids"])
