@@ -34,6 +34,8 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--system", help="system message for the chat template")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    gen.add_argument("--show-experts", action="store_true", help="PhiMoE: print the experts each generated token used, per layer (stderr)")
+    gen.add_argument("--save-experts", metavar="FILE", help="PhiMoE: save the experts and weights of every generated token as JSON")
     add_sampling_flags(gen)
 
     chat = commands.add_parser("chat", help="multi-turn chat that keeps the KV cache between turns")

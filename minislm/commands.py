@@ -1,5 +1,6 @@
 """What `generate` and `chat` do once their flags are parsed and checked."""
 
+import json
 import resource
 import sys
 from pathlib import Path
@@ -75,17 +76,76 @@ def run_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_text
     if prompt is None:
         raise MinislmError('no prompt: minislm generate "your prompt" (or --prompt TEXT)')
+    if args.save_experts and not Path(args.save_experts).resolve().parent.is_dir():
+        raise MinislmError(f"--save-experts: the folder of {args.save_experts} does not exist")
     model = load_model(args)
+    trace = [] if args.show_experts or args.save_experts else None
+    if trace is not None and model.config.model_type != "phimoe":
+        flag = "--show-experts" if args.show_experts else "--save-experts"
+        raise MinislmError(f"{flag}: {model.path} is a {model.config.model_type} model, which has no experts (PhiMoE only)")
     ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
     stats = GenerationStats()
-    tokens = generate_tokens(model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats)
+    tokens = generate_tokens(
+        model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats, expert_trace=trace
+    )
     for piece in generate_text(model.tokenizer, tokens, args.stop, stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if args.show_experts:
+        print_expert_trace(trace, model)
+    if args.save_experts:
+        save_expert_trace(args.save_experts, trace, model)
     print_stats(stats, model)
     return 0
+
+
+# Layers per line of --show-experts output: 4 cells of ~20 characters fit 80 columns.
+LAYERS_PER_LINE = 4
+
+
+def print_expert_trace(trace, model, file=sys.stderr) -> None:
+    """--show-experts: for each generated token, each layer's two experts with their weights.
+
+        #3 '▁Paris' (id 3681)
+           L0   5:1.00 12:1.00   L1   3:1.00  0:0.62   ...
+
+    reads: the logits that gave token 3 came through experts 5 and 12 in layer 0
+    (weight 1.00 each), experts 3 and 0 in layer 1, and so on; first choice first.
+    """
+    print(f"[experts: per generated token and layer, expert:weight, first choice first; "
+          f"{model.config.num_local_experts} experts per layer]", file=file)
+    for n, step in enumerate(trace, 1):
+        print(f"#{n} {model.tokenizer.token_piece(step.token)!r} (id {step.token})", file=file)
+        cells = [
+            f"L{layer:<3}{a:>2}:{wa:.2f} {b:>2}:{wb:.2f}"
+            for layer, ((a, b), (wa, wb)) in enumerate(zip(step.experts, step.weights))
+        ]
+        for start in range(0, len(cells), LAYERS_PER_LINE):
+            print("   " + "   ".join(cells[start : start + LAYERS_PER_LINE]), file=file)
+
+
+def save_expert_trace(path: str, trace, model) -> None:
+    """--save-experts FILE: the same as JSON, for plotting and counting."""
+    record = {
+        "model": str(model.path),
+        "num_local_experts": model.config.num_local_experts,
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "tokens": [
+            {
+                "id": step.token,
+                "piece": model.tokenizer.token_piece(step.token),
+                "experts": step.experts.tolist(),  # [layer][choice]
+                "weights": [[round(float(w), 6) for w in pair] for pair in step.weights],
+            }
+            for step in trace
+        ],
+    }
+    try:
+        Path(path).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise MinislmError(f"--save-experts: cannot write {path} ({e.strerror})") from None
 
 
 def run_chat(args) -> int:

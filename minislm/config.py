@@ -10,6 +10,10 @@ Phi-3 config files exist in two layouts in the wild, and we read both:
 
 Where both say something, we resolve it the way transformers' `Phi3Config` does,
 because transformers is the reference our logits are checked against.
+
+Two model types: "phi3" (Phi-3/3.5-mini, medium, Phi-4-mini) and "phimoe"
+(Phi-3.5-MoE), whose extra keys — experts, biases, LongRoPE's `short_mscale` and
+`long_mscale` — are read by `parse_moe` and `parse_rope`.
 """
 
 import json
@@ -19,10 +23,14 @@ from pathlib import Path
 
 from .errors import MinislmError
 
-SUPPORTED_MODEL_TYPES = ("phi3",)
+SUPPORTED_MODEL_TYPES = ("phi3", "phimoe")
 SUPPORTED_ROPE_TYPES = ("default", "longrope")
 # Older hub files call LongRoPE "su"; transformers' Phi3Config also maps "yarn" to it.
 ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}
+# rope_theta when config.json gives none: the defaults of transformers' Phi3Config / PhimoeConfig.
+DEFAULT_ROPE_THETA = {"phi3": 10000.0, "phimoe": 1e6}
+# PhiMoE's router (sparsemixer) always picks exactly this many experts per token.
+SPARSEMIXER_TOP_K = 2
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,12 @@ class ModelConfig:
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # PhiMoE only; a phi3 config keeps these defaults.
+    attention_bias: bool = False  # q/k/v/o projections have biases
+    lm_head_bias: bool = False
+    num_local_experts: int = 0  # experts per layer (E)
+    num_experts_per_tok: int = 0  # experts each token uses: always 2 (sparsemixer)
+    router_jitter_noise: float = 0.0  # sparsemixer's eps: experts within 2*eps of the best compete
 
 
 @dataclass(frozen=True)
@@ -97,18 +111,22 @@ def load_config(model_dir: Path) -> ModelConfig:
     return parse_config(read_json(path), source=str(path))
 
 
+def need(raw: dict, key: str, source: str, kind=int, default=None):
+    """raw[key], checked to be an int (or a number, kind=float); `default` if absent and given."""
+    if key not in raw or raw[key] is None:
+        if default is not None:
+            return default
+        raise MinislmError(f"{source}: missing required key '{key}'")
+    value = raw[key]
+    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise MinislmError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if kind is float and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise MinislmError(f"{source}: '{key}' must be a number, got {value!r}")
+    return value
+
+
 def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from the JSON dict, refusing what we cannot run."""
-
-    def need(key, kind=int):
-        if key not in raw or raw[key] is None:
-            raise MinislmError(f"{source}: missing required key '{key}'")
-        value = raw[key]
-        if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-            raise MinislmError(f"{source}: '{key}' must be an integer, got {value!r}")
-        if kind is float and not isinstance(value, (int, float)):
-            raise MinislmError(f"{source}: '{key}' must be a number, got {value!r}")
-        return value
 
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -118,8 +136,8 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
     if hidden_act != "silu":
         raise MinislmError(f"{source}: hidden_act {hidden_act!r} is not supported (only 'silu')")
 
-    hidden_size = need("hidden_size")
-    n_heads = need("num_attention_heads")
+    hidden_size = need(raw, "hidden_size", source)
+    n_heads = need(raw, "num_attention_heads", source)
     n_kv_heads = raw.get("num_key_value_heads") or n_heads
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads != 0:
         raise MinislmError(
@@ -130,7 +148,7 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
     if not raw.get("head_dim") and hidden_size % n_heads != 0:
         raise MinislmError(f"{source}: hidden_size ({hidden_size}) is not divisible by num_attention_heads ({n_heads})")
 
-    max_pos = need("max_position_embeddings")
+    max_pos = need(raw, "max_position_embeddings", source)
     sliding_window = raw.get("sliding_window")
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
         raise MinislmError(f"{source}: sliding_window must be a positive integer or null, got {sliding_window!r}")
@@ -138,24 +156,54 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
     eos = raw.get("eos_token_id")
     return ModelConfig(
         model_type=model_type,
-        vocab_size=need("vocab_size"),
+        vocab_size=need(raw, "vocab_size", source),
         hidden_size=hidden_size,
-        intermediate_size=need("intermediate_size"),
-        num_hidden_layers=need("num_hidden_layers"),
+        intermediate_size=need(raw, "intermediate_size", source),
+        num_hidden_layers=need(raw, "num_hidden_layers", source),
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
         max_position_embeddings=max_pos,
-        rope=parse_rope(raw, head_dim, max_pos, source),
+        rope=parse_rope(raw, head_dim, max_pos, source, model_type),
         sliding_window=sliding_window,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id", 1),
         eos_token_ids=as_id_tuple(eos),
+        **(parse_moe(raw, source) if model_type == "phimoe" else {}),
     )
 
 
-def parse_rope(raw: dict, head_dim: int, max_pos: int, source: str) -> RopeConfig:
+def parse_moe(raw: dict, source: str) -> dict:
+    """PhiMoE's keys, with PhimoeConfig's defaults; refuses routing we cannot reproduce."""
+    experts = need(raw, "num_local_experts", source, default=16)
+    per_token = need(raw, "num_experts_per_tok", source, default=SPARSEMIXER_TOP_K)
+    if experts < SPARSEMIXER_TOP_K:
+        raise MinislmError(f"{source}: num_local_experts is {experts}; PhiMoE routes each token to 2 experts, so it needs at least 2")
+    if per_token > experts:
+        raise MinislmError(
+            f"{source}: num_experts_per_tok ({per_token}) is larger than num_local_experts ({experts}); "
+            "a token cannot use more experts than its layer has"
+        )
+    if per_token != SPARSEMIXER_TOP_K:
+        # transformers' sparsemixer ignores this key and routes to 2 anyway; we would rather say so.
+        raise MinislmError(
+            f"{source}: num_experts_per_tok is {per_token}, but PhiMoE's router (sparsemixer) always picks "
+            "exactly 2 experts per token; minislm supports only 2"
+        )
+    jitter = need(raw, "router_jitter_noise", source, kind=float, default=0.01)
+    if jitter < 0:
+        raise MinislmError(f"{source}: router_jitter_noise must be >= 0, got {jitter}")
+    return dict(
+        attention_bias=bool(raw.get("attention_bias", False)),
+        lm_head_bias=bool(raw.get("lm_head_bias", False)),
+        num_local_experts=experts,
+        num_experts_per_tok=per_token,
+        router_jitter_noise=float(jitter),
+    )
+
+
+def parse_rope(raw: dict, head_dim: int, max_pos: int, source: str, model_type: str = "phi3") -> RopeConfig:
     """Resolve RoPE settings from either layout, with transformers' precedence rules."""
     # transformers lets `rope_scaling` win when a file has both.
     params = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
@@ -165,7 +213,7 @@ def parse_rope(raw: dict, head_dim: int, max_pos: int, source: str) -> RopeConfi
         raise MinislmError(
             f"{source}: rope type {kind!r} is not supported (supported: default, longrope/su)"
         )
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", raw.get("rope_theta", DEFAULT_ROPE_THETA[model_type])))
     partial = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
     rotary_dim = int(head_dim * partial)
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
@@ -173,9 +221,10 @@ def parse_rope(raw: dict, head_dim: int, max_pos: int, source: str) -> RopeConfi
             f"{source}: partial_rotary_factor {partial} gives {rotary_dim} rotary dims of {head_dim}; "
             "need an even number between 2 and head_dim"
         )
-    # transformers' Phi3Config lets the top-level key win, and defaults it to 4096.
+    # transformers lets the top-level key win; Phi3Config defaults it to 4096, PhimoeConfig
+    # to max_position_embeddings (so LongRoPE never switches to the long factors).
     original_max = raw.get("original_max_position_embeddings") or params.get(
-        "original_max_position_embeddings", 4096
+        "original_max_position_embeddings", 4096 if model_type == "phi3" else max_pos
     )
     if kind == "default":
         return RopeConfig("default", theta, rotary_dim, original_max)
@@ -189,6 +238,16 @@ def parse_rope(raw: dict, head_dim: int, max_pos: int, source: str) -> RopeConfi
                 f"(rotary dims / 2), got {'a list of ' + str(len(values)) if isinstance(values, list) else values!r}"
             )
         factors[name] = tuple(float(v) for v in values)
+    if model_type == "phimoe":
+        # PhiMoE names its cos/sin multipliers outright, one per factor set (1.2432 for both
+        # on Phi-3.5-MoE), instead of deriving one attention factor from the context ratio.
+        short_scale, long_scale = (
+            need(params, key, f"{source}: PhiMoE longrope", kind=float) for key in ("short_mscale", "long_mscale")
+        )
+        return RopeConfig(
+            "longrope", theta, rotary_dim, original_max, factors["short_factor"], factors["long_factor"],
+            short_scale=float(short_scale), long_scale=float(long_scale),
+        )
     scale = params.get("attention_factor")
     if scale is None:
         # LongRoPE's attention factor: keeps attention entropy steady when the context is

@@ -14,14 +14,14 @@ from .config import load_config, load_generation_config
 from .hub import resolve_model_dir
 from .model import Model
 from .tokenizer import load_tokenizer
-from .weights import check_tensors, expected_shapes, read_checkpoint
+from .weights import check_tensors, expected_shapes, read_checkpoint, split_fused_experts
 
 
 def load(model: str | os.PathLike, revision: str | None = None) -> Model:
-    """Load a Phi-3 checkpoint (local folder or Hugging Face repo id) for float32 inference."""
+    """Load a Phi-3 or PhiMoE checkpoint (local folder or Hugging Face repo id) for float32 inference."""
     model_dir = resolve_model_dir(model, revision)
     config = load_config(model_dir)
-    tensors = read_checkpoint(model_dir)
+    tensors = split_fused_experts(read_checkpoint(model_dir), config, model_dir)
     check_tensors(tensors, config, model_dir)
     # Only the tensors the forward reads (a tied checkpoint may carry a spare lm_head copy).
     weights = {name: np.ascontiguousarray(tensors[name].float32()) for name in expected_shapes(config)}

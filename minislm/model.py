@@ -1,7 +1,13 @@
 """The Phi-3 decoder in NumPy, read top to bottom like the paper.
 
-    tokens -> embed -> N x [ x += attention(rms_norm(x)); x += mlp(rms_norm(x)) ]
-           -> rms_norm -> lm_head -> logits
+    tokens -> embed -> N x [ x += attention(norm(x)); x += feed_forward(norm(x)) ]
+           -> norm -> lm_head -> logits
+
+Two members of the family share this spine and differ in three places, each an
+`if config.model_type == "phimoe"` you can see:
+
+    Phi-3 ("phi3")           norm = RMSNorm,  one fused qkv_proj,     feed-forward = one SwiGLU MLP
+    Phi-3.5-MoE ("phimoe")   norm = LayerNorm, q/k/v/o_proj + biases, feed-forward = 2 of E experts
 
 `forward()` is the spine; everything it calls is a small pure function named
 after the paper's term. Weights are a dict keyed by the checkpoint's own tensor
@@ -9,7 +15,8 @@ names (`model.layers.0.self_attn.qkv_proj.weight`), so what you read here is wha
 is in the file. All math is float32, as in transformers' float32 reference.
 
 Shapes: T = tokens in this forward, S = tokens in the cache after it,
-D = hidden_size, H / KV = query / key-value heads, hd = head_dim, F = ffn size.
+D = hidden_size, H / KV = query / key-value heads, hd = head_dim, F = ffn size,
+E = experts per layer (PhiMoE).
 """
 
 from collections.abc import Iterator
@@ -19,6 +26,7 @@ import numpy as np
 from .cache import KVCache
 from .config import GenerationConfig, ModelConfig, RopeConfig
 from .errors import MinislmError
+from .moe import expert_prefix, group_by_expert, sparsemixer
 
 # Queries are processed in blocks of this many so that the (heads, T, S) score
 # matrix of a long prompt never needs more than ~heads * 256 * S floats at once.
@@ -28,14 +36,16 @@ QUERY_BLOCK = 256
 # ---------------------------------------------------------------- building blocks
 
 
-def linear(x: np.ndarray, w) -> np.ndarray:
-    """y = x @ w.T with the checkpoint's (out, in) layout. `w` is a float32 array or a
-    packed weight from minislm.kernels (bf16, int4) that multiplies itself."""
-    if isinstance(w, np.ndarray):
-        if x.shape[0] == 1:  # decode: matrix-vector is BLAS's fast streaming path (gemv)
-            return (w @ x[0])[None, :]
-        return x @ w.T
-    return w.matmul(x)
+def linear(x: np.ndarray, w, bias=None) -> np.ndarray:
+    """y = x @ w.T (+ bias) with the checkpoint's (out, in) layout. `w` is a float32 array
+    or a packed weight from minislm.kernels (bf16, int4) that multiplies itself."""
+    if not isinstance(w, np.ndarray):
+        y = w.matmul(x)
+    elif x.shape[0] == 1:  # decode: matrix-vector is BLAS's fast streaming path (gemv)
+        y = (w @ x[0])[None, :]
+    else:
+        y = x @ w.T
+    return y if bias is None else y + bias
 
 
 def embed(embed_tokens, token_ids: np.ndarray) -> np.ndarray:
@@ -49,6 +59,21 @@ def rms_norm(x: np.ndarray, weight, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * weight, per token. No mean subtraction, no bias."""
     variance = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
     return weight * (x / np.sqrt(variance + eps))
+
+
+def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
+    """(x - mean) / sqrt(var + eps) * weight + bias, per token: PhiMoE's norm."""
+    centered = x - np.mean(x, axis=-1, keepdims=True)  # (T, D)
+    variance = np.mean(centered * centered, axis=-1, keepdims=True)  # (T, 1)
+    return weight * (centered / np.sqrt(variance + eps)) + bias
+
+
+def norm(config: ModelConfig, weights: dict, name: str, x: np.ndarray) -> np.ndarray:
+    """The norm `name` (e.g. "model.norm"): RMSNorm in Phi-3, LayerNorm with a bias in
+    PhiMoE. Both take their eps from config.json's `rms_norm_eps`."""
+    if config.model_type == "phimoe":
+        return layer_norm(x, weights[name + ".weight"], weights[name + ".bias"], config.rms_norm_eps)
+    return rms_norm(x, weights[name + ".weight"], config.rms_norm_eps)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -156,16 +181,28 @@ def grouped_query_attention(
     return (probs @ values).reshape(H, T, hd)  # (KV, G*T, hd) -> (H, T, hd)
 
 
-def attention(
-    x: np.ndarray, qkv_proj, o_proj, config: ModelConfig, cache: KVCache, layer: int, cos, sin, positions
-) -> np.ndarray:
-    """Self-attention of one layer: (T, D) -> (T, D), reading and extending the cache."""
-    T = x.shape[0]
+def project_qkv(config: ModelConfig, weights: dict, layer: str, x: np.ndarray):
+    """Queries (T, H*hd), keys and values (T, KV*hd) of one layer.
+
+    Phi-3 stores the three projections as one matrix `qkv_proj`, rows [q | k | v];
+    PhiMoE as `q_proj`, `k_proj`, `v_proj`, each with a bias when attention_bias.
+    """
+    attn = layer + "self_attn."
+    if config.model_type == "phimoe":
+        return tuple(linear(x, weights[f"{attn}{p}_proj.weight"], weights.get(f"{attn}{p}_proj.bias")) for p in "qkv")
+    q_size, kv_size = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    qkv = linear(x, weights[attn + "qkv_proj.weight"])  # (T, q_size + 2 * kv_size)
+    return np.split(qkv, [q_size, q_size + kv_size], axis=-1)
+
+
+def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, positions) -> np.ndarray:
+    """Self-attention of one layer, reading and extending the cache: q (T, H*hd) and
+    k, v (T, KV*hd) -> each query head's mix of values, side by side (T, H*hd)."""
+    T = q.shape[0]
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    qkv = linear(x, qkv_proj)  # (T, (H + 2*KV) * hd): rows [q | k | v]
-    q = qkv[:, : H * hd].reshape(T, H, hd).transpose(1, 0, 2)  # (H, T, hd)
-    k = qkv[:, H * hd : (H + KV) * hd].reshape(T, KV, hd).transpose(1, 0, 2)  # (KV, T, hd)
-    v = qkv[:, (H + KV) * hd :].reshape(T, KV, hd).transpose(1, 0, 2)  # (KV, T, hd)
+    q = q.reshape(T, H, hd).transpose(1, 0, 2)  # (H, T, hd)
+    k = k.reshape(T, KV, hd).transpose(1, 0, 2)  # (KV, T, hd)
+    v = v.reshape(T, KV, hd).transpose(1, 0, 2)  # (KV, T, hd)
 
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
@@ -176,8 +213,7 @@ def attention(
         block = slice(start, start + QUERY_BLOCK)
         allowed = attention_mask(positions[block], keys.shape[1], config.sliding_window)
         out[:, block] = grouped_query_attention(q[:, block], keys, values, allowed, hd**-0.5)
-    out = out.transpose(1, 0, 2).reshape(T, H * hd)  # heads side by side again
-    return linear(out, o_proj)  # (T, D)
+    return out.transpose(1, 0, 2).reshape(T, H * hd)  # heads side by side again; o_proj follows
 
 
 # ---------------------------------------------------------------- feed-forward
@@ -193,6 +229,32 @@ def mlp(x: np.ndarray, gate_up_proj, down_proj) -> np.ndarray:
     return linear(silu(gate) * up, down_proj)  # (T, D)
 
 
+def expert_mlp(x: np.ndarray, w1, w3, w2) -> np.ndarray:
+    """One PhiMoE expert: the same SwiGLU with gate and up as two matrices,
+    w2(silu(w1 x) * w3 x). (Mixtral's names: w1 = gate, w3 = up, w2 = down.)"""
+    return linear(silu(linear(x, w1)) * linear(x, w3), w2)  # (n, F) -> (n, D)
+
+
+def moe(x: np.ndarray, weights: dict, layer: str, config: ModelConfig, expert_trace: list | None = None) -> np.ndarray:
+    """PhiMoE's feed-forward: the router sends each token to 2 of the E experts, and
+    the output is their sum, each times its routing weight (see `moe.sparsemixer`).
+
+    Each chosen expert runs once, on all of its tokens at once; experts nobody chose
+    are never looked up, so a decode step reads the weights of 2 experts, not E. If `expert_trace` is a list, this layer's (experts, weights),
+    (T, 2) each, is appended to it.
+    """
+    scores = linear(x, weights[layer + "block_sparse_moe.gate.weight"])  # (T, E) router logits
+    experts, gates = sparsemixer(scores, config.router_jitter_noise)  # (T, 2) ids, (T, 2) weights
+    if expert_trace is not None:
+        expert_trace.append((experts, gates))
+    out = np.zeros_like(x)  # (T, D)
+    for expert, rows, slots in group_by_expert(experts):
+        name = expert_prefix(layer, expert)
+        y = expert_mlp(x[rows], weights[name + "w1.weight"], weights[name + "w3.weight"], weights[name + "w2.weight"])
+        out[rows] += gates[rows, slots, None] * y  # (n, D), added in expert order as transformers does
+    return out
+
+
 # ---------------------------------------------------------------- the spine
 
 
@@ -202,18 +264,20 @@ def forward(
     token_ids: np.ndarray,
     cache: KVCache,
     hidden_states: list | None = None,
+    expert_trace: list | None = None,
 ) -> np.ndarray:
     """Run T new tokens through the decoder, after the cache.length tokens already cached.
 
     Returns the final normed hidden states (T, D); `lm_head` turns them into logits.
     If `hidden_states` is a list, the residual stream after the embedding and after
     each layer is appended to it (used by `minislm verify` to find a diverging layer).
+    If `expert_trace` is a list, each PhiMoE layer appends its routing to it (`moe`).
     """
     w = weights
     T = len(token_ids)
     long = use_long_factors(config.rope, cache.length + T)
     if cache.length and long != cache.rope_long:
-        return recompute_with_new_rope(config, weights, token_ids, cache, hidden_states)
+        return recompute_with_new_rope(config, weights, token_ids, cache, hidden_states, expert_trace)
     positions = np.arange(cache.length, cache.length + T)  # (T,)
     cos, sin = rope_tables(config.rope, positions, long)  # (T, rotary_dim) each
 
@@ -222,20 +286,22 @@ def forward(
         hidden_states.append(x)
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
-        h = rms_norm(x, w[layer + "input_layernorm.weight"], config.rms_norm_eps)
-        x = x + attention(
-            h, w[layer + "self_attn.qkv_proj.weight"], w[layer + "self_attn.o_proj.weight"],
-            config, cache, i, cos, sin, positions,
-        )
-        h = rms_norm(x, w[layer + "post_attention_layernorm.weight"], config.rms_norm_eps)
-        x = x + mlp(h, w[layer + "mlp.gate_up_proj.weight"], w[layer + "mlp.down_proj.weight"])
+        h = norm(config, w, layer + "input_layernorm", x)
+        q, k, v = project_qkv(config, w, layer, h)  # (T, H*hd), (T, KV*hd), (T, KV*hd)
+        heads = attention(q, k, v, config, cache, i, cos, sin, positions)  # (T, H*hd)
+        x = x + linear(heads, w[layer + "self_attn.o_proj.weight"], w.get(layer + "self_attn.o_proj.bias"))
+        h = norm(config, w, layer + "post_attention_layernorm", x)
+        if config.model_type == "phimoe":
+            x = x + moe(h, w, layer, config, expert_trace)
+        else:
+            x = x + mlp(h, w[layer + "mlp.gate_up_proj.weight"], w[layer + "mlp.down_proj.weight"])
         if hidden_states is not None:
             hidden_states.append(x)
     cache.advance(token_ids, long)
-    return rms_norm(x, w["model.norm.weight"], config.rms_norm_eps)  # (T, D)
+    return norm(config, w, "model.norm", x)  # (T, D)
 
 
-def recompute_with_new_rope(config, weights, token_ids, cache, hidden_states) -> np.ndarray:
+def recompute_with_new_rope(config, weights, token_ids, cache, hidden_states, expert_trace) -> np.ndarray:
     """The sequence just crossed LongRoPE's switch point: start again from token 0.
 
     A full forward over the longer sequence rotates *every* position with the other
@@ -247,14 +313,15 @@ def recompute_with_new_rope(config, weights, token_ids, cache, hidden_states) ->
     """
     all_ids = np.concatenate([cache.tokens[: cache.length], token_ids])
     cache.truncate(0)
-    hidden = forward(config, weights, all_ids, cache, hidden_states)
+    hidden = forward(config, weights, all_ids, cache, hidden_states, expert_trace)
     return hidden[-len(token_ids) :]
 
 
 def lm_head(config: ModelConfig, weights: dict, hidden: np.ndarray) -> np.ndarray:
-    """(T, D) -> (T, V) logits. Tied models (Phi-4-mini) reuse the embedding matrix."""
+    """(T, D) -> (T, V) logits. Tied models (Phi-4-mini) reuse the embedding matrix;
+    PhiMoE adds a bias (lm_head_bias)."""
     name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    return linear(hidden, weights[name])
+    return linear(hidden, weights[name], weights.get("lm_head.bias"))
 
 
 # ---------------------------------------------------------------- the loaded model
@@ -279,9 +346,11 @@ class Model:
             raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
         return ids
 
-    def forward(self, token_ids, cache: KVCache, hidden_states: list | None = None) -> np.ndarray:
+    def forward(
+        self, token_ids, cache: KVCache, hidden_states: list | None = None, expert_trace: list | None = None
+    ) -> np.ndarray:
         """Hidden states (T, D) of new tokens appended to `cache`."""
-        return forward(self.config, self.weights, self.check_ids(token_ids), cache, hidden_states)
+        return forward(self.config, self.weights, self.check_ids(token_ids), cache, hidden_states, expert_trace)
 
     def lm_head(self, hidden: np.ndarray) -> np.ndarray:
         return lm_head(self.config, self.weights, hidden)

@@ -44,6 +44,10 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def token_piece(self, token_id: int) -> str:
+        """The vocabulary entry of an id as stored, e.g. '▁Paris' (▁ marks a word start)."""
+        return self.backend.id_to_token(int(token_id)) or f"<id {token_id}>"
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat template, rendered in jinja2's sandbox (templates come from downloads)."""
         if not self.chat_template:

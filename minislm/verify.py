@@ -94,11 +94,44 @@ def compare(ours, ref, token_ids: np.ndarray, max_new_tokens: int) -> Comparison
 def load_reference(model_dir):
     torch, transformers = import_reference()
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, trust_remote_code=False
         ).eval()
     except Exception as e:
         raise MinislmError(f"{model_dir}: transformers cannot load it ({str(e).splitlines()[0][:200]})") from None
+    phimoe_longrope_as_designed(ref)
+    return ref
+
+
+def phimoe_longrope_as_designed(ref) -> bool:
+    """Make a transformers 5 PhiMoE switch LongRoPE factors by sequence length; True if patched.
+
+    Microsoft's modeling_phimoe.py and transformers 4.57.1 use the long factors with
+    `long_mscale` once a sequence is longer than original_max_position_embeddings.
+    transformers 5.x switches only the mscale and keeps the short factors at every
+    length. Below the original length the two agree. minislm follows the model's
+    design; this replaces the reference's rotary embedding by one that does too
+    (the same arithmetic as transformers' own, with `seq_len` passed on, as 4.57.1 does).
+    """
+    torch, transformers = import_reference()
+    rotary = getattr(getattr(ref, "model", None), "rotary_emb", None)
+    if ref.config.model_type != "phimoe" or getattr(rotary, "rope_type", None) != "longrope":
+        return False
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return False  # 4.x already switches (and its rotary embedding has another signature)
+    params = ref.config.rope_parameters
+
+    def forward(x, position_ids):
+        seq_len = int(position_ids.max()) + 1
+        long = seq_len > params["original_max_position_embeddings"]
+        inv_freq, _ = rotary.rope_init_fn(ref.config, x.device, seq_len)  # long factors past the switch
+        freqs = position_ids[..., None].float() * inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        mscale = params["long_mscale"] if long else params["short_mscale"]
+        return (emb.cos() * mscale).to(x.dtype), (emb.sin() * mscale).to(x.dtype)
+
+    rotary.forward = forward
+    return True
 
 
 def run_verify(args) -> int:
@@ -124,6 +157,9 @@ def run_verify(args) -> int:
     ok = result.max_abs_diff <= args.atol and result.top1_agree == result.n_tokens
     ok = ok and result.ours_greedy == result.ref_greedy
     print(f"minislm verify: {model_dir} ({ours.config.model_type}, {ours.config.num_hidden_layers} layers)")
+    if ours.config.model_type == "phimoe" and ours.config.rope.kind == "longrope":
+        print("reference: transformers, with PhiMoE's LongRoPE switched to the long factors past the original "
+              "length as the model was designed (transformers 5 never switches; see docs/moe.md)")
     print(f"tokens: {result.n_tokens}")
     print(f"max |logit difference|: {result.max_abs_diff:.3g} (tolerance {args.atol:g})")
     print(f"top-1 agreement: {result.top1_agree}/{result.n_tokens}")

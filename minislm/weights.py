@@ -174,22 +174,98 @@ def read_checkpoint(model_dir: Path) -> dict[str, StoredTensor]:
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Phi-3 checkpoint must hold, with its shape (hub names, (out, in) layout)."""
+    """Every tensor a checkpoint must hold, with its shape (hub names, (out, in) layout)."""
     D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     q_size = config.num_attention_heads * config.head_dim
     kv_size = config.num_key_value_heads * config.head_dim
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
+        if config.model_type == "phimoe":
+            shapes.update(phimoe_layer_shapes(config, layer))
+            continue
         shapes[layer + "input_layernorm.weight"] = (D,)
         shapes[layer + "self_attn.qkv_proj.weight"] = (q_size + 2 * kv_size, D)
         shapes[layer + "self_attn.o_proj.weight"] = (D, q_size)
         shapes[layer + "post_attention_layernorm.weight"] = (D,)
         shapes[layer + "mlp.gate_up_proj.weight"] = (2 * F, D)
         shapes[layer + "mlp.down_proj.weight"] = (D, F)
+    if config.model_type == "phimoe":
+        shapes["model.norm.bias"] = (D,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, D)
+    if config.lm_head_bias:
+        shapes["lm_head.bias"] = (V,)
     return shapes
+
+
+def phimoe_layer_shapes(config: ModelConfig, layer: str) -> dict[str, tuple[int, ...]]:
+    """One PhiMoE layer: LayerNorms with biases, separate q/k/v/o (biased when
+    attention_bias), the router `gate` (E, D) and E experts of three matrices each."""
+    D, F, E = config.hidden_size, config.intermediate_size, config.num_local_experts
+    q_size = config.num_attention_heads * config.head_dim
+    kv_size = config.num_key_value_heads * config.head_dim
+    shapes = {}
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        shapes[f"{layer}{norm}.weight"] = (D,)
+        shapes[f"{layer}{norm}.bias"] = (D,)
+    for name, out_size, in_size in (("q", q_size, D), ("k", kv_size, D), ("v", kv_size, D), ("o", D, q_size)):
+        shapes[f"{layer}self_attn.{name}_proj.weight"] = (out_size, in_size)
+        if config.attention_bias:
+            shapes[f"{layer}self_attn.{name}_proj.bias"] = (out_size,)
+    shapes[f"{layer}block_sparse_moe.gate.weight"] = (E, D)
+    for e in range(E):
+        expert = f"{layer}block_sparse_moe.experts.{e}."
+        shapes[expert + "w1.weight"] = (F, D)  # gate
+        shapes[expert + "w3.weight"] = (F, D)  # up
+        shapes[expert + "w2.weight"] = (D, F)  # down
+    return shapes
+
+
+def split_fused_experts(tensors: dict[str, StoredTensor], config: ModelConfig, where: Path) -> dict[str, StoredTensor]:
+    """Give a PhiMoE checkpoint in transformers 5's own layout the hub's names.
+
+    transformers 5 holds each layer's experts as two 3-D tensors, and writes them that way
+    with `save_pretrained(save_original_format=False)` (by default it writes the hub
+    layout back). Per layer:
+
+        mlp.router.weight          (E, D)       -> block_sparse_moe.gate.weight
+        mlp.experts.gate_up_proj   (E, 2F, D)   rows [w1 | w3] -> experts.{e}.w1 / w3.weight
+        mlp.experts.down_proj      (E, D, F)    -> experts.{e}.w2.weight
+
+    The per-expert tensors are views into the 3-D ones, not copies. Any other checkpoint
+    is returned unchanged.
+    """
+    if config.model_type != "phimoe":
+        return tensors
+    D, F, E = config.hidden_size, config.intermediate_size, config.num_local_experts
+    tensors = dict(tensors)
+    for i in range(config.num_hidden_layers):
+        fused, hub = f"model.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        if fused + "router.weight" in tensors:
+            tensors[hub + "gate.weight"] = tensors.pop(fused + "router.weight")
+        if fused + "experts.gate_up_proj" not in tensors and fused + "experts.down_proj" not in tensors:
+            continue
+        gate_up = fused_tensor(tensors, fused + "experts.gate_up_proj", (E, 2 * F, D), "experts, 2 x ffn, hidden", where)
+        down = fused_tensor(tensors, fused + "experts.down_proj", (E, D, F), "experts, hidden, ffn", where)
+        for e in range(E):
+            expert = f"{hub}experts.{e}."
+            tensors[expert + "w1.weight"] = StoredTensor(gate_up.dtype, gate_up.array[e, :F])
+            tensors[expert + "w3.weight"] = StoredTensor(gate_up.dtype, gate_up.array[e, F:])
+            tensors[expert + "w2.weight"] = StoredTensor(down.dtype, down.array[e])
+    return tensors
+
+
+def fused_tensor(tensors: dict[str, StoredTensor], name: str, shape: tuple[int, ...], axes: str, where: Path) -> StoredTensor:
+    """Remove a fused expert tensor from `tensors` and return it, checked against the config."""
+    if name not in tensors:
+        raise MinislmError(f"{where}: missing tensor '{name}'")
+    tensor = tensors.pop(name)
+    if tensor.array.shape != shape:
+        raise MinislmError(
+            f"{where}: tensor '{name}' has shape {list(tensor.array.shape)}, config.json implies {list(shape)} ({axes})"
+        )
+    return tensor
 
 
 def check_tensors(tensors: dict[str, StoredTensor], config: ModelConfig, where: Path) -> None:
@@ -199,11 +275,13 @@ def check_tensors(tensors: dict[str, StoredTensor], config: ModelConfig, where: 
         if name not in tensors:
             raise MinislmError(f"{where}: missing tensor '{name}'")
         if tensors[name].array.shape != shape:
+            hint = " (num_local_experts, hidden_size)" if name.endswith("block_sparse_moe.gate.weight") else ""
             raise MinislmError(
-                f"{where}: tensor '{name}' has shape {list(tensors[name].array.shape)}, config.json implies {list(shape)}"
+                f"{where}: tensor '{name}' has shape {list(tensors[name].array.shape)}, config.json implies {list(shape)}{hint}"
             )
     for name in tensors:
         # A tied checkpoint may still carry lm_head.weight; transformers ignores it, so do we.
         tied_copy = name == "lm_head.weight" and config.tie_word_embeddings
         if name not in expected and not tied_copy and not name.endswith(IGNORED_SUFFIXES):
-            raise MinislmError(f"{where}: unknown tensor '{name}' (not part of a {config.model_type} model)")
+            hint = f"; config.json has num_local_experts = {config.num_local_experts}" if ".experts." in name else ""
+            raise MinislmError(f"{where}: unknown tensor '{name}' (not part of a {config.model_type} model{hint})")

@@ -43,6 +43,20 @@ def model_dir(tmp_path) -> Path:
     return target
 
 
+@pytest.fixture
+def moe_dir(tmp_path) -> Path:
+    """A private copy of the PhiMoE fixture (4 experts, 2 layers) that a test may break."""
+    target = tmp_path / "moe"
+    shutil.copytree(FIXTURES / "moe", target)
+    return target
+
+
+def edit_config(model_dir: Path, **changes) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
 def generate(model, *flags, env=None):
     return minislm("generate", "--model", str(model), PROMPT, "--max-tokens", "4", *flags, env=env)
 
@@ -165,3 +179,64 @@ def test_perplexity_stride_not_below_window(tmp_path):
     (tmp_path / "t.txt").write_text("some text to score " * 20)
     result = minislm("perplexity", "--model", str(FIXTURES / "gqa"), "--file", str(tmp_path / "t.txt"), "--window", "16", "--stride", "16")
     assert_clean_error(result, "--stride")
+
+
+# ---------------------------------------------------------------- PhiMoE
+
+
+def test_more_experts_per_token_than_experts(moe_dir):
+    edit_config(moe_dir, num_experts_per_tok=5)  # the fixture has 4 experts
+    assert_clean_error(generate(moe_dir), "config.json", "num_experts_per_tok (5)", "num_local_experts (4)")
+
+
+def test_top_k_other_than_two_is_refused(moe_dir):
+    """transformers' sparsemixer silently routes to 2 experts whatever this says; we refuse."""
+    edit_config(moe_dir, num_experts_per_tok=1)
+    assert_clean_error(generate(moe_dir), "config.json", "num_experts_per_tok is 1", "exactly 2")
+
+
+def test_fewer_than_two_experts(moe_dir):
+    edit_config(moe_dir, num_local_experts=1, num_experts_per_tok=1)
+    assert_clean_error(generate(moe_dir), "config.json", "num_local_experts is 1", "at least 2")
+
+
+def test_missing_expert_tensors(moe_dir):
+    def drop_expert(header):
+        for matrix in ("w1", "w2", "w3"):
+            header.pop(f"model.layers.1.block_sparse_moe.experts.2.{matrix}.weight")
+    rewrite_safetensors(moe_dir / "model.safetensors", drop_expert)
+    assert_clean_error(generate(moe_dir), "model", "missing tensor 'model.layers.1.block_sparse_moe.experts.2.w1.weight'")
+
+
+def test_router_shape_mismatch_in_the_file(moe_dir):
+    def transpose(header):
+        entry = header["model.layers.0.block_sparse_moe.gate.weight"]
+        entry["shape"] = entry["shape"][::-1]
+    rewrite_safetensors(moe_dir / "model.safetensors", transpose)
+    assert_clean_error(
+        generate(moe_dir), "block_sparse_moe.gate.weight", "shape [32, 4]", "implies [4, 32]", "num_local_experts"
+    )
+
+
+def test_router_shape_mismatch_with_the_config(moe_dir):
+    """config.json says 3 experts, the checkpoint's routers score 4."""
+    edit_config(moe_dir, num_local_experts=3)
+    assert_clean_error(generate(moe_dir), "block_sparse_moe.gate.weight", "shape [4, 32]", "implies [3, 32]")
+
+
+def test_phimoe_longrope_without_mscale(moe_dir):
+    edit_config(
+        moe_dir,
+        original_max_position_embeddings=32,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "long_mscale": 1.2},
+    )
+    assert_clean_error(generate(moe_dir), "config.json", "short_mscale")
+
+
+def test_show_experts_on_a_model_without_experts():
+    assert_clean_error(generate(FIXTURES / "gqa", "--show-experts"), "--show-experts", "phi3", "no experts")
+
+
+def test_save_experts_into_a_missing_folder(tmp_path):
+    result = generate(FIXTURES / "moe", "--save-experts", str(tmp_path / "no" / "such" / "trace.json"))
+    assert_clean_error(result, "--save-experts", "does not exist")

@@ -50,9 +50,10 @@ def test_chat_repl_keeps_the_cache_between_turns():
     assert "reused from the cache" not in stats[2]  # /clear forgot everything
 
 
-def test_verify_passes_on_a_fixture():
+@pytest.mark.parametrize("variant", ["longrope", "moe_longrope"])
+def test_verify_passes_on_a_fixture(variant):
     import_reference()
-    result = minislm("verify", "--model", str(FIXTURES / "longrope"), "--max-tokens", "4")
+    result = minislm("verify", "--model", str(FIXTURES / variant), "--max-tokens", "4")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout and "first diverging layer: none" in result.stdout
 
@@ -77,3 +78,31 @@ def test_verify_names_the_first_diverging_layer(tmp_path):
     result = compare(m.load(folder), load_reference(FIXTURES / "gqa"), np.arange(20) % 300, 0)
     assert result.first_divergent_layer == "layer 1"
     assert result.max_abs_diff > 1e-3
+
+
+def test_show_experts_prints_each_tokens_experts_per_layer(tmp_path):
+    """PhiMoE: --show-experts adds, on stderr, one block per generated token with each
+    layer's two experts and weights; --save-experts writes the same as JSON. The text
+    on stdout is what the run without them prints."""
+    import json
+
+    model = str(FIXTURES / "moe_longrope")  # 8 experts, 2 layers
+    plain = minislm("generate", "--model", model, "hello", "-n", "5")
+    traced = minislm("generate", "--model", model, "hello", "-n", "5", "--show-experts", "--save-experts", str(tmp_path / "t.json"))
+    assert traced.returncode == 0, traced.stderr
+    assert traced.stdout == plain.stdout
+    lines = traced.stderr.splitlines()
+    assert lines[0].startswith("[experts:") and "8 experts per layer" in lines[0]
+    headers = [i for i, line in enumerate(lines) if line.startswith("#")]
+    assert len(headers) == 5 and lines[headers[0]].startswith("#1 ")
+    cells = lines[headers[0] + 1].split()  # "L0  6:0.41  1:0.67  L1 ..."
+    assert cells[0] == "L0" and cells[3] == "L1" and len(cells) == 6
+
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert record["num_local_experts"] == 8 and len(record["tokens"]) == 5
+    for token in record["tokens"]:
+        assert len(token["experts"]) == len(token["weights"]) == 2  # layers
+        for (a, b), weights in zip(token["experts"], token["weights"]):
+            assert a != b and 0 <= a < 8 and 0 <= b < 8 and all(0 < w <= 1 for w in weights)
+    first = lines[headers[0] + 1].split()
+    assert [int(first[1].split(":")[0]), int(first[2].split(":")[0])] == record["tokens"][0]["experts"][0]

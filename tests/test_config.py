@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from minislm.bench.random_checkpoint import PHI3_MINI_4K
+from minislm.bench.random_checkpoint import PHI3_MINI_4K, PHI35_MOE  # the hub configs' shapes
 from minislm.config import parse_config
 from minislm.errors import MinislmError
 
@@ -67,3 +67,41 @@ def test_default_rope_has_unit_scale():
 def test_refusals_name_the_problem(change, message):
     with pytest.raises(MinislmError, match=message.replace("(", r"\(")):
         parse_config(dict(PHI3_MINI_128K_HUB, **change))
+
+
+def test_phimoe_hub_layout():
+    config = parse_config(PHI35_MOE)
+    assert (config.num_local_experts, config.num_experts_per_tok, config.router_jitter_noise) == (16, 2, 0.01)
+    assert config.attention_bias and config.lm_head_bias and config.head_dim == 128
+    # mscale replaces the derived attention factor (which would be 1.19 here)
+    assert config.rope.short_scale == config.rope.long_scale == 1.243163121016122
+
+
+def test_phimoe_transformers5_layout_reads_the_same():
+    raw = dict(PHI35_MOE)
+    scaling = raw.pop("rope_scaling")
+    raw["rope_parameters"] = dict(scaling, rope_type="longrope", rope_theta=raw.pop("rope_theta"))
+    del raw["rope_parameters"]["type"]
+    assert parse_config(raw) == parse_config(PHI35_MOE)
+
+
+def test_phimoe_defaults_follow_phimoe_config():
+    """Without rope_theta PhimoeConfig uses 1e6 (Phi3Config 1e4); without a router eps, 0.01."""
+    raw = {k: v for k, v in PHI35_MOE.items() if k not in ("rope_theta", "rope_scaling", "router_jitter_noise")}
+    config = parse_config(raw)
+    assert config.rope.theta == 1e6 and config.rope.kind == "default" and config.router_jitter_noise == 0.01
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_experts_per_tok": 17}, r"num_experts_per_tok \(17\) is larger than num_local_experts \(16\)"),
+        ({"num_experts_per_tok": 4}, "exactly 2"),
+        ({"num_local_experts": 1, "num_experts_per_tok": 1}, "at least 2"),
+        ({"router_jitter_noise": -0.1}, "router_jitter_noise"),
+        ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 64, "long_factor": [1.0] * 64}}, "short_mscale"),
+    ],
+)
+def test_phimoe_refusals_name_the_problem(change, message):
+    with pytest.raises(MinislmError, match=message):
+        parse_config(dict(PHI35_MOE, **change))

@@ -2,11 +2,18 @@
 
 One tiny checkpoint per architecture variant: MHA, GQA, LongRoPE below and above
 the original context, a sliding window shorter than the sequence, partial rotary
-with tied embeddings, and a sharded bf16 checkpoint.
+with tied embeddings, and a sharded bf16 checkpoint; and PhiMoE with biases (4
+experts), with LongRoPE and its two mscales (8 experts, GQA), and sharded bf16
+with a sliding window (2 experts, no biases).
+
+The PhiMoE LongRoPE fixture past its original length follows the model's design
+(long factors, as transformers 4.57.1 and Microsoft's code), not transformers 5,
+which keeps the short factors; see tools/make_fixtures.py and docs/moe.md.
 """
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import minislm
@@ -15,10 +22,16 @@ from conftest import FIXTURES, VARIANTS
 # float32 end to end on both sides; only the order of summation differs (BLAS vs
 # torch), which moves logits of magnitude ~10 by ~1e-5. 1e-4 is the issue's bar.
 ATOL_FP32_LOGITS = 1e-4
+# Routing weights are softmax values of router logits that differ by ~1e-6 between
+# BLAS and torch; the weights move by less than that.
+ATOL_ROUTING_WEIGHT = 1e-5
+MOE_VARIANTS = [v for v in VARIANTS if v.startswith("moe")]
 
 
 def test_every_variant_has_a_fixture():
-    assert set(VARIANTS) == {"mha", "gqa", "longrope", "sliding", "partial_tied", "sharded_bf16"}
+    assert set(VARIANTS) == {
+        "mha", "gqa", "longrope", "sliding", "partial_tied", "sharded_bf16", "moe", "moe_longrope", "moe_sharded_bf16",
+    }
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -67,17 +80,58 @@ def test_cached_decode_equals_full_forward(variant):
         assert np.abs(stepped[t] - full).max() <= ATOL_FP32_LOGITS, f"{name}: position {t}"
 
 
-def test_longrope_fixture_really_crosses_the_switch():
+@pytest.mark.parametrize("name", MOE_VARIANTS)
+def test_routing_matches_transformers(name):
+    """PhiMoE: in every layer, every token goes to the experts transformers' sparsemixer
+    chose, with the same weights. A logit mismatch with the same routing points at the
+    experts' arithmetic; a routing mismatch names the layer and token where it starts."""
+    model = minislm.load(FIXTURES / name)
+    reference = load_file(FIXTURES / name / "reference.safetensors")
+    for case in cases(reference):
+        trace = []
+        ids = reference[f"case.{case}.input_ids"]
+        model.forward(ids, model.new_cache(len(ids)), expert_trace=trace)
+        for layer, ((experts, weights), expected) in enumerate(zip(trace, reference[f"case.{case}.experts"])):
+            differ = np.flatnonzero((experts != expected).any(axis=-1))
+            assert differ.size == 0, f"{name}/{case}: layer {layer}, token {differ[:1]} routed differently"
+            assert np.abs(weights - reference[f"case.{case}.expert_weights"][layer]).max() <= ATOL_ROUTING_WEIGHT
+
+
+@pytest.mark.parametrize("name", MOE_VARIANTS)
+def test_moe_fixture_exercises_the_router(name):
+    """Guard the fixtures: every expert is used somewhere, and (but for the variant with
+    Phi-3.5-MoE's own eps = 0.01, where nearly all are 1.0) some weights are below 1."""
+    model = minislm.load(FIXTURES / name)
+    reference = load_file(FIXTURES / name / "reference.safetensors")
+    experts = np.concatenate([reference[f"case.{c}.experts"].ravel() for c in cases(reference)])
+    assert set(experts.tolist()) == set(range(model.config.num_local_experts))
+    weights = np.concatenate([reference[f"case.{c}.expert_weights"].ravel() for c in cases(reference)])
+    if model.config.router_jitter_noise > 0.01:
+        assert (weights < 0.99).any()
+
+
+@pytest.mark.parametrize("name", ["longrope", "moe_longrope"])
+def test_longrope_fixture_really_crosses_the_switch(name):
     """Guard the fixture itself: the 'above' case and the greedy run must pass the
     original context length, or the LongRoPE tests above prove nothing."""
-    model = minislm.load(FIXTURES / "longrope")
-    reference = load_file(FIXTURES / "longrope" / "reference.safetensors")
+    model = minislm.load(FIXTURES / name)
+    reference = load_file(FIXTURES / name / "reference.safetensors")
     original = model.config.rope.original_max_position_embeddings
     assert len(reference["case.below.input_ids"]) <= original < len(reference["case.above.input_ids"])
     assert len(reference["greedy.prompt"]) < original < len(reference["greedy.prompt"]) + len(reference["greedy.tokens"])
 
 
-def test_sliding_fixture_window_is_shorter_than_the_sequence():
-    model = minislm.load(FIXTURES / "sliding")
-    reference = load_file(FIXTURES / "sliding" / "reference.safetensors")
+def test_moe_longrope_fixture_says_which_longrope_it_follows():
+    """Its reference past the original length is not plain transformers 5 (which never
+    switches PhiMoE to the long factors); the file's metadata must say so."""
+    model = minislm.load(FIXTURES / "moe_longrope")
+    assert model.config.rope.short_scale != model.config.rope.long_scale  # short_mscale, long_mscale
+    with safe_open(FIXTURES / "moe_longrope" / "reference.safetensors", "np") as f:
+        assert "long_factor/long_mscale" in f.metadata()["longrope_reference"]
+
+
+@pytest.mark.parametrize("name", ["sliding", "moe_sharded_bf16"])
+def test_sliding_fixture_window_is_shorter_than_the_sequence(name):
+    model = minislm.load(FIXTURES / name)
+    reference = load_file(FIXTURES / name / "reference.safetensors")
     assert model.config.sliding_window < len(reference["case.seq.input_ids"])

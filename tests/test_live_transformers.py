@@ -15,7 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minislm
-from conftest import FIXTURES, import_reference
+from conftest import (
+    FIXTURES,
+    assert_cached_last_token_matches,
+    assert_greedy_matches,
+    import_reference,
+    save_random_model,
+)
 
 torch, transformers = import_reference()
 
@@ -61,16 +67,7 @@ def phi3_configs(draw):
 
 def build_checkpoint(config: dict, folder: Path, seed: int):
     """A transformers Phi3ForCausalLM with large random weights, saved as safetensors."""
-    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**config)).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
-    model.save_pretrained(folder)
-    return model
+    return save_random_model(transformers.Phi3ForCausalLM(transformers.Phi3Config(**config)), folder, seed)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -85,32 +82,7 @@ def test_random_configs_match_transformers(config, seq_len, seed):
         got = ours.logits(ids)
         assert np.abs(got - expected).max() <= ATOL_FP32_LOGITS
         assert (got.argmax(-1) == expected.argmax(-1)).all()
-
-        # the last token again, but through the KV cache after a prefill of the rest
-        if seq_len > 1:
-            cache = ours.new_cache(seq_len)
-            ours.forward(ids[:-1], cache)
-            last = ours.lm_head(ours.forward(ids[-1:], cache))[0]
-            assert np.abs(last - expected[-1]).max() <= ATOL_FP32_LOGITS
-
-
-def greedy_by_full_forward(reference, prompt, max_new_tokens: int, stop_ids) -> list[int]:
-    """transformers' greedy tokens, each from a full forward over the whole sequence.
-
-    This is the definition a cached decoder must reproduce. We do not use
-    `generate()` here: its sliding-window cache disagrees with transformers' own
-    full forward when the window is 1 (transformers 5.24), and its LongRoPE switch
-    relies on dropping the cache; a plain loop has neither subtlety.
-    """
-    sequence, new = list(prompt), []
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            token = int(reference(torch.tensor([sequence])).logits[0, -1].argmax())
-        new.append(token)
-        sequence.append(token)
-        if token in stop_ids:
-            break
-    return new
+        assert_cached_last_token_matches(ours, ids, expected[-1], ATOL_FP32_LOGITS)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -120,8 +92,7 @@ def test_random_configs_greedy_matches_transformers(config, prompt_len, seed):
         reference = build_checkpoint(config, Path(tmp), seed)
         ours = minislm.load(tmp)
         prompt = np.random.default_rng(seed).integers(0, config["vocab_size"], prompt_len)
-        expected = greedy_by_full_forward(reference, prompt, 12, ours.generation_config.eos_token_ids)
-        assert list(ours.generate(prompt, 12)) == expected
+        assert_greedy_matches(ours, reference, prompt, 12)  # LongRoPE draws have contexts from 32
 
 
 def test_transformers5_and_hub_config_layouts_agree():

@@ -3,7 +3,7 @@
 import numpy as np
 
 from minislm.config import RopeConfig
-from minislm.model import apply_rope, attention_mask, rms_norm, rope_inv_freq, rope_tables, silu, softmax
+from minislm.model import apply_rope, attention_mask, layer_norm, rms_norm, rope_inv_freq, rope_tables, silu, softmax
 
 PLAIN = RopeConfig("default", 10000.0, rotary_dim=8, original_max_position_embeddings=4096)
 
@@ -12,6 +12,14 @@ def test_rms_norm_gives_unit_root_mean_square():
     x = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32) * 7
     y = rms_norm(x, np.ones(64, dtype=np.float32), 1e-6)
     assert np.allclose(np.sqrt(np.mean(y * y, axis=-1)), 1.0, atol=1e-5)
+
+
+def test_layer_norm_gives_zero_mean_unit_variance_then_scales_and_shifts():
+    x = np.random.default_rng(0).normal(3.0, 7.0, size=(3, 64)).astype(np.float32)
+    y = layer_norm(x, np.ones(64, dtype=np.float32), np.zeros(64, dtype=np.float32), 1e-6)
+    assert np.allclose(y.mean(-1), 0.0, atol=1e-5) and np.allclose(y.var(-1), 1.0, atol=1e-4)
+    weight, bias = np.full(64, 2.0, dtype=np.float32), np.full(64, 0.5, dtype=np.float32)
+    assert np.allclose(layer_norm(x, weight, bias, 1e-6), 2.0 * y + 0.5, atol=1e-5)
 
 
 def test_silu_is_x_times_sigmoid_and_never_overflows():

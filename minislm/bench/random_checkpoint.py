@@ -2,7 +2,8 @@
 
 Decode speed does not depend on the values of the weights, only on their shapes
 and dtype, so a random checkpoint with Phi-3-mini's exact shapes measures what a
-download of the real 7.6 GB model would, without the download. The file is
+download of the real 7.6 GB model would, without the download. (For PhiMoE the
+values decide which experts run, but not how many: always 2 per layer.) The file is
 streamed tensor by tensor, so writing it never needs the whole model in memory.
 """
 
@@ -35,6 +36,42 @@ PHI3_MINI_4K = {
     "bos_token_id": 1,
     "eos_token_id": 32000,
     "pad_token_id": 32000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+# microsoft/Phi-3.5-MoE-instruct's config.json, in the hub layout (LongRoPE factors set
+# to 1.0: they change no cost). 16 experts of 3 x 4096 x 6400, top-2: 41.9B parameters,
+# 6.6B of them used per token.
+PHI35_MOE = {
+    "architectures": ["PhiMoEForCausalLM"],
+    "model_type": "phimoe",
+    "hidden_size": 4096,
+    "intermediate_size": 6400,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 16,
+    "num_experts_per_tok": 2,
+    "router_jitter_noise": 0.01,
+    "attention_bias": True,
+    "lm_head_bias": True,
+    "vocab_size": 32064,
+    "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "type": "longrope",
+        "short_factor": [1.0] * 64,
+        "long_factor": [1.0] * 64,
+        "short_mscale": 1.243163121016122,
+        "long_mscale": 1.243163121016122,
+        "original_max_position_embeddings": 4096,
+    },
+    "rms_norm_eps": 1e-05,
+    "sliding_window": 131072,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
