@@ -38,12 +38,99 @@ PHI3_MINI_4K = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
+# The same decoder cut down so the whole benchmark pipeline runs in seconds
+# (`bench --small`). The vocabulary stays at 32064 so llama.cpp's Phi-3 vocabulary
+# still fits the embedding.
+PHI3_TINY = dict(
+    PHI3_MINI_4K, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4,
+)
+
+# microsoft/Phi-3.5-MoE-instruct's shapes (hub layout), cut to 2 of its 32 layers:
+# the embedding, the lm_head and one layer's experts are what a decode step reads,
+# so two layers show the total-vs-active gap without a 84 GB download.
+# LongRoPE's factors are 1.0 here: speed does not depend on them.
+PHI35_MOE_2LAYERS = {
+    "architectures": ["PhiMoEForCausalLM"],
+    "model_type": "phimoe",
+    "hidden_size": 4096,
+    "intermediate_size": 6400,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 16,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32064,
+    "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "type": "longrope",
+        "short_factor": [1.0] * 64,
+        "long_factor": [1.0] * 64,
+        "short_mscale": 1.243163121016122,
+        "long_mscale": 1.243163121016122,
+        "original_max_position_embeddings": 4096,
+    },
+    "rms_norm_eps": 1e-05,
+    "sliding_window": 131072,
+    "hidden_act": "silu",
+    "attention_bias": True,
+    "lm_head_bias": True,
+    "router_jitter_noise": 0.01,
+    "input_jitter_noise": 0.01,
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+PHIMOE_TINY = dict(
+    PHI35_MOE_2LAYERS, hidden_size=256, intermediate_size=384, num_attention_heads=4,
+    num_key_value_heads=2, num_local_experts=4,
+    rope_scaling=dict(PHI35_MOE_2LAYERS["rope_scaling"], short_factor=[1.0] * 32, long_factor=[1.0] * 32),
+)
 SAFETENSORS_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 
 
-def random_tensor(rng: np.random.Generator, shape, dtype_tag: str) -> np.ndarray:
-    """N(0, 0.02) for matrices, ~1 for norm gains; stored in the requested dtype."""
-    if len(shape) == 1:
+def phimoe_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a PhiMoE checkpoint, as on the hub
+    (transformers/models/phimoe: LayerNorm with bias, separate q/k/v/o with
+    biases, router `block_sparse_moe.gate`, experts w1 = gate, w3 = up, w2 = down)."""
+    D, F, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = D // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (V, D)}
+    for i in range(config["num_hidden_layers"]):
+        layer = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[layer + norm + ".weight"] = shapes[layer + norm + ".bias"] = (D,)
+        for proj, rows in (("q_proj", D), ("k_proj", kv), ("v_proj", kv)):
+            shapes[layer + f"self_attn.{proj}.weight"] = (rows, D)
+            shapes[layer + f"self_attn.{proj}.bias"] = (rows,)
+        shapes[layer + "self_attn.o_proj.weight"] = (D, D)
+        shapes[layer + "self_attn.o_proj.bias"] = (D,)
+        shapes[layer + "block_sparse_moe.gate.weight"] = (config["num_local_experts"], D)
+        for e in range(config["num_local_experts"]):
+            expert = layer + f"block_sparse_moe.experts.{e}."
+            shapes[expert + "w1.weight"] = (F, D)
+            shapes[expert + "w2.weight"] = (D, F)
+            shapes[expert + "w3.weight"] = (F, D)
+    shapes["model.norm.weight"] = shapes["model.norm.bias"] = (D,)
+    shapes["lm_head.weight"] = (V, D)
+    shapes["lm_head.bias"] = (V,)
+    return shapes
+
+
+def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config.json holds, by hub name."""
+    if config["model_type"] == "phimoe":
+        return phimoe_shapes(config)  # minislm.config may not accept phimoe yet
+    return expected_shapes(parse_config(config))
+
+
+def random_tensor(rng: np.random.Generator, shape, dtype_tag: str, bias: bool = False) -> np.ndarray:
+    """N(0, 0.02) for matrices and biases, ~1 for norm gains; stored in the requested dtype."""
+    if len(shape) == 1 and not bias:
         values = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
     else:
         values = 0.02 * rng.standard_normal(shape, dtype=np.float32)
@@ -56,7 +143,7 @@ def write_random_checkpoint(folder: Path, config: dict, dtype_tag: str = "F16", 
     """Write config.json, generation_config.json and model.safetensors with random weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = expected_shapes(parse_config(config))
+    shapes = checkpoint_shapes(config)
     itemsize = SAFETENSORS_DTYPES[dtype_tag][1]
     header, offset = {}, 0
     for name, shape in shapes.items():
@@ -73,7 +160,7 @@ def write_random_checkpoint(folder: Path, config: dict, dtype_tag: str = "F16", 
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for name, shape in shapes.items():
-            f.write(random_tensor(rng, shape, dtype_tag).tobytes())
+            f.write(random_tensor(rng, shape, dtype_tag, bias=name.endswith(".bias")).tobytes())
     tmp.rename(folder / "model.safetensors")  # only a complete file gets the real name
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}
