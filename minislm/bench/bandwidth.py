@@ -6,9 +6,9 @@ kernel reads: a parallel sum over an array far larger than the caches, with
 the bench's thread count.
 
 `fastmath=True` is not optional: without it LLVM must keep the float sum in
-order, cannot vectorise the reduction, and the loop reports ~14 GB/s on a
-machine that streams 40-70 GB/s: the measurement would be of the adder, not
-of the memory.
+order, cannot vectorise the reduction, and the loop reports a fraction of the
+real bandwidth (PERF_NOTES): the measurement would be of the adder, not of
+the memory.
 """
 
 import time

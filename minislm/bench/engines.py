@@ -81,7 +81,7 @@ def minislm_skip_reason(engine: Engine, config: dict) -> str | None:
     try:
         parse_config(config)
     except MinislmError as e:
-        return f"minislm cannot run this model yet ({str(e).split(': ', 1)[-1]})"
+        return f"minislm cannot run this model yet: {str(e).split(': ', 1)[-1]}"
     accepted = inspect.signature(load).parameters
     missing = [option for option in engine.options if option not in accepted]
     if missing:

@@ -97,3 +97,8 @@ def decode_bytes(tensor_bytes: dict[str, int], vocab_size: int, experts_read: fl
         else:
             total += nbytes
     return int(total)
+
+def experts_fraction(config: dict) -> float:
+    """Share of the expert weights one decoded token reads: top_k of n experts (1.0 if dense)."""
+    experts = config.get("num_local_experts")
+    return config["num_experts_per_tok"] / experts if experts else 1.0

@@ -8,12 +8,12 @@ Two instruments, both outside the model code:
   they go through one `linear` function;
 - cProfile gives the cumulative time of the pure functions of model.py
   (rms_norm, attention, mlp, apply_rope, rope_tables); attention's own share
-  is attention() minus the two projections it calls, and swiglu is mlp()
+  is attention() minus the two projections and the RoPE it calls; swiglu is mlp()
   minus its two.
 "other" is the rest of the wall time: residual adds, the Python loop over
-layers, the profiler's own overhead (~1 us per call, a few hundred calls a
-token). Decode figures are per token; effective GB/s = weight bytes of that
-part / its time.
+layers, the profiler's own overhead (about a microsecond per Python call, a
+few hundred calls a token). Decode figures are per token; effective GB/s =
+bytes of that part's weights one token reads / its time.
 """
 
 import cProfile
@@ -25,13 +25,15 @@ import numpy as np
 
 from ..model import embed, linear
 
-# hub tensor name -> the part it is timed as
+# hub tensor name -> the part it is timed as (PhiMoE: experts' w1/w3 are their
+# gate/up, w2 their down; the router is `block_sparse_moe.gate`)
 PART_OF = {
     "qkv_proj": "qkv_proj", "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
     "o_proj": "o_proj", "gate_up_proj": "gate_up_proj", "down_proj": "down_proj",
+    "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj", "gate": "router",
     "lm_head": "lm_head", "embed_tokens": "embed",
 }
-PARTS = ["embed", "norms", "qkv_proj", "rope", "attention", "o_proj",
+PARTS = ["embed", "norms", "qkv_proj", "rope", "attention", "o_proj", "router",
          "gate_up_proj", "swiglu", "down_proj", "lm_head", "other"]
 
 
@@ -63,7 +65,8 @@ def part_of(name: str) -> str | None:
 
 
 def timed_weights(weights: dict, timers: dict) -> dict:
-    return {name: TimedWeight(w, part_of(name), timers) if part_of(name) and w.ndim == 2 else w
+    """Matrices (ndarrays or packed bf16/int4 weights) wrapped; norms and biases left as they are."""
+    return {name: TimedWeight(w, part_of(name), timers) if part_of(name) and len(w.shape) == 2 else w
             for name, w in weights.items()}
 
 
@@ -85,7 +88,7 @@ def run_profiled(work, timers: dict) -> dict:
     work()
     profiler.disable()
     wall = time.perf_counter() - start
-    parts = {part: timers[part] for part in ("embed", "qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")}
+    parts = {part: timers[part] for part in ("embed", "qkv_proj", "o_proj", "router", "gate_up_proj", "down_proj", "lm_head")}
     parts["norms"] = cumulative(profiler, "rms_norm")
     parts["rope"] = cumulative(profiler, "apply_rope", "rope_tables")
     parts["attention"] = (cumulative(profiler, "attention") - parts["qkv_proj"] - parts["o_proj"]
@@ -95,7 +98,9 @@ def run_profiled(work, timers: dict) -> dict:
     return {"wall_s": wall, "parts_s": {p: parts[p] for p in PARTS}}
 
 
-def profile_minislm(engine, checkpoint, threads: int, prompt_len: int, new_tokens: int) -> dict:
+def profile_minislm(engine, checkpoint, threads: int, prompt_len: int, new_tokens: int,
+                    experts_read: float = 1.0) -> dict:
+    """`experts_read`: the fraction of MoE expert weights one decoded token reads (top_k / experts)."""
     from .engines import minislm_model
     from .measure import prompts
 
@@ -103,9 +108,9 @@ def profile_minislm(engine, checkpoint, threads: int, prompt_len: int, new_token
     timers = defaultdict(float)
     model.weights = timed_weights(model.weights, timers)
     part_bytes = defaultdict(int)
-    for w in model.weights.values():
+    for name, w in model.weights.items():
         if isinstance(w, TimedWeight) and w.part != "embed":
-            part_bytes[w.part] += int(w.nbytes)
+            part_bytes[w.part] += int(w.nbytes * (experts_read if ".experts." in name else 1.0))
     ids = prompts([8, prompt_len], model.config.vocab_size)
 
     def prefill(prompt, cache):

@@ -61,7 +61,7 @@ def engine_table(results: dict) -> str:
     head += [f"prefill tok/s @{n}" for n in lengths]
     head += ["decode tok/s", "decode vs peer", f"prefill vs {PREFILL_PEER}", "peak RSS GiB", "GB read/token"]
     head += ["B/active param"] if moe else []
-    head += ["GB/s", "% roofline"]
+    head += ["GB/s", "% roofline", "other load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["engines"]:
         name = row["engine"]
@@ -81,6 +81,7 @@ def engine_table(results: dict) -> str:
         cells += [fmt(per_token / results["model"]["active_params"], 2)] if moe else []
         frac = roofline(row, bandwidth)
         cells += [fmt(per_token * (row.get("decode_tok_s") or 0) / GB), fmt(frac * 100 if frac else None, 0)]
+        cells += [fmt(row.get("other_load"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {row['engine']}: {row['status']}: {row.get('reason', '')}"
              for row in results["engines"] if row["status"] != "ok"]
@@ -138,7 +139,9 @@ def profile_table(profile: dict) -> str:
              "| part | prefill ms | prefill % | decode ms/token | decode % | decode GB/s |",
              "|---|---|---|---|---|---|"]
     for part in PARTS:
-        p, d = pre["parts_s"][part], dec["parts_s"][part]
+        p, d = pre["parts_s"].get(part, 0.0), dec["parts_s"].get(part, 0.0)
+        if p == d == 0.0:  # e.g. the router of a dense model
+            continue
         nbytes = profile["part_bytes"].get(part)
         rate = fmt(nbytes / d / GB) if nbytes and d > 0 else ""
         lines.append(f"| {part} | {p * 1e3:.1f} | {p / pre['wall_s']:.0%} | {d * 1e3:.2f} | "
@@ -156,13 +159,17 @@ def summary(results: dict) -> str:
         + ")",
         "",
         f"- machine: {m['cpu']} ({m['cores']} cores, {m['ram_gib']:.0f} GiB), load average "
-        f"{m['loadavg_before'][0]:.2f} before / {m['loadavg_after'][0]:.2f} after",
+        f"{m['loadavg_before'][0]:.2f} before / {m['loadavg_after'][0]:.2f} after; other processes used "
+        f"{m.get('other_load_at_start')} cores at the start",
         f"- command: `{results['command']}` ({results['date']})",
         f"- threads: {s['threads']}; prompts {', '.join(map(str, s['prompt_lengths']))} tokens (random ids); "
         f"decode {s['new_tokens']} new tokens after the first prompt, greedy",
         f"- read bandwidth (Numba parallel sum, {b['before'].get('array_gib', '?')} GiB): "
-        f"{fmt(b['before'].get('gbs'))} GB/s before, {fmt(b['after'].get('gbs'))} GB/s after the engines; "
+        f"{fmt(b['before'].get('gbs'))} GB/s before, {fmt(b['after'].get('gbs'))} GB/s after the engines "
+        f"(other load {b['before'].get('other_load')} / {b['after'].get('other_load')} cores); "
         f"roofline uses {fmt(b['roofline_gbs'])} GB/s",
+        "- other load: cores kept busy by other processes (and the hypervisor) while that row ran; "
+        "well above 0 means the row measured contention, not the engine",
         "",
         engine_table(results),
         "",
@@ -198,11 +205,11 @@ def plot(results: dict, path) -> str | None:
         ax.barh(names, values, color=bar_colors)
         ax.set_title(title)
         for y, v in enumerate(values):
-            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
         ax.margins(x=0.15)
     axes[0].invert_yaxis()  # first engine on top (the axes share y: invert once)
     fig.suptitle(f"{results['model']['name']}, {results['settings']['threads']} threads, "
-                 f"{results['machine']['cpu']}", fontsize=9)
+                 f"{results['machine']['cpu']}, {results['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,16 +17,18 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..errors import MinislmError
 from .engines import ENGINES, GiB, engine_named, llama_cpp_skip_reason, skip_reason
-from .measure import decode_bytes
+from .measure import decode_bytes, experts_fraction
 from .random_checkpoint import (
     PHI3_MINI_4K, PHI3_TINY, PHI35_MOE_2LAYERS, PHIMOE_TINY, checkpoint_shapes, write_random_checkpoint,
 )
@@ -50,6 +52,7 @@ def run_bench(args, argv: list[str]) -> int:
     model = model_summary(name, config)
     checkpoint = ensure_checkpoint(cache_dir / name, config)
     loadavg_before = os.getloadavg()
+    busy_before = busy_elsewhere(threads)
 
     worker = Worker(threads, timeout)
     reasons = prepare_ggufs(engines, checkpoint, cache_dir, worker)
@@ -77,7 +80,7 @@ def run_bench(args, argv: list[str]) -> int:
     results = {
         "command": "python -m minislm " + shlex.join(argv),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(loadavg_before),
+        "machine": {**machine(loadavg_before), "other_load_at_start": busy_before},
         "model": model,
         "settings": {"threads": threads, "prompt_lengths": args.prompt_lengths, "new_tokens": args.new_tokens},
         "bandwidth": {"before": bandwidth_before, "after": bandwidth_after,
@@ -96,6 +99,24 @@ def run_bench(args, argv: list[str]) -> int:
     return 0
 
 
+def busy_elsewhere(threads: int, seconds: float = 1.0) -> float | None:
+    """Cores other processes use right now; warn when our threads will have to share.
+
+    Threads that meet at a barrier after every matmul (OpenBLAS, OpenMP in
+    llama.cpp and Numba) wait a whole scheduler time slice for a thread that
+    lost its core: on a 2-core machine with one other busy process, a 2-thread
+    run measures the scheduler, many times slower than the engine.
+    """
+    watch = OtherLoad()
+    time.sleep(seconds)
+    cores = watch.cores()
+    free = (os.cpu_count() or 1) - (cores or 0)
+    if cores is not None and free < threads - 0.25:
+        progress(f"warning: other processes keep {cores:.2f} cores busy; with {threads} threads "
+                 "the figures will measure that contention (see the 'other load' column)")
+    return cores
+
+
 def selected_engines(names: str | None):
     if not names:
         return list(ENGINES)
@@ -112,13 +133,11 @@ def selected_engines(names: str | None):
 def model_summary(name: str, config: dict) -> dict:
     """Parameter counts from the checkpoint's shapes; active = what one decoded token reads."""
     counts = {tensor: int_product(shape) for tensor, shape in checkpoint_shapes(config).items()}
-    experts = config.get("num_local_experts")
-    fraction = config["num_experts_per_tok"] / experts if experts else 1.0
     return {
         "name": name,
         "config": config,
         "params": sum(counts.values()),
-        "active_params": decode_bytes(counts, config["vocab_size"], fraction),
+        "active_params": decode_bytes(counts, config["vocab_size"], experts_fraction(config)),
     }
 
 
@@ -205,6 +224,7 @@ class Worker:
 
     def run(self, job: str, *args: str) -> dict:
         command = [sys.executable, "-m", "minislm.bench.worker", job, "--threads", str(self.threads), *args]
+        watch = OtherLoad()
         try:
             done = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=self.timeout)
         except subprocess.TimeoutExpired:
@@ -212,7 +232,7 @@ class Worker:
         lines = done.stdout.strip().splitlines()
         if lines:
             try:
-                return json.loads(lines[-1])
+                return {**json.loads(lines[-1]), "other_load": watch.cores()}
             except json.JSONDecodeError:
                 pass
         last = (done.stderr.strip().splitlines() or [""])[-1]
@@ -223,11 +243,47 @@ class Worker:
         return {"status": "failed", "reason": f"{why}: {last}"[:300]}
 
 
+class OtherLoad:
+    """How many cores something other than our worker kept busy while it ran.
+
+    All CPUs' busy time from /proc/stat (including `steal`, time the hypervisor
+    gave to other machines) minus the CPU time of our finished child, over the
+    wall time. ~0 on a quiet machine; 1.0 means one of the cores was taken all
+    along, and then the figures of that row are not the machine's.
+    """
+
+    def __init__(self):
+        self.busy, self.ours, self.start = cpu_busy_seconds(), children_cpu_seconds(), time.monotonic()
+
+    def cores(self) -> float | None:
+        busy = cpu_busy_seconds()
+        wall = time.monotonic() - self.start
+        if busy is None or self.busy is None or wall <= 0:
+            return None
+        others = (busy - self.busy) - (children_cpu_seconds() - self.ours)
+        return round(max(others, 0.0) / wall, 2)
+
+
+def cpu_busy_seconds() -> float | None:
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def describe(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('reason', '')}"
     prefill = ", ".join(f"{v:.1f}" for v in row["prefill_tok_s"].values())
-    return f"load {row['load_s']:.1f} s, prefill {prefill} tok/s, decode {row.get('decode_tok_s', 0):.2f} tok/s"
+    return (f"load {row['load_s']:.1f} s, prefill {prefill} tok/s, decode {row.get('decode_tok_s', 0):.2f} tok/s, "
+            f"other processes kept {row.get('other_load')} cores busy")
 
 
 def mem_available() -> int:

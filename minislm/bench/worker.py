@@ -51,17 +51,16 @@ def model_files(checkpoint: Path, model_file: Path | None) -> list[Path]:
 
 def run_engine(args) -> dict:
     from .engines import engine_named, load_engine
-    from .measure import decode_bytes, measure
+    from .measure import decode_bytes, experts_fraction, measure
 
     engine = engine_named(args.engine)
     config = json.loads((args.checkpoint / "config.json").read_text())
+    experts_read = experts_fraction(config)
     read_once(model_files(args.checkpoint, args.model_file))
     start = time.perf_counter()
     loaded = load_engine(engine, args.checkpoint, args.model_file, args.threads, n_ctx=args.n_ctx)
     load_s = time.perf_counter() - start
     result = measure(loaded.generate, args.prompt_lengths, args.new_tokens, config["vocab_size"])
-    experts = config.get("num_local_experts")
-    experts_read = config["num_experts_per_tok"] / experts if experts else 1.0
     return {
         "engine": engine.name,
         "status": "ok",
@@ -76,10 +75,14 @@ def run_engine(args) -> dict:
 
 def run_profile(args) -> dict:
     from .engines import engine_named
+    from .measure import experts_fraction
     from .profile import profile_minislm
 
     engine = engine_named(args.engine)
-    return profile_minislm(engine, args.checkpoint, args.threads, args.prompt_lengths[0], args.new_tokens)
+    config = json.loads((args.checkpoint / "config.json").read_text())
+    return profile_minislm(engine, args.checkpoint, args.threads, args.prompt_lengths[0], args.new_tokens,
+                           experts_fraction(config))
+
 
 
 def run_bandwidth(args) -> dict:
