@@ -48,13 +48,13 @@ def run_bench(args, argv: list[str]) -> int:
     engines = selected_engines(args.engines)
     cache_dir = Path(args.cache_dir).expanduser()
     name, config = MODELS[(args.small, args.moe)]
-    threads, timeout = args.threads or 2, WORKER_TIMEOUT_S[args.small]
+    threads = args.threads
     model = model_summary(name, config)
     checkpoint = ensure_checkpoint(cache_dir / name, config)
     loadavg_before = os.getloadavg()
     busy_before = busy_elsewhere(threads)
 
-    worker = Worker(threads, timeout)
+    worker = Worker(threads, WORKER_TIMEOUT_S[args.small])
     reasons = prepare_ggufs(engines, checkpoint, cache_dir, worker)
     gib = 0.5 if args.small else 2.0
     bandwidth_before = worker.run("bandwidth", "--gib", str(gib))
@@ -68,14 +68,7 @@ def run_bench(args, argv: list[str]) -> int:
             rows.append(run_engine(worker, engine, checkpoint, args))
         progress(f"    {describe(rows[-1])}")
     bandwidth_after = worker.run("bandwidth", "--gib", str(gib))
-    profiles = []
-    if args.profile:
-        for row in rows:
-            if row["engine"].startswith("minislm") and row["status"] == "ok":
-                progress(f"profile {row['engine']}")
-                profiles.append(worker.run("profile", "--engine", row["engine"], "--checkpoint", str(checkpoint),
-                                           "--prompt-lengths", str(args.prompt_lengths[0]),
-                                           "--new-tokens", str(min(args.new_tokens, 16))))
+    profiles = profile_engines(worker, rows, checkpoint, args) if args.profile else []
 
     results = {
         "command": "python -m minislm " + shlex.join(argv),
@@ -89,14 +82,31 @@ def run_bench(args, argv: list[str]) -> int:
         "profiles": profiles,
     }
     json_path = Path(args.json) if args.json else cache_dir / f"bench-{name}.json"
-    plot_path = Path(args.plot) if args.plot else json_path.with_suffix(".png")
+    write_outputs(results, json_path, Path(args.plot) if args.plot else json_path.with_suffix(".png"))
+    return 0
+
+
+def profile_engines(worker, rows, checkpoint: Path, args) -> list[dict]:
+    """--profile: the per-part profile of every minislm engine that ran (decode over <= 16 tokens)."""
+    profiles = []
+    for row in rows:
+        if row["engine"].startswith("minislm") and row["status"] == "ok":
+            progress(f"profile {row['engine']}")
+            profiles.append(worker.run("profile", "--engine", row["engine"], "--checkpoint", str(checkpoint),
+                                       "--prompt-lengths", str(args.prompt_lengths[0]),
+                                       "--new-tokens", str(min(args.new_tokens, 16))))
+    return profiles
+
+
+def write_outputs(results: dict, json_path: Path, plot_path: Path) -> None:
+    """The plot, the JSON (which says where the plot is), then the table on stdout."""
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
     why_no_plot = plot(results, plot_path)
     results["plot"] = None if why_no_plot else str(plot_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results))
-    print(f"\nJSON: {json_path}" + (f"\nplot: {plot_path}" if not why_no_plot else f"\nplot skipped: {why_no_plot}"))
-    return 0
+    print(f"\nJSON: {json_path}\n" + (f"plot: {plot_path}" if not why_no_plot else f"plot skipped: {why_no_plot}"))
 
 
 def busy_elsewhere(threads: int, seconds: float = 1.0) -> float | None:

@@ -21,7 +21,6 @@ Jobs:
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 import traceback
@@ -39,10 +38,6 @@ def read_once(paths) -> None:
                 pass
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def model_files(checkpoint: Path, model_file: Path | None) -> list[Path]:
     if model_file is not None:
         return [model_file]
@@ -50,6 +45,7 @@ def model_files(checkpoint: Path, model_file: Path | None) -> list[Path]:
 
 
 def run_engine(args) -> dict:
+    from ..commands import peak_memory_bytes
     from .engines import engine_named, load_engine
     from .measure import decode_bytes, experts_fraction, measure
 
@@ -68,7 +64,7 @@ def run_engine(args) -> dict:
         **result,
         "weight_bytes": sum(loaded.tensor_bytes.values()),
         "decode_bytes_per_token": decode_bytes(loaded.tensor_bytes, config["vocab_size"], experts_read),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_memory_bytes(),  # this worker's ru_maxrss
         "info": loaded.info,
     }
 
