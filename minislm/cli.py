@@ -1,4 +1,4 @@
-"""`python -m minislm <command>`: generate, chat, perplexity, verify.
+"""`python -m minislm <command>`: generate, chat, perplexity, verify, bench.
 
 Flags follow mlx_lm.generate and llama-cli (`--model`, `--prompt`, `--max-tokens`,
 `--temp`, `--top-p`, `--top-k`, `--seed`). Generated text streams to stdout;
@@ -9,6 +9,7 @@ problem ends as one line on stderr and exit status 2.
 import argparse
 import sys
 
+from .bench.cli import add_bench_arguments, check_bench_flags
 from .errors import MinislmError
 
 EXIT_USAGE = 2
@@ -55,6 +56,9 @@ def build_parser() -> ArgumentParser:
     ppl.add_argument("--file", "-f", required=True, help="UTF-8 text file to score")
     ppl.add_argument("--window", type=int, help="tokens per forward (default: the model's context)")
     ppl.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
+
+    bench = commands.add_parser("bench", help="speed against llama.cpp and transformers on Phi-3-mini shapes")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -117,6 +121,11 @@ def main(argv=None) -> int:
             from .verify import run_verify
 
             return run_verify(args)
+        if args.command == "bench":
+            from .bench.run import run_bench
+
+            check_bench_flags(args)
+            return run_bench(args, argv if argv is not None else sys.argv[1:])
         raise MinislmError(f"unknown command {args.command}")
     except MinislmError as e:
         print(f"minislm: error: {e}", file=sys.stderr)

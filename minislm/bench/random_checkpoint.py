@@ -39,6 +39,14 @@ PHI3_MINI_4K = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
+# The same decoder cut down so the whole benchmark pipeline runs in seconds
+# (`bench --small`). The vocabulary stays at 32064 so llama.cpp's Phi-3 vocabulary
+# still fits the embedding.
+PHI3_TINY = dict(
+    PHI3_MINI_4K, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4,
+)
+
 # microsoft/Phi-3.5-MoE-instruct's config.json, in the hub layout (LongRoPE factors set
 # to 1.0: they change no cost). 16 experts of 3 x 4096 x 6400, top-2: 41.9B parameters,
 # 6.6B of them used per token.
@@ -53,6 +61,7 @@ PHI35_MOE = {
     "num_local_experts": 16,
     "num_experts_per_tok": 2,
     "router_jitter_noise": 0.01,
+    "input_jitter_noise": 0.01,
     "attention_bias": True,
     "lm_head_bias": True,
     "vocab_size": 32064,
@@ -75,12 +84,26 @@ PHI35_MOE = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
+# The same cut to 2 of its 32 layers: the embedding, the lm_head and the layers'
+# chosen experts are what a decode step reads, so two layers show the total-vs-active
+# gap without an 84 GB checkpoint.
+PHI35_MOE_2LAYERS = dict(PHI35_MOE, num_hidden_layers=2)
+PHIMOE_TINY = dict(
+    PHI35_MOE_2LAYERS, hidden_size=256, intermediate_size=384, num_attention_heads=4,
+    num_key_value_heads=2, num_local_experts=4,
+    rope_scaling=dict(PHI35_MOE_2LAYERS["rope_scaling"], short_factor=[1.0] * 32, long_factor=[1.0] * 32),
+)
 SAFETENSORS_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 
 
-def random_tensor(rng: np.random.Generator, shape, dtype_tag: str) -> np.ndarray:
-    """N(0, 0.02) for matrices, ~1 for norm gains; stored in the requested dtype."""
-    if len(shape) == 1:
+def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config.json holds, by hub name."""
+    return expected_shapes(parse_config(config))
+
+
+def random_tensor(rng: np.random.Generator, shape, dtype_tag: str, bias: bool = False) -> np.ndarray:
+    """N(0, 0.02) for matrices and biases, ~1 for norm gains; stored in the requested dtype."""
+    if len(shape) == 1 and not bias:
         values = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
     else:
         values = 0.02 * rng.standard_normal(shape, dtype=np.float32)
@@ -93,7 +116,7 @@ def write_random_checkpoint(folder: Path, config: dict, dtype_tag: str = "F16", 
     """Write config.json, generation_config.json and model.safetensors with random weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = expected_shapes(parse_config(config))
+    shapes = checkpoint_shapes(config)
     itemsize = SAFETENSORS_DTYPES[dtype_tag][1]
     header, offset = {}, 0
     for name, shape in shapes.items():
@@ -110,7 +133,7 @@ def write_random_checkpoint(folder: Path, config: dict, dtype_tag: str = "F16", 
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for name, shape in shapes.items():
-            f.write(random_tensor(rng, shape, dtype_tag).tobytes())
+            f.write(random_tensor(rng, shape, dtype_tag, bias=name.endswith(".bias")).tobytes())
     tmp.rename(folder / "model.safetensors")  # only a complete file gets the real name
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}

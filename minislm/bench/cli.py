@@ -1,0 +1,35 @@
+"""The flags of `python -m minislm bench` (kept here so minislm/cli.py stays a list of commands)."""
+
+import argparse
+
+from ..errors import MinislmError
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--small", action="store_true", help="a tiny model: the whole pipeline in under a minute")
+    p.add_argument("--moe", action="store_true", help="Phi-3.5-MoE shapes, cut to 2 layers")
+    p.add_argument("--threads", "-t", type=int, default=2, help="threads for every engine (default 2)")
+    p.add_argument("--engines", help="comma-separated rows to run (default: all; see the table for names)")
+    p.add_argument("--cache-dir", default="bench-cache", help="where checkpoints and GGUFs are kept (default ./bench-cache)")
+    p.add_argument("--json", help="write the results here (default: in --cache-dir)")
+    p.add_argument("--plot", help="bar chart PNG (default: beside the JSON)")
+    p.add_argument("--prompt-lengths", type=lengths, default=[128, 512], help="prefill prompts (default 128,512)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded after the first prompt (default 64)")
+    p.add_argument("--profile", action="store_true", help="also time each layer part of the minislm engines")
+
+
+def lengths(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 128,512, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"prompt lengths must be >= 1, got {text!r}")
+    return values
+
+
+def check_bench_flags(args) -> None:
+    if args.new_tokens < 2:
+        raise MinislmError(f"--new-tokens must be >= 2 (decode speed needs a token after the first), got {args.new_tokens}")
+    if max(args.prompt_lengths) + args.new_tokens > 4096:
+        raise MinislmError("--prompt-lengths plus --new-tokens must fit Phi-3-mini's 4096-token context")

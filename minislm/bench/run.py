@@ -1,0 +1,340 @@
+"""`python -m minislm bench`: prepare the model files once, then measure engine after engine.
+
+    1. the random checkpoint (cached in --cache-dir; speed does not depend on
+       the values) and, for llama.cpp, its GGUF F16 / Q8_0 / Q4_0 copies
+    2. read bandwidth (the roofline), in a worker
+    3. each engine in its own worker process, strictly one at a time
+    4. read bandwidth again: a drop says something else took the machine
+    5. with --profile, where minislm's time goes, per layer part
+    6. the table on stdout, JSON and a PNG beside it
+
+An engine that cannot run here (not installed, not merged yet, not enough
+RAM) is a "skipped" row with its reason; one that crashes is a "failed" row;
+neither stops the others.
+"""
+
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from ..errors import MinislmError
+from .engines import ENGINES, GiB, engine_named, llama_cpp_skip_reason, skip_reason
+from .measure import decode_bytes, experts_fraction
+from .random_checkpoint import (
+    PHI3_MINI_4K, PHI3_TINY, PHI35_MOE_2LAYERS, PHIMOE_TINY, checkpoint_shapes, write_random_checkpoint,
+)
+from .report import plot, summary
+
+# (--small, --moe) -> cache folder name and config.json
+MODELS = {
+    (False, False): ("phi3-mini-4k-f16", PHI3_MINI_4K),
+    (True, False): ("phi3-tiny-f16", PHI3_TINY),
+    (False, True): ("phi35-moe-2layers-f16", PHI35_MOE_2LAYERS),
+    (True, True): ("phimoe-tiny-f16", PHIMOE_TINY),
+}
+WORKER_TIMEOUT_S = {True: 300, False: 3600}  # small, full
+
+
+def run_bench(args, argv: list[str]) -> int:
+    engines = selected_engines(args.engines)
+    cache_dir = Path(args.cache_dir).expanduser()
+    name, config = MODELS[(args.small, args.moe)]
+    threads = args.threads
+    model = model_summary(name, config)
+    checkpoint = ensure_checkpoint(cache_dir / name, config)
+    loadavg_before = os.getloadavg()
+    busy_before = busy_elsewhere(threads)
+
+    worker = Worker(threads, WORKER_TIMEOUT_S[args.small])
+    reasons = prepare_ggufs(engines, checkpoint, cache_dir, worker)
+    gib = 0.5 if args.small else 2.0
+    bandwidth_before = worker.run("bandwidth", "--gib", str(gib))
+    rows = []
+    for i, engine in enumerate(engines, 1):
+        progress(f"[{i}/{len(engines)}] {engine.name}")
+        reason = reasons.get(engine.name) or skip_reason(engine, config, model["params"], mem_available())
+        if reason:
+            rows.append({"engine": engine.name, "status": "skipped", "reason": reason})
+        else:
+            rows.append(run_engine(worker, engine, checkpoint, args))
+        progress(f"    {describe(rows[-1])}")
+    bandwidth_after = worker.run("bandwidth", "--gib", str(gib))
+    profiles = profile_engines(worker, rows, checkpoint, args) if args.profile else []
+
+    results = {
+        "command": "python -m minislm " + shlex.join(argv),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {**machine(loadavg_before), "other_load_at_start": busy_before},
+        "model": model,
+        "settings": {"threads": threads, "prompt_lengths": args.prompt_lengths, "new_tokens": args.new_tokens},
+        "bandwidth": {"before": bandwidth_before, "after": bandwidth_after,
+                      "roofline_gbs": max((b.get("gbs") or 0) for b in (bandwidth_before, bandwidth_after)) or None},
+        "engines": rows,
+        "profiles": profiles,
+    }
+    json_path = Path(args.json) if args.json else cache_dir / f"bench-{name}.json"
+    write_outputs(results, json_path, Path(args.plot) if args.plot else json_path.with_suffix(".png"))
+    return 0
+
+
+def profile_engines(worker, rows, checkpoint: Path, args) -> list[dict]:
+    """--profile: the per-part profile of every minislm engine that ran (decode over <= 16 tokens)."""
+    profiles = []
+    for row in rows:
+        if row["engine"].startswith("minislm") and row["status"] == "ok":
+            progress(f"profile {row['engine']}")
+            profiles.append(worker.run("profile", "--engine", row["engine"], "--checkpoint", str(checkpoint),
+                                       "--prompt-lengths", str(args.prompt_lengths[0]),
+                                       "--new-tokens", str(min(args.new_tokens, 16))))
+    return profiles
+
+
+def write_outputs(results: dict, json_path: Path, plot_path: Path) -> None:
+    """The plot, the JSON (which says where the plot is), then the table on stdout."""
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    why_no_plot = plot(results, plot_path)
+    results["plot"] = None if why_no_plot else str(plot_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(summary(results))
+    print(f"\nJSON: {json_path}\n" + (f"plot: {plot_path}" if not why_no_plot else f"plot skipped: {why_no_plot}"))
+
+
+def busy_elsewhere(threads: int, seconds: float = 1.0) -> float | None:
+    """Cores other processes use right now; warn when our threads will have to share.
+
+    Threads that meet at a barrier after every matmul (OpenBLAS, OpenMP in
+    llama.cpp and Numba) wait a whole scheduler time slice for a thread that
+    lost its core: on a 2-core machine with one other busy process, a 2-thread
+    run measures the scheduler, many times slower than the engine.
+    """
+    watch = OtherLoad()
+    time.sleep(seconds)
+    cores = watch.cores()
+    free = (os.cpu_count() or 1) - (cores or 0)
+    if cores is not None and free < threads - 0.25:
+        progress(f"warning: other processes keep {cores:.2f} cores busy; with {threads} threads "
+                 "the figures will measure that contention (see the 'other load' column)")
+    return cores
+
+
+def selected_engines(names: str | None):
+    if not names:
+        return list(ENGINES)
+    chosen = []
+    for name in names.split(","):
+        try:
+            chosen.append(engine_named(name.strip()))
+        except KeyError:
+            known = ", ".join(e.name for e in ENGINES)
+            raise MinislmError(f"--engines: unknown engine {name.strip()!r} (known: {known})") from None
+    return chosen
+
+
+def model_summary(name: str, config: dict) -> dict:
+    """Parameter counts from the checkpoint's shapes; active = what one decoded token reads."""
+    counts = {tensor: int_product(shape) for tensor, shape in checkpoint_shapes(config).items()}
+    return {
+        "name": name,
+        "config": config,
+        "params": sum(counts.values()),
+        "active_params": decode_bytes(counts, config["vocab_size"], experts_fraction(config)),
+    }
+
+
+def int_product(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def ensure_checkpoint(folder: Path, config: dict) -> Path:
+    """The cached random checkpoint for `config`, written (once) if missing or different."""
+    weights, config_file = folder / "model.safetensors", folder / "config.json"
+    if weights.is_file() and config_file.is_file() and json.loads(config_file.read_text()) == config:
+        return folder
+    size = sum(int_product(s) for s in checkpoint_shapes(config).values()) * 2
+    folder.mkdir(parents=True, exist_ok=True)
+    check_disk(folder, size, "the random checkpoint")
+    progress(f"writing a random {folder.name} checkpoint ({size / 1e9:.2f} GB) to {folder}")
+    return write_random_checkpoint(folder, config, dtype_tag="F16")
+
+
+def check_disk(folder: Path, nbytes: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < nbytes + GiB:
+        raise MinislmError(f"{folder}: {what} needs {nbytes / 1e9:.1f} GB, only {free / 1e9:.1f} GB free on that disk")
+
+
+def prepare_ggufs(engines, checkpoint: Path, cache_dir: Path, worker) -> dict:
+    """Make the GGUF files the llama.cpp rows need; {engine name: why it cannot run}."""
+    from .gguf_export import find_vocab, gguf_path, vocab_hint, write_gguf
+
+    wanted = [e for e in engines if e.family == "llama.cpp"]
+    if not wanted or llama_cpp_skip_reason(wanted[0], {}):
+        return {}  # nothing to do, or the rows will be skipped as not installed
+    vocab = find_vocab(cache_dir)
+    if vocab is None:
+        return {e.name: vocab_hint(cache_dir) for e in wanted}
+    source = checkpoint / "model.safetensors"
+    f16 = gguf_path(checkpoint, "F16")
+    if is_stale(f16, source):
+        check_disk(checkpoint, source.stat().st_size, "the F16 GGUF")
+        progress(f"writing {f16.name} from {source}")
+        write_gguf(checkpoint, vocab)
+    reasons = {}
+    for engine in wanted:
+        target = gguf_path(checkpoint, engine.weights)
+        if engine.weights == "F16" or not is_stale(target, f16):
+            continue
+        check_disk(checkpoint, int(f16.stat().st_size * engine.bytes_per_param / 2), f"the {engine.weights} GGUF")
+        progress(f"quantizing {f16.name} to {engine.weights} with llama.cpp")
+        done = worker.run("quantize", "--model-file", str(f16), "--output", str(target), "--type", engine.weights)
+        if done.get("status") == "failed":
+            reasons[engine.name] = f"quantizing to {engine.weights} failed: {done['reason']}"
+    return reasons
+
+
+def is_stale(target: Path, source: Path) -> bool:
+    return not target.is_file() or target.stat().st_mtime < source.stat().st_mtime
+
+
+def run_engine(worker, engine, checkpoint: Path, args) -> dict:
+    from .gguf_export import gguf_path
+
+    extra = ["--model-file", str(gguf_path(checkpoint, engine.weights))] if engine.family == "llama.cpp" else []
+    n_ctx = max(args.prompt_lengths) + args.new_tokens + 16
+    row = worker.run(
+        "engine", "--engine", engine.name, "--checkpoint", str(checkpoint), *extra,
+        "--prompt-lengths", ",".join(map(str, args.prompt_lengths)), "--new-tokens", str(args.new_tokens),
+        "--n-ctx", str(n_ctx),
+    )
+    return {"engine": engine.name, **row}
+
+
+class Worker:
+    """Runs `python -m minislm.bench.worker` jobs, one at a time, with the bench's threads."""
+
+    def __init__(self, threads: int, timeout: int):
+        self.threads, self.timeout = threads, timeout
+        n = str(threads)
+        # Every library's own thread pool gets the same count; engines also set it in code.
+        self.env = dict(os.environ, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n,
+                        NUMBA_NUM_THREADS=n, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+    def run(self, job: str, *args: str) -> dict:
+        command = [sys.executable, "-m", "minislm.bench.worker", job, "--threads", str(self.threads), *args]
+        watch = OtherLoad()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "reason": f"no result within {self.timeout} s"}
+        lines = done.stdout.strip().splitlines()
+        if lines:
+            try:
+                return {**json.loads(lines[-1]), "other_load": watch.cores()}
+            except json.JSONDecodeError:
+                pass
+        last = (done.stderr.strip().splitlines() or [""])[-1]
+        if done.returncode < 0:
+            why = f"worker killed by signal {-done.returncode}" + (" (out of memory?)" if done.returncode == -9 else "")
+        else:
+            why = f"worker exited with status {done.returncode}"
+        return {"status": "failed", "reason": f"{why}: {last}"[:300]}
+
+
+class OtherLoad:
+    """How many cores something other than our worker kept busy while it ran.
+
+    All CPUs' busy time from /proc/stat (including `steal`, time the hypervisor
+    gave to other machines) minus the CPU time of our finished child, over the
+    wall time. ~0 on a quiet machine; 1.0 means one of the cores was taken all
+    along, and then the figures of that row are not the machine's.
+    """
+
+    def __init__(self):
+        self.busy, self.ours, self.start = cpu_busy_seconds(), children_cpu_seconds(), time.monotonic()
+
+    def cores(self) -> float | None:
+        busy = cpu_busy_seconds()
+        wall = time.monotonic() - self.start
+        if busy is None or self.busy is None or wall <= 0:
+            return None
+        others = (busy - self.busy) - (children_cpu_seconds() - self.ours)
+        return round(max(others, 0.0) / wall, 2)
+
+
+def cpu_busy_seconds() -> float | None:
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def describe(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row.get('reason', '')}"
+    prefill = ", ".join(f"{v:.1f}" for v in row["prefill_tok_s"].values())
+    return (f"load {row['load_s']:.1f} s, prefill {prefill} tok/s, decode {row.get('decode_tok_s', 0):.2f} tok/s, "
+            f"other processes kept {row.get('other_load')} cores busy")
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo (free + reclaimable page cache), in bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def machine(loadavg_before) -> dict:
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    versions = {}
+    for package in ("numpy", "numba", "torch", "transformers", "llama-cpp-python", "gguf"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB,
+        "simd": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "fma")),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "loadavg_before": loadavg_before,
+        "loadavg_after": os.getloadavg(),
+    }
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,132 @@
+"""One measurement in a fresh process: `python -m minislm.bench.worker JOB ...`.
+
+The orchestrator starts one worker per engine, one at a time, so each engine
+gets its own memory (peak RSS is the worker's own `ru_maxrss`), its own
+libraries and thread pools, and nothing of the previous engine in its heap.
+The worker prints exactly one JSON line on stdout; everything the engines
+print goes to stderr.
+
+Page cache: before the load clock starts, the worker reads the model file once
+from front to back. Load time therefore measures parsing and converting the
+weights from memory, the same for every engine whatever ran before it (or
+whether the disk is fast), not the first read from disk.
+
+Jobs:
+    engine     load one engine and time it (measure.py)
+    profile    per-part time of a minislm engine's forward (profile.py)
+    bandwidth  the streaming-read roofline (bandwidth.py)
+    quantize   F16 GGUF -> Q8_0 / Q4_0 with llama.cpp's quantizer
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+CHUNK = 64 << 20
+
+
+def read_once(paths) -> None:
+    """Read files through the page cache into one reused buffer (RSS stays small)."""
+    buffer = bytearray(CHUNK)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
+def model_files(checkpoint: Path, model_file: Path | None) -> list[Path]:
+    if model_file is not None:
+        return [model_file]
+    return sorted(checkpoint.glob("*.safetensors"))
+
+
+def run_engine(args) -> dict:
+    from ..commands import peak_memory_bytes
+    from .engines import engine_named, load_engine
+    from .measure import decode_bytes, experts_fraction, measure
+
+    engine = engine_named(args.engine)
+    config = json.loads((args.checkpoint / "config.json").read_text())
+    experts_read = experts_fraction(config)
+    read_once(model_files(args.checkpoint, args.model_file))
+    start = time.perf_counter()
+    loaded = load_engine(engine, args.checkpoint, args.model_file, args.threads, n_ctx=args.n_ctx)
+    load_s = time.perf_counter() - start
+    result = measure(loaded.generate, args.prompt_lengths, args.new_tokens, config["vocab_size"])
+    return {
+        "engine": engine.name,
+        "status": "ok",
+        "load_s": load_s,
+        **result,
+        "weight_bytes": sum(loaded.tensor_bytes.values()),
+        "decode_bytes_per_token": decode_bytes(loaded.tensor_bytes, config["vocab_size"], experts_read),
+        "peak_rss_bytes": peak_memory_bytes(),  # this worker's ru_maxrss
+        "info": loaded.info,
+    }
+
+
+def run_profile(args) -> dict:
+    from .engines import engine_named
+    from .measure import experts_fraction
+    from .profile import profile_minislm
+
+    engine = engine_named(args.engine)
+    config = json.loads((args.checkpoint / "config.json").read_text())
+    return profile_minislm(engine, args.checkpoint, args.threads, args.prompt_lengths[0], args.new_tokens,
+                           experts_fraction(config))
+
+
+
+def run_bandwidth(args) -> dict:
+    from .bandwidth import measure_bandwidth
+
+    return measure_bandwidth(gib=args.gib, threads=args.threads)
+
+
+def run_quantize(args) -> dict:
+    from .gguf_export import quantize
+
+    start = time.perf_counter()
+    quantize(args.model_file, args.output, args.type, args.threads)
+    return {"seconds": time.perf_counter() - start}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m minislm.bench.worker")
+    p.add_argument("job", choices=["engine", "profile", "bandwidth", "quantize"])
+    p.add_argument("--engine")
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--model-file", type=Path, help="the engine's own file (a GGUF) when not the checkpoint")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--n-ctx", type=int, default=1024)
+    p.add_argument("--gib", type=float, default=2.0)
+    p.add_argument("--output", type=Path)
+    p.add_argument("--type")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Engines print (llama.cpp, transformers' warnings): keep stdout for our one line.
+    stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    jobs = {"engine": run_engine, "profile": run_profile, "bandwidth": run_bandwidth, "quantize": run_quantize}
+    try:
+        result, status = jobs[args.job](args), 0
+    except Exception as e:  # reported as this engine's row, the bench goes on
+        traceback.print_exc(file=sys.stderr)
+        message = " ".join(f"{type(e).__name__}: {e}".split())
+        result, status = {"status": "failed", "reason": message[:300]}, 1
+    stdout.write(json.dumps(result) + "\n")
+    stdout.flush()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`python -m minislm bench`: the pipeline and its output format, never its timings.
+
+Speed depends on the machine and on whatever else runs on it, so nothing here
+asserts a figure; the tests check that every engine becomes a row (ran, or
+skipped with a reason, never a crash), and that the table, the goals, the JSON
+and the plot come out. Peers that are not installed (llama-cpp-python in CI)
+must be "skipped" rows.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import import_reference
+from minislm.bench.engines import ENGINES
+from minislm.bench.measure import decode_bytes
+from minislm.bench.random_checkpoint import PHIMOE_TINY, write_random_checkpoint
+
+QUICK = ("--small", "--prompt-lengths", "16,48", "--new-tokens", "6")
+
+
+def bench(tmp_path, *args):
+    out = tmp_path / "out.json"
+    command = [sys.executable, "-m", "minislm", "bench", *QUICK, "--cache-dir", str(tmp_path / "cache"),
+               "--json", str(out), "--plot", str(tmp_path / "out.png"), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, json.loads(out.read_text())
+
+
+def test_small_bench_gives_every_engine_a_row_and_writes_table_json_and_plot(tmp_path):
+    done, results = bench(tmp_path)
+    assert [row["engine"] for row in results["engines"]] == [e.name for e in ENGINES]
+    for row in results["engines"]:
+        assert row["status"] in ("ok", "skipped"), row  # a missing peer is skipped, never failed
+        if row["status"] == "skipped":
+            assert row["reason"]
+    ours = next(row for row in results["engines"] if row["engine"] == "minislm-fp32")
+    assert ours["status"] == "ok"
+    assert set(ours["prefill_tok_s"]) == {"16", "48"} and set(ours["ttft_ms"]) == {"16", "48"}
+    assert ours["generated_tokens"] == 6
+    for key in ("load_s", "decode_tok_s", "peak_rss_bytes", "decode_bytes_per_token"):
+        assert ours[key] > 0, key
+    assert ours["other_load"] >= 0  # cores other processes kept busy meanwhile (Linux /proc/stat)
+    assert results["bandwidth"]["roofline_gbs"] > 0
+    assert results["settings"] == {"threads": 2, "prompt_lengths": [16, 48], "new_tokens": 6}
+
+    table = done.stdout
+    assert "| engine | load s | TTFT ms @16 | prefill tok/s @16 | prefill tok/s @48 | decode tok/s |" in table
+    assert "| minislm-fp32 | " in table and "Goals:" in table
+    for row in results["engines"]:
+        assert f"| {row['engine']} |" in table
+    if results["plot"]:
+        assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "plot skipped: matplotlib is not installed" in table
+
+
+def test_engines_flag_selects_rows_and_profile_adds_the_per_part_table(tmp_path):
+    done, results = bench(tmp_path, "--engines", "minislm-fp32,minislm-int4-g32", "--profile")
+    assert [row["engine"] for row in results["engines"]] == ["minislm-fp32", "minislm-int4-g32"]
+    profile = results["profiles"][0]
+    assert profile["engine"] == "minislm-fp32" and profile["status"] == "ok"
+    parts = profile["decode_per_token"]["parts_s"]
+    assert {"qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj", "lm_head", "norms"} <= set(parts)
+    # the parts add up to the wall time by construction ("other" is the remainder)
+    assert sum(parts.values()) == pytest.approx(profile["decode_per_token"]["wall_s"], rel=1e-6)
+    assert "| part | prefill ms |" in done.stdout
+
+
+def test_unknown_engine_is_a_one_line_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "minislm", "bench", "--small", "--engines", "vllm",
+                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "unknown engine 'vllm'" in done.stderr
+
+
+def test_moe_bench_reports_bytes_per_active_parameter(tmp_path):
+    done, results = bench(tmp_path, "--moe", "--engines", "minislm-fp32,transformers-bf16")
+    model = results["model"]
+    assert model["active_params"] < model["params"]
+    rows = {row["engine"]: row for row in results["engines"]}
+    if rows["minislm-fp32"]["status"] == "skipped":  # until minislm runs PhiMoE
+        assert "phimoe" in rows["minislm-fp32"]["reason"]
+    assert "B/active param" in done.stdout
+
+
+def test_decode_bytes_counts_one_embedding_row_and_the_routed_experts_only():
+    tensors = {"model.embed_tokens.weight": 1000 * 8, "lm_head.weight": 1000 * 8, "w": 64,
+               "model.layers.0.block_sparse_moe.experts.0.w1.weight": 400,
+               "model.layers.0.block_sparse_moe.experts.1.w1.weight": 400}
+    assert decode_bytes(tensors, vocab_size=1000, experts_read=0.5) == 8 + 8000 + 64 + 400
+    tied = {"model.embed_tokens.weight": 8000, "w": 64}  # the embedding doubles as the lm_head
+    assert decode_bytes(tied, vocab_size=1000) == 8064
+
+
+def test_random_phimoe_checkpoint_has_exactly_the_tensors_transformers_expects(tmp_path):
+    """The hub names of transformers/models/phimoe: loading reports nothing missing or unexpected."""
+    torch, transformers = import_reference()
+    write_random_checkpoint(tmp_path, PHIMOE_TINY)
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_gguf_export_uses_llama_cpp_names_f32_norms_and_copies_the_vocabulary(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from minislm.bench.gguf_export import write_gguf
+    from minislm.bench.random_checkpoint import PHI3_TINY
+
+    vocab = tmp_path / "vocab.gguf"  # a stand-in for ggml-vocab-phi-3.gguf
+    writer = gguf.GGUFWriter(vocab, "phi3")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"t{i}".encode() for i in range(PHI3_TINY["vocab_size"])])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    write_random_checkpoint(tmp_path / "ckpt", PHI3_TINY)
+
+    reader = gguf.GGUFReader(write_gguf(tmp_path / "ckpt", vocab))
+    tensors = {t.name: t for t in reader.tensors}
+    D, F, V = PHI3_TINY["hidden_size"], PHI3_TINY["intermediate_size"], PHI3_TINY["vocab_size"]
+    assert list(tensors["blk.1.ffn_up.weight"].shape) == [D, 2 * F]  # ggml lists dims innermost first
+    assert list(tensors["token_embd.weight"].shape) == [D, V]
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.0.attn_qkv.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert len(tensors) == 3 + 6 * PHI3_TINY["num_hidden_layers"]
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == V
+    assert reader.fields["phi3.block_count"].contents() == PHI3_TINY["num_hidden_layers"]
+    assert np.isfinite(tensors["output.weight"].data).all()
