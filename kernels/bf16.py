@@ -23,13 +23,25 @@ from .simd import bf16_to_f32
 
 @njit(parallel=True, fastmath=True, cache=True)
 def gemv_bf16(w, x, out):
-    """out (out,) = widen(w (out, in) uint16) @ x (in,)."""
+    """out (out,) = widen(w (out, in) uint16) @ x (in,), four rows per step."""
     n_out, n_in = w.shape
-    for i in prange(n_out):
-        acc = np.float32(0.0)
-        for k in range(n_in):
-            acc += bf16_to_f32(w[i, k]) * x[k]
-        out[i] = acc
+    for ib in prange((n_out + 3) // 4):
+        i = 4 * ib
+        if i + 4 <= n_out:
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(n_in):
+                xk = x[k]
+                a0 += bf16_to_f32(w[i, k]) * xk
+                a1 += bf16_to_f32(w[i + 1, k]) * xk
+                a2 += bf16_to_f32(w[i + 2, k]) * xk
+                a3 += bf16_to_f32(w[i + 3, k]) * xk
+            out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
+        else:  # the last 1-3 rows
+            for ii in range(i, n_out):
+                acc = np.float32(0.0)
+                for k in range(n_in):
+                    acc += bf16_to_f32(w[ii, k]) * x[k]
+                out[ii] = acc
 
 
 @njit(parallel=True, cache=True)

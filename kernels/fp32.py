@@ -4,8 +4,9 @@ Layout: the hub's nn.Linear layout, w (out, in) row-major; y = x @ w.T.
 
 GEMV (one token) streams every weight once, so it runs at memory speed if
 the arithmetic keeps up. `gemv_f32` gives each thread a contiguous run of
-rows; `fastmath` lets LLVM split each row's sum over several vector
-accumulators. It matches OpenBLAS's sgemv (docs/kernels.md has the figures).
+rows, four rows per step so one load of x feeds four multiply-adds;
+`fastmath` lets LLVM turn each row's sum into vector accumulators. It is as
+fast as OpenBLAS's sgemv (docs/kernels.md has the figures).
 
 GEMM (prefill) is compute-bound: `gemm_f32` keeps a 4x4 block of outputs in
 registers so each loaded weight and activation feeds four multiply-adds.
@@ -23,13 +24,25 @@ from .checks import as_activations, as_row_ids, check_finite
 
 @njit(parallel=True, fastmath=True, cache=True)
 def gemv_f32(w, x, out):
-    """out (out,) = w (out, in) @ x (in,)."""
+    """out (out,) = w (out, in) @ x (in,), four rows per step."""
     n_out, n_in = w.shape
-    for i in prange(n_out):
-        acc = np.float32(0.0)
-        for k in range(n_in):
-            acc += w[i, k] * x[k]
-        out[i] = acc
+    for ib in prange((n_out + 3) // 4):
+        i = 4 * ib
+        if i + 4 <= n_out:
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(n_in):
+                xk = x[k]   # one load of x feeds four rows
+                a0 += w[i, k] * xk
+                a1 += w[i + 1, k] * xk
+                a2 += w[i + 2, k] * xk
+                a3 += w[i + 3, k] * xk
+            out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
+        else:  # the last 1-3 rows
+            for ii in range(i, n_out):
+                acc = np.float32(0.0)
+                for k in range(n_in):
+                    acc += w[ii, k] * x[k]
+                out[ii] = acc
 
 
 @njit(parallel=True, fastmath=True, cache=True)

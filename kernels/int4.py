@@ -137,8 +137,9 @@ def gemv_int4(qweight, scales, zeros, x, out):
     x_sum = np.empty((1, n_groups), np.float32)
     quantize_activations(x, 4 * n_tiles // n_groups, xq[0], x_scale[0], x_sum[0])
     x_pairs = xq.reshape(-1).view(np.int32).reshape(1, 2 * n_tiles)  # (x[2i], x[2i+1]) per word
+    out_row = out.reshape(1, -1)
     for b in prange(n_blocks):
-        int4_block_gemv(qweight, scales, zeros, x_pairs, x_scale, x_sum, b, 0, out.reshape(1, -1))
+        int4_block_gemv(qweight, scales, zeros, x_pairs, x_scale, x_sum, b, 0, out_row)
 
 
 @njit(parallel=True, cache=True)

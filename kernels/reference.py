@@ -21,10 +21,14 @@ def matmul_f32(x, w):
 
 
 def f32_to_bf16(w):
-    """float32 -> uint16 bf16 bits, rounding to nearest, ties to even."""
-    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return rounded.astype(np.uint16)
+    """float32 -> uint16 bf16 bits, rounding to nearest, ties to even.
+
+    Adding 0x7FFF plus the lowest kept bit, then truncating, rounds half to
+    even. Finite inputs only (a NaN can round to inf; callers reject NaN)."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF)
+    rounded += (bits >> 16) & 1
+    return (rounded >> 16).astype(np.uint16)
 
 
 def bf16_to_f32(bits):

@@ -1,4 +1,4 @@
-"""The two places where minislm writes LLVM IR by hand instead of Python.
+"""Where minislm writes LLVM IR by hand instead of Python.
 
 Numba compiles Python loops to LLVM IR and lets LLVM vectorise them. That
 works for fp32 and bf16 (see `fp32.py`, `bf16.py`), but not for the int4
@@ -17,7 +17,7 @@ LLVM's x86 backend recognises that pattern as `pmaddwd`, fuses the following
 add into `vpdpwssd` when the CPU has VNNI, and other backends lower it to
 their own instructions. Numba inlines it into the calling kernel.
 
-`bf16_to_f32` is the other one: a bf16 number is the top half of an fp32
+`bf16_to_f32` is the other place: a bf16 number is the top half of an fp32
 number, so widening is `(bits << 16)` reinterpreted as float. Numba has no
 scalar bit-cast; this three-instruction intrinsic is one, and LLVM
 vectorises the loops that call it. `f32_to_bits` is the reverse bit-cast.
@@ -25,6 +25,7 @@ vectorises the loops that call it. `f32_to_bits` is the reverse bit-cast.
 
 from llvmlite import ir
 from numba import types
+from numba.core import errors
 from numba.extending import intrinsic
 from numba.core import cgutils
 
@@ -111,6 +112,15 @@ def _int4_block_kernel(n_tok):
         then out[row] += d * (x_scale*isum - z*x_sum) = sum_k (q-z)*d*x_hat[k].
         """
         symmetric = isinstance(zeros, types.NoneType)
+        expected = [(qweight, types.uint8, 3), (scales, types.uint16, 3), (x_pairs, types.int32, 2),
+                    (x_scale, types.float32, 2), (x_sum, types.float32, 2), (out, types.float32, 2)]
+        if not symmetric:
+            expected.append((zeros, types.uint8, 3))
+        for arr, dtype, ndim in expected:  # the IR below assumes exactly these
+            if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == ndim
+                    and arr.layout == "C"):
+                raise errors.TypingError(f"int4_block: expected a C-contiguous {ndim}-D {dtype} "
+                                         f"array, got {arr}")
         sig = types.void(qweight, scales, zeros, x_pairs, x_scale, x_sum, block, t0, out)
 
         def codegen(context, builder, signature, args):

@@ -249,3 +249,20 @@ def test_bf16_bits_and_float16_are_accepted_as_input():
     c = Int4Weight(w.astype(np.float16))
     d = Int4Weight(w.astype(np.float16).astype(np.float32))
     assert np.array_equal(c.qweight, d.qweight)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scales_round_up_so_that_no_weight_is_clipped(symmetric):
+    """Groups whose extremes sit half a step outside the 16 codes when the
+    bf16 scale is rounded down by a fraction of a percent: 4096 rows of
+    [lo, hi, 0, ...] with -lo/d just above 7.5, the worst case for asym."""
+    rng = np.random.default_rng(7)
+    t = rng.uniform(0.5, 2.0, 4096).astype(np.float32)
+    s = rng.uniform(1.0, 1.008, 4096).astype(np.float32)
+    w = np.zeros((4096, 32), np.float32)
+    w[:, 0] = -7.5 * t * (1 + 1e-6)
+    w[:, 1] = (15 * s - 7.5) * t if not symmetric else 7.0 * s * t
+    q = Int4Weight(w, group_size=32, symmetric=symmetric)
+    step = step_per_element(q.scales, q.zeros, w.shape, 32).astype(np.float64)
+    err = np.abs(w.astype(np.float64) - q.dequantize())
+    assert (err <= RTN_MAX_STEPS * step).all(), f"max error {np.max(err / step)} steps"
