@@ -64,7 +64,7 @@ def quantize_int4(w, group_size, symmetric, qweight, scales, zeros):
             row = 16 * b + r
             for g in range(scales.shape[1]):
                 k0, k1 = g * group_size, min((g + 1) * group_size, n_in)
-                lo = hi = np.float32(0.0)
+                lo = hi = np.float32(0.0)   # min(w, 0), max(w, 0); max|w| = max(hi, -lo)
                 n_bad = 0
                 if row < n_out:
                     for k in range(k0, k1):
@@ -93,8 +93,8 @@ def quantize_int4(w, group_size, symmetric, qweight, scales, zeros):
                     v = w[row, k] if (row < n_out and k < n_in) else np.float32(0.0)
                     q = np.floor(v / d + half) if d > 0 else np.float32(0.0)
                     q = min(max(q, -8.0), 7.0) + 8.0 if symmetric else min(max(q + z, 0.0), 15.0)
-                    byte = 2 * r + (k & 1)                 # e = k % 2 within the tile
-                    qweight[b, k // 4, byte] |= np.uint8(int(q) << (4 * ((k >> 1) & 1)))
+                    tile, c = k // 4, k % 4            # inputs c = 0, 1: low nibbles; 2, 3: high
+                    qweight[b, tile, 2 * r + c % 2] |= np.uint8(int(q) << (4 * (c // 2)))
     return bad
 
 

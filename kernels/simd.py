@@ -90,11 +90,16 @@ def _bf16_vec_to_f32(builder, words):
     return builder.bitcast(wide, _vec(F32, 8))
 
 
-def _int4_block_kernel(n_tok):
+def _int4_block_kernel(n_tok, prefetch=4096):
     """Build the intrinsic for one 16-row block and `n_tok` tokens at once.
 
     n_tok = 1 is the decode GEMV; n_tok = 4 is the prefill GEMM, where each
-    unpacked tile of weights feeds 4 tokens before the next is loaded."""
+    unpacked tile of weights feeds 4 tokens before the next is loaded.
+
+    `prefetch`: bytes ahead of the current tile to request from memory. The
+    hardware prefetcher alone left one thread at ~9 GB/s streaming int4
+    tiles; asking 4 KB ahead (a few microseconds of work) lifted it to ~14,
+    the same thread's plain streaming rate (docs/kernels.md)."""
 
     @intrinsic
     def int4_block(typingctx, qweight, scales, zeros, x_pairs, x_scale, x_sum, block, t0, out):
@@ -124,14 +129,14 @@ def _int4_block_kernel(n_tok):
         sig = types.void(qweight, scales, zeros, x_pairs, x_scale, x_sum, block, t0, out)
 
         def codegen(context, builder, signature, args):
-            return _emit_int4_block(context, builder, signature, args, n_tok, symmetric)
+            return _emit_int4_block(context, builder, signature, args, n_tok, symmetric, prefetch)
 
         return sig, codegen
 
     return int4_block
 
 
-def _emit_int4_block(context, builder, signature, args, n_tok, symmetric):
+def _emit_int4_block(context, builder, signature, args, n_tok, symmetric, prefetch):
     arrays = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
               for t, a in zip(signature.args, args)]
     q_ptr, d_ptr, z_arr, xp_arr, xs_arr, xsum_arr = arrays[:6]
@@ -181,8 +186,14 @@ def _emit_int4_block(context, builder, signature, args, n_tok, symmetric):
                     builder.store(zero_i, a)
         with cgutils.for_range(builder, tiles_per_group) as tile_loop:
             tile = builder.add(builder.mul(g, tiles_per_group), tile_loop.index)
-            raw = _load_vec(builder, q_ptr.data, builder.add(q_base, builder.mul(tile, const(32))),
-                            _vec(I8, 32))
+            tile_at = builder.add(q_base, builder.mul(tile, const(32)))
+            raw = _load_vec(builder, q_ptr.data, tile_at, _vec(I8, 32))
+            if prefetch:
+                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                    ir.VoidType(), [ir.PointerType(I8), I32, I32, I32]), "llvm.prefetch.p0")
+                ahead = builder.gep(q_ptr.data, [builder.add(tile_at, const(prefetch))])
+                builder.call(fn, [builder.bitcast(ahead, ir.PointerType(I8)), ir.Constant(I32, 0),
+                                  ir.Constant(I32, 3), ir.Constant(I32, 1)])
             nibbles = []
             for h in (0, 1):  # rows 0-7, rows 8-15
                 wide = builder.zext(builder.shuffle_vector(raw, undef32, halves[h]), v16i16)
