@@ -97,6 +97,9 @@ class Bf16Weight:
     def nbytes(self):
         return self.bits.nbytes
 
+    def __repr__(self):
+        return f"Bf16Weight(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
+
     def matmul(self, x):
         x = as_activations(x, self.shape[1])
         if x.shape[0] == 1:

@@ -123,6 +123,9 @@ class Fp32Weight:
     def nbytes(self):
         return self.w.nbytes
 
+    def __repr__(self):
+        return f"Fp32Weight(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
+
     def matmul(self, x):
         x = as_activations(x, self.shape[1])
         if x.shape[0] == 1:

@@ -132,6 +132,8 @@ def gemv_int4(qweight, scales, zeros, x, out):
     contiguous run of 16-row blocks: one pass over memory."""
     n_blocks, n_tiles, _ = qweight.shape
     n_groups = scales.shape[1]
+    if x.size != 4 * n_tiles or out.size != 16 * n_blocks:   # the IR does no bounds checks
+        raise ValueError("gemv_int4: x must have in_p and out out_p elements")
     xq = np.empty((1, 4 * n_tiles), np.int16)
     x_scale = np.empty((1, n_groups), np.float32)
     x_sum = np.empty((1, n_groups), np.float32)
@@ -152,6 +154,9 @@ def gemm_int4(qweight, scales, zeros, x, out):
     n_blocks, n_tiles, _ = qweight.shape
     n_groups = scales.shape[1]
     n_tok = x.shape[0]
+    if (n_tok % 4 or x.shape[1] != 4 * n_tiles or out.shape[0] != n_tok
+            or out.shape[1] != 16 * n_blocks):   # the IR does no bounds checks
+        raise ValueError("gemm_int4: x must be (T, in_p) with T % 4 == 0 and out (T, out_p)")
     xq = np.empty((n_tok, 4 * n_tiles), np.int16)
     x_scale = np.empty((n_tok, n_groups), np.float32)
     x_sum = np.empty((n_tok, n_groups), np.float32)
@@ -254,6 +259,10 @@ class Int4Weight:
     @property
     def nbytes(self):
         return sum(a.nbytes for a in (self.qweight, self.scales, self.zeros) if a is not None)
+
+    def __repr__(self):
+        return (f"Int4Weight(shape={self.shape}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}, {self.nbytes / 1e6:.1f} MB)")
 
     def matmul(self, x):
         n, k = self.shape

@@ -266,3 +266,11 @@ def test_scales_round_up_so_that_no_weight_is_clipped(symmetric):
     step = step_per_element(q.scales, q.zeros, w.shape, 32).astype(np.float64)
     err = np.abs(w.astype(np.float64) - q.dequantize())
     assert (err <= RTN_MAX_STEPS * step).all(), f"max error {np.max(err / step)} steps"
+
+
+def test_low_level_kernels_refuse_arrays_of_the_wrong_size():
+    q = Int4Weight(np.ones((32, 64), np.float32))
+    with pytest.raises(ValueError, match="gemv_int4"):
+        int4.gemv_int4(q.qweight, q.scales, q.zeros, np.ones(64, np.float32), np.empty(16, np.float32))
+    with pytest.raises(ValueError, match="gemm_int4"):
+        int4.gemm_int4(q.qweight, q.scales, q.zeros, np.ones((3, 64), np.float32), np.empty((3, 32), np.float32))
