@@ -36,6 +36,9 @@ from .reference import ACT_LEVELS, QUANTIZABLE_LIMIT, SYMMETRIC_ZERO, padded_sha
 from .simd import bf16_to_f32, f32_to_bits, int4_block_gemm4, int4_block_gemv
 
 GROUP_SIZES = (32, 64, 128)   # measured and documented; any multiple of 4 up to 1024 works
+# Up to this many tokens, one GEMV per token beats one GEMM pass (which
+# computes 4 tokens whatever T is); measured in tools/bench_kernels.py.
+GEMV_MAX_TOKENS = 2
 
 
 @njit(cache=True)
@@ -271,9 +274,10 @@ class Int4Weight:
         if k_p != k:
             x = np.pad(x, ((0, 0), (0, k_p - k)))
         n_tok, n_p = x.shape[0], 16 * self.qweight.shape[0]
-        if n_tok == 1:
-            out = np.empty((1, n_p), np.float32)
-            gemv_int4(self.qweight, self.scales, self.zeros, x[0], out[0])
+        if n_tok <= GEMV_MAX_TOKENS:
+            out = np.empty((n_tok, n_p), np.float32)
+            for t in range(n_tok):
+                gemv_int4(self.qweight, self.scales, self.zeros, x[t], out[t])
         else:
             x = np.pad(x, ((0, -n_tok % 4), (0, 0))) if n_tok % 4 else x
             out = np.empty((x.shape[0], n_p), np.float32)

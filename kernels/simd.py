@@ -21,6 +21,11 @@ their own instructions. Numba inlines it into the calling kernel.
 number, so widening is `(bits << 16)` reinterpreted as float. Numba has no
 scalar bit-cast; this three-instruction intrinsic is one, and LLVM
 vectorises the loops that call it. `f32_to_bits` is the reverse bit-cast.
+
+Numba inlines these into the kernels of `int4.py` and `bf16.py`, and keys
+its on-disk cache on the content of *those* files: after editing this one,
+delete the cache (`find kernels -name '*.nb[ic]' -delete`) or the old code
+keeps running.
 """
 
 from llvmlite import ir
