@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .checks import as_activations, as_row_ids, check_finite
+from .reference import bf16_to_f32
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -102,9 +103,15 @@ class Fp32Weight:
     """An fp32 (out, in) weight: Numba GEMV for one token, BLAS otherwise."""
 
     def __init__(self, w, name="weight"):
+        """float32/float16 `w` (used in place when float32 and contiguous), or
+        uint16 bf16 bits (widened); NaN and inf are rejected."""
         w = np.asarray(w)
         if w.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D (out, in) array, got shape {w.shape}")
+        if w.dtype == np.uint16:
+            w = bf16_to_f32(w)
+        elif w.dtype not in (np.float32, np.float16):
+            raise ValueError(f"{name}: cannot make fp32 weights from dtype {w.dtype}")
         check_finite(w, name)
         self.w = np.ascontiguousarray(w, dtype=np.float32)
 

@@ -66,6 +66,7 @@ def test_rows_tensors_and_errors():
         f.rows([3])
     with pytest.raises(ValueError, match="do not fit a weight with 4 inputs"):
         f.matmul(np.ones((1, 5), np.float32))
+    assert np.array_equal(Fp32Weight(ref.f32_to_bf16(w)).w, ref.bf16_to_f32(ref.f32_to_bf16(w)))
     w[0, 0] = np.nan
     with pytest.raises(ValueError, match="q_proj: 1 of 12 values are NaN or inf"):
         Fp32Weight(w, name="q_proj")
