@@ -1,0 +1,118 @@
+"""bf16 weights kept as raw 16-bit words and widened inside the kernels.
+
+Layout: the hub layout, w (out, in) row-major, each element the uint16 bits
+of a bfloat16 (sign, 8 exponent bits, 7 mantissa bits: the top half of an
+fp32). A bf16 checkpoint maps straight into this array, at half the memory
+of fp32 and half the bytes read per token.
+
+Widening is `bits << 16` reinterpreted as fp32 (`simd.bf16_to_f32`), so the
+GEMV loop is: load 16-bit words, zero-extend, shift, multiply-add. LLVM
+vectorises it (vpmovzxwd, vpslld, vfmadd), a few instructions per 8 weights,
+far below what memory delivers: the kernel runs at memory speed.
+Prefill widens a tile of rows into an fp32 buffer and lets BLAS multiply.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .checks import as_activations, as_row_ids, check_finite
+from .fp32 import matmul_by_tiles
+from .reference import f32_to_bf16  # NumPy is fast enough for a once-per-load conversion
+from .simd import bf16_to_f32
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_bf16(w, x, out):
+    """out (out,) = widen(w (out, in) uint16) @ x (in,), four rows per step."""
+    n_out, n_in = w.shape
+    for ib in prange((n_out + 3) // 4):
+        i = 4 * ib
+        if i + 4 <= n_out:
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(n_in):
+                xk = x[k]
+                a0 += bf16_to_f32(w[i, k]) * xk
+                a1 += bf16_to_f32(w[i + 1, k]) * xk
+                a2 += bf16_to_f32(w[i + 2, k]) * xk
+                a3 += bf16_to_f32(w[i + 3, k]) * xk
+            out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
+        else:  # the last 1-3 rows
+            for ii in range(i, n_out):
+                acc = np.float32(0.0)
+                for k in range(n_in):
+                    acc += bf16_to_f32(w[ii, k]) * x[k]
+                out[ii] = acc
+
+
+@njit(parallel=True, cache=True)
+def widen_bf16_rows(w, ids, out):
+    """out (len(ids), in) float32 = rows `ids` of w (out, in) uint16."""
+    for r in prange(ids.size):
+        row = ids[r]
+        for k in range(w.shape[1]):
+            out[r, k] = bf16_to_f32(w[row, k])
+
+
+class Bf16Weight:
+    """A bf16 (out, in) weight held as uint16 words.
+
+    `Bf16Weight(w)`: uint16 `w` is taken as bf16 bits without a copy (a
+    memory-mapped checkpoint stays mapped); float32/float16 `w` is rounded
+    to nearest-even bf16. NaN, inf and values beyond bf16's range are
+    rejected."""
+
+    def __init__(self, w, name="weight"):
+        w = np.asarray(w)
+        if w.ndim != 2:
+            raise ValueError(f"{name}: expected a 2-D (out, in) array, got shape {w.shape}")
+        if w.dtype == np.uint16:
+            bad = int(np.count_nonzero((w & 0x7F80) == 0x7F80))
+            if bad:
+                raise ValueError(f"{name}: {bad} of {w.size} bf16 values are NaN or inf; "
+                                 f"the checkpoint is damaged")
+            self.bits = np.ascontiguousarray(w)
+        elif w.dtype in (np.float32, np.float16):
+            check_finite(w, name)
+            bits = f32_to_bf16(w)
+            bad = int(np.count_nonzero((bits & 0x7F80) == 0x7F80))
+            if bad:
+                raise ValueError(f"{name}: {bad} values exceed bfloat16's range (3.39e38)")
+            self.bits = bits
+        else:
+            raise ValueError(f"{name}: cannot make bf16 weights from dtype {w.dtype}; "
+                             f"pass float32/float16 values or uint16 bf16 bits")
+
+    @classmethod
+    def from_tensors(cls, tensors, prefix):
+        return cls(tensors[f"{prefix}.weight"], name=prefix)
+
+    def tensors(self, prefix):
+        return {f"{prefix}.weight": self.bits}
+
+    @property
+    def shape(self):
+        return self.bits.shape
+
+    @property
+    def nbytes(self):
+        return self.bits.nbytes
+
+    def __repr__(self):
+        return f"Bf16Weight(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
+
+    def matmul(self, x):
+        x = as_activations(x, self.shape[1])
+        if x.shape[0] == 1:
+            out = np.empty((1, self.shape[0]), np.float32)
+            gemv_bf16(self.bits, x[0], out[0])
+            return out
+
+        def fill(start, stop, buf):
+            widen_bf16_rows(self.bits, np.arange(start, stop), buf)
+        return matmul_by_tiles(x, self.shape[0], fill)
+
+    def rows(self, ids):
+        ids = as_row_ids(ids, self.shape[0])
+        out = np.empty((ids.size, self.shape[1]), np.float32)
+        widen_bf16_rows(self.bits, ids, out)
+        return out

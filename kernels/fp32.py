@@ -1,0 +1,145 @@
+"""fp32 matmul: Numba GEMV for decode, a register-blocked Numba GEMM, BLAS.
+
+Layout: the hub's nn.Linear layout, w (out, in) row-major; y = x @ w.T.
+
+GEMV (one token) streams every weight once, so it runs at memory speed if
+the arithmetic keeps up. `gemv_f32` gives each thread a contiguous run of
+rows, four rows per step so one load of x feeds four multiply-adds;
+`fastmath` lets LLVM turn each row's sum into vector accumulators. It is as
+fast as OpenBLAS's sgemv (docs/kernels.md has the figures).
+
+GEMM (prefill) is compute-bound: `gemm_f32` keeps a 4x4 block of outputs in
+registers so each loaded weight and activation feeds four multiply-adds.
+OpenBLAS's hand-written AVX-512 kernels are still ~2x faster, so
+`Fp32Weight.matmul` and the bf16/int4 prefill paths use np.matmul for GEMM;
+`matmul_by_tiles` lets those formats widen a few hundred rows at a time
+into a reusable fp32 buffer and hand each tile to BLAS.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .checks import as_activations, as_row_ids, check_finite
+from .reference import bf16_to_f32
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_f32(w, x, out):
+    """out (out,) = w (out, in) @ x (in,), four rows per step."""
+    n_out, n_in = w.shape
+    for ib in prange((n_out + 3) // 4):
+        i = 4 * ib
+        if i + 4 <= n_out:
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(n_in):
+                xk = x[k]   # one load of x feeds four rows
+                a0 += w[i, k] * xk
+                a1 += w[i + 1, k] * xk
+                a2 += w[i + 2, k] * xk
+                a3 += w[i + 3, k] * xk
+            out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
+        else:  # the last 1-3 rows
+            for ii in range(i, n_out):
+                acc = np.float32(0.0)
+                for k in range(n_in):
+                    acc += w[ii, k] * x[k]
+                out[ii] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemm_f32(x, w, out):
+    """out (T, out) = x (T, in) @ w (out, in).T, 4 tokens x 4 rows per step."""
+    n_tok, n_in = x.shape
+    n_out = w.shape[0]
+    for ib in prange((n_out + 3) // 4):
+        i = 4 * ib
+        for t in range(0, n_tok, 4):
+            if i + 4 <= n_out and t + 4 <= n_tok:
+                a00 = a01 = a02 = a03 = np.float32(0.0)
+                a10 = a11 = a12 = a13 = np.float32(0.0)
+                a20 = a21 = a22 = a23 = np.float32(0.0)
+                a30 = a31 = a32 = a33 = np.float32(0.0)
+                for k in range(n_in):
+                    w0, w1, w2, w3 = w[i, k], w[i + 1, k], w[i + 2, k], w[i + 3, k]
+                    x0, x1, x2, x3 = x[t, k], x[t + 1, k], x[t + 2, k], x[t + 3, k]
+                    a00 += x0 * w0; a01 += x0 * w1; a02 += x0 * w2; a03 += x0 * w3
+                    a10 += x1 * w0; a11 += x1 * w1; a12 += x1 * w2; a13 += x1 * w3
+                    a20 += x2 * w0; a21 += x2 * w1; a22 += x2 * w2; a23 += x2 * w3
+                    a30 += x3 * w0; a31 += x3 * w1; a32 += x3 * w2; a33 += x3 * w3
+                out[t, i], out[t, i + 1], out[t, i + 2], out[t, i + 3] = a00, a01, a02, a03
+                out[t + 1, i], out[t + 1, i + 1], out[t + 1, i + 2], out[t + 1, i + 3] = a10, a11, a12, a13
+                out[t + 2, i], out[t + 2, i + 1], out[t + 2, i + 2], out[t + 2, i + 3] = a20, a21, a22, a23
+                out[t + 3, i], out[t + 3, i + 1], out[t + 3, i + 2], out[t + 3, i + 3] = a30, a31, a32, a33
+            else:  # ragged edge: plain dot products
+                for tt in range(t, min(t + 4, n_tok)):
+                    for ii in range(i, min(i + 4, n_out)):
+                        acc = np.float32(0.0)
+                        for k in range(n_in):
+                            acc += x[tt, k] * w[ii, k]
+                        out[tt, ii] = acc
+
+
+def matmul_by_tiles(x, n_out, fill_tile, tile_bytes=8 << 20):
+    """x (T, in) @ W.T -> (T, n_out) for a W that exists only in compact form.
+
+    `fill_tile(start, stop, buf)` writes fp32 rows start..stop of W into
+    `buf`; each tile is then one BLAS call. Tiles of ~8 MB stay in cache
+    and bound the extra memory, whatever the size of W."""
+    n_tok, n_in = x.shape
+    rows = max(16, (tile_bytes // (4 * n_in)) // 16 * 16)
+    out = np.empty((n_tok, n_out), np.float32)
+    buf = np.empty((min(rows, n_out), n_in), np.float32)
+    part = np.empty((n_tok, buf.shape[0]), np.float32)
+    for start in range(0, n_out, rows):
+        stop = min(start + rows, n_out)
+        tile = buf[: stop - start]
+        fill_tile(start, stop, tile)
+        np.matmul(x, tile.T, out=part[:, : stop - start])
+        out[:, start:stop] = part[:, : stop - start]
+    return out
+
+
+class Fp32Weight:
+    """An fp32 (out, in) weight: Numba GEMV for one token, BLAS otherwise."""
+
+    def __init__(self, w, name="weight"):
+        """float32/float16 `w` (used in place when float32 and contiguous), or
+        uint16 bf16 bits (widened); NaN and inf are rejected."""
+        w = np.asarray(w)
+        if w.ndim != 2:
+            raise ValueError(f"{name}: expected a 2-D (out, in) array, got shape {w.shape}")
+        if w.dtype == np.uint16:
+            w = bf16_to_f32(w)
+        elif w.dtype not in (np.float32, np.float16):
+            raise ValueError(f"{name}: cannot make fp32 weights from dtype {w.dtype}")
+        check_finite(w, name)
+        self.w = np.ascontiguousarray(w, dtype=np.float32)
+
+    @classmethod
+    def from_tensors(cls, tensors, prefix):
+        return cls(tensors[f"{prefix}.weight"], name=prefix)
+
+    def tensors(self, prefix):
+        return {f"{prefix}.weight": self.w}
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    @property
+    def nbytes(self):
+        return self.w.nbytes
+
+    def __repr__(self):
+        return f"Fp32Weight(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
+
+    def matmul(self, x):
+        x = as_activations(x, self.shape[1])
+        if x.shape[0] == 1:
+            out = np.empty((1, self.shape[0]), np.float32)
+            gemv_f32(self.w, x[0], out[0])
+            return out
+        return np.matmul(x, self.w.T)
+
+    def rows(self, ids):
+        return self.w[as_row_ids(ids, self.shape[0])]

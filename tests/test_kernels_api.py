@@ -1,0 +1,47 @@
+"""The minislm.kernels surface the model relies on: import cost, threads, linear()."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import minislm.kernels as K
+from minislm.kernels.threads import LAYER_PREFERENCE
+
+
+def test_import_compiles_nothing():
+    code = ("import minislm.kernels as K\n"
+            "from minislm.kernels import bf16, fp32, int4, threads\n"
+            "kernels = [fp32.gemv_f32, fp32.gemm_f32, bf16.gemv_bf16, bf16.widen_bf16_rows,\n"
+            "           int4.quantize_int4, int4.quantize_activations, int4.gemv_int4,\n"
+            "           int4.gemm_int4, int4.dequantize_int4_rows, threads._touch]\n"
+            "assert not any(k.signatures for k in kernels), [k for k in kernels if k.signatures]\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_threading_layer_is_reported_and_preferred_in_order():
+    assert K.threading_layer() in LAYER_PREFERENCE
+
+
+def test_set_threads_changes_the_count_and_rejects_nonsense():
+    before = K.get_threads()
+    try:
+        K.set_threads(1)
+        assert K.get_threads() == 1
+    finally:
+        K.set_threads(before)
+    with pytest.raises(ValueError, match="--threads 0"):
+        K.set_threads(0)
+
+
+@pytest.mark.parametrize("make", [np.asarray, K.Fp32Weight, K.Bf16Weight,
+                                  lambda w: K.Int4Weight(w, group_size=32)])
+def test_linear_takes_plain_arrays_and_every_weight_class(make):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    y = K.linear(x, make(w))
+    assert y.shape == (3, 48) and y.dtype == np.float32
+    # int4 is the loosest: ~5 % relative error per weight, averaged over 64 inputs
+    np.testing.assert_allclose(y, x @ w.T, atol=0.25 * np.abs(x @ w.T).max())

@@ -1,0 +1,141 @@
+"""bf16 kernels against their plain-NumPy twins in minislm.kernels.reference."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minislm.kernels import Bf16Weight, bf16
+from minislm.kernels import reference as ref
+
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+U = 2.0 ** -24  # float32 unit roundoff
+ALL_BF16 = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+FINITE_BF16 = ALL_BF16[(ALL_BF16 & 0x7F80) != 0x7F80]
+AWKWARD = st.sampled_from([1, 3, 17, 33, 129, 200]) | st.integers(1, 300)
+
+
+def test_widening_in_the_kernel_is_exact_for_every_bf16_value():
+    out = np.empty((1, ALL_BF16.size), np.float32)
+    bf16.widen_bf16_rows(ALL_BF16[None, :], np.array([0]), out)
+    assert np.array_equal(out[0].view(np.uint32), ref.bf16_to_f32(ALL_BF16).view(np.uint32))
+
+
+def test_every_finite_bf16_value_survives_a_round_trip_through_float32():
+    assert np.array_equal(ref.f32_to_bf16(ref.bf16_to_f32(FINITE_BF16)), FINITE_BF16)
+
+
+def nearest_even_bf16(x):
+    """Independent oracle: pick the nearer of the two bf16 neighbours of x
+    (compared in float64), the one with an even mantissa on a tie."""
+    bits = np.float32(x).view(np.uint32)
+    down = np.uint16(bits >> 16)            # truncation: toward zero
+    up = np.uint16(down + 1)                # next away from zero
+    vx, vd, vu = (float(np.float32(x)), float(ref.bf16_to_f32(down)), float(ref.bf16_to_f32(up)))
+    if up & 0x7FFF == 0x7F80:       # past the largest bf16: IEEE rounds as if to 2**128
+        vu = float(np.copysign(2.0 ** 128, vx))
+    if abs(vx - vd) != abs(vu - vx):
+        return down if abs(vx - vd) < abs(vu - vx) else up
+    return down if down % 2 == 0 else up
+
+
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+edge_f32 = st.sampled_from([65504.0, 6.1035156e-05, 5.9604645e-08, 3.3895314e38, 3.4028235e38,
+                            1.1754944e-38, 9.1835e-41, 1e-45, 0.0, -0.0,
+                            1.00390625, 1.01171875])  # the last two are exact ties
+
+
+@settings(max_examples=300, deadline=None)
+@given(finite_f32 | edge_f32)
+def test_rounding_to_bf16_is_nearest_even(x):
+    assert ref.f32_to_bf16(np.array([x], np.float32))[0] == nearest_even_bf16(x)
+
+
+@st.composite
+def bf16_weights(draw, max_rows=40, max_cols=300):
+    n, k = min(draw(AWKWARD), max_rows), min(draw(AWKWARD), max_cols)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if draw(st.booleans()):   # any finite bf16 bit pattern: subnormals, +-0, huge
+        return rng.choice(FINITE_BF16[np.abs(ref.bf16_to_f32(FINITE_BF16)) < 1e4], (n, k))
+    return ref.f32_to_bf16(rng.standard_normal((n, k)).astype(np.float32))
+
+
+def f32_dot_bound(w_bits, x):
+    """Worst-case rounding of an n-term float32 dot product, Higham's gamma_n
+    (n = inputs + 2), in any summation order: the kernel's vector sums differ
+    from the float64 reference only by this."""
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(ref.bf16_to_f32(w_bits).astype(np.float64)).T
+    return (w_bits.shape[1] + 2) * (U * magnitude + 2.0 ** -149)
+
+
+@PROPERTY
+@given(bf16_weights(), st.integers(0, 2**32 - 1))
+def test_gemv_matches_reference(w_bits, seed):
+    x = np.random.default_rng(seed).standard_normal((1, w_bits.shape[1])).astype(np.float32)
+    y = Bf16Weight(w_bits).matmul(x)
+    assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= f32_dot_bound(w_bits, x)).all()
+
+
+@PROPERTY
+@given(bf16_weights(max_rows=33, max_cols=130), st.integers(2, 9), st.integers(0, 2**32 - 1))
+def test_tiled_gemm_matches_reference(w_bits, n_tok, seed):
+    x = np.random.default_rng(seed).standard_normal((n_tok, w_bits.shape[1])).astype(np.float32)
+    y = Bf16Weight(w_bits).matmul(x)
+    assert y.shape == (n_tok, w_bits.shape[0]) and y.dtype == np.float32
+    assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= f32_dot_bound(w_bits, x)).all()
+
+
+def test_tiled_gemm_crosses_tile_boundaries():
+    rng = np.random.default_rng(0)
+    from minislm.kernels import fp32
+    w_bits = ref.f32_to_bf16(rng.standard_normal((100, 64)).astype(np.float32))
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    b = Bf16Weight(w_bits)
+    y = fp32.matmul_by_tiles(x, 100, lambda s, e, buf: bf16.widen_bf16_rows(w_bits, np.arange(s, e), buf),
+                             tile_bytes=16 * 64 * 4)   # 16-row tiles: 7 tiles, the last one short
+    np.testing.assert_array_equal(y, b.matmul(x))
+    assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= f32_dot_bound(w_bits, x)).all()
+
+
+@PROPERTY
+@given(bf16_weights(), st.data())
+def test_rows_are_exact(w_bits, data):
+    ids = data.draw(st.lists(st.integers(0, w_bits.shape[0] - 1), min_size=1, max_size=8))
+    assert np.array_equal(Bf16Weight(w_bits).rows(ids), ref.bf16_to_f32(w_bits[ids]))
+
+
+def test_float_input_is_rounded_and_uint16_input_is_kept_without_a_copy():
+    w = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    assert np.array_equal(Bf16Weight(w).bits, ref.f32_to_bf16(w))
+    assert np.array_equal(Bf16Weight(w.astype(np.float16)).bits, ref.f32_to_bf16(w.astype(np.float16).astype(np.float32)))
+    bits = ref.f32_to_bf16(w)
+    b = Bf16Weight(bits)
+    assert np.shares_memory(b.bits, bits) and b.nbytes == w.nbytes // 2 and b.shape == (8, 16)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_are_rejected_with_their_count(bad):
+    w = np.ones((4, 8), np.float32)
+    w[1, 1] = bad
+    with pytest.raises(ValueError, match=r"lm_head: 1 of 32 values are NaN or inf"):
+        Bf16Weight(w, name="lm_head")
+    with pytest.raises(ValueError, match=r"lm_head: 1 of 32 bf16 values are NaN or inf"):
+        Bf16Weight(ref.f32_to_bf16(w), name="lm_head")
+
+
+def test_values_beyond_bf16_range_are_rejected():
+    w = np.full((2, 2), 3.4e38, np.float32)
+    with pytest.raises(ValueError, match="exceed bfloat16's range"):
+        Bf16Weight(w)
+
+
+def test_tensors_round_trip_in_place(tmp_path):
+    w = Bf16Weight(np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
+    (name, bits), = w.tensors("model.embed_tokens").items()
+    assert name == "model.embed_tokens.weight" and bits.dtype == np.uint16
+    np.save(tmp_path / "w.npy", bits)
+    mapped = np.load(tmp_path / "w.npy", mmap_mode="r")
+    back = Bf16Weight.from_tensors({name: mapped}, "model.embed_tokens")
+    assert np.shares_memory(back.bits, mapped)
+    x = np.ones((1, 16), np.float32)
+    assert np.array_equal(back.matmul(x), w.matmul(x))
