@@ -1,6 +1,5 @@
 """Fast paths for minislm (Numba), each beside a plain-NumPy reference.
 
-    linear(x, w)            x (T, in) float32 @ w.T, for an ndarray or any weight below
     Fp32Weight(w)           fp32 (out, in): Numba GEMV, BLAS GEMM
     Bf16Weight(w)           bf16 kept as uint16 words, widened in the kernels
     Int4Weight(w, group_size=32, symmetric=True)
@@ -22,12 +21,6 @@ from .bf16 import Bf16Weight
 from .fp32 import Fp32Weight
 from .int4 import Int4Weight
 
-__all__ = ["linear", "Fp32Weight", "Bf16Weight", "Int4Weight",
+__all__ = ["Fp32Weight", "Bf16Weight", "Int4Weight",
            "set_threads", "get_threads", "threading_layer"]
 
-
-def linear(x, w):
-    """y = x @ w.T for x (T, in) float32; w an (out, in) ndarray or a weight object."""
-    if isinstance(w, np.ndarray):
-        return x @ w.T
-    return w.matmul(x)

@@ -20,20 +20,12 @@ def matmul_f32(x, w):
 # --- bf16: the top 16 bits of an fp32 number -----------------------------
 
 
-def f32_to_bf16(w):
-    """float32 -> uint16 bf16 bits, rounding to nearest, ties to even.
-
-    Adding 0x7FFF plus the lowest kept bit, then truncating, rounds half to
-    even. Finite inputs only (a NaN can round to inf; callers reject NaN)."""
-    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
-    rounded = bits + np.uint32(0x7FFF)
-    rounded += (bits >> 16) & 1
-    return (rounded >> 16).astype(np.uint16)
-
-
-def bf16_to_f32(bits):
-    """uint16 bf16 bits -> float32 (exact)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+# The loader's own conversions (minislm/weights.py) are the specification here too:
+# f32_to_bf16 rounds to nearest, ties to even (adding 0x7FFF plus the lowest kept
+# bit, then truncating); bf16_to_f32 widens exactly (a 16-bit shift). Finite inputs
+# only: a NaN can round to inf, and callers reject NaN.
+from minislm.weights import bf16_to_float32 as bf16_to_f32  # noqa: E402
+from minislm.weights import float32_to_bf16 as f32_to_bf16  # noqa: E402
 
 
 def matmul_bf16(x, w_bits):

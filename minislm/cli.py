@@ -29,6 +29,7 @@ def build_parser() -> ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a prompt")
     add_model_flags(gen)
+    add_quant_flags(gen)
     gen.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
     gen.add_argument("--prompt", "-p", help="the prompt")
     gen.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
@@ -41,6 +42,7 @@ def build_parser() -> ArgumentParser:
 
     chat = commands.add_parser("chat", help="multi-turn chat that keeps the KV cache between turns")
     add_model_flags(chat)
+    add_quant_flags(chat)
     chat.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens per reply (default 512)")
     chat.add_argument("--system", help="system message")
     chat.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens (default 4096)")
@@ -51,11 +53,19 @@ def build_parser() -> ArgumentParser:
     verify.add_argument("--prompt", "-p", help="text to run (default: a fixed sentence, or random ids without a tokenizer)")
     verify.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| that passes (default 1e-4)")
     verify.add_argument("--max-tokens", "-n", type=int, default=8, help="greedy tokens to compare (default 8)")
+
     ppl = commands.add_parser("perplexity", help="nats/char, bits/char and token perplexity of a text file")
     add_model_flags(ppl)
+    add_quant_flags(ppl)
     ppl.add_argument("--file", "-f", required=True, help="UTF-8 text file to score")
     ppl.add_argument("--window", type=int, help="tokens per forward (default: the model's context)")
     ppl.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
+
+    quantize = commands.add_parser("quantize", help="write an int4 checkpoint that loads without re-quantizing")
+    add_model_flags(quantize)
+    quantize.add_argument("--bits", type=int, choices=[4], default=4, help="bits per weight (4)")
+    add_group_flags(quantize)
+    quantize.add_argument("--out", "-o", required=True, help="new folder for the quantized model")
 
     bench = commands.add_parser("bench", help="speed against llama.cpp and transformers on Phi-3-mini shapes")
     add_bench_arguments(bench)
@@ -66,6 +76,16 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="model folder or Hugging Face repo id (default: the bundled model)")
     p.add_argument("--revision", help="branch, tag or commit of a hub repo")
     p.add_argument("--threads", "-t", type=int, help="CPU threads for matmuls (default: all cores)")
+
+
+def add_quant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", choices=["bf16", "int4"], help="keep matrices as bf16 or quantize them to int4 at load")
+    add_group_flags(p)
+
+
+def add_group_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4: weights per scale (default 32)")
+    p.add_argument("--asymmetric", action="store_true", help="int4: a zero point per group besides the scale")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -117,6 +137,10 @@ def main(argv=None) -> int:
             from .perplexity import run_perplexity
 
             return run_perplexity(args)
+        if args.command == "quantize":
+            from .quantize import run_quantize
+
+            return run_quantize(args)
         if args.command == "verify":
             from .verify import run_verify
 

@@ -23,14 +23,29 @@ def model_argument(args) -> str:
     )
 
 
+def set_threads(threads: int | None) -> None:
+    """--threads: Numba's kernels and BLAS both use this many (default: all cores)."""
+    if threads:
+        from .kernels import set_threads as set_kernel_threads
+
+        try:
+            set_kernel_threads(threads)
+        except ValueError as e:
+            raise MinislmError(str(e)) from None
+
+
 def load_model(args):
     from .load import load
 
-    if args.threads:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=args.threads)  # BLAS threads for the NumPy matmuls
-    model = load(model_argument(args), revision=args.revision)
+    set_threads(args.threads)
+    quant = getattr(args, "quant", None)
+    model = load(
+        model_argument(args),
+        revision=args.revision,
+        quant=quant,
+        group_size=getattr(args, "group_size", 32),
+        symmetric=not getattr(args, "asymmetric", False),
+    )
     if model.tokenizer is None:
         raise MinislmError(f"{model.path}: no tokenizer.json in the model folder")
     return model

@@ -1,7 +1,7 @@
 """`minislm.load`: from a folder or repo id to a ready `Model`.
 
 The order is the order of trust: find the folder, read config.json, open and check
-every tensor against the shapes the config implies, and only then convert
+every tensor against the shapes the config implies, and only then convert or pack
 weights. A bad checkpoint fails before any large allocation.
 """
 
@@ -10,26 +10,59 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import load_config, load_generation_config
+from .config import load_config, load_generation_config, read_json
+from .errors import MinislmError
 from .hub import resolve_model_dir
 from .model import Model
+from .quantize import QuantConfig, pack_weights, read_packed_weights
 from .tokenizer import load_tokenizer
 from .weights import check_tensors, expected_shapes, read_checkpoint, split_fused_experts
 
 
-def load(model: str | os.PathLike, revision: str | None = None) -> Model:
-    """Load a Phi-3 or PhiMoE checkpoint (local folder or Hugging Face repo id) for float32 inference."""
+def load(
+    model: str | os.PathLike,
+    revision: str | None = None,
+    quant: str | None = None,
+    group_size: int = 32,
+    symmetric: bool = True,
+) -> Model:
+    """Load a Phi-3 or PhiMoE checkpoint (local folder or Hugging Face repo id).
+
+    quant=None: float32 weights, the reference path (an int4 checkpoint made by
+    `minislm quantize` stays int4). quant="bf16": matrices kept as bf16 words,
+    memory-mapped as they are when the checkpoint is bf16. quant="int4": matrices
+    quantized now, group-wise along the inputs (`group_size` 32/64/128, symmetric
+    or with zero points).
+    """
     model_dir = resolve_model_dir(model, revision)
     config = load_config(model_dir)
     tensors = split_fused_experts(read_checkpoint(model_dir), config, model_dir)
-    check_tensors(tensors, config, model_dir)
-    # Only the tensors the forward reads (a tied checkpoint may carry a spare lm_head copy).
-    weights = {name: np.ascontiguousarray(tensors[name].float32()) for name in expected_shapes(config)}
+    stored = stored_quantization(model_dir)
+    if stored is not None:
+        if quant not in (None, stored.format):
+            raise MinislmError(f"--quant {quant}: {model_dir} is already quantized to {stored.describe()}")
+        weights = read_packed_weights(tensors, config, stored, model_dir)
+        used = stored
+    else:
+        check_tensors(tensors, config, model_dir)
+        used = QuantConfig(quant, group_size, symmetric) if quant else None
+        if used is None:
+            # Only the tensors the forward reads (a tied checkpoint may carry a spare lm_head copy).
+            weights = {name: np.ascontiguousarray(tensors[name].float32()) for name in expected_shapes(config)}
+        else:
+            weights = pack_weights(tensors, config, used, model_dir)
     return Model(
         config,
         weights,
         tokenizer=load_tokenizer(model_dir),
         generation_config=load_generation_config(model_dir, config),
         path=Path(model_dir),
+        quant=used,
     )
 
+
+def stored_quantization(model_dir: Path) -> QuantConfig | None:
+    """The quantization_config a `minislm quantize` checkpoint records, if any."""
+    path = Path(model_dir) / "config.json"
+    raw = read_json(path).get("quantization_config")
+    return None if raw is None else QuantConfig.from_json(raw, str(path))

@@ -330,9 +330,10 @@ def lm_head(config: ModelConfig, weights: dict, hidden: np.ndarray) -> np.ndarra
 class Model:
     """A loaded checkpoint: config + weights + tokenizer (see `minislm.load`)."""
 
-    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, generation_config=None, path=None):
+    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, generation_config=None, path=None, quant=None):
         self.config = config
         self.weights = weights
+        self.quant = quant  # None (float32) or the QuantConfig of the packed matrices
         self.tokenizer = tokenizer
         self.generation_config = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids)
         self.path = path

@@ -135,6 +135,44 @@ def view_tensor(path: Path, name: str, info, data, data_size: int) -> StoredTens
     return StoredTensor(dtype_tag, data[begin:end].view(dtype).reshape(shape))
 
 
+SAFETENSORS_TAGS = {np.dtype(v): k for k, v in NUMPY_DTYPES.items() if k != "BF16"}
+
+
+def write_safetensors(path: Path, entries: dict, arrays, metadata: dict | None = None) -> None:
+    """Stream tensors into a .safetensors file, so no more than one is in memory at once.
+
+    `entries` maps each name to (dtype tag, shape), in file order; `arrays` yields
+    the arrays in that same order (BF16 as raw uint16 words). The file is written
+    under a temporary name and renamed when complete: a reader never sees half of it.
+    """
+    path = Path(path)
+    header, offset = {}, 0
+    for name, (tag, shape) in entries.items():
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(NUMPY_DTYPES[tag]).itemsize
+        header[name] = {"dtype": tag, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header_bytes = json.dumps(header).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # keep tensor data 8-byte aligned
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for (name, (tag, shape)), array in zip(entries.items(), arrays, strict=True):
+            array = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[tag])
+            if array.shape != tuple(shape):
+                raise ValueError(f"{name}: array of shape {array.shape}, header says {tuple(shape)}")
+            f.write(memoryview(array.reshape(-1)).cast("B"))
+    partial.rename(path)
+
+
+def save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    """Write in-memory arrays (float32, uint8, uint16 ... never bf16: use write_safetensors)."""
+    entries = {name: (SAFETENSORS_TAGS[a.dtype], a.shape) for name, a in tensors.items()}
+    write_safetensors(path, entries, tensors.values(), metadata)
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model folder: one file, or the shards an index names."""
     model_dir = Path(model_dir)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import FIXTURES
@@ -240,3 +241,34 @@ def test_show_experts_on_a_model_without_experts():
 def test_save_experts_into_a_missing_folder(tmp_path):
     result = generate(FIXTURES / "moe", "--save-experts", str(tmp_path / "no" / "such" / "trace.json"))
     assert_clean_error(result, "--save-experts", "does not exist")
+
+
+# ---------------------------------------------------------------- quantize
+
+
+def test_quantize_refuses_an_existing_output_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    result = minislm("quantize", "--model", str(FIXTURES / "gqa"), "--out", str(tmp_path / "out"))
+    assert_clean_error(result, "--out", "already exists")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_quantize_rejects_nan_weights_and_writes_nothing(model_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 5] = np.nan
+    save_file(tensors, model_dir / "model.safetensors")
+    result = minislm("quantize", "--model", str(model_dir), "--out", str(tmp_path / "q"))
+    assert_clean_error(result, "model.layers.0.mlp.down_proj.weight", "NaN")
+    assert not (tmp_path / "q").exists()
+    assert not any(p.name.startswith(".q") for p in tmp_path.iterdir())  # no staging folder left
+
+
+def test_quantize_into_a_missing_parent_folder(tmp_path):
+    result = minislm("quantize", "--model", str(FIXTURES / "gqa"), "--out", str(tmp_path / "a" / "b"))
+    assert_clean_error(result, "--out", "does not exist")
+
+
+def test_more_threads_than_numba_allows():
+    assert_clean_error(generate(FIXTURES / "gqa", "--threads", "100000"), "--threads 100000")

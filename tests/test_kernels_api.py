@@ -1,4 +1,5 @@
-"""The minislm.kernels surface the model relies on: import cost, threads, linear()."""
+"""The minislm.kernels surface the model relies on: import cost, threads, and every
+weight class going through the model's `linear()`."""
 
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import minislm.kernels as K
+from minislm.model import linear
 from minislm.kernels.threads import LAYER_PREFERENCE
 
 
@@ -41,7 +43,7 @@ def test_linear_takes_plain_arrays_and_every_weight_class(make):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((48, 64)).astype(np.float32)
     x = rng.standard_normal((3, 64)).astype(np.float32)
-    y = K.linear(x, make(w))
+    y = linear(x, make(w))
     assert y.shape == (3, 48) and y.dtype == np.float32
     # int4 is the loosest: ~5 % relative error per weight, averaged over 64 inputs
     np.testing.assert_allclose(y, x @ w.T, atol=0.25 * np.abs(x @ w.T).max())

@@ -24,21 +24,13 @@ import tempfile
 import time
 
 import numpy as np
-from numba import njit, prange
 
 import minislm.kernels as K
+from minislm.bench.bandwidth import stream_sum  # the same probe as `minislm bench`
 from minislm.kernels import bf16, fp32, int4
 
 SHAPES = [(3072, 3072), (9216, 3072), (16384, 3072), (3072, 8192)]  # (out, in): o, qkv, gate_up, down
 ROTATION_BYTES = 512 << 20
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def stream_sum(a):
-    total = np.float32(0.0)
-    for i in prange(a.size):
-        total += a[i]
-    return total
 
 
 def timings(fn, args_list, reps):
@@ -138,6 +130,7 @@ COMPILE_SCRIPT = r"""
 import time, numpy as np
 t0 = time.perf_counter()
 import minislm.kernels as K
+from minislm.bench.bandwidth import stream_sum  # the same probe as `minislm bench`
 t_import = time.perf_counter() - t0
 rng = np.random.default_rng(0)
 w = rng.standard_normal((32, 64)).astype(np.float32)

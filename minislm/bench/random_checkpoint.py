@@ -8,13 +8,12 @@ streamed tensor by tensor, so writing it never needs the whole model in memory.
 """
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..config import parse_config
-from ..weights import expected_shapes, float32_to_bf16
+from ..weights import NUMPY_DTYPES, expected_shapes, float32_to_bf16, write_safetensors
 
 # microsoft/Phi-3-mini-4k-instruct's config.json, in the hub layout.
 PHI3_MINI_4K = {
@@ -93,7 +92,6 @@ PHIMOE_TINY = dict(
     num_key_value_heads=2, num_local_experts=4,
     rope_scaling=dict(PHI35_MOE_2LAYERS["rope_scaling"], short_factor=[1.0] * 32, long_factor=[1.0] * 32),
 )
-SAFETENSORS_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 
 
 def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -109,7 +107,7 @@ def random_tensor(rng: np.random.Generator, shape, dtype_tag: str, bias: bool = 
         values = 0.02 * rng.standard_normal(shape, dtype=np.float32)
     if dtype_tag == "BF16":
         return float32_to_bf16(values)
-    return values.astype(SAFETENSORS_DTYPES[dtype_tag][0])
+    return values.astype(NUMPY_DTYPES[dtype_tag])
 
 
 def write_random_checkpoint(folder: Path, config: dict, dtype_tag: str = "F16", seed: int = 0) -> Path:
@@ -117,24 +115,10 @@ def write_random_checkpoint(folder: Path, config: dict, dtype_tag: str = "F16", 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shapes = checkpoint_shapes(config)
-    itemsize = SAFETENSORS_DTYPES[dtype_tag][1]
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = int(np.prod(shape)) * itemsize
-        header[name] = {"dtype": dtype_tag, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt", "note": "random weights for benchmarks"}
-    header_bytes = json.dumps(header).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # keep tensor data 8-byte aligned
-
     rng = np.random.default_rng(seed)
-    tmp = folder / "model.safetensors.partial"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for name, shape in shapes.items():
-            f.write(random_tensor(rng, shape, dtype_tag, bias=name.endswith(".bias")).tobytes())
-    tmp.rename(folder / "model.safetensors")  # only a complete file gets the real name
+    arrays = (random_tensor(rng, shape, dtype_tag, bias=name.endswith(".bias")) for name, shape in shapes.items())
+    entries = {name: (dtype_tag, shape) for name, shape in shapes.items()}
+    write_safetensors(folder / "model.safetensors", entries, arrays, {"format": "pt", "note": "random weights for benchmarks"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

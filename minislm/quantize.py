@@ -1,0 +1,203 @@
+"""Packed weights: bf16 and int4, made at load time or saved as a checkpoint.
+
+Decoding reads every weight once per token, so bytes per weight set the speed:
+fp32 4, bf16 2, int4 with a bf16 scale per 32 weights ~0.56. Which matrices are
+packed: every 2-D weight the model multiplies by (projections, experts, the
+embedding and the lm_head). Norm gains, biases and PhiMoE's router stay float32:
+they are tiny, and the router's choice is a step function that small errors can
+flip.
+
+`python -m minislm quantize` saves int4 arrays with their layout recorded in
+config.json (`quantization_config`), so a later `load` memory-maps them and
+starts at once, bit for bit the weights an in-memory quantization would make.
+(bf16 needs no such file: a bf16 hub checkpoint already is one, and
+`load(..., quant="bf16")` maps its words as they are.)
+The layouts themselves are drawn in docs/formats.md.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import read_json
+from .errors import MinislmError
+from .weights import SAFETENSORS_TAGS, StoredTensor, expected_shapes, write_safetensors
+
+FORMATS = ("bf16", "int4")
+GROUP_SIZES = (32, 64, 128)
+METHOD = "minislm"
+# Files copied next to a quantized checkpoint, so it is a complete model folder.
+COMPANION_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    format: str  # "bf16" or "int4"
+    group_size: int = 32  # int4: weights per scale, along the input dimension
+    symmetric: bool = True  # int4: scale only (q - 8), or scale and zero point
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise MinislmError(f"--quant {self.format}: choose one of {', '.join(FORMATS)}")
+        if self.format == "int4" and self.group_size not in GROUP_SIZES:
+            raise MinislmError(f"--group-size {self.group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
+
+    def describe(self) -> str:
+        if self.format == "bf16":
+            return "bf16"
+        return f"int4 ({'symmetric' if self.symmetric else 'asymmetric'}, group {self.group_size})"
+
+    def to_json(self) -> dict:
+        """What config.json records about a saved (int4) checkpoint."""
+        return {
+            "quant_method": METHOD,
+            "format": self.format,
+            "bits": 4,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "layout": "tiles-16x4",  # docs/formats.md
+        }
+
+    @classmethod
+    def from_json(cls, raw, source: str) -> "QuantConfig":
+        if not isinstance(raw, dict) or raw.get("quant_method") != METHOD or raw.get("format") != "int4":
+            raise MinislmError(f"{source}: this quantization_config is not supported (only minislm's own int4): {raw!r:.120}")
+        return cls("int4", int(raw.get("group_size", 32)), bool(raw.get("symmetric", True)))
+
+
+def packable(name: str, shape: tuple) -> bool:
+    """2-D weights are packed; the PhiMoE router stays exact (see the module docstring)."""
+    return len(shape) == 2 and not name.endswith("block_sparse_moe.gate.weight")
+
+
+def module_name(name: str) -> str:
+    """`model.layers.0.mlp.down_proj.weight` -> `model.layers.0.mlp.down_proj`: the prefix
+    int4 weights put before `.qweight`, `.scales` and `.zeros`."""
+    return name.removesuffix(".weight")
+
+
+def pack(name: str, tensor: StoredTensor, quant: QuantConfig):
+    """One packed weight from a stored tensor (bf16 words are used as they are)."""
+    from .kernels import Bf16Weight, Int4Weight
+
+    values = tensor.array if tensor.dtype == "BF16" else tensor.float32()
+    try:
+        if quant.format == "bf16":
+            return Bf16Weight(values, name=name)
+        return Int4Weight(values, group_size=quant.group_size, symmetric=quant.symmetric, name=name)
+    except ValueError as e:  # NaN/inf in the checkpoint
+        raise MinislmError(str(e)) from None
+
+
+def pack_weights(tensors: dict[str, StoredTensor], config, quant: QuantConfig, where: Path) -> dict:
+    """The forward's weight dict with packed matrices, quantized now (with a progress bar)."""
+    from tqdm import tqdm
+
+    shapes = expected_shapes(config)
+    weights = {}
+    for name in tqdm(shapes, desc=f"quantizing to {quant.describe()}", unit="tensor", disable=None, leave=False):
+        if packable(name, shapes[name]):
+            weights[name] = pack(name, tensors[name], quant)
+        else:
+            weights[name] = np.ascontiguousarray(tensors[name].float32())
+    return weights
+
+
+def read_packed_weights(tensors: dict[str, StoredTensor], config, quant: QuantConfig, where: Path) -> dict:
+    """The forward's weight dict from an int4 checkpoint: memory-mapped, not re-quantized."""
+    from .kernels import Int4Weight
+
+    arrays = {name: t.array for name, t in tensors.items()}
+    weights, used = {}, set()
+    for name, shape in expected_shapes(config).items():
+        if not packable(name, shape):
+            if name not in tensors:
+                raise MinislmError(f"{where}: missing tensor '{name}'")
+            weights[name] = np.ascontiguousarray(tensors[name].float32())
+            used.add(name)
+            continue
+        prefix = module_name(name)
+        parts = {k: v for k, v in arrays.items() if k.startswith(prefix + ".") and k.count(".") == prefix.count(".") + 1}
+        if not parts:
+            raise MinislmError(f"{where}: missing tensor '{name}' (packed as {prefix}.*)")
+        try:
+            weights[name] = Int4Weight.from_tensors(parts, prefix, shape)
+        except (KeyError, ValueError) as e:
+            raise MinislmError(f"{where}: {str(e).strip(chr(39))}") from None
+        if weights[name].shape != shape:
+            raise MinislmError(f"{where}: tensor '{name}' has shape {list(weights[name].shape)}, config.json implies {list(shape)}")
+        used.update(parts)
+    unknown = sorted(set(tensors) - used)
+    if unknown:
+        raise MinislmError(f"{where}: unknown tensor '{unknown[0]}' in a {quant.describe()} checkpoint")
+    return weights
+
+
+def stored_arrays(weights: dict) -> dict[str, np.ndarray]:
+    """What goes into the file: each packed weight's own arrays, float32 for the rest."""
+    out = {}
+    for name, w in weights.items():
+        if isinstance(w, np.ndarray):
+            out[name] = w
+        else:
+            out.update(w.tensors(module_name(name)))
+    return out
+
+
+def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantConfig) -> None:
+    """Write a complete int4 model folder, or nothing: everything goes to a hidden
+    staging folder first, which becomes `out_dir` by one rename at the end."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise MinislmError(f"--out {out_dir}: already exists; choose a new folder")
+    if not out_dir.parent.is_dir():
+        raise MinislmError(f"--out {out_dir}: the folder {out_dir.parent} does not exist")
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        arrays = stored_arrays(weights)
+        entries = {name: (SAFETENSORS_TAGS[a.dtype], a.shape) for name, a in arrays.items()}
+        write_safetensors(staging / "model.safetensors", entries, arrays.values(), {"format": "pt", "quantized_by": METHOD})
+        raw = read_json(Path(source_dir) / "config.json")
+        raw["quantization_config"] = quant.to_json()
+        (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        for name in COMPANION_FILES:
+            if (Path(source_dir) / name).is_file():
+                shutil.copy2(Path(source_dir) / name, staging / name)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def run_quantize(args) -> int:
+    import time
+
+    from .commands import model_argument, set_threads
+    from .load import load
+
+    quant = QuantConfig("int4", args.group_size, symmetric=not args.asymmetric)
+    out_dir = Path(args.out)
+    if out_dir.exists():  # refuse before spending minutes on quantization
+        raise MinislmError(f"--out {out_dir}: already exists; choose a new folder")
+    if not out_dir.parent.is_dir():
+        raise MinislmError(f"--out {out_dir}: the folder {out_dir.parent} does not exist")
+    set_threads(args.threads)
+    start = time.perf_counter()
+    model = load(model_argument(args), revision=args.revision, quant=quant.format, group_size=quant.group_size, symmetric=quant.symmetric)
+    save_quantized(model.path, out_dir, model.weights, quant)
+    size = sum(p.stat().st_size for p in out_dir.iterdir())
+    print(f"{out_dir}: {quant.describe()}, {size / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s")
+    return 0

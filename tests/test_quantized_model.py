@@ -1,0 +1,104 @@
+"""bf16 and int4 weights inside the model: loading, saving, round trips, refusals.
+
+The kernels themselves are property-tested against their NumPy references in
+test_kernels_*.py; here we check the wiring: which tensors get packed, that a
+saved int4 checkpoint loads back bit for bit and memory-mapped, and that the
+packed model decodes through the cache exactly as it runs a full forward.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import minislm
+from minislm.errors import MinislmError
+from minislm.kernels import Bf16Weight, Int4Weight
+from minislm.quantize import QuantConfig, save_quantized
+from conftest import FIXTURES
+
+# Same bar as the float32 fixtures: a bf16 checkpoint's words widen exactly, so
+# only the summation order (kernel vs BLAS) differs from transformers' float32.
+ATOL_FP32_LOGITS = 1e-4
+
+
+def test_bf16_checkpoint_is_mapped_not_copied_and_matches_transformers():
+    model = minislm.load(FIXTURES / "sharded_bf16", quant="bf16")
+    w = model.weights["model.layers.0.self_attn.qkv_proj.weight"]
+    assert isinstance(w, Bf16Weight) and not w.bits.flags.owndata  # a view of the file
+    reference = load_file(FIXTURES / "sharded_bf16" / "reference.safetensors")
+    got = model.logits(reference["case.seq.input_ids"])
+    assert np.abs(got - reference["case.seq.logits"]).max() <= ATOL_FP32_LOGITS
+    assert list(model.generate(reference["greedy.prompt"], 20)) == reference["greedy.tokens"].tolist()
+
+
+def test_norms_biases_and_the_router_stay_float32():
+    model = minislm.load(FIXTURES / "moe", quant="int4")
+    for name, w in model.weights.items():
+        two_d = len(w.shape) == 2
+        stays_exact = not two_d or name.endswith("block_sparse_moe.gate.weight")
+        assert isinstance(w, np.ndarray) == stays_exact, name
+    assert isinstance(model.weights["model.layers.0.block_sparse_moe.gate.weight"], np.ndarray)
+    assert isinstance(model.weights["model.layers.0.block_sparse_moe.experts.1.w2.weight"], Int4Weight)
+    assert isinstance(model.weights["model.embed_tokens.weight"], Int4Weight)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "partial_tied", "moe"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_checkpoint_round_trip_is_bit_identical_and_memory_mapped(tmp_path, variant, symmetric):
+    quantized = minislm.load(FIXTURES / variant, quant="int4", group_size=32, symmetric=symmetric)
+    save_quantized(FIXTURES / variant, tmp_path / "q", quantized.weights, quantized.quant)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["group_size"] == 32
+    assert config["quantization_config"]["symmetric"] is symmetric
+
+    reloaded = minislm.load(tmp_path / "q")
+    assert reloaded.quant == quantized.quant
+    for name, w in quantized.weights.items():
+        r = reloaded.weights[name]
+        if isinstance(w, Int4Weight):
+            assert np.array_equal(r.qweight, w.qweight) and np.array_equal(r.scales, w.scales)
+            assert (r.zeros is None) == symmetric and (symmetric or np.array_equal(r.zeros, w.zeros))
+            assert not r.qweight.flags.owndata  # memory-mapped from the file, not re-quantized
+        else:
+            assert np.array_equal(r, w)
+    ids = np.arange(30) % 200
+    assert np.array_equal(reloaded.logits(ids), quantized.logits(ids))
+    assert reloaded.tokenizer is not None  # the folder is a complete model
+
+
+@pytest.mark.parametrize("quant", ["bf16", "int4"])
+def test_packed_cached_decode_equals_full_forward(quant):
+    model = minislm.load(FIXTURES / "longrope", quant=quant)
+    ids = load_file(FIXTURES / "longrope" / "reference.safetensors")["case.above.input_ids"][:80]
+    cache = model.new_cache(len(ids))
+    model.forward(ids[:50], cache)
+    for t in range(50, len(ids)):
+        step = model.lm_head(model.forward(ids[t : t + 1], cache))[0]
+        full = model.logits(ids[: t + 1])[-1]
+        # prefill (GEMM) and decode (GEMV) kernels sum in different orders
+        assert np.abs(step - full).max() <= 1e-3, t
+
+
+def test_an_int4_checkpoint_cannot_be_loaded_as_bf16(tmp_path):
+    quantized = minislm.load(FIXTURES / "gqa", quant="int4")
+    save_quantized(FIXTURES / "gqa", tmp_path / "q", quantized.weights, quantized.quant)
+    with pytest.raises(MinislmError, match="already quantized"):
+        minislm.load(tmp_path / "q", quant="bf16")
+
+
+def test_save_refuses_an_existing_folder_and_leaves_nothing_behind(tmp_path):
+    (tmp_path / "q").mkdir()
+    quantized = minislm.load(FIXTURES / "gqa", quant="int4")
+    with pytest.raises(MinislmError, match="already exists"):
+        save_quantized(FIXTURES / "gqa", tmp_path / "q", quantized.weights, quantized.quant)
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+
+
+def test_quant_config_refuses_unknown_formats_and_groups():
+    with pytest.raises(MinislmError, match="--group-size 48"):
+        QuantConfig("int4", 48)
+    with pytest.raises(MinislmError, match="--quant int8"):
+        QuantConfig("int8")
