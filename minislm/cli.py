@@ -89,11 +89,13 @@ def add_group_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1] (default 1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the best one (default 0 = off)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for repeated tokens (default 1 = off)")
+    """Unset flags fall back to the model's generation_config.json (as in transformers),
+    and to greedy decoding when it does not ask for sampling."""
+    p.add_argument("--temp", type=float, help="temperature; 0 = greedy (default: the model's, else 0)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=float, help="drop tokens below min-p x the best one (0 = off)")
+    p.add_argument("--repeat-penalty", type=float, help="penalty for repeated tokens (1 = off)")
     p.add_argument("--seed", type=int, help="random seed: same seed, same text")
 
 
@@ -109,15 +111,15 @@ def check_flags(args) -> None:
         raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
     if not hasattr(args, "temp"):
         return
-    if not args.temp >= 0:
+    if args.temp is not None and not args.temp >= 0:
         raise MinislmError(f"--temp must be >= 0, got {args.temp}")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         raise MinislmError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
+    if args.top_k is not None and args.top_k < 0:
         raise MinislmError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 <= args.min_p <= 1:
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
         raise MinislmError(f"--min-p must be in [0, 1], got {args.min_p}")
-    if not args.repeat_penalty > 0:
+    if args.repeat_penalty is not None and not args.repeat_penalty > 0:
         raise MinislmError(f"--repeat-penalty must be > 0, got {args.repeat_penalty}")
 
 

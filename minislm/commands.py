@@ -52,12 +52,22 @@ def load_model(args):
 
 
 def sampler_for(args, model) -> Sampler:
+    """Flags first, then generation_config.json's defaults (when it asks for sampling)."""
+    defaults = model.generation_config
+    sampled = defaults.do_sample
+
+    def pick(flag, default, neutral):
+        if flag is not None:
+            return flag
+        return default if (sampled and default is not None) else neutral
+
     settings = SamplingSettings(
-        temperature=args.temp,
-        top_k=args.top_k or None,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repeat_penalty,
+        temperature=pick(args.temp, defaults.temperature if defaults.temperature is not None else 1.0, 0.0),
+        top_k=pick(args.top_k, defaults.top_k, 0) or None,
+        top_p=pick(args.top_p, defaults.top_p, 1.0),
+        min_p=pick(args.min_p, defaults.min_p, 0.0),
+        # a logits processor in transformers, so it applies to greedy decoding too
+        repetition_penalty=args.repeat_penalty if args.repeat_penalty is not None else (defaults.repetition_penalty or 1.0),
     )
     allowed = min(model.tokenizer.vocab_size, model.config.vocab_size)
     return Sampler(settings, seed=args.seed, allowed_ids=allowed)

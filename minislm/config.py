@@ -82,9 +82,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """The parts of generation_config.json we honour: the stop ids (Phi-3 lists several)."""
+    """The parts of generation_config.json we honour: the stop ids (Phi-3 lists several)
+    and, as transformers does, the model's default sampling settings."""
 
     eos_token_ids: tuple[int, ...]
+    do_sample: bool = False  # False: greedy, whatever the temperature says
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
 
 
 def read_json(path: Path) -> dict:
@@ -282,8 +289,15 @@ def load_generation_config(model_dir: Path, config: ModelConfig) -> GenerationCo
     config.json's id alone is the classic "runs away past <|end|>" bug.
     """
     path = Path(model_dir) / "generation_config.json"
-    ids = list(as_id_tuple(read_json(path).get("eos_token_id"))) if path.is_file() else []
+    raw = read_json(path) if path.is_file() else {}
+    ids = list(as_id_tuple(raw.get("eos_token_id")))
     for i in config.eos_token_ids:
         if i not in ids:
             ids.append(i)
-    return GenerationConfig(eos_token_ids=tuple(ids))
+    numbers = {}
+    for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise MinislmError(f"{path}: '{key}' must be a number, got {value!r}")
+        numbers[key] = value
+    return GenerationConfig(eos_token_ids=tuple(ids), do_sample=bool(raw.get("do_sample", False)), **numbers)

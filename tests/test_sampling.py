@@ -95,3 +95,28 @@ def test_ids_beyond_the_tokenizer_are_never_sampled():
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingSettings(**bad)
+
+
+def test_cli_flags_fall_back_to_generation_config_like_transformers():
+    """Unset flags take generation_config.json's values when it sets do_sample; explicit
+    flags win; without do_sample decoding is greedy (repetition_penalty applies anyway)."""
+    from argparse import Namespace
+    from dataclasses import replace
+
+    import minislm
+    from minislm.commands import sampler_for
+    from conftest import FIXTURES
+
+    model = minislm.load(FIXTURES / "gqa")
+    unset = Namespace(temp=None, top_k=None, top_p=None, min_p=None, repeat_penalty=None, seed=0)
+    assert sampler_for(unset, model).settings == SamplingSettings(temperature=0.0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+
+    model.generation_config = replace(model.generation_config, do_sample=True, temperature=0.7, top_k=5, repetition_penalty=1.1)
+    s = sampler_for(unset, model).settings
+    assert (s.temperature, s.top_k, s.top_p, s.repetition_penalty) == (0.7, 5, 1.0, 1.1)
+    s = sampler_for(Namespace(**{**vars(unset), "temp": 0.0, "top_k": 0}), model).settings
+    assert (s.temperature, s.top_k) == (0.0, None)
+
+    model.generation_config = replace(model.generation_config, do_sample=False)
+    s = sampler_for(unset, model).settings
+    assert (s.temperature, s.top_k, s.repetition_penalty) == (0.0, None, 1.1)
