@@ -16,13 +16,13 @@ with the next ones, and so on, each turn closed by `<|end|>`:
 
 The text is still Shakespeare's, so these windows teach the play as well.
 
-Two tokenizations of the same string exist. `tokenizers` reading
-tokenizer.json adds a "▁" at the start of every piece of text, including
-right after `<|user|>`; transformers 5's LlamaTokenizer (the class named in
-tokenizer_config.json, as for Phi-3) replaces that with "▁ only at the very
-start". Real Phi-3 tokenizers behave the same way under both libraries. Each
-conversation is encoded one way or the other at random, so the model answers
-prompts from either.
+Two tokenizations of a chat string are in use. tokenizer.json, read by
+`tokenizers` (and by transformers 5 when the folder's config.json says
+model_type "phi3"), puts a "▁" at the start of every stretch of text, also
+right after `<|user|>`; transformers 5 reading the tokenizer files alone
+adds "▁" only at the very start (`tiny_tokenizer.start_only_variant`), and
+Phi-3's own files behave the same way. Each conversation is encoded one way
+or the other at random, so the model answers prompts from either.
 """
 
 import torch
@@ -55,15 +55,18 @@ def conversation(blocks: list[str], n_chars: int, generator: torch.Generator) ->
 
 
 def chat_window(works_blocks: list[list[str]], context: int, chars_per_token: float,
-                hf_tokenizer, raw_tokenizer, generator: torch.Generator) -> torch.Tensor:
-    """One training row of context + 1 token ids: a conversation, padded with another if short."""
+                template, encoders: tuple, generator: torch.Generator) -> torch.Tensor:
+    """One training row of context + 1 token ids: a conversation, followed by another if short.
+
+    `template` renders messages (a transformers tokenizer with the chat
+    template); `encoders` are (start-only "▁", "▁" per piece) `tokenizers`
+    objects, one picked at random per conversation.
+    """
     ids: list[int] = []
     while len(ids) < context + 1:
         blocks = works_blocks[randint(0, len(works_blocks), generator)]
         messages = conversation(blocks, int((context + 1 - len(ids)) * chars_per_token * 1.2), generator)
-        text = hf_tokenizer.apply_chat_template(messages, tokenize=False)
-        if randint(0, 2, generator):
-            ids += hf_tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids += raw_tokenizer.encode(text, add_special_tokens=False).ids
+        text = template.apply_chat_template(messages, tokenize=False)  # starts with "<s>"
+        encoder = encoders[0] if randint(0, 2, generator) else encoders[1]
+        ids += encoder.encode(text, add_special_tokens=False).ids
     return torch.tensor(ids[: context + 1], dtype=torch.long)

