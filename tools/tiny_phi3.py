@@ -110,6 +110,10 @@ def export(model: Phi3ForCausalLM, folder: Path, *, dtype: torch.dtype,
     copy.to(dtype).save_pretrained(folder, safe_serialization=True)
     config = hub_config(model.config, dtype_name, pad_id)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # Greedy decoding of a model this small loops ("I am a gentleman." forever); a
+    # repetition penalty keeps `minislm generate "ROMEO:"` deterministic and
+    # play-like. minislm and transformers both apply it from this file.
     generation = {"bos_token_id": model.config.bos_token_id,
-                  "eos_token_id": stop_ids, "pad_token_id": pad_id}
+                  "eos_token_id": stop_ids, "pad_token_id": pad_id,
+                  "repetition_penalty": 1.2}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
