@@ -53,6 +53,21 @@ def widen_bf16_rows(w, ids, out):
             out[r, k] = bf16_to_f32(w[row, k])
 
 
+@njit(cache=True)
+def widen_bf16_block(w, start, out):
+    """out (n, in) float32 = rows start..start+n of w (out, in) uint16, on one thread.
+
+    Serial on purpose: it feeds `matmul_by_tiles`, where BLAS multiplies each
+    tile on every core. A parallel widen would hand the cores back and forth
+    between Numba's OpenMP threads and OpenBLAS's after every tile, and each
+    pool's threads spin-wait a while after their work: on 2 cores that made the
+    bf16 prefill 2.8x slower than widening on the calling thread while BLAS's
+    own threads finish."""
+    for r in range(out.shape[0]):
+        for k in range(w.shape[1]):
+            out[r, k] = bf16_to_f32(w[start + r, k])
+
+
 class Bf16Weight:
     """A bf16 (out, in) weight held as uint16 words.
 
@@ -108,7 +123,7 @@ class Bf16Weight:
             return out
 
         def fill(start, stop, buf):
-            widen_bf16_rows(self.bits, np.arange(start, stop), buf)
+            widen_bf16_block(self.bits, start, buf)
         return matmul_by_tiles(x, self.shape[0], fill)
 
     def rows(self, ids):

@@ -365,16 +365,31 @@ class Model:
         return np.ascontiguousarray(self.lm_head(self.forward(ids, cache)), dtype=np.float32)
 
     def generate(
-        self, token_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k=None, top_p=None, seed=None
+        self,
+        token_ids,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k=None,
+        top_p=None,
+        seed=None,
+        repetition_penalty: float | None = None,
     ) -> Iterator[int]:
         """Yield new token ids after `token_ids`: greedy at temperature 0, else sampled.
 
         Runs through the KV cache (one prefill, then one forward per token) and stops
         after an end-of-sequence id from generation_config.json, as transformers does.
+        Like transformers' `generate`, it applies the repetition penalty that
+        generation_config.json asks for (the shipped Shakespeare model asks for 1.2,
+        hub Phi-3 models for none), so greedy here equals `generate(do_sample=False)`
+        there; pass `repetition_penalty=1.0` for plain argmax decoding.
         """
         from .generate import generate_tokens
         from .sampling import Sampler, SamplingSettings
 
-        sampler = Sampler(SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed)
+        if repetition_penalty is None:
+            repetition_penalty = self.generation_config.repetition_penalty
+        settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        sampler = Sampler(settings, seed=seed)
         ids = self.check_ids(token_ids)
         yield from generate_tokens(self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids)

@@ -69,6 +69,9 @@ def test_engines_flag_selects_rows_and_profile_adds_the_per_part_table(tmp_path)
     assert {"qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj", "lm_head", "norms"} <= set(parts)
     # the parts add up to the wall time by construction ("other" is the remainder)
     assert sum(parts.values()) == pytest.approx(profile["decode_per_token"]["wall_s"], rel=1e-6)
+    # ... and no part is counted twice: each one, "other" included, is a positive share
+    for timing in (profile["prefill"], profile["decode_per_token"]):
+        assert all(seconds >= 0 for part, seconds in timing["parts_s"].items()), timing["parts_s"]
     assert "| part | prefill ms |" in done.stdout
 
 

@@ -91,9 +91,13 @@ def test_tiled_gemm_crosses_tile_boundaries():
     w_bits = ref.f32_to_bf16(rng.standard_normal((100, 64)).astype(np.float32))
     x = rng.standard_normal((5, 64)).astype(np.float32)
     b = Bf16Weight(w_bits)
-    y = fp32.matmul_by_tiles(x, 100, lambda s, e, buf: bf16.widen_bf16_rows(w_bits, np.arange(s, e), buf),
+    y = fp32.matmul_by_tiles(x, 100, lambda s, e, buf: bf16.widen_bf16_block(w_bits, s, buf),
                              tile_bytes=16 * 64 * 4)   # 16-row tiles: 7 tiles, the last one short
     np.testing.assert_array_equal(y, b.matmul(x))
+    block, rows = np.empty((4, 64), np.float32), np.empty((4, 64), np.float32)
+    bf16.widen_bf16_block(w_bits, 96, block)  # the last 4 rows, serial
+    bf16.widen_bf16_rows(w_bits, np.arange(96, 100), rows)  # the same rows, gathered in parallel
+    np.testing.assert_array_equal(block, rows)
     assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= f32_dot_bound(w_bits, x)).all()
 
 

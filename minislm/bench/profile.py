@@ -8,8 +8,8 @@ Two instruments, both outside the model code:
   they go through one `linear` function;
 - cProfile gives the cumulative time of the pure functions of model.py
   (rms_norm, attention, mlp, apply_rope, rope_tables); attention's own share
-  is attention() minus the two projections and the RoPE it calls; swiglu is mlp()
-  minus its two.
+  is attention() minus the RoPE it applies (the projections are outside it);
+  swiglu is mlp() minus its two projections.
 "other" is the rest of the wall time: residual adds, the Python loop over
 layers, the profiler's own overhead (about a microsecond per Python call, a
 few hundred calls a token). Decode figures are per token; effective GB/s =
@@ -91,8 +91,9 @@ def run_profiled(work, timers: dict) -> dict:
     parts = {part: timers[part] for part in ("embed", "qkv_proj", "o_proj", "router", "gate_up_proj", "down_proj", "lm_head")}
     parts["norms"] = cumulative(profiler, "rms_norm")
     parts["rope"] = cumulative(profiler, "apply_rope", "rope_tables")
-    parts["attention"] = (cumulative(profiler, "attention") - parts["qkv_proj"] - parts["o_proj"]
-                          - cumulative(profiler, "apply_rope"))
+    # attention() receives q, k, v already projected and returns the heads before
+    # o_proj (model.forward calls the projections), so only RoPE is inside it.
+    parts["attention"] = cumulative(profiler, "attention") - cumulative(profiler, "apply_rope")
     parts["swiglu"] = cumulative(profiler, "mlp") - parts["gate_up_proj"] - parts["down_proj"]
     parts["other"] = wall - sum(parts.values())
     return {"wall_s": wall, "parts_s": {p: parts[p] for p in PARTS}}
