@@ -15,8 +15,8 @@ Prefill widens a tile of rows into an fp32 buffer and lets BLAS multiply.
 import numpy as np
 from numba import njit, prange
 
-from .checks import as_activations, as_row_ids, check_finite
-from .fp32 import matmul_by_tiles
+from .checks import as_row_ids, check_finite
+from .fp32 import OneArrayWeight, matmul_by_tiles
 from .reference import f32_to_bf16  # NumPy is fast enough for a once-per-load conversion
 from .simd import bf16_to_f32
 
@@ -68,7 +68,7 @@ def widen_bf16_block(w, start, out):
             out[r, k] = bf16_to_f32(w[start + r, k])
 
 
-class Bf16Weight:
+class Bf16Weight(OneArrayWeight):
     """A bf16 (out, in) weight held as uint16 words.
 
     `Bf16Weight(w)`: uint16 `w` is taken as bf16 bits without a copy (a
@@ -97,31 +97,14 @@ class Bf16Weight:
             raise ValueError(f"{name}: cannot make bf16 weights from dtype {w.dtype}; "
                              f"pass float32/float16 values or uint16 bf16 bits")
 
-    @classmethod
-    def from_tensors(cls, tensors, prefix):
-        return cls(tensors[f"{prefix}.weight"], name=prefix)
-
-    def tensors(self, prefix):
-        return {f"{prefix}.weight": self.bits}
-
     @property
-    def shape(self):
-        return self.bits.shape
+    def data(self):
+        return self.bits
 
-    @property
-    def nbytes(self):
-        return self.bits.nbytes
+    def gemv(self, x, out):
+        gemv_bf16(self.bits, x, out)
 
-    def __repr__(self):
-        return f"Bf16Weight(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
-
-    def matmul(self, x):
-        x = as_activations(x, self.shape[1])
-        if x.shape[0] == 1:
-            out = np.empty((1, self.shape[0]), np.float32)
-            gemv_bf16(self.bits, x[0], out[0])
-            return out
-
+    def gemm(self, x):
         def fill(start, stop, buf):
             widen_bf16_block(self.bits, start, buf)
         return matmul_by_tiles(x, self.shape[0], fill)

@@ -99,7 +99,39 @@ def matmul_by_tiles(x, n_out, fill_tile, tile_bytes=8 << 20):
     return out
 
 
-class Fp32Weight:
+class OneArrayWeight:
+    """What the fp32 and bf16 weights share: the matrix is one (out, in) array,
+    `data`, saved as `{prefix}.weight`; `matmul` runs the subclass's `gemv` for
+    one token and its `gemm` for more."""
+
+    @classmethod
+    def from_tensors(cls, tensors, prefix):
+        return cls(tensors[f"{prefix}.weight"], name=prefix)
+
+    def tensors(self, prefix):
+        return {f"{prefix}.weight": self.data}
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes
+
+    def __repr__(self):
+        return f"{type(self).__name__}(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
+
+    def matmul(self, x):
+        x = as_activations(x, self.shape[1])  # (T, in)
+        if x.shape[0] == 1:
+            out = np.empty((1, self.shape[0]), np.float32)
+            self.gemv(x[0], out[0])
+            return out
+        return self.gemm(x)  # (T, out)
+
+
+class Fp32Weight(OneArrayWeight):
     """An fp32 (out, in) weight: Numba GEMV for one token, BLAS otherwise."""
 
     def __init__(self, w, name="weight"):
@@ -115,30 +147,14 @@ class Fp32Weight:
         check_finite(w, name)
         self.w = np.ascontiguousarray(w, dtype=np.float32)
 
-    @classmethod
-    def from_tensors(cls, tensors, prefix):
-        return cls(tensors[f"{prefix}.weight"], name=prefix)
-
-    def tensors(self, prefix):
-        return {f"{prefix}.weight": self.w}
-
     @property
-    def shape(self):
-        return self.w.shape
+    def data(self):
+        return self.w
 
-    @property
-    def nbytes(self):
-        return self.w.nbytes
+    def gemv(self, x, out):
+        gemv_f32(self.w, x, out)
 
-    def __repr__(self):
-        return f"Fp32Weight(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
-
-    def matmul(self, x):
-        x = as_activations(x, self.shape[1])
-        if x.shape[0] == 1:
-            out = np.empty((1, self.shape[0]), np.float32)
-            gemv_f32(self.w, x[0], out[0])
-            return out
+    def gemm(self, x):
         return np.matmul(x, self.w.T)
 
     def rows(self, ids):

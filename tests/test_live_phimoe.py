@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 
 import minislm
 from conftest import (
+    ATOL_FP32_LOGITS,
     FIXTURES,
     assert_cached_last_token_matches,
     assert_greedy_matches,
@@ -32,8 +33,6 @@ from minislm.verify import phimoe_longrope_as_designed
 torch, transformers = import_reference()
 from transformers.models.phimoe.modeling_phimoe import sparsemixer as transformers_sparsemixer  # noqa: E402
 
-# Same bar as the golden fixtures: float32 on both sides, only summation order differs.
-ATOL_FP32_LOGITS = 1e-4
 # Routing is a step function of the router logits, which differ by ~1e-6 between BLAS
 # and torch. Inputs that put a decision closer than this to its threshold are skipped:
 # there, float32 itself cannot say which expert wins (it is not a minislm property).

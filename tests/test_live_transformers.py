@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import minislm
 from conftest import (
+    ATOL_FP32_LOGITS,
     FIXTURES,
     assert_cached_last_token_matches,
     assert_greedy_matches,
@@ -24,9 +25,6 @@ from conftest import (
 )
 
 torch, transformers = import_reference()
-
-# Same bar as the golden fixtures: float32 on both sides, only summation order differs.
-ATOL_FP32_LOGITS = 1e-4
 
 
 @st.composite

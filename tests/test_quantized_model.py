@@ -17,14 +17,11 @@ import minislm
 from minislm.errors import MinislmError
 from minislm.kernels import Bf16Weight, Int4Weight
 from minislm.quantize import QuantConfig, save_quantized
-from conftest import FIXTURES
-
-# Same bar as the float32 fixtures: a bf16 checkpoint's words widen exactly, so
-# only the summation order (kernel vs BLAS) differs from transformers' float32.
-ATOL_FP32_LOGITS = 1e-4
+from conftest import ATOL_FP32_LOGITS, FIXTURES
 
 
 def test_bf16_checkpoint_is_mapped_not_copied_and_matches_transformers():
+    # a bf16 checkpoint's words widen exactly: only the summation order differs from transformers
     model = minislm.load(FIXTURES / "sharded_bf16", quant="bf16")
     w = model.weights["model.layers.0.self_attn.qkv_proj.weight"]
     assert isinstance(w, Bf16Weight) and not w.bits.flags.owndata  # a view of the file

@@ -16,7 +16,7 @@ import pytest
 import minislm
 from minislm.commands import BUNDLED_MODEL
 from minislm.perplexity import score_text
-from conftest import ROOT, import_reference
+from conftest import ATOL_FP32_LOGITS, ROOT, import_reference
 
 HELDOUT = ROOT / "tests" / "data" / "shakespeare_heldout.txt"  # from Macbeth, a held-out play
 QUALITY_BAR_NATS_PER_CHAR = 1.60  # the bar (nanoGPT's CPU baby GPT: 1.88)
@@ -84,7 +84,7 @@ def test_logits_match_transformers(reference_model, heldout_text):
     with torch.no_grad():
         theirs = reference_model(torch.tensor([ids])).logits[0].numpy()
     mine = ours.logits(ids)
-    assert np.abs(mine - theirs).max() <= 1e-4
+    assert np.abs(mine - theirs).max() <= ATOL_FP32_LOGITS
     assert (mine.argmax(-1) == theirs.argmax(-1)).all()
 
 
