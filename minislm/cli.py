@@ -46,6 +46,7 @@ def build_parser() -> ArgumentParser:
     chat.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens per reply (default 512)")
     chat.add_argument("--system", help="system message")
     chat.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens (default 4096)")
+    chat.add_argument("--show-experts", action="store_true", help="PhiMoE: after each reply, print the experts each of its tokens used, per layer (stderr)")
     add_sampling_flags(chat)
 
     verify = commands.add_parser("verify", help="compare minislm's logits with transformers' on a checkpoint")

@@ -105,9 +105,8 @@ def run_generate(args) -> int:
         raise MinislmError(f"--save-experts: the folder of {args.save_experts} does not exist")
     model = load_model(args)
     trace = [] if args.show_experts or args.save_experts else None
-    if trace is not None and model.config.model_type != "phimoe":
-        flag = "--show-experts" if args.show_experts else "--save-experts"
-        raise MinislmError(f"{flag}: {model.path} is a {model.config.model_type} model, which has no experts (PhiMoE only)")
+    if trace is not None:
+        check_has_experts(model, "--show-experts" if args.show_experts else "--save-experts")
     ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
     stats = GenerationStats()
     tokens = generate_tokens(
@@ -124,6 +123,11 @@ def run_generate(args) -> int:
         save_expert_trace(args.save_experts, trace, model)
     print_stats(stats, model)
     return 0
+
+
+def check_has_experts(model, flag: str) -> None:
+    if model.config.model_type != "phimoe":
+        raise MinislmError(f"{flag}: {model.path} is a {model.config.model_type} model, which has no experts (PhiMoE only)")
 
 
 # Layers per line of --show-experts output: 4 cells of ~20 characters fit 80 columns.
@@ -178,6 +182,8 @@ def run_chat(args) -> int:
     tokenizer = model.tokenizer
     if not tokenizer.chat_template:
         raise MinislmError(f"{model.path}: the tokenizer has no chat_template, so chat cannot format turns")
+    if args.show_experts:
+        check_has_experts(model, "--show-experts")
     capacity = min(args.ctx_size, model.config.max_position_embeddings)
     cache = model.new_cache(capacity)
     sampler = sampler_for(args, model)
@@ -211,8 +217,10 @@ def run_chat(args) -> int:
         cache.truncate(keep)
         stats = GenerationStats()
         max_new = min(args.max_tokens, capacity - len(ids))
+        trace = [] if args.show_experts else None
         tokens = generate_tokens(
-            model, ids[keep:], max_new, sampler, stop_ids(model), cache=cache, history=ids[:keep], stats=stats
+            model, ids[keep:], max_new, sampler, stop_ids(model), cache=cache, history=ids[:keep], stats=stats,
+            expert_trace=trace,
         )
         reply = []
         for piece in generate_text(tokenizer, tokens, (), stats):
@@ -221,6 +229,8 @@ def run_chat(args) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+        if trace is not None:
+            print_expert_trace(trace, model)
         print_stats(stats, model, reused=keep)
 
 

@@ -236,6 +236,8 @@ def test_phimoe_longrope_without_mscale(moe_dir):
 
 def test_show_experts_on_a_model_without_experts():
     assert_clean_error(generate(FIXTURES / "gqa", "--show-experts"), "--show-experts", "phi3", "no experts")
+    chat = minislm("chat", "--model", str(FIXTURES / "gqa"), "--show-experts")
+    assert_clean_error(chat, "--show-experts", "phi3", "no experts")
 
 
 def test_save_experts_into_a_missing_folder(tmp_path):

@@ -106,3 +106,14 @@ def test_show_experts_prints_each_tokens_experts_per_layer(tmp_path):
             assert a != b and 0 <= a < 8 and 0 <= b < 8 and all(0 < w <= 1 for w in weights)
     first = lines[headers[0] + 1].split()
     assert [int(first[1].split(":")[0]), int(first[2].split(":")[0])] == record["tokens"][0]["experts"][0]
+
+
+def test_chat_show_experts_traces_each_reply():
+    """The chat REPL's --show-experts: after each reply, one block per generated token."""
+    result = minislm("chat", "--model", str(FIXTURES / "moe_longrope"), "-n", "3", "--show-experts",
+                     stdin="hello\nagain\n/bye\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert sum(line.startswith("[experts:") for line in lines) == 2  # one trace per turn
+    assert sum(line.startswith("#1 ") for line in lines) == 2
+    assert len([line for line in lines if line.startswith("#")]) <= 6  # at most -n 3 tokens per turn
