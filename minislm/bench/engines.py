@@ -32,8 +32,11 @@ ENGINES = [
     Engine("minislm-bf16", "minislm", "bf16", 2.0, {"quant": "bf16"}, decode_peer="llama.cpp-F16"),
     Engine("minislm-int4-g32", "minislm", "int4", 0.5 + 2 / 32,
            {"quant": "int4", "group_size": 32}, decode_peer="llama.cpp-Q4_0"),
-    # The "best variant" candidate: one bf16 scale per 128 weights reads 4.125 bits
-    # per weight instead of 4.5 (8% fewer bytes per token), at some cost in accuracy.
+    # Candidates for the "best variant": group 64 had the fastest GEMVs in
+    # tools/bench_kernels.py; group 128 reads the fewest bytes (4.125 bits per weight
+    # instead of 4.5). Both cost a little accuracy (docs/kernels.md).
+    Engine("minislm-int4-g64", "minislm", "int4", 0.5 + 2 / 64,
+           {"quant": "int4", "group_size": 64}, decode_peer="llama.cpp-Q4_0"),
     Engine("minislm-int4-g128", "minislm", "int4", 0.5 + 2 / 128,
            {"quant": "int4", "group_size": 128}, decode_peer="llama.cpp-Q4_0"),
     Engine("llama.cpp-F16", "llama.cpp", "F16", 2.0),

@@ -5,15 +5,15 @@ docs/performance.md. Ratios compare rows of the same run only: on a shared
 machine absolute figures drift between runs, ratios much less.
 """
 
-from .engines import PREFILL_PEER, engine_named
+from .engines import ENGINES, PREFILL_PEER, engine_named
 from .profile import PARTS
 
 GB = 1e9
 GiB = 2**30
 
 # The issue's decode goals: minislm row >= peer row, in decode tok/s.
-DECODE_GOAL_ROWS = [("minislm-int4-g32", "llama.cpp-Q4_0"), ("minislm-int4-g128", "llama.cpp-Q4_0"),
-                    ("minislm-bf16", "llama.cpp-F16")]
+DECODE_GOAL_ROWS = [(e.name, e.decode_peer) for e in ENGINES if e.decode_peer]
+INT4_ROWS = [e.name for e in ENGINES if e.family == "minislm" and e.weights == "int4"]
 ROOFLINE_GOAL = 0.80  # int4 decode at >= 80 % of the measured read bandwidth
 
 
@@ -111,7 +111,7 @@ def goals(results: dict) -> list[str]:
         a, b = rows[name]["decode_tok_s"], rows[peer]["decode_tok_s"]
         out.append(f"{name} decode >= {peer}: {a:.2f} vs {b:.2f} tok/s = {a / b:.2f}x "
                    f"({'met' if a >= b else 'not met'})")
-    for name in ("minislm-int4-g32", "minislm-int4-g128"):
+    for name in INT4_ROWS:
         if rows.get(name, {}).get("status") == "ok":
             frac = roofline(rows[name], bandwidth)
             out.append(f"{name} decode >= {ROOFLINE_GOAL:.0%} of roofline: {frac:.0%} "
