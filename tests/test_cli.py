@@ -117,3 +117,28 @@ def test_chat_show_experts_traces_each_reply():
     assert sum(line.startswith("[experts:") for line in lines) == 2  # one trace per turn
     assert sum(line.startswith("#1 ") for line in lines) == 2
     assert len([line for line in lines if line.startswith("#")]) <= 6  # at most -n 3 tokens per turn
+
+
+@pytest.mark.parametrize("quant", ["bf16", "int4"])
+def test_generate_with_quantized_weights(quant):
+    """--quant through the CLI: the text streams as with float32 weights. bf16 widens
+    exactly, so its greedy text is the float32 text; int4 must generate too."""
+    plain = minislm("generate", "--model", MODEL, "hello", "-n", "12", "--no-chat-template")
+    result = minislm("generate", "--model", MODEL, "hello", "-n", "12", "--no-chat-template", "--quant", quant)
+    assert result.returncode == 0, result.stderr
+    assert "generated" in result.stderr.splitlines()[-1] and result.stdout.strip()
+    if quant == "bf16":
+        assert result.stdout == plain.stdout
+
+
+def test_quantize_command_then_generate_from_the_folder(tmp_path):
+    """`minislm quantize` writes a folder that `generate` runs as it is, giving the
+    same text as quantizing at load with the same settings."""
+    out = tmp_path / "q"
+    done = minislm("quantize", "--model", MODEL, "--bits", "4", "--group-size", "32", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    from_folder = minislm("generate", "--model", str(out), "hello", "-n", "12", "--no-chat-template")
+    at_load = minislm("generate", "--model", MODEL, "hello", "-n", "12", "--no-chat-template",
+                      "--quant", "int4", "--group-size", "32")
+    assert from_folder.returncode == 0, from_folder.stderr
+    assert from_folder.stdout == at_load.stdout
