@@ -25,6 +25,7 @@ def load(
     quant: str | None = None,
     group_size: int = 32,
     symmetric: bool = True,
+    output_bits: int = 8,
 ) -> Model:
     """Load a Phi-3 or PhiMoE checkpoint (local folder or Hugging Face repo id).
 
@@ -32,7 +33,7 @@ def load(
     `minislm quantize` stays int4). quant="bf16": matrices kept as bf16 words,
     memory-mapped as they are when the checkpoint is bf16. quant="int4": matrices
     quantized now, group-wise along the inputs (`group_size` 32/64/128, symmetric
-    or with zero points).
+    or with zero points; the output layer at `output_bits` 8 or 4).
     """
     model_dir = resolve_model_dir(model, revision)
     config = load_config(model_dir)
@@ -45,7 +46,7 @@ def load(
         used = stored
     else:
         check_tensors(tensors, config, model_dir)
-        used = QuantConfig(quant, group_size, symmetric) if quant else None
+        used = QuantConfig(quant, group_size, symmetric, output_bits) if quant else None
         if used is None:
             # Only the tensors the forward reads (a tied checkpoint may carry a spare lm_head copy).
             weights = {name: np.ascontiguousarray(tensors[name].float32()) for name in expected_shapes(config)}
