@@ -39,8 +39,9 @@ zero-padded (a copy, only then). Phi-3 shapes need no padding.
 import numpy as np
 from numba import njit, prange
 
-from . import cpu
+from . import amx, cpu
 from . import reference as ref
+from .activations import activation_buffers, check_shapes, prepare_token, quantize_activations  # noqa: F401
 from .checks import as_activations, as_row_ids
 from .simd import packed_block_kernel, scale_to_f32
 
@@ -59,75 +60,6 @@ _int8_gemv_portable = packed_block_kernel(1, 8, "portable")
 _int8_gemm_portable = packed_block_kernel(GEMM_TOKENS, 8, "portable")
 
 
-# ---------------------------------------------------------------- activations
-
-
-@njit(cache=True)
-def act_group_size(group_size):
-    return ref.ACT_GROUP if group_size % ref.ACT_GROUP == 0 else group_size
-
-
-@njit(cache=True)
-def quantize_activations(x, act_group, xq, x_scale, x_sum):
-    """x (in_p,) float32 -> int8 xq, per-group x_scale and x_sum; the same
-    arithmetic as `reference.quantize_activations`."""
-    levels = np.float32(ref.ACT_LEVELS)
-    for a in range(x_scale.size):
-        amax = np.float32(0.0)
-        finite = True
-        for k in range(a * act_group, (a + 1) * act_group):
-            v = abs(x[k])
-            if not np.isfinite(v):
-                finite = False
-            elif v > amax:
-                amax = v
-        scale = amax / levels
-        total = 0
-        for k in range(a * act_group, (a + 1) * act_group):
-            q = 0
-            if finite and amax > 0:
-                q = int(min(max(np.floor(x[k] / scale + np.float32(0.5)), -levels), levels))
-            xq[k] = q
-            total += q
-        x_scale[a] = scale if finite else np.float32(np.nan)
-        x_sum[a] = x_scale[a] * np.float32(total)
-
-
-@njit(cache=True)
-def prepare_token(x, n_groups, xq, x_scale, x_gsum):
-    """Quantize one token and sum x_hat per weight group (`reference.group_sums`)."""
-    act_group = act_group_size(x.size // n_groups)
-    acts_per_group = x_scale.size // n_groups
-    x_sum = np.empty(x_scale.size, np.float32)
-    quantize_activations(x, act_group, xq, x_scale, x_sum)
-    for g in range(n_groups):
-        total = x_sum[g * acts_per_group]
-        for i in range(1, acts_per_group):
-            total += x_sum[g * acts_per_group + i]
-        x_gsum[g] = total
-
-
-@njit(cache=True)
-def _buffers(n_tok, n_in, n_groups):
-    act_group = act_group_size(n_in // n_groups)
-    xq = np.empty((n_tok, n_in), np.int8)
-    x_scale = np.empty((n_tok, n_in // act_group), np.float32)
-    x_gsum = np.empty((n_tok, n_groups), np.float32)
-    return xq, x_scale, x_gsum
-
-
-@njit(cache=True)
-def _check(codes, scales, x, out, inputs_per_tile):
-    """The IR does no bounds checks: refuse arrays that do not fit."""
-    n_blocks, n_tiles, _ = codes.shape
-    n_in = inputs_per_tile * n_tiles
-    if (x.ndim != 2 or x.shape[1] != n_in or out.shape[0] != x.shape[0]
-            or out.shape[1] != 16 * n_blocks or scales.shape[0] != n_blocks
-            or scales.shape[1] == 0 or n_in % scales.shape[1]
-            or (n_in // scales.shape[1]) % inputs_per_tile):
-        raise ValueError("packed kernel: x must be (T, in_p), out (T, out_p), scales (blocks, groups, 16)")
-
-
 # ---------------------------------------------------------------- GEMV and GEMM, per path
 # The same few lines for each (bits, path): Numba compiles a function only when it is
 # first called, so a CPU never compiles (or meets) an instruction it lacks.
@@ -137,8 +69,8 @@ def _check(codes, scales, x, out, inputs_per_tile):
 def gemv_int4_vnni(codes, scales, zeros, offsets, zero, x, out):
     """out (1, out_p) = W @ x_hat for one token x (1, in_p): each thread streams
     a contiguous run of 16-row blocks."""
-    _check(codes, scales, x, out, 8)
-    xq, xs, xg = _buffers(1, x.shape[1], scales.shape[1])
+    check_shapes(codes, scales, x, out, 8)
+    xq, xs, xg = activation_buffers(1, x.shape[1], scales.shape[1])
     prepare_token(x[0], scales.shape[1], xq[0], xs[0], xg[0])
     words = xq.view(np.int32)
     for b in prange(codes.shape[0]):
@@ -149,8 +81,8 @@ def gemv_int4_vnni(codes, scales, zeros, offsets, zero, x, out):
 def gemm_int4_vnni(codes, scales, zeros, offsets, zero, x, out):
     """out (T, out_p) = x_hat (T, in_p) @ W.T, T a multiple of 4: each thread
     takes whole 16-row blocks (cache-resident) through all tokens, 4 at a time."""
-    _check(codes, scales, x, out, 8)
-    xq, xs, xg = _buffers(x.shape[0], x.shape[1], scales.shape[1])
+    check_shapes(codes, scales, x, out, 8)
+    xq, xs, xg = activation_buffers(x.shape[0], x.shape[1], scales.shape[1])
     for t in prange(x.shape[0]):
         prepare_token(x[t], scales.shape[1], xq[t], xs[t], xg[t])
     words = xq.view(np.int32)
@@ -161,8 +93,8 @@ def gemm_int4_vnni(codes, scales, zeros, offsets, zero, x, out):
 
 @njit(parallel=True, cache=True)
 def gemv_int8_vnni(codes, scales, zeros, offsets, zero, x, out):
-    _check(codes, scales, x, out, 4)
-    xq, xs, xg = _buffers(1, x.shape[1], scales.shape[1])
+    check_shapes(codes, scales, x, out, 4)
+    xq, xs, xg = activation_buffers(1, x.shape[1], scales.shape[1])
     prepare_token(x[0], scales.shape[1], xq[0], xs[0], xg[0])
     words = xq.view(np.int32)
     for b in prange(codes.shape[0]):
@@ -171,8 +103,8 @@ def gemv_int8_vnni(codes, scales, zeros, offsets, zero, x, out):
 
 @njit(parallel=True, cache=True)
 def gemm_int8_vnni(codes, scales, zeros, offsets, zero, x, out):
-    _check(codes, scales, x, out, 4)
-    xq, xs, xg = _buffers(x.shape[0], x.shape[1], scales.shape[1])
+    check_shapes(codes, scales, x, out, 4)
+    xq, xs, xg = activation_buffers(x.shape[0], x.shape[1], scales.shape[1])
     for t in prange(x.shape[0]):
         prepare_token(x[t], scales.shape[1], xq[t], xs[t], xg[t])
     words = xq.view(np.int32)
@@ -183,8 +115,8 @@ def gemm_int8_vnni(codes, scales, zeros, offsets, zero, x, out):
 
 @njit(parallel=True, cache=True)
 def gemv_int4_portable(codes, scales, zeros, offsets, zero, x, out):
-    _check(codes, scales, x, out, 8)
-    xq, xs, xg = _buffers(1, x.shape[1], scales.shape[1])
+    check_shapes(codes, scales, x, out, 8)
+    xq, xs, xg = activation_buffers(1, x.shape[1], scales.shape[1])
     prepare_token(x[0], scales.shape[1], xq[0], xs[0], xg[0])
     words = xq.view(np.int32)
     for b in prange(codes.shape[0]):
@@ -193,8 +125,8 @@ def gemv_int4_portable(codes, scales, zeros, offsets, zero, x, out):
 
 @njit(parallel=True, cache=True)
 def gemm_int4_portable(codes, scales, zeros, offsets, zero, x, out):
-    _check(codes, scales, x, out, 8)
-    xq, xs, xg = _buffers(x.shape[0], x.shape[1], scales.shape[1])
+    check_shapes(codes, scales, x, out, 8)
+    xq, xs, xg = activation_buffers(x.shape[0], x.shape[1], scales.shape[1])
     for t in prange(x.shape[0]):
         prepare_token(x[t], scales.shape[1], xq[t], xs[t], xg[t])
     words = xq.view(np.int32)
@@ -205,8 +137,8 @@ def gemm_int4_portable(codes, scales, zeros, offsets, zero, x, out):
 
 @njit(parallel=True, cache=True)
 def gemv_int8_portable(codes, scales, zeros, offsets, zero, x, out):
-    _check(codes, scales, x, out, 4)
-    xq, xs, xg = _buffers(1, x.shape[1], scales.shape[1])
+    check_shapes(codes, scales, x, out, 4)
+    xq, xs, xg = activation_buffers(1, x.shape[1], scales.shape[1])
     prepare_token(x[0], scales.shape[1], xq[0], xs[0], xg[0])
     words = xq.view(np.int32)
     for b in prange(codes.shape[0]):
@@ -215,8 +147,8 @@ def gemv_int8_portable(codes, scales, zeros, offsets, zero, x, out):
 
 @njit(parallel=True, cache=True)
 def gemm_int8_portable(codes, scales, zeros, offsets, zero, x, out):
-    _check(codes, scales, x, out, 4)
-    xq, xs, xg = _buffers(x.shape[0], x.shape[1], scales.shape[1])
+    check_shapes(codes, scales, x, out, 4)
+    xq, xs, xg = activation_buffers(x.shape[0], x.shape[1], scales.shape[1])
     for t in prange(x.shape[0]):
         prepare_token(x[t], scales.shape[1], xq[t], xs[t], xg[t])
     words = xq.view(np.int32)
@@ -277,11 +209,14 @@ def group_scales(w, group_size, kind, d):
                     amax, extreme = abs(v), v
                 lo, hi = min(lo, v), max(hi, v)
             if kind == 0:
-                d[row, g] = extreme / np.float32(-8)
+                s, nonzero = extreme / np.float32(-8), extreme != 0
             elif kind == 1:
-                d[row, g] = hi / np.float32(15) - lo / np.float32(15)
+                s, nonzero = hi / np.float32(15) - lo / np.float32(15), hi > lo
             else:
-                d[row, g] = amax / np.float32(127)
+                s, nonzero = amax / np.float32(127), amax > 0
+            if s == 0 and nonzero:   # underflowed (|w| near 1e-45): the smallest float32
+                s = np.float32(ref.SMALLEST) if extreme <= 0 or kind != 0 else -np.float32(ref.SMALLEST)
+            d[row, g] = s
     return bad
 
 
@@ -495,9 +430,10 @@ class PackedWeight:
         return self.scales.view(np.uint16) if self.scales.dtype == np.float16 else self.scales
 
     def matmul(self, x, path=None):
-        """x (T, in) -> (T, out). `path` ('vnni' or 'portable') overrides the CPU's
-        choice (`cpu.int8_dot_path`), for tests; the result is the same."""
-        path = path or cpu.int8_dot_path()
+        """x (T, in) -> (T, out). One token, or two: a GEMV each ('vnni' or
+        'portable'); more: a GEMM ('amx', 'vnni' or 'portable'). `path`
+        overrides the CPU's choice (`cpu.py`), for tests and measurements;
+        every path returns the same bits."""
         n, k = self.shape
         k_p = ref.TILE_INPUTS[self.BITS] * self.codes.shape[1]
         x = as_activations(x, k)
@@ -506,12 +442,22 @@ class PackedWeight:
         n_tok, n_p = x.shape[0], 16 * self.codes.shape[0]
         args = (self.codes, self._kernel_scales(), self.zeros, self.offsets, self.zero)
         if n_tok <= GEMV_MAX_TOKENS:
+            gemv = GEMV[self.BITS, "vnni" if path == "amx" else path or cpu.int8_dot_path()]
             out = np.empty((n_tok, n_p), np.float32)
             for t in range(n_tok):
-                GEMV[self.BITS, path](*args, x[t: t + 1], out[t: t + 1])
+                gemv(*args, x[t: t + 1], out[t: t + 1])
+            return out if out.shape == (n_tok, n) else np.ascontiguousarray(out[:n_tok, :n])
+        path = path or cpu.int8_gemm_path()
+        if path == "amx" and not cpu.has_amx_int8():   # also asks Linux for the tile state
+            raise ValueError("path='amx': this CPU or operating system offers no AMX-INT8")
+        if path == "amx" and not amx.usable(self.group_size):
+            path = "vnni"
+        tokens = amx.TILE_TOKENS if path == "amx" else GEMM_TOKENS
+        x = np.pad(x, ((0, -n_tok % tokens), (0, 0))) if n_tok % tokens else x
+        out = np.empty((x.shape[0], n_p), np.float32)
+        if path == "amx":
+            amx.GEMM[self.BITS](amx.packed_config(ref.act_group_size(self.group_size)), *args, x, out)
         else:
-            x = np.pad(x, ((0, -n_tok % GEMM_TOKENS), (0, 0))) if n_tok % GEMM_TOKENS else x
-            out = np.empty((x.shape[0], n_p), np.float32)
             GEMM[self.BITS, path](*args, x, out)
         return out if out.shape == (n_tok, n) else np.ascontiguousarray(out[:n_tok, :n])
 

@@ -110,6 +110,16 @@ def _round(v):
     return np.floor(v + np.float32(0.5))
 
 
+SMALLEST = np.float32(2.0 ** -149)   # the smallest positive float32 (a subnormal)
+
+
+def _not_underflowed(d, nonzero):
+    """A group holding a non-zero weight keeps a non-zero scale even when its
+    division underflowed to 0 (|w| near 1e-45): the smallest float32, signed as d
+    should be."""
+    return np.where((d == 0) & nonzero, np.copysign(SMALLEST, d), d).astype(np.float32)
+
+
 def quantize_int4(w, group_size, symmetric):
     """Round-to-nearest int4 along the inputs -> (codes (out_p, in_p) uint8,
     scales (out_p, groups) float16|float32, zeros (out_p, groups) uint8 or None).
@@ -126,7 +136,8 @@ def quantize_int4(w, group_size, symmetric):
     if symmetric:
         first_max = np.abs(g).argmax(axis=2)[..., None]
         extreme = np.take_along_axis(g, first_max, axis=2)[..., 0]
-        scales = store_scales(extreme / np.float32(-8), round_up=False)
+        d = _not_underflowed(extreme / np.float32(-8), extreme != 0)
+        scales = store_scales(d, round_up=False)
         d = scale_values(scales)[..., None]
         safe = np.where(d != 0, d, np.float32(1))
         q = np.where(d != 0, _round(g / safe), 0)
@@ -134,7 +145,7 @@ def quantize_int4(w, group_size, symmetric):
     else:
         lo = np.minimum(g.min(axis=2), 0)
         hi = np.maximum(g.max(axis=2), 0)
-        scales = store_scales(hi / np.float32(15) - lo / np.float32(15), round_up=True)
+        scales = store_scales(_not_underflowed(hi / np.float32(15) - lo / np.float32(15), hi > lo), round_up=True)
         d = scale_values(scales)
         safe = np.where(d > 0, d, np.float32(1))
         z = np.where(d > 0, np.clip(_round(-lo / safe), 0, 15), 0)
@@ -149,7 +160,8 @@ def quantize_int8(w, group_size):
     c = round(w / d) + 128 in [1, 255], zero code 128."""
     _check_quantizable(w)
     g = _groups(w, group_size)
-    scales = store_scales(np.abs(g).max(axis=2) / np.float32(127), round_up=True)
+    amax = np.abs(g).max(axis=2)
+    scales = store_scales(_not_underflowed(amax / np.float32(127), amax > 0), round_up=True)
     d = scale_values(scales)[..., None]
     safe = np.where(d > 0, d, np.float32(1))
     q = np.where(d > 0, _round(g / safe), 0)

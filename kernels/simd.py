@@ -61,6 +61,17 @@ def f32_to_bits(typingctx, value):
     return sig, codegen
 
 
+@intrinsic
+def bits_to_f32(typingctx, bits):
+    """The float32 whose bit pattern is `bits` (uint32): the inverse of `f32_to_bits`."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], F32)
+
+    return sig, codegen
+
+
 def _vec(elem, n):
     return ir.VectorType(elem, n)
 
@@ -109,6 +120,46 @@ def _dot4_portable(builder, acc, a, b):
 DOT4 = {"vnni": _dot4_vnni, "portable": _dot4_portable}
 
 
+def _fma(builder, a, b, c):
+    """a * b + c rounded once (`llvm.fma`: the same result on every CPU)."""
+    name = f"llvm.fma.v{a.type.count}f32"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
+    return builder.call(fn, [a, b, c])
+
+
+def group_scale_and_offset(builder, scales_a, zeros_a, offsets_a, zero, at, n, f16_scales):
+    """The `n` rows' scale s and c = b - s * z of one group (vectors of float32);
+    `at` indexes the first row in the (blocks, groups, 16) arrays."""
+    if f16_scales:
+        s = builder.fpext(builder.bitcast(_load_vec(builder, scales_a.data, at, _vec(I16, n)),
+                                          _vec(ir.HalfType(), n)), _vec(F32, n))
+    else:
+        s = _load_vec(builder, scales_a.data, at, _vec(F32, n))
+    if zeros_a is None:
+        z = _splat(builder, zero, n)
+    else:
+        z = builder.uitofp(_load_vec(builder, zeros_a.data, at, _vec(I8, n)), _vec(F32, n))
+    sz = builder.fmul(s, z)
+    if offsets_a is None:
+        return s, builder.fsub(ir.Constant(_vec(F32, n), [-0.0] * n), sz)   # -(s*z), exactly
+    return s, builder.fsub(_load_vec(builder, offsets_a.data, at, _vec(F32, n)), sz)
+
+
+def act_group_epilogue(builder, s, x_scale, isum, total):
+    """total + s * (x_scale * isum), the product in brackets rounded, then one
+    fused multiply-add: what every path adds per activation group (s: the rows'
+    scales, x_scale: the token's, isum: the exact integer dot products, one per
+    row). The tiny weight scale comes last, so a subnormal one is not amplified."""
+    n = s.type.count
+    return _fma(builder, s, builder.fmul(_splat(builder, x_scale, n), builder.sitofp(isum, _vec(F32, n))), total)
+
+
+def group_epilogue(builder, c, x_gsum, total):
+    """total + c * x_gsum (c = b - s * z): the zero code and offset of a weight
+    group, applied once after its activation groups."""
+    return _fma(builder, c, x_gsum, total)
+
+
 def packed_block_kernel(n_tok, bits, path, prefetch=4096):
     """Build the intrinsic that multiplies one 16-row block of packed weights
     (`bits` = 4 or 8 bits per code) by `n_tok` tokens of int8 activations.
@@ -134,9 +185,9 @@ def packed_block_kernel(n_tok, bits, path, prefetch=4096):
         x_gsum   float32 (T, n_groups) sum of x_hat over each weight group
         out      float32 (T, out_p)
 
-        Per activation group a: isum[row] = sum_k c[row, k] * xq[k] (exact int32),
-        acc[row] += x_scale[a] * isum[row]; per weight group g:
-        out[row] += s * (acc - z * x_gsum[g]) + b * x_gsum[g]."""
+        Per activation group a of weight group g: isum[row] = sum_k c[row, k] * xq[k]
+        (exact int32), out[row] = fma(s, x_scale[a] * isum[row], out[row]); after
+        the group's last: out[row] = fma(b - s * z, x_gsum[g], out[row])."""
         expected = [(codes, types.uint8, 3), (xq, types.int32, 2), (x_scale, types.float32, 2),
                     (x_gsum, types.float32, 2), (out, types.float32, 2)]
         if not isinstance(zeros, types.NoneType):
@@ -197,7 +248,6 @@ def _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, pre
     unroll = 2 if (n_tok == 1 and bits == 8) else 1
     iacc = [[[cgutils.alloca_once_value(builder, zero_i) for _ in range(parts)] for _ in range(2)]
             for _ in range(n_tok)]
-    facc = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(n_tok)]
     total = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(n_tok)]
     for t in range(n_tok):
         for h in range(2):
@@ -231,9 +281,9 @@ def _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, pre
 
     with cgutils.for_range(builder, n_groups) as group_loop:
         g = group_loop.index
-        for t in range(n_tok):
-            for h in range(2):
-                builder.store(zero_f, facc[t][h])
+        sc = [group_scale_and_offset(builder, scales_a, zeros_a, offsets_a, args[4],
+                                     builder.add(sz_base, builder.add(builder.mul(g, const(16)), const(8 * h))),
+                                     8, f16_scales) for h in (0, 1)]
         with cgutils.for_range(builder, acts_per_group) as act_loop:
             a = builder.add(builder.mul(g, acts_per_group), act_loop.index)
             for t in range(n_tok):
@@ -249,32 +299,17 @@ def _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, pre
                 with cgutils.for_range(builder, rest) as rest_loop:
                     emit_tile(builder.add(first, builder.add(builder.sub(tiles_per_act, rest), rest_loop.index)), 0)
             for t in range(n_tok):
-                scale_at = builder.add(token_row(t, n_act), a)
-                x_scale = _splat(builder, builder.load(builder.gep(xs_a.data, [scale_at])), 8)
+                x_scale = builder.load(builder.gep(xs_a.data, [builder.add(token_row(t, n_act), a)]))
                 for h in range(2):
                     isum = builder.load(iacc[t][h][0])
                     for slot in iacc[t][h][1:]:
                         isum = builder.add(isum, builder.load(slot))
-                    builder.store(builder.fadd(builder.load(facc[t][h]),
-                                               builder.fmul(x_scale, builder.sitofp(isum, v8f32))), facc[t][h])
-
-        for h in (0, 1):
-            at = builder.add(sz_base, builder.add(builder.mul(g, const(16)), const(8 * h)))
-            if f16_scales:
-                s = _f16_vec_to_f32(builder, _load_vec(builder, scales_a.data, at, _vec(I16, 8)))
-            else:
-                s = _load_vec(builder, scales_a.data, at, v8f32)
-            if zeros_a is None:
-                z = _splat(builder, args[4], 8)
-            else:
-                z = builder.uitofp(_load_vec(builder, zeros_a.data, at, _vec(I8, 8)), v8f32)
-            b = None if offsets_a is None else _load_vec(builder, offsets_a.data, at, v8f32)
-            for t in range(n_tok):
-                x_gsum = _splat(builder, builder.load(builder.gep(xg_a.data, [builder.add(token_row(t, n_groups), g)])), 8)
-                part = builder.fmul(s, builder.fsub(builder.load(facc[t][h]), builder.fmul(z, x_gsum)))
-                if b is not None:
-                    part = builder.fadd(part, builder.fmul(b, x_gsum))
-                builder.store(builder.fadd(builder.load(total[t][h]), part), total[t][h])
+                    builder.store(act_group_epilogue(builder, sc[h][0], x_scale, isum, builder.load(total[t][h])),
+                                  total[t][h])
+        for t in range(n_tok):
+            x_gsum = _splat(builder, builder.load(builder.gep(xg_a.data, [builder.add(token_row(t, n_groups), g)])), 8)
+            for h in (0, 1):
+                builder.store(group_epilogue(builder, sc[h][1], x_gsum, builder.load(total[t][h])), total[t][h])
 
     for t in range(n_tok):
         for h in (0, 1):

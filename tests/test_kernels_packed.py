@@ -12,12 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minislm.kernels import Int4Weight, Int8Weight, cpu, packed
+from minislm.kernels import Int4Weight, Int8Weight, amx, cpu, packed
 from minislm.kernels import reference as ref
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 U = 2.0 ** -24  # float32 unit roundoff
-PATHS = ["portable"] + (["vnni"] if cpu.has_vnni() else [])
+# Every CPU path this machine has; the others are skipped (AMX: recent Intel Xeons only).
+PATHS = ["portable"] + (["vnni"] if cpu.has_vnni() else []) + (["amx"] if cpu.has_amx_int8() else [])
 
 # Values at the edges of fp16 and bf16 (max, smallest normal, smallest
 # subnormal), of float32, and the largest quantizable magnitude (< 2**127).
@@ -171,39 +172,49 @@ def test_tile_layout_puts_four_inputs_of_one_row_in_each_32_bit_lane():
 # ---------------------------------------------------------------- from_codes: other formats, exactly
 
 
+# How each format a reader hands over maps onto from_codes (bits, group sizes,
+# code range, scale kind, zero, offsets): the combinations that exist.
+RECIPES = {
+    "Q4_0": (4, [32], 15, "fp16", 8, False),
+    "Q4_K": (4, [32], 15, "fp32", 0, True),            # s = d*sc, b = -dmin*m
+    "AWQ/GPTQ": (4, [32, 64, 128], 15, "fp16", "per_group", False),
+    "MLX": (4, [64], 15, "fp16", 0, True),             # float bias
+    "Q8_0": (8, [32], 255, "fp16", 128, False),
+    "Q5_0": (8, [32], 31, "fp16", 16, False),
+    "Q5_1": (8, [32], 31, "fp16", 0, True),
+    "Q6_K": (8, [16], 63, "fp32", 32, False),          # s = d * int8 sub-scale
+    "int8 per-group zero": (8, [16, 32, 64], 255, "tiny", "per_group", True),
+}
+
+
 @st.composite
-def coded(draw, bits):
-    """Codes, scales, zero and offsets as a GGUF/AWQ/GPTQ/MLX reader would hand them over."""
-    group_size = draw(st.sampled_from([16, 32, 64, 128] if bits == 8 else [32, 64, 128]))
+def coded(draw, recipes=tuple(RECIPES)):
+    """(bits, codes, scales, group size, zero, offsets) as a GGUF/AWQ/GPTQ/MLX
+    reader would hand them over, with awkward shapes and values."""
+    bits, sizes, top, scale_kind, zero, with_offsets = RECIPES[draw(st.sampled_from(recipes))]
+    group_size = draw(st.sampled_from(sizes))
     n = draw(AWKWARD | st.integers(1, 40))
     k = draw(AWKWARD | st.integers(1, 300))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     groups = -(-k // group_size)
-    top = draw(st.sampled_from([2**bits - 1, 31, 63])) if bits == 8 else 15
     codes = rng.integers(0, top + 1, (n, k), dtype=np.uint8)
-    scale_kind = draw(st.sampled_from(["fp16", "fp32", "tiny"]))
     scales = (rng.standard_normal((n, groups)) * draw(st.sampled_from([1e-3, 0.02, 1.0, 300.0]))).astype(np.float32)
-    if scale_kind == "fp16":       # GGUF / AWQ / GPTQ: float16 scales
+    if scale_kind == "fp16":       # exactly float16 values: stored as float16
         scales = scales.astype(np.float16).astype(np.float32)
     elif scale_kind == "tiny":     # float16 subnormals and zeros: still exact as float16
         scales = (rng.integers(-3, 4, (n, groups)) * 2.0 ** -24).astype(np.float32)
-    zero = draw(st.sampled_from(["default", "constant", "per_group"]))
-    if zero == "default":
-        zero = None
-    elif zero == "constant":
-        zero = int(rng.integers(0, top + 1))
-    else:
+    if zero == "per_group":
         zero = rng.integers(0, top + 1, (n, groups), dtype=np.uint8)
     offsets = None
-    if draw(st.booleans()):       # K-quants' -dmin*m, MLX's bias
+    if with_offsets:               # K-quants' -dmin*m, MLX's bias
         offsets = (rng.standard_normal((n, groups)) * draw(st.sampled_from([1e-3, 1.0]))).astype(np.float32)
-    return codes, scales, group_size, zero, offsets
+    return bits, codes, scales, group_size, zero, offsets
 
 
 @PROPERTY
-@given(st.sampled_from([4, 8]).flatmap(lambda b: st.tuples(st.just(b), coded(b))))
+@given(coded())
 def test_from_codes_represents_exactly_s_times_c_minus_z_plus_b(args):
-    bits, (codes, scales, group_size, zero, offsets) = args
+    bits, codes, scales, group_size, zero, offsets = args
     cls = Int4Weight if bits == 4 else Int8Weight
     q = cls.from_codes(codes, scales, group_size, zero=zero, offsets=offsets)
     # the same formula, written out here in float32 from the inputs
@@ -219,12 +230,21 @@ def test_from_codes_represents_exactly_s_times_c_minus_z_plus_b(args):
 
 
 @PROPERTY
-@given(st.sampled_from([4, 8]).flatmap(lambda b: st.tuples(st.just(b), coded(b))), st.integers(1, 6), st.data())
+@given(coded(), st.integers(1, 20), st.data())
 def test_from_codes_weights_multiply_within_the_kernel_bound(args, n_tok, data):
-    bits, (codes, scales, group_size, zero, offsets) = args
+    """On the path this CPU picks (the cross-path test below holds the others equal)."""
+    bits, codes, scales, group_size, zero, offsets = args
     q = (Int4Weight if bits == 4 else Int8Weight).from_codes(codes, scales, group_size, zero=zero, offsets=offsets)
     x = data.draw(activations(n_tok, codes.shape[1]))
-    check_matmul(q, x)
+    check_matmul(q, x, paths=[None])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(coded(("Q4_K", "AWQ/GPTQ", "Q6_K")), st.sampled_from([1, 7, 20]), st.data())
+def test_zero_points_offsets_and_float32_scales_give_the_same_bits_on_every_path(args, n_tok, data):
+    bits, codes, scales, group_size, zero, offsets = args
+    q = (Int4Weight if bits == 4 else Int8Weight).from_codes(codes, scales, group_size, zero=zero, offsets=offsets)
+    check_matmul(q, data.draw(activations(n_tok, codes.shape[1])))
 
 
 def test_from_codes_refuses_what_it_cannot_represent():
@@ -286,12 +306,14 @@ def f32_sum_bound(q, x):
     return depth * (U * magnitude + 2.0 ** -149)
 
 
-def check_matmul(q, x):
+def check_matmul(q, x, paths=PATHS):
+    """q @ x within the float32 bound of the twin, on each path (None: the
+    CPU's choice), and the same bits on all of them."""
     zero = q.zero if q.zeros is None else q.zeros
     expected = ref.matmul_packed(x, q.codes, q.scales, zero, q.offsets, q.shape, q.BITS)
     bound = f32_sum_bound(q, x)
     results = []
-    for path in PATHS:
+    for path in paths:
         y = q.matmul(x, path=path)
         assert y.shape == (x.shape[0], q.shape[0]) and y.dtype == np.float32 and y.flags.c_contiguous
         assert (np.abs(y.astype(np.float64) - expected) <= bound).all(), path
@@ -310,6 +332,17 @@ def test_gemv_matches_reference(w, group_size, kind, data):
 @given(weights(max_rows=33, max_cols=200, huge=False), group_sizes, kinds, st.integers(2, 9), st.data())
 def test_gemm_matches_reference(w, group_size, kind, n_tok, data):
     check_matmul(make(w, kind, group_size), data.draw(activations(n_tok, w.shape[1])))
+
+
+@PROPERTY
+@given(weights(max_rows=40, max_cols=300, huge=False), st.sampled_from([8, 16, 24, 32, 64, 128]), kinds,
+       st.integers(10, 40), st.data())
+def test_long_prefills_match_reference_on_every_path(w, group_size, kind, n_tok, data):
+    """Enough tokens for AMX's 16-token tiles (and a ragged last one); odd group
+    sizes give activation groups of 8-24 inputs (AMX's A tile narrower than 64)."""
+    if kind == "int8" or group_size % 8 == 0:
+        q = Int8Weight(w, group_size=group_size) if kind == "int8" else make(w, kind, group_size)
+        check_matmul(q, data.draw(activations(n_tok, w.shape[1])))
 
 
 @PROPERTY
@@ -465,8 +498,12 @@ def test_bf16_bits_and_float16_are_accepted_as_input():
 @pytest.mark.parametrize("path", PATHS)
 def test_low_level_kernels_refuse_arrays_of_the_wrong_size(path):
     q = Int4Weight(np.ones((32, 64), np.float32))
-    s = q.scales.view(np.uint16)
+    args = (q.codes, q.scales.view(np.uint16), None, None, q.zero)
+    if path == "amx":
+        with pytest.raises(ValueError, match="packed kernel"):
+            amx.GEMM[4](amx.packed_config(32), *args, np.ones((16, 64), np.float32), np.empty((16, 16), np.float32))
+        return
     with pytest.raises(ValueError, match="packed kernel"):
-        packed.GEMV[4, path](q.codes, s, None, None, q.zero, np.ones((1, 32), np.float32), np.empty((1, 32), np.float32))
+        packed.GEMV[4, path](*args, np.ones((1, 32), np.float32), np.empty((1, 32), np.float32))
     with pytest.raises(ValueError, match="packed kernel"):
-        packed.GEMM[4, path](q.codes, s, None, None, q.zero, np.ones((4, 64), np.float32), np.empty((4, 16), np.float32))
+        packed.GEMM[4, path](*args, np.ones((4, 64), np.float32), np.empty((4, 16), np.float32))
