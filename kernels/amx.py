@@ -25,13 +25,16 @@ initialised, below), with fixed tile registers: tmm0 = C, tmm1 = A, tmm2 = B.
 The operating system must have granted the tile state (`cpu.amx_permission`)
 before any of this runs: `cpu.int8_gemm_path()` only picks AMX when it has.
 
-bf16 weights use `tdpbf16ps` (16 x 16 x 32 bf16 products, summed in float32):
-A = 16 weight rows x 32 inputs, read from the checkpoint's row-major words
-(stride = 2 x inputs); B = the activations, repacked per call into pairs of
-inputs per token (VNNI-2). Activations are float32: each is split into two
+bf16 weights use `tdpbf16ps` (16 x 16 x 32 bf16 products, summed in float32)
+with no epilogue: C accumulates over all inputs. A = 16 weight rows x 32
+inputs, copied per pair of row blocks into contiguous 1 KB tiles
+(`tiles_of_rows`: loading them straight from the checkpoint's rows, 2 x inputs
+bytes apart, was ~2x slower); B = the activations, repacked per call into
+pairs of inputs per token (VNNI-2). Each A tile meets 4 B tiles (2 token
+tiles x hi, lo) in 8 instructions. Activations are float32: each is split into two
 bf16 numbers, hi = bf16(x) and lo = bf16(x - hi), and both are multiplied
 (2 instructions), so x is represented to 16 significant bits (relative error
-<= 2**-17) instead of bf16's 8; the products are exact in float32.
+<= 2**-16) instead of bf16's 8; the products are exact in float32.
 """
 
 import llvmlite.binding as llvm
@@ -43,7 +46,7 @@ from numba.extending import intrinsic
 
 from . import reference as ref
 from .activations import activation_buffers, check_shapes, prepare_token
-from .simd import F32, I8, I32, _load_vec, _splat, _vec, act_group_epilogue, group_epilogue, group_scale_and_offset
+from .simd import F32, I8, I32, bits_to_f32, f32_to_bits, _load_vec, _splat, _vec, act_group_epilogue, group_epilogue, group_scale_and_offset
 
 llvm.initialize_native_asmparser()   # inline assembly needs it; Numba does not initialise it
 
@@ -264,3 +267,117 @@ def usable(group_size):
     """AMX's A tile holds at most 64 bytes per row: activation groups of 4..64."""
     a = ref.act_group_size(group_size)
     return a % 4 == 0 and a <= 64
+
+
+# ---------------------------------------------------------------- bf16 weights
+
+
+def bf16_config():
+    """tmm0-3 C: 16 rows x 16 float32; tmm4-5 A: 16 weight rows x 32 bf16;
+    tmm6-7 B: 16 rows x (16 tokens x 2 bf16)."""
+    return tile_config([(16, 64)] * 8)
+
+
+@intrinsic
+def _amx_bf16_block(typingctx, cfg, w, x_hi, x_lo, tt, cbuf):
+    """cbuf[2i + j] = (weight rows 16i .. 16i+16 of w) @ (tokens of tile tt+j).T, i, j
+    in {0, 1}: float32 (16 rows x 16 tokens), summing hi and lo parts of the activations.
+
+    w     uint16 (2, in/32, 16, 32): 32 weight rows of bf16 bits as A tiles (`tiles_of_rows`)
+    x_hi  uint16 (token tiles, in/2, 32): row kk of tile t holds, for each of
+          its 16 tokens, the bf16 of inputs 2kk and 2kk+1 (AMX's VNNI-2 B layout)
+    x_lo  the same for x - hi
+    cbuf  float32 (4, 16, 16)"""
+    _check_arrays([(cfg, types.uint8, 1), (w, types.uint16, 4), (x_hi, types.uint16, 3),
+                   (x_lo, types.uint16, 3), (cbuf, types.float32, 3)])
+    sig = types.void(cfg, w, x_hi, x_lo, tt, cbuf)
+
+    def codegen(context, builder, signature, args):
+        cfg_a, w_a, hi_a, lo_a, _, cbuf_a = [
+            context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
+            for t, a in zip(signature.args, args)]
+        intp = context.get_value_type(types.intp)
+
+        def as_intp(v):
+            return builder.sext(v, intp) if v.type.width < intp.width else v
+
+        def const(v):
+            return ir.Constant(intp, v)
+
+        tt = as_intp(args[4])
+        k_steps = cgutils.unpack_tuple(builder, w_a.shape)[1]
+        half_in = builder.mul(k_steps, const(16))
+        sixty_four = ir.Constant(I64, 64)
+        _asm(builder, "ldtilecfg ($0)", "r", [_ptr(builder, cfg_a, const(0))])
+        for i in range(4):
+            _asm(builder, f"tilezero %tmm{i}")
+        with cgutils.for_range(builder, k_steps) as k_loop:
+            kk = k_loop.index
+            for i in (0, 1):   # A: 16 weight rows x 32 inputs, 1 KB
+                at = builder.mul(builder.add(builder.mul(const(i), k_steps), kk), const(512))
+                _asm(builder, f"tileloadd ($0,$1,1), %tmm{4 + i}", "r,r", [_ptr(builder, w_a, at), sixty_four])
+            for j in (0, 1):
+                for reg, part in ((6, hi_a), (7, lo_a)):
+                    at = builder.add(builder.mul(builder.add(tt, const(j)), builder.mul(half_in, const(32))),
+                                     builder.mul(kk, const(16 * 32)))
+                    _asm(builder, f"tileloadd ($0,$1,1), %tmm{reg}", "r,r", [_ptr(builder, part, at), sixty_four])
+                    for i in (0, 1):
+                        _asm(builder, f"tdpbf16ps %tmm{reg}, %tmm{4 + i}, %tmm{2 * i + j}")
+        for c in range(4):
+            _asm(builder, f"tilestored %tmm{c}, ($0,$1,1)", "r,r", [_ptr(builder, cbuf_a, const(256 * c)), sixty_four])
+        _asm(builder, "tilerelease")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(parallel=True, cache=True)
+def split_bf16_activations(x, x_hi, x_lo):
+    """x (T_p, in) float32 -> hi = bf16(x), lo = bf16(x - hi), in AMX's B layout
+    (`reference.split_bf16`). x - hi is exact in float32."""
+    for t in prange(x.shape[0]):
+        tile, col = t // 16, 2 * (t % 16)
+        for k in range(x.shape[1]):
+            v = x[t, k]
+            bits = f32_to_bits(v)
+            hi = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            rest = f32_to_bits(v - bits_to_f32(hi << np.uint32(16)))
+            lo = (rest + np.uint32(0x7FFF) + ((rest >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            x_hi[tile, k // 2, col + k % 2] = np.uint16(hi)
+            x_lo[tile, k // 2, col + k % 2] = np.uint16(lo)
+
+
+@njit(cache=True)
+def tiles_of_rows(w, r0, a):
+    """a[i, kk] = w[r0+16i : r0+16i+16, 32kk : 32kk+32]: 32 rows of the checkpoint
+    as contiguous 1 KB A tiles. Loading A straight from the rows (16 rows 2*in
+    bytes apart) measured ~2x slower: every tile touched 16 pages."""
+    for i in range(2):
+        for kk in range(a.shape[1]):
+            for r in range(16):
+                for e in range(32):   # 64 bytes of one row
+                    a[i, kk, r, e] = w[r0 + 16 * i + r, 32 * kk + e]
+
+
+@njit(parallel=True, cache=True)
+def gemm_bf16_amx(cfg, w, x, rows, out):
+    """out[:, :rows] = x (T_p, in) @ w[:rows].T for `rows` a multiple of 32 and
+    T_p of 32: each thread takes pairs of 16-row blocks through all tokens."""
+    n_tok, n_in = x.shape
+    if (n_in != w.shape[1] or n_in % 32 or n_tok % 32 or rows % 32 or rows > w.shape[0]
+            or out.shape[0] != n_tok or out.shape[1] < rows):
+        raise ValueError("gemm_bf16_amx: in and tokens must be multiples of 32, out (T_p, >= rows)")
+    x_hi = np.empty((n_tok // 16, n_in // 2, 32), np.uint16)
+    x_lo = np.empty((n_tok // 16, n_in // 2, 32), np.uint16)
+    split_bf16_activations(x, x_hi, x_lo)
+    for p in prange(rows // 32):
+        cbuf = np.empty((4, 16, 16), np.float32)
+        a = np.empty((2, n_in // 32, 16, 32), np.uint16)
+        tiles_of_rows(w, 32 * p, a)
+        for tt in range(0, n_tok // 16, 2):
+            _amx_bf16_block(cfg, a, x_hi, x_lo, tt, cbuf)
+            for i in range(2):
+                for j in range(2):
+                    for r in range(16):
+                        for t in range(16):
+                            out[16 * (tt + j) + t, 32 * p + 16 * i + r] = cbuf[2 * i + j, r, t]

@@ -278,3 +278,23 @@ def matmul_packed(x, tiles, scales, zero, offsets, shape, bits):
     xp = np.zeros((x.shape[0], k_p), np.float32)
     xp[:, :k] = x
     return np.stack([packed_gemv(tiles, scales, zero, offsets, row, bits)[:n] for row in xp])
+
+
+# --- bf16 weights on AMX: activations split in two bf16 numbers ----------
+
+
+def split_bf16(x):
+    """x float32 -> (hi, lo) bf16 bits with hi = bf16(x), lo = bf16(x - hi):
+    hi + lo holds x to 16 significant bits, |x - hi - lo| <= 2**-16 |x| (bf16 rounds to 8 significant bits: twice)."""
+    hi = f32_to_bf16(x)
+    lo = f32_to_bf16(x - bf16_to_f32(hi))
+    return hi, lo
+
+
+def matmul_bf16_split(x, w_bits):
+    """What the AMX bf16 prefill computes, in float64: x (T, in) split into
+    hi + lo, times widen(w_bits (out, in)).T; AMX's float32 sums differ from
+    this by their rounding only (and flush subnormal operands to zero)."""
+    hi, lo = split_bf16(x)
+    xs = bf16_to_f32(hi).astype(np.float64) + bf16_to_f32(lo)
+    return xs @ bf16_to_f32(w_bits).astype(np.float64).T
