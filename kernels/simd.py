@@ -242,10 +242,12 @@ def _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, pre
 
     v8i32, v8f32, v32i8 = _vec(I32, 8), _vec(F32, 8), _vec(I8, 32)
     zero_i, zero_f = ir.Constant(v8i32, None), ir.Constant(v8f32, None)
-    # Independent add chains hide vpdpbusd's latency: for one token, int4 keeps
-    # low and high nibbles apart and int8 alternates tiles; 4 tokens have 8 already.
-    parts = 2 if n_tok == 1 else 1
-    unroll = 2 if (n_tok == 1 and bits == 8) else 1
+    # Independent add chains hide vpdpbusd's latency (5 cycles): for one token,
+    # 4 chains per half (int4: 2 tiles x low/high nibbles; int8: 4 tiles), so an
+    # activation group of 32 inputs is 1-2 instructions deep; 4 tokens have 8 already.
+    words = 2 if bits == 4 else 1                  # activation words per tile
+    unroll = (2 if bits == 4 else 4) if n_tok == 1 else 1
+    parts = unroll * words if n_tok == 1 else 1
     iacc = [[[cgutils.alloca_once_value(builder, zero_i) for _ in range(parts)] for _ in range(2)]
             for _ in range(n_tok)]
     total = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(n_tok)]
@@ -269,14 +271,13 @@ def _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, pre
             operands = [[(builder.and_(v, low_nibble), 0), (builder.lshr(v, four), 1)] for v in halves]
         else:
             operands = [[(v, 0)] for v in halves]
-        words = 2 if bits == 4 else 1
         for t in range(n_tok):
             at = builder.add(token_row(t, xq_stride), builder.mul(tile, const(words)))
             xw = [builder.bitcast(_splat(builder, builder.load(builder.gep(xq_a.data, [builder.add(at, const(i))])), 8),
                                   v32i8) for i in range(words)]
             for h in (0, 1):
                 for w, i in operands[h]:
-                    slot = iacc[t][h][(part + i) % parts]
+                    slot = iacc[t][h][(part * words + i) % parts]
                     builder.store(dot4(builder, builder.load(slot), w, xw[i]), slot)
 
     with cgutils.for_range(builder, n_groups) as group_loop:
