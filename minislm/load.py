@@ -1,8 +1,15 @@
-"""`minislm.load`: from a folder or repo id to a ready `Model`.
+"""`minislm.load`: from a folder, a repo id or a GGUF file to a ready `Model`.
 
 The order is the order of trust: find the folder, read config.json, open and check
 every tensor against the shapes the config implies, and only then convert or pack
 weights. A bad checkpoint fails before any large allocation.
+
+What `--model` can name:
+    a folder with config.json and safetensors   hub float (fp32/bf16/fp16) checkpoints,
+                                                minislm's own int4 folders, and the hub's
+                                                4-bit AWQ, GPTQ and MLX folders
+    a .gguf file                                llama.cpp's format (minislm/formats/gguf.py)
+    a Hugging Face repo id                      downloaded, then as a folder
 """
 
 import os
@@ -11,12 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from .config import load_config, load_generation_config, read_json
+from .config import GenerationConfig
 from .errors import MinislmError
+from .formats.grouped import to_float32
+from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
 from .model import Model
-from .quantize import QuantConfig, pack_weights, read_packed_weights
+from .quantize import QuantConfig, pack, pack_weights, packable, read_packed_weights
 from .tokenizer import load_tokenizer
-from .weights import check_tensors, expected_shapes, read_checkpoint, split_fused_experts
+from .weights import StoredTensor, check_tensors, expected_shapes, read_checkpoint, split_fused_experts
 
 
 def load(
@@ -33,12 +43,24 @@ def load(
     memory-mapped as they are when the checkpoint is bf16. quant="int4": matrices
     quantized now, group-wise along the inputs (`group_size` 32/64/128, symmetric
     or with zero points).
+
+    A GGUF file, or an AWQ/GPTQ/MLX folder, is unpacked to exactly the weights its
+    format defines (float32; `quant` re-quantizes those, which is no longer exact).
     """
+    if Path(model).expanduser().is_file():
+        return load_gguf(Path(model).expanduser(), quant, group_size, symmetric)
     model_dir = resolve_model_dir(model, revision)
     config = load_config(model_dir)
     tensors = split_fused_experts(read_checkpoint(model_dir), config, model_dir)
-    stored = stored_quantization(model_dir)
-    if stored is not None:
+    foreign = hub_quantization(read_json(Path(model_dir) / "config.json"), str(Path(model_dir) / "config.json"))
+    stored = stored_quantization(model_dir) if foreign is None else None
+    if foreign is not None:
+        from .formats.hub_quantized import weight_plan
+
+        plan = weight_plan(tensors, config, foreign, model_dir)
+        used = quant_config(quant, group_size, symmetric)
+        weights = unpack_weights(plan, used)
+    elif stored is not None:
         if quant not in (None, stored.format):
             raise MinislmError(f"--quant {quant}: {model_dir} is already quantized to {stored.describe()}")
         weights = read_packed_weights(tensors, config, stored, model_dir)
@@ -66,3 +88,37 @@ def stored_quantization(model_dir: Path) -> QuantConfig | None:
     path = Path(model_dir) / "config.json"
     raw = read_json(path).get("quantization_config")
     return None if raw is None else QuantConfig.from_json(raw, str(path))
+
+
+def quant_config(quant: str | None, group_size: int, symmetric: bool) -> QuantConfig | None:
+    return QuantConfig(quant, group_size, symmetric) if quant else None
+
+
+def unpack_weights(plan: dict, quant: QuantConfig | None) -> dict:
+    """Unpack one tensor at a time to float32 (the format's exact weights), and pack it
+    again right away if `quant` asks for bf16/int4: memory holds one float32 tensor
+    beyond the result."""
+    weights = {}
+    for name, make in plan.items():
+        w = to_float32(make())
+        if quant is not None and packable(name, w.shape):
+            w = pack(name, StoredTensor("F32", w), quant)
+        weights[name] = w
+    return weights
+
+
+def load_gguf(path: Path, quant: str | None, group_size: int, symmetric: bool) -> Model:
+    """A GGUF file: config from its metadata, weights unpacked under the hub's names."""
+    from .formats.gguf import generation_stop_ids, open_gguf, weight_plan
+
+    gg = open_gguf(path)
+    used = quant_config(quant, group_size, symmetric)
+    plan = {name: planned.make for name, planned in weight_plan(gg).items()}
+    return Model(
+        gg.config,
+        unpack_weights(plan, used),
+        tokenizer=None,
+        generation_config=GenerationConfig(eos_token_ids=generation_stop_ids(gg)),
+        path=path,
+        quant=used,
+    )

@@ -1,0 +1,161 @@
+"""Write tiny GGUF files from safetensors checkpoints, for the tests (and tools/gguf_vs_llama_cpp.py).
+
+Written from llama.cpp's conventions (convert_hf_to_gguf.py, src/models/phi3.cpp and
+phimoe.cpp), independently of minislm's reader: its own name table, its own copy of
+the converter's q/k row permutation for `llama` files, its own metadata keys. The
+`gguf` package's writer lays the file out and its quantizers (Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1, BF16) make the blocks; K-quants come from llama.cpp's own quantizer.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from minislm.weights import read_checkpoint
+
+PHI3_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+PHIMOE_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "input_layernorm.bias": "attn_norm.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "post_attention_layernorm.bias": "ffn_norm.bias",
+    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+    **{f"self_attn.{p}_proj.{kind}": f"attn_{name}.{kind}" for p, name in
+       (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")) for kind in ("weight", "bias")},
+}
+GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "model.norm.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+    "lm_head.bias": "output.bias",
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute: per head, rows [first half | second half]
+    become interleaved pairs (row 2i + j of the file = row j * hd/2 + i of the hub)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model_dir: Path, layout: str) -> tuple[dict, dict]:
+    """(config.json, {gguf name: float32 array}) in llama.cpp's names for `layout`."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hub = {name: t.float32() for name, t in read_checkpoint(model_dir).items()}
+    H = config["num_attention_heads"]
+    KV = config.get("num_key_value_heads") or H
+    hd = config.get("head_dim") or config["hidden_size"] // H
+    F = config["intermediate_size"]
+    out = {GLOBAL[n]: a for n, a in hub.items() if n in GLOBAL}
+    for i in range(config["num_hidden_layers"]):
+        layer, blk = f"model.layers.{i}.", f"blk.{i}."
+        table = PHIMOE_LAYER if layout == "phimoe" else PHI3_LAYER
+        out.update({blk + g: hub[layer + h] for h, g in table.items() if layer + h in hub})
+        if layout == "phimoe":
+            E = config["num_local_experts"]
+            for w, name in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
+                out[f"{blk}{name}.weight"] = np.stack(
+                    [hub[f"{layer}block_sparse_moe.experts.{e}.{w}.weight"] for e in range(E)]
+                )
+            continue
+        qkv, gate_up = hub[layer + "self_attn.qkv_proj.weight"], hub[layer + "mlp.gate_up_proj.weight"]
+        if layout == "phi3":
+            out[blk + "attn_qkv.weight"], out[blk + "ffn_up.weight"] = qkv, gate_up
+        else:  # llama: what early community conversions of Phi-3 hold
+            q, k, v = np.split(qkv, [H * hd, H * hd + KV * hd])
+            out[blk + "attn_q.weight"] = llama_cpp_permute(q, H)
+            out[blk + "attn_k.weight"] = llama_cpp_permute(k, KV)
+            out[blk + "attn_v.weight"] = v
+            out[blk + "ffn_gate.weight"], out[blk + "ffn_up.weight"] = gate_up[:F], gate_up[F:]
+    return config, out
+
+
+def metadata(config: dict, layout: str) -> dict:
+    """The `<arch>.*` keys convert_hf_to_gguf writes for Phi-3 / PhiMoE."""
+    H = config["num_attention_heads"]
+    hd = config.get("head_dim") or config["hidden_size"] // H
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    keys = {
+        "context_length": ("uint32", config["max_position_embeddings"]),
+        "embedding_length": ("uint32", config["hidden_size"]),
+        "feed_forward_length": ("uint32", config["intermediate_size"]),
+        "block_count": ("uint32", config["num_hidden_layers"]),
+        "attention.head_count": ("uint32", H),
+        "attention.head_count_kv": ("uint32", config.get("num_key_value_heads") or H),
+        "attention.layer_norm_rms_epsilon": ("float32", config["rms_norm_eps"]),
+        "rope.dimension_count": ("uint32", int(partial * hd)),
+        "rope.freq_base": ("float32", rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+    }
+    if layout != "llama":
+        original = config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        keys["rope.scaling.original_context_length"] = ("uint32", original or config["max_position_embeddings"])
+        keys["attention.sliding_window"] = ("uint32", config.get("sliding_window") or 0)
+    if layout == "phimoe":
+        keys["expert_count"] = ("uint32", config["num_local_experts"])
+        keys["expert_used_count"] = ("uint32", config["num_experts_per_tok"])
+    if rope.get("long_factor"):
+        scale = config["max_position_embeddings"] / keys["rope.scaling.original_context_length"][1]
+        factor = math.sqrt(1 + math.log(scale) / math.log(keys["rope.scaling.original_context_length"][1])) if scale > 1 else 1.0
+        keys["rope.scaling.attn_factor"] = ("float32", factor)  # the converter's formula, PhiMoE too
+    return {f"{'llama' if layout == 'llama' else layout}.{k}": v for k, v in keys.items()}
+
+
+def add_vocab(writer, vocab_size: int, bos: int = 1, eos: int = 2) -> None:
+    """A made-up SentencePiece vocabulary of the right size, so llama.cpp can load the file."""
+    writer.add_tokenizer_model("llama")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"tok{i}" for i in range(3, vocab_size)]
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * vocab_size)
+    writer.add_token_types([2, 3, 3] + [1] * (vocab_size - 3))
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+
+
+def quantize(name: str, array: np.ndarray, kind: str):
+    """(data, raw dtype) for the writer: 1-D tensors stay F32, as llama.cpp keeps them."""
+    if array.ndim == 1 or kind == "F32":
+        return np.ascontiguousarray(array, dtype=np.float32), None
+    if kind == "F16":
+        return array.astype(np.float16), None
+    qtype = gguf.GGMLQuantizationType[kind]
+    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), qtype
+
+
+def write_gguf(path: Path, model_dir: Path, layout: str = "phi3", kind="F32", drop_keys=(), extra_keys=None,
+               tensors: dict | None = None) -> Path:
+    """A GGUF of the checkpoint in `model_dir`: matrices as `kind` (or kind(name) -> type),
+    everything else F32. `drop_keys`/`extra_keys` change the metadata (for bad-file tests);
+    `tensors` replaces the tensor dict (name -> (data, raw dtype or None))."""
+    config, arrays = gguf_tensors(model_dir, layout)
+    arch = "llama" if layout == "llama" else layout
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(Path(model_dir).name)
+    for key, (vtype, value) in metadata(config, layout).items():
+        if key.split(".", 1)[1] not in drop_keys:
+            getattr(writer, f"add_{vtype}")(key, value)
+    for key, (vtype, value) in (extra_keys or {}).items():
+        getattr(writer, f"add_{vtype}")(key, value)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_vocab(writer, config["vocab_size"], config.get("bos_token_id") or 1, config.get("eos_token_id") or 2)
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if rope.get("long_factor"):
+        writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
+    if tensors is None:
+        tensors = {name: quantize(name, a, kind(name) if callable(kind) else kind) for name, a in arrays.items()}
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
