@@ -131,13 +131,13 @@ def quantize(name: str, array: np.ndarray, kind: str):
 
 
 def write_gguf(path: Path, model_dir: Path, layout: str = "phi3", kind="F32", drop_keys=(), extra_keys=None,
-               tensors: dict | None = None) -> Path:
+               tensors: dict | None = None, architecture: str | None = None) -> Path:
     """A GGUF of the checkpoint in `model_dir`: matrices as `kind` (or kind(name) -> type),
-    everything else F32. `drop_keys`/`extra_keys` change the metadata (for bad-file tests);
+    everything else F32. `drop_keys`/`extra_keys`/`architecture` change the metadata (for bad-file tests);
     `tensors` replaces the tensor dict (name -> (data, raw dtype or None))."""
     config, arrays = gguf_tensors(model_dir, layout)
     arch = "llama" if layout == "llama" else layout
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), architecture or arch)
     writer.add_name(Path(model_dir).name)
     for key, (vtype, value) in metadata(config, layout).items():
         if key.split(".", 1)[1] not in drop_keys:

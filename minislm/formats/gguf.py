@@ -33,7 +33,7 @@ import numpy as np
 from ..config import ModelConfig, parse_config
 from ..errors import MinislmError
 from ..weights import bf16_to_float32, expected_shapes
-from .gguf_blocks import BLOCK_TYPES
+from .gguf_blocks import BLOCK_TYPES, unpack_rows
 from .grouped import GroupedCodes, RowStack, take_rows
 
 ARCHITECTURES = ("phi3", "llama", "phimoe")
@@ -242,14 +242,12 @@ def unpack(gg: GgufFile, t, index: int | None = None):
         return data.astype(np.float32)
     if kind == "BF16":
         return bf16_to_float32(np.ascontiguousarray(data).view(np.uint16))
-    block_weights, block_bytes, group, bits, unpack_blocks = BLOCK_TYPES[kind]
     if data.ndim != 2:
         raise MinislmError(f"{gg.path}: tensor '{t.name}' is a {data.ndim}-D {kind} tensor; expected a matrix")
-    rows = data.shape[0]
-    codes, scales, offsets = unpack_blocks(data.reshape(-1, block_bytes))
-    if not (np.isfinite(scales).all() and np.isfinite(offsets).all()):
+    q = unpack_rows(kind, data)
+    if not (np.isfinite(q.scales).all() and np.isfinite(q.offsets).all()):
         raise MinislmError(f"{gg.path}: tensor '{t.name}' has a scale that is not a finite number (corrupt file)")
-    return GroupedCodes(codes.reshape(rows, -1), scales.reshape(rows, -1), offsets.reshape(rows, -1), group, bits)
+    return q
 
 
 def unpermute_heads(rows_per_head: int, n_heads: int) -> np.ndarray:
@@ -310,7 +308,7 @@ def weight_plan(gg: GgufFile) -> dict[str, Planned]:
         if gg.arch == "llama":
             q_rows, k_rows = unpermute_heads(hd, H), unpermute_heads(hd, KV)
             stacked(hub + "self_attn.qkv_proj.weight", [blk + "attn_q.weight", blk + "attn_k.weight", blk + "attn_v.weight"], [q_rows, k_rows, None])
-        elif blk + "attn_qkv.weight" in T:
+        elif blk + "attn_qkv.weight" in T or blk + "attn_q.weight" not in T:
             direct(hub + "self_attn.qkv_proj.weight", blk + "attn_qkv.weight")
         else:  # a phi3 file may also store q, k, v apart (same rotate-half order)
             stacked(hub + "self_attn.qkv_proj.weight", [blk + "attn_q.weight", blk + "attn_k.weight", blk + "attn_v.weight"])

@@ -16,6 +16,8 @@ tests/test_gguf_blocks.py holds these functions to, bit for bit.
 
 import numpy as np
 
+from .grouped import GroupedCodes
+
 QK_K = 256  # weights per K-quant super-block
 
 
@@ -162,3 +164,11 @@ BLOCK_TYPES = {
     "Q5_K": (QK_K, 176, 32, 5, q5_k),
     "Q6_K": (QK_K, 210, 16, 6, q6_k),
 }
+
+
+def unpack_rows(kind: str, data: np.ndarray) -> GroupedCodes:
+    """A tensor of `kind` as stored, (rows, bytes per row) uint8 -> GroupedCodes (rows, weights per row)."""
+    block_weights, block_bytes, group, bits, unpack_blocks = BLOCK_TYPES[kind]
+    rows = data.shape[0]
+    codes, scales, offsets = unpack_blocks(np.ascontiguousarray(data).reshape(-1, block_bytes))
+    return GroupedCodes(codes.reshape(rows, -1), scales.reshape(rows, -1), offsets.reshape(rows, -1), group, bits)
