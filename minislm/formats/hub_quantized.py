@@ -14,6 +14,8 @@ alone stay float tensors under their own names. What it is says config.json:
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import MinislmError
 from ..weights import StoredTensor, expected_shapes
 from . import awq, gptq, mlx
@@ -75,6 +77,8 @@ def is_packed(tensors: dict[str, StoredTensor], prefix: str, quant: HubQuantizat
 def weight_plan(tensors: dict[str, StoredTensor], config, quant: HubQuantization, where) -> dict:
     """Every tensor the decoder reads -> a function that unpacks it (GroupedCodes) or
     returns it as float32. Nothing is unpacked yet; shapes and names are checked now."""
+    if quant.method == "mlx":
+        tensors = mlx.split_switch_mlp(tensors, config, where)
     plan, used = {}, set()
     for name, shape in expected_shapes(config).items():
         prefix = name.removesuffix(".weight")
@@ -103,11 +107,15 @@ def packed_reader(tensors, prefix: str, shape: tuple[int, int], quant: HubQuanti
         group = settings[1] if settings else quant.group_size
     else:
         group = quant.group_size if quant.group_size > 0 else n
-    if n % group or n % 8 or out % 8:
+    # AWQ packs 8 outputs per word, GPTQ 8 inputs per word (and 8 zero points), MLX 8 inputs
+    words_along = {"awq": (out,), "gptq": (out, n), "mlx": (n,)}[quant.method]
+    if n % group or any(d % 8 for d in words_along):
         raise MinislmError(f"{where}: '{prefix}' ({out} x {n}) does not divide into groups of {group} and words of 8")
     module = {"awq": awq, "gptq": gptq, "mlx": mlx}[quant.method]
     for part, part_shape in module.part_shapes(shape, group).items():
         need_part(tensors, prefix, part, part_shape, where)  # fail now, before anything is unpacked
+    if quant.method == "gptq" and f"{prefix}.g_idx" in tensors:
+        gptq.group_order(tensors[f"{prefix}.g_idx"].array.astype(np.int64), group, f"{prefix}.g_idx", where)
     if quant.method == "awq":
         return lambda: awq.read(tensors, prefix, shape, group, where)
     if quant.method == "gptq":

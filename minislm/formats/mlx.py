@@ -18,12 +18,15 @@ product is exact and only the sum rounds.
 mlx-lm also quantizes the embedding (looked up row by row) and the lm_head, and may
 record per-module settings in the config: `"quantization": {"group_size": 64,
 "bits": 4, "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 4}}`, or
-`false` for a module it left in float.
+`false` for a module it left in float. Its PhiMoE stacks each layer's experts
+(`block_sparse_moe.switch_mlp.{gate,up,down}_proj`, leading axis = expert), which
+`split_switch_mlp` hands out as the hub's per-expert w1, w3, w2.
 """
 
 import numpy as np
 
 from ..errors import MinislmError
+from ..weights import StoredTensor
 from .grouped import GroupedCodes
 from .tensors import need_part
 
@@ -63,3 +66,25 @@ def read(tensors: dict, prefix: str, shape: tuple[int, int], group_size: int, wh
 
 def as_float32(values) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32)
+
+
+SWITCH_MLP = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def split_switch_mlp(tensors: dict[str, StoredTensor], config, where) -> dict[str, StoredTensor]:
+    """mlx-lm's stacked PhiMoE experts -> the hub's per-expert names (views, not copies):
+    `model.layers.N.block_sparse_moe.switch_mlp.gate_proj.{weight,scales,biases}` (E, ...)
+    -> `model.layers.N.block_sparse_moe.experts.{e}.w1.{weight,scales,biases}`."""
+    if config.model_type != "phimoe":
+        return tensors
+    tensors = dict(tensors)
+    for name in [n for n in tensors if ".block_sparse_moe.switch_mlp." in n]:
+        layer, rest = name.split(".block_sparse_moe.switch_mlp.")
+        proj, part = rest.split(".")
+        stacked = tensors.pop(name)
+        if proj not in SWITCH_MLP or stacked.array.shape[0] != config.num_local_experts:
+            raise MinislmError(f"{where}: tensor '{name}' of shape {list(stacked.array.shape)} is not an expert stack of this config")
+        for e in range(config.num_local_experts):
+            expert = f"{layer}.block_sparse_moe.experts.{e}.{SWITCH_MLP[proj]}.{part}"
+            tensors[expert] = StoredTensor(stacked.dtype, stacked.array[e])
+    return tensors
