@@ -109,15 +109,16 @@ def unpack_weights(plan: dict, quant: QuantConfig | None) -> dict:
 
 def load_gguf(path: Path, quant: str | None, group_size: int, symmetric: bool) -> Model:
     """A GGUF file: config from its metadata, weights unpacked under the hub's names."""
-    from .formats.gguf import generation_stop_ids, open_gguf, weight_plan
+    from .formats.gguf import generation_stop_ids, load_gguf_tokenizer, open_gguf, weight_plan
 
     gg = open_gguf(path)
+    tokenizer = load_gguf_tokenizer(gg)
     used = quant_config(quant, group_size, symmetric)
     plan = {name: planned.make for name, planned in weight_plan(gg).items()}
     return Model(
         gg.config,
         unpack_weights(plan, used),
-        tokenizer=None,
+        tokenizer=tokenizer,
         generation_config=GenerationConfig(eos_token_ids=generation_stop_ids(gg)),
         path=path,
         quant=used,

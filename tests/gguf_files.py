@@ -120,6 +120,15 @@ def add_vocab(writer, vocab_size: int, bos: int = 1, eos: int = 2) -> None:
     writer.add_eos_token_id(eos)
 
 
+def copy_vocab(writer, vocab_file: Path) -> None:
+    """Every `tokenizer.*` key of another GGUF (llama.cpp's ggml-vocab-phi-3.gguf), as is."""
+    for key, field in gguf.GGUFReader(vocab_file).fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+
+
 def quantize(name: str, array: np.ndarray, kind: str):
     """(data, raw dtype) for the writer: 1-D tensors stay F32, as llama.cpp keeps them."""
     if array.ndim == 1 or kind == "F32":
@@ -131,10 +140,11 @@ def quantize(name: str, array: np.ndarray, kind: str):
 
 
 def write_gguf(path: Path, model_dir: Path, layout: str = "phi3", kind="F32", drop_keys=(), extra_keys=None,
-               tensors: dict | None = None, architecture: str | None = None) -> Path:
+               tensors: dict | None = None, architecture: str | None = None, vocab_from: Path | None = None) -> Path:
     """A GGUF of the checkpoint in `model_dir`: matrices as `kind` (or kind(name) -> type),
     everything else F32. `drop_keys`/`extra_keys`/`architecture` change the metadata (for bad-file tests);
-    `tensors` replaces the tensor dict (name -> (data, raw dtype or None))."""
+    `tensors` replaces the tensor dict (name -> (data, raw dtype or None)); `vocab_from`
+    copies a real vocabulary (and chat template) from another GGUF."""
     config, arrays = gguf_tensors(model_dir, layout)
     arch = "llama" if layout == "llama" else layout
     writer = gguf.GGUFWriter(str(path), architecture or arch)
@@ -145,7 +155,10 @@ def write_gguf(path: Path, model_dir: Path, layout: str = "phi3", kind="F32", dr
     for key, (vtype, value) in (extra_keys or {}).items():
         getattr(writer, f"add_{vtype}")(key, value)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    add_vocab(writer, config["vocab_size"], config.get("bos_token_id") or 1, config.get("eos_token_id") or 2)
+    if vocab_from is not None:
+        copy_vocab(writer, vocab_from)
+    else:
+        add_vocab(writer, config["vocab_size"], config.get("bos_token_id") or 1, config.get("eos_token_id") or 2)
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if rope.get("long_factor"):
         writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))

@@ -113,12 +113,12 @@ def test_quantized_gguf_equals_the_reference_dequantization(tmp_path, kind, layo
     assert_matches_reference_dequantization(write_gguf(tmp_path / "m.gguf", FIXTURES / "gqa", layout, kind))
 
 
-def wide_checkpoint(folder, seed=0):
+def wide_checkpoint(folder, seed=0, hidden=256, vocab=320, eos=2):
     """A random Phi-3 256 wide (K-quant rows hold 256 weights), 2 layers, GQA."""
-    config = dict(model_type="phi3", vocab_size=320, hidden_size=256, intermediate_size=512,
+    config = dict(model_type="phi3", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+                  sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=eos)
     from minislm.weights import expected_shapes
 
     rng = np.random.default_rng(seed)
@@ -283,3 +283,50 @@ def test_tensor_shape_that_disagrees_with_the_metadata(tmp_path, capsys):
     path = write_gguf(tmp_path / "m.gguf", FIXTURES / "gqa", "phi3", drop_keys=("feed_forward_length",),
                       extra_keys={"phi3.feed_forward_length": ("uint32", 96)})
     assert_clean_error(capsys, path, "blk.0.ffn_up.weight", "metadata implies")
+
+
+# ---------------------------------------------------------------- a GGUF with a real vocabulary, end to end
+
+PHI3_VOCAB = FIXTURES / "phi3-tokenizer" / "ggml-vocab-phi-3.gguf"
+# What the hub's tokenizer.json gives for Phi-3's chat prompt (docs/formats.md, PHI3 facts):
+# the "\n" after <|user|> and <|end|> stays a token. llama.cpp gives 1, 32010, 6324, 32007, 32001.
+HUB_CHAT_IDS = [1, 32010, 29871, 13, 18567, 32007, 29871, 13, 32001]
+
+
+@pytest.fixture(scope="module")
+def phi3_vocab_model(tmp_path_factory):
+    """A random tiny Phi-3 with the real 32064-token vocabulary, twice: as a GGUF file
+    (vocabulary and chat template copied from llama.cpp's ggml-vocab-phi-3.gguf) and as
+    a hub folder (the committed tokenizer.json made from that same file)."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("phi3vocab")
+    folder = wide_checkpoint(root / "folder", hidden=64, vocab=32064, eos=32000)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "phi3-tokenizer" / name, folder / name)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [32000, 32007]}))
+    path = write_gguf(root / "phi3.gguf", folder, "phi3", "Q8_0", vocab_from=PHI3_VOCAB)
+    return path, folder, minislm.load(path)
+
+
+def test_gguf_tokenizer_renders_chat_prompts_as_the_hub_does(phi3_vocab_model):
+    tokenizer = phi3_vocab_model[2].tokenizer
+    assert tokenizer.encode_chat([{"role": "user", "content": "Hi"}]) == HUB_CHAT_IDS
+
+
+def test_generate_from_a_gguf_file_equals_the_same_weights_in_a_folder(phi3_vocab_model, capsys, tmp_path):
+    """`minislm generate --model tiny.gguf` end to end (chat template, tokenizer,
+    stop ids), against the folder holding the GGUF's dequantized weights."""
+    path, folder, model = phi3_vocab_model
+    twin = tmp_path / "twin"
+    import shutil
+
+    shutil.copytree(folder, twin)
+    save_safetensors(twin / "model.safetensors", model.weights)
+    outputs = []
+    for source in (path, twin):
+        assert main(["generate", "--model", str(source), "-n", "12", "Hello there"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+    assert 32007 in model.generation_config.eos_token_ids and 32000 in model.generation_config.eos_token_ids

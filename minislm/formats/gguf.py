@@ -58,6 +58,7 @@ class GgufFile:
     metadata: dict  # key -> value, tokenizer arrays included
     tensors: dict  # GGUF name -> gguf.ReaderTensor (memory-mapped)
     config: ModelConfig
+    reader: object  # the gguf.GGUFReader (its `fields` feed the tokenizer)
 
 
 def open_gguf(path: Path) -> GgufFile:
@@ -78,7 +79,7 @@ def open_gguf(path: Path) -> GgufFile:
                 f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, which minislm cannot read "
                 f"(it reads {', '.join(SUPPORTED_TYPES)})"
             )
-    gg = GgufFile(path, arch, metadata, tensors, config=None)
+    gg = GgufFile(path, arch, metadata, tensors, config=None, reader=reader)
     gg.config = config_from_metadata(gg)
     check_shapes(gg)
     return gg
@@ -211,6 +212,22 @@ def longrope_settings(gg: GgufFile, raw: dict) -> dict | None:
     else:
         rope["attention_factor"] = float(scale)
     return rope
+
+
+def load_gguf_tokenizer(gg: GgufFile):
+    """The tokenizer in the file's `tokenizer.ggml.*` metadata (see gguf_tokenizer.py),
+    as a minislm Tokenizer; None if the file has no vocabulary."""
+    if "tokenizer.ggml.model" not in gg.metadata:
+        return None
+    from ..tokenizer import Tokenizer, bos_policy
+    from .gguf_tokenizer import tokenizer_from_gguf
+
+    try:
+        backend, settings = tokenizer_from_gguf(gg.reader)
+    except MinislmError as e:
+        raise MinislmError(f"{gg.path}: {e}") from None
+    special = {k: settings[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if isinstance(settings.get(k), str)}
+    return Tokenizer(backend, special, bos_policy(backend, settings, special), settings.get("chat_template"))
 
 
 def generation_stop_ids(gg: GgufFile) -> tuple[int, ...]:
