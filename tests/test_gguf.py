@@ -330,3 +330,18 @@ def test_generate_from_a_gguf_file_equals_the_same_weights_in_a_folder(phi3_voca
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0].strip()
     assert 32007 in model.generation_config.eos_token_ids and 32000 in model.generation_config.eos_token_ids
+
+
+def test_quant_int4_from_a_gguf_equals_quantizing_the_same_weights_from_a_folder(tmp_path):
+    """--quant int4 on a GGUF re-quantizes the file's exact weights, as it would the
+    same weights in a folder (bit-identical int4 weights, so identical logits)."""
+    import shutil
+
+    path = write_gguf(tmp_path / "m.gguf", FIXTURES / "gqa", "phi3", "Q4_0")
+    twin = tmp_path / "twin"
+    shutil.copytree(FIXTURES / "gqa", twin)
+    save_safetensors(twin / "model.safetensors", minislm.load(path).weights)
+    ours, theirs = minislm.load(path, quant="int4"), minislm.load(twin, quant="int4")
+    assert type(ours.weights["model.layers.0.mlp.down_proj.weight"]).__name__ == "Int4Weight"
+    ids = np.arange(0, 384, 17)
+    assert np.array_equal(ours.logits(ids), theirs.logits(ids))
