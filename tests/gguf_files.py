@@ -14,7 +14,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from minislm.weights import read_checkpoint
+from minislm.config import parse_config
+from minislm.weights import expected_shapes, read_checkpoint, save_safetensors
 
 PHI3_LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -172,3 +173,44 @@ def write_gguf(path: Path, model_dir: Path, layout: str = "phi3", kind="F32", dr
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def wide_checkpoint(folder, seed=0, hidden=256, vocab=320, eos=2):
+    """A random Phi-3 256 wide (K-quant rows hold 256 weights), 2 layers, GQA."""
+    config = dict(model_type="phi3", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=eos)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_shapes(parse_config(config)).items():
+        if len(shape) == 1:
+            tensors[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            tensors[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+    folder.mkdir()
+    save_safetensors(folder / "model.safetensors", tensors)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def reference_weights(path, config) -> dict:
+    """Every hub weight from the file, unpacked by the `gguf` package (independently of
+    minislm): the reader's raw blocks through `gguf.quants.dequantize`, mapped to hub
+    names by the tests' own table (phi3 and llama layouts)."""
+    raw = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+    H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    weights = {hub: raw[name] for hub, name in GLOBAL.items() if name in raw}
+    for i in range(config.num_hidden_layers):
+        layer, blk = f"model.layers.{i}.", f"blk.{i}."
+        weights.update({layer + h: raw[blk + g] for h, g in PHI3_LAYER.items()})
+        if blk + "attn_qkv.weight" in raw:
+            weights[layer + "self_attn.qkv_proj.weight"] = raw[blk + "attn_qkv.weight"]
+            weights[layer + "mlp.gate_up_proj.weight"] = raw[blk + "ffn_up.weight"]
+        else:  # llama: invert the permutation by applying it to row numbers
+            q_rows = np.argsort(llama_cpp_permute(np.arange(H * hd), H))
+            k_rows = np.argsort(llama_cpp_permute(np.arange(KV * hd), KV))
+            q, k = raw[blk + "attn_q.weight"][q_rows], raw[blk + "attn_k.weight"][k_rows]
+            weights[layer + "self_attn.qkv_proj.weight"] = np.concatenate([q, k, raw[blk + "attn_v.weight"]])
+            weights[layer + "mlp.gate_up_proj.weight"] = np.concatenate([raw[blk + "ffn_gate.weight"], raw[blk + "ffn_up.weight"]])
+    return weights
