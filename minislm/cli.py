@@ -74,7 +74,7 @@ def build_parser() -> ArgumentParser:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="model folder or Hugging Face repo id (default: the bundled model)")
+    p.add_argument("--model", "-m", help="model folder, Hugging Face repo id or .gguf file (default: the bundled model)")
     p.add_argument("--revision", help="branch, tag or commit of a hub repo")
     p.add_argument("--threads", "-t", type=int, help="CPU threads for matmuls (default: all cores)")
 

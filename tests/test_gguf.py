@@ -297,3 +297,17 @@ def test_quant_int4_from_a_gguf_equals_quantizing_the_same_weights_from_a_folder
     assert type(ours.weights["model.layers.0.mlp.down_proj.weight"]).__name__ == "Int4Weight"
     ids = np.arange(0, 384, 17)
     assert np.array_equal(ours.logits(ids), theirs.logits(ids))
+
+
+def test_quantize_a_gguf_into_an_int4_folder(phi3_vocab_model, tmp_path, capsys):
+    """`minislm quantize -m file.gguf --out DIR`: config.json, tokenizer and stop ids
+    from the file's metadata, int4 weights re-quantized from its exact weights — the
+    same model as `load(file.gguf, quant="int4")`."""
+    path = phi3_vocab_model[0]
+    out = tmp_path / "int4"
+    assert main(["quantize", "--model", str(path), "--out", str(out)]) == 0
+    folder, direct = minislm.load(out), minislm.load(path, quant="int4")
+    ids = np.arange(0, 32064, 997)
+    assert np.array_equal(folder.logits(ids), direct.logits(ids))
+    assert folder.tokenizer.encode_chat([{"role": "user", "content": "Hi"}]) == HUB_CHAT_IDS
+    assert set(folder.generation_config.eos_token_ids) == set(direct.generation_config.eos_token_ids)

@@ -59,6 +59,7 @@ class GgufFile:
     tensors: dict  # GGUF name -> gguf.ReaderTensor (memory-mapped)
     config: ModelConfig
     reader: object  # the gguf.GGUFReader (its `fields` feed the tokenizer)
+    hub_config: dict | None = None  # the config.json the metadata amounts to
 
 
 def open_gguf(path: Path) -> GgufFile:
@@ -163,6 +164,7 @@ def config_from_metadata(gg: GgufFile) -> ModelConfig:
             lm_head_bias="output.bias" in gg.tensors,
             router_jitter_noise=PHIMOE_ROUTER_JITTER,
         )
+    gg.hub_config = raw
     return parse_config(raw, source=f"{gg.path} (GGUF metadata)")
 
 
@@ -228,6 +230,23 @@ def load_gguf_tokenizer(gg: GgufFile):
         raise MinislmError(f"{gg.path}: {e}") from None
     special = {k: settings[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if isinstance(settings.get(k), str)}
     return Tokenizer(backend, special, bos_policy(backend, settings, special), settings.get("chat_template"))
+
+
+def write_hub_files(path: Path, folder: Path) -> None:
+    """The files a hub folder would hold beside the weights: config.json from the
+    metadata, tokenizer.json and tokenizer_config.json from the vocabulary, and
+    generation_config.json with the stop ids (`minislm quantize -m file.gguf` uses them)."""
+    import json
+
+    gg = open_gguf(path)
+    (folder / "config.json").write_text(json.dumps(gg.hub_config, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(generation_stop_ids(gg))}) + "\n")
+    if "tokenizer.ggml.model" in gg.metadata:
+        from .gguf_tokenizer import tokenizer_from_gguf
+
+        backend, settings = tokenizer_from_gguf(gg.reader)
+        backend.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def generation_stop_ids(gg: GgufFile) -> tuple[int, ...]:
