@@ -80,7 +80,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant", choices=["bf16", "int4"], help="keep matrices as bf16 or quantize them to int4 at load")
+    p.add_argument("--quant", choices=["bf16", "int4", "float32"],
+                   help="keep matrices as bf16 or quantize them to int4 at load; float32: unpack a GGUF/AWQ/GPTQ/MLX "
+                        "file's weights exactly to float32 instead of multiplying its codes")
     add_group_flags(p)
 
 

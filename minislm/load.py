@@ -20,7 +20,8 @@ import numpy as np
 from .config import load_config, load_generation_config, read_json
 from .config import GenerationConfig
 from .errors import MinislmError
-from .formats.grouped import to_float32
+from .formats import kernel_weights
+from .formats.grouped import GroupedCodes, RowStack, to_float32
 from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
 from .model import Model
@@ -44,11 +45,17 @@ def load(
     quantized now, group-wise along the inputs (`group_size` 32/64/128, symmetric
     or with zero points).
 
-    A GGUF file, or an AWQ/GPTQ/MLX folder, is unpacked to exactly the weights its
-    format defines (float32; `quant` re-quantizes those, which is no longer exact).
+    A GGUF file, or an AWQ/GPTQ/MLX folder, keeps its own codes and scales: each
+    matrix becomes a packed weight holding exactly the format's weights, multiplied
+    by minislm's group-wise kernels (float32 where this install has no such kernels;
+    see formats/kernel_weights.py). quant="float32" unpacks them to float32 instead,
+    the exact path the tests use; "bf16"/"int4" re-quantize the unpacked weights
+    (no longer the file's exact weights).
     """
+    exact = quant == "float32"
+    quant = None if exact else quant
     if Path(model).expanduser().is_file():
-        return load_gguf(Path(model).expanduser(), quant, group_size, symmetric)
+        return load_gguf(Path(model).expanduser(), quant, group_size, symmetric, exact)
     model_dir = resolve_model_dir(model, revision)
     config = load_config(model_dir)
     tensors = split_fused_experts(read_checkpoint(model_dir), config, model_dir)
@@ -59,7 +66,7 @@ def load(
 
         plan = weight_plan(tensors, config, foreign, model_dir)
         used = quant_config(quant, group_size, symmetric)
-        weights = unpack_weights(plan, used)
+        weights = unpack_weights(plan, used, exact)
     elif stored is not None:
         if quant not in (None, stored.format):
             raise MinislmError(f"--quant {quant}: {model_dir} is already quantized to {stored.describe()}")
@@ -94,20 +101,26 @@ def quant_config(quant: str | None, group_size: int, symmetric: bool) -> QuantCo
     return QuantConfig(quant, group_size, symmetric) if quant else None
 
 
-def unpack_weights(plan: dict, quant: QuantConfig | None) -> dict:
-    """Unpack one tensor at a time to float32 (the format's exact weights), and pack it
-    again right away if `quant` asks for bf16/int4: memory holds one float32 tensor
-    beyond the result."""
+def unpack_weights(plan: dict, quant: QuantConfig | None, exact: bool) -> dict:
+    """One tensor at a time: its codes into a packed kernel weight (the default), or
+    unpacked to float32 (`exact`, or no group-wise kernels), then re-packed if `quant`
+    asks for bf16/int4. Memory holds at most one float32 tensor beyond the result.
+    PhiMoE's router stays float32, as everywhere in minislm."""
+    native = quant is None and not exact and kernel_weights.available()
     weights = {}
     for name, make in plan.items():
-        w = to_float32(make())
+        stored = make()
+        if native and isinstance(stored, (GroupedCodes, RowStack)) and not name.endswith("block_sparse_moe.gate.weight"):
+            weights[name] = kernel_weights.to_kernel_weight(stored, name)
+            continue
+        w = to_float32(stored)
         if quant is not None and packable(name, w.shape):
             w = pack(name, StoredTensor("F32", w), quant)
         weights[name] = w
     return weights
 
 
-def load_gguf(path: Path, quant: str | None, group_size: int, symmetric: bool) -> Model:
+def load_gguf(path: Path, quant: str | None, group_size: int, symmetric: bool, exact: bool) -> Model:
     """A GGUF file: config from its metadata, weights unpacked under the hub's names."""
     from .formats.gguf import generation_stop_ids, load_gguf_tokenizer, open_gguf, weight_plan
 
@@ -117,7 +130,7 @@ def load_gguf(path: Path, quant: str | None, group_size: int, symmetric: bool) -
     plan = {name: planned.make for name, planned in weight_plan(gg).items()}
     return Model(
         gg.config,
-        unpack_weights(plan, used),
+        unpack_weights(plan, used, exact),
         tokenizer=tokenizer,
         generation_config=GenerationConfig(eos_token_ids=generation_stop_ids(gg)),
         path=path,

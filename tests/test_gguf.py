@@ -72,7 +72,7 @@ def assert_same_bits(ours, ref):
 
 
 def assert_matches_reference_dequantization(path):
-    model = minislm.load(path)
+    model = minislm.load(path, quant="float32")
     expected = reference_weights(path, model.config)
     assert set(expected) == set(model.weights)
     for name, w in model.weights.items():
@@ -259,7 +259,7 @@ def phi3_vocab_model(tmp_path_factory):
         shutil.copy(FIXTURES / "phi3-tokenizer" / name, folder / name)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [32000, 32007]}))
     path = write_gguf(root / "phi3.gguf", folder, "phi3", "Q8_0", vocab_from=PHI3_VOCAB)
-    return path, folder, minislm.load(path)
+    return path, folder, minislm.load(path, quant="float32")
 
 
 def test_gguf_tokenizer_renders_chat_prompts_as_the_hub_does(phi3_vocab_model):
@@ -269,7 +269,8 @@ def test_gguf_tokenizer_renders_chat_prompts_as_the_hub_does(phi3_vocab_model):
 
 def test_generate_from_a_gguf_file_equals_the_same_weights_in_a_folder(phi3_vocab_model, capsys, tmp_path):
     """`minislm generate --model tiny.gguf` end to end (chat template, tokenizer,
-    stop ids), against the folder holding the GGUF's dequantized weights."""
+    stop ids), against the folder holding the GGUF's dequantized weights (both through
+    the exact float path: `--quant float32`)."""
     path, folder, model = phi3_vocab_model
     twin = tmp_path / "twin"
     import shutil
@@ -278,7 +279,7 @@ def test_generate_from_a_gguf_file_equals_the_same_weights_in_a_folder(phi3_voca
     save_safetensors(twin / "model.safetensors", model.weights)
     outputs = []
     for source in (path, twin):
-        assert main(["generate", "--model", str(source), "-n", "12", "Hello there"]) == 0
+        assert main(["generate", "--model", str(source), "--quant", "float32", "-n", "12", "Hello there"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0].strip()
     assert 32007 in model.generation_config.eos_token_ids and 32000 in model.generation_config.eos_token_ids
@@ -292,7 +293,7 @@ def test_quant_int4_from_a_gguf_equals_quantizing_the_same_weights_from_a_folder
     path = write_gguf(tmp_path / "m.gguf", FIXTURES / "gqa", "phi3", "Q4_0")
     twin = tmp_path / "twin"
     shutil.copytree(FIXTURES / "gqa", twin)
-    save_safetensors(twin / "model.safetensors", minislm.load(path).weights)
+    save_safetensors(twin / "model.safetensors", minislm.load(path, quant="float32").weights)
     ours, theirs = minislm.load(path, quant="int4"), minislm.load(twin, quant="int4")
     assert type(ours.weights["model.layers.0.mlp.down_proj.weight"]).__name__ == "Int4Weight"
     ids = np.arange(0, 384, 17)

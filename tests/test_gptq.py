@@ -83,7 +83,7 @@ def build(tmp_path, fixture="gqa", symmetric=True, v2=False, act_order=False, gr
 ])
 def test_gptq_phi3(tmp_path, symmetric, v2, act_order):
     packed, float_dir, expected = build(tmp_path, symmetric=symmetric, v2=v2, act_order=act_order)
-    ours, twin = minislm.load(packed), minislm.load(float_dir)
+    ours, twin = minislm.load(packed, quant="float32"), minislm.load(float_dir)
     for name, w in expected.items():
         assert np.array_equal(ours.weights[name], w), name
     ids = np.arange(0, ours.config.vocab_size, 29)
@@ -93,7 +93,7 @@ def test_gptq_phi3(tmp_path, symmetric, v2, act_order):
 def test_gptq_whole_row_group_and_phimoe(tmp_path):
     """group_size -1 (one group per row) on PhiMoE with its biases (router left float)."""
     packed, float_dir, expected = build(tmp_path, fixture="moe", symmetric=False, group=-1, lm_head=False, seed=2)
-    ours, twin = minislm.load(packed), minislm.load(float_dir)
+    ours, twin = minislm.load(packed, quant="float32"), minislm.load(float_dir)
     for name, w in expected.items():
         assert np.array_equal(ours.weights[name], w), name
     ids = np.arange(0, ours.config.vocab_size, 29)

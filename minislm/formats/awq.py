@@ -57,7 +57,7 @@ def read(tensors: dict, prefix: str, shape: tuple[int, int], group_size: int, wh
     G = group_size
     qweight, qzeros, scales = (need_part(tensors, prefix, part, s, where) for part, s in part_shapes(shape, G).items())
     codes = unpack_columns(qweight.array).T  # (out, in)
-    zeros = unpack_columns(qzeros.array).T.astype(np.float32)  # (out, in/G)
-    s = scales.float32().T  # (out, in/G)
-    return GroupedCodes(np.ascontiguousarray(codes), np.ascontiguousarray(s), -(s * zeros), G, 4)
+    zeros = np.ascontiguousarray(unpack_columns(qzeros.array).T)  # (out, in/G) uint8
+    s = np.ascontiguousarray(scales.float32().T)  # (out, in/G)
+    return GroupedCodes(np.ascontiguousarray(codes), s, -(s * zeros.astype(np.float32)), G, 4, zero=zeros)
 

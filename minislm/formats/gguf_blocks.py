@@ -154,6 +154,8 @@ def q6_k(blocks):
 
 
 # type name -> (weights per block, bytes per block, weights per group, bits per code, unpacker)
+# (and ZERO_CODES: the integer zero point of the types whose offset is -zero * scale)
+ZERO_CODES = {"Q4_0": 8, "Q5_0": 16, "Q6_K": 32}
 BLOCK_TYPES = {
     "Q8_0": (32, 34, 32, 8, q8_0),
     "Q4_0": (32, 18, 32, 4, q4_0),
@@ -171,4 +173,5 @@ def unpack_rows(kind: str, data: np.ndarray) -> GroupedCodes:
     block_weights, block_bytes, group, bits, unpack_blocks = BLOCK_TYPES[kind]
     rows = data.shape[0]
     codes, scales, offsets = unpack_blocks(np.ascontiguousarray(data).reshape(-1, block_bytes))
-    return GroupedCodes(codes.reshape(rows, -1), scales.reshape(rows, -1), offsets.reshape(rows, -1), group, bits)
+    return GroupedCodes(codes.reshape(rows, -1), scales.reshape(rows, -1), offsets.reshape(rows, -1), group, bits,
+                        zero=ZERO_CODES.get(kind))

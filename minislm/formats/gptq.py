@@ -86,11 +86,13 @@ def read(tensors: dict, prefix: str, shape: tuple[int, int], group_size: int, v2
     else:
         g_idx = np.arange(n) // G
     codes = unpack_rows(qweight.array).T  # (out, in), original input order
-    zeros = unpack_columns(qzeros.array).T.astype(np.float32)  # (out, in/G) as stored
+    zeros = unpack_columns(qzeros.array).T.astype(np.int16)  # (out, in/G) as stored
     if not v2:
-        zeros += 1  # v1 stores z - 1
-    s = scales.float32().T  # (out, in/G)
+        zeros += 1  # v1 stores z - 1 (a stored 15 reads as 16)
+    s = np.ascontiguousarray(scales.float32().T)  # (out, in/G)
     order = group_order(g_idx, G, f"{prefix}.g_idx", where)
     if order is not None:
         codes = codes[:, order]  # groups are runs of G again
-    return GroupedCodes(np.ascontiguousarray(codes), np.ascontiguousarray(s), -(s * zeros), G, 4, order)
+    # z = 16 does not fit a 4-bit zero code; such a matrix keeps only its float offsets
+    zero = np.ascontiguousarray(zeros.astype(np.uint8)) if zeros.max() <= 15 else None
+    return GroupedCodes(np.ascontiguousarray(codes), s, -(s * zeros.astype(np.float32)), G, 4, order, zero)

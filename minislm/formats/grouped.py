@@ -52,6 +52,10 @@ class GroupedCodes:
     group_size: int  # G
     bits: int  # how many bits a code uses (4, 5, 6 or 8)
     input_order: np.ndarray | None = None  # (in,) permutation, or None for the natural order
+    # When the offsets are exactly -scales * z for integer zero points z (Q4_0: 8, Q5_0: 16,
+    # Q6_K: 32, AWQ/GPTQ: one per group), z itself: an int, or uint8 (out, in // G). A
+    # kernel can then subtract z from the codes instead of adding a float per group.
+    zero: int | np.ndarray | None = None
 
     def __post_init__(self):
         out, n = self.codes.shape
@@ -82,7 +86,8 @@ def dequantize(q: GroupedCodes) -> np.ndarray:
 
 def take_rows(q: GroupedCodes, rows: np.ndarray) -> GroupedCodes:
     """The matrix with its rows reordered (row i of the result is row rows[i] of q)."""
-    return GroupedCodes(q.codes[rows], q.scales[rows], q.offsets[rows], q.group_size, q.bits, q.input_order)
+    zero = q.zero[rows] if isinstance(q.zero, np.ndarray) else q.zero
+    return GroupedCodes(q.codes[rows], q.scales[rows], q.offsets[rows], q.group_size, q.bits, q.input_order, zero)
 
 
 @dataclass(frozen=True)
