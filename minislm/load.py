@@ -13,6 +13,7 @@ What `--model` can name:
 """
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from .formats.grouped import GroupedCodes, RowStack, to_float32
 from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
 from .model import Model
-from .quantize import QuantConfig, pack, pack_weights, packable, read_packed_weights
+from .quantize import QuantConfig, pack_weights, read_packed_weights
 from .tokenizer import load_tokenizer
 from .weights import StoredTensor, check_tensors, expected_shapes, read_checkpoint, split_fused_experts
 
@@ -66,7 +67,7 @@ def load(
 
         plan = weight_plan(tensors, config, foreign, model_dir)
         used = quant_config(quant, group_size, symmetric)
-        weights = unpack_weights(plan, used, exact)
+        weights = unpack_weights(plan, config, used, exact, model_dir)
     elif stored is not None:
         if quant not in (None, stored.format):
             raise MinislmError(f"--quant {quant}: {model_dir} is already quantized to {stored.describe()}")
@@ -101,23 +102,39 @@ def quant_config(quant: str | None, group_size: int, symmetric: bool) -> QuantCo
     return QuantConfig(quant, group_size, symmetric) if quant else None
 
 
-def unpack_weights(plan: dict, quant: QuantConfig | None, exact: bool) -> dict:
-    """One tensor at a time: its codes into a packed kernel weight (the default), or
-    unpacked to float32 (`exact`, or no group-wise kernels), then re-packed if `quant`
-    asks for bf16/int4. Memory holds at most one float32 tensor beyond the result.
-    PhiMoE's router stays float32, as everywhere in minislm."""
-    native = quant is None and not exact and kernel_weights.available()
+def unpack_weights(plan: dict, config, quant: QuantConfig | None, exact: bool, where) -> dict:
+    """The weights of a GGUF or AWQ/GPTQ/MLX file, one tensor at a time: each matrix's
+    codes in a packed kernel weight (the default, where the group-wise kernels exist),
+    or unpacked to float32 (`exact`, or no such kernels), or unpacked and re-packed by
+    `pack_weights` when `quant` asks for bf16/int4. PhiMoE's router stays float32."""
+    if quant is not None:
+        return pack_weights(UnpackedTensors(plan), config, quant, where)
+    native = not exact and kernel_weights.available()
     weights = {}
     for name, make in plan.items():
         stored = make()
         if native and isinstance(stored, (GroupedCodes, RowStack)) and not name.endswith("block_sparse_moe.gate.weight"):
             weights[name] = kernel_weights.to_kernel_weight(stored, name)
-            continue
-        w = to_float32(stored)
-        if quant is not None and packable(name, w.shape):
-            w = pack(name, StoredTensor("F32", w), quant)
-        weights[name] = w
+        else:
+            weights[name] = to_float32(stored)
     return weights
+
+
+class UnpackedTensors(Mapping):
+    """A plan seen as the {name: StoredTensor} that `pack_weights` reads: each tensor is
+    unpacked to float32 when it is looked up, so at most one is in memory at a time."""
+
+    def __init__(self, plan: dict):
+        self.plan = plan
+
+    def __getitem__(self, name: str) -> StoredTensor:
+        return StoredTensor("F32", to_float32(self.plan[name]()))
+
+    def __iter__(self):
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
 
 
 def load_gguf(path: Path, quant: str | None, group_size: int, symmetric: bool, exact: bool) -> Model:
@@ -130,7 +147,7 @@ def load_gguf(path: Path, quant: str | None, group_size: int, symmetric: bool, e
     plan = {name: planned.make for name, planned in weight_plan(gg).items()}
     return Model(
         gg.config,
-        unpack_weights(plan, used, exact),
+        unpack_weights(plan, gg.config, used, exact, path),
         tokenizer=tokenizer,
         generation_config=GenerationConfig(eos_token_ids=generation_stop_ids(gg)),
         path=path,
