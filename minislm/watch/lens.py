@@ -51,8 +51,15 @@ class Lens:
 
 
 def logit_lens(model, ids: np.ndarray) -> Lens:
+    """One forward over `ids`, then the lens on every recorded stream."""
     trace = Recorder(names=("embed", "resid_post", "logits"))
-    logits = model.logits(ids, trace)
+    model.logits(ids, trace)
+    return lens_from_trace(model, ids, trace)
+
+
+def lens_from_trace(model, ids: np.ndarray, trace: Recorder) -> Lens:
+    """The lens of a recording that kept "embed", every layer's "resid_post" and "logits"."""
+    logits = trace.get("logits")
     streams = [trace.get("embed")] + trace.per_layer("resid_post")
     rows = ["embed"] + [f"layer {i}" for i in range(len(streams) - 1)]
     top_ids, top_probs, next_ranks, next_probs = [], [], [], []
