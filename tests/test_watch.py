@@ -266,7 +266,8 @@ def test_pictures_show_the_numbers_they_claim(tmp_path, shipped, moe_model):
     assert np.array_equal(lens_figure(lens, labels).axes[0].images[0].get_array(), lens.top_probs)
     probs = attention_maps(shipped, ids, layer=1)
     fig = attention_figure(probs, list(range(8)), labels, 1)
-    assert all(np.array_equal(ax.images[0].get_array(), p) for ax, p in zip(fig.axes, probs))
+    assert all(np.array_equal(ax.images[0].get_array().data, p) for ax, p in zip(fig.axes, probs))
+    assert fig.axes[0].images[0].get_array().mask[0, 1]  # the future is drawn as masked
     table = rope_table(moe_model.config)
     lines = rope_figure(table, moe_model.config).axes[0].lines
     assert np.allclose(lines[0].get_ydata(), table.wavelength_short) and np.allclose(lines[1].get_ydata(), table.wavelength_long)

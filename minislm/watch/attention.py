@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import MinislmError
 from ..trace import Recorder
-from .inputs import check_layer, for_picture, model_and_prompt, pieces
+from .inputs import check_layer, for_picture, model_and_prompt, pieces, shown_path
 
 
 def attention_maps(model, ids: np.ndarray, layer: int, heads=None) -> np.ndarray:
@@ -49,7 +49,7 @@ def run_attention(args) -> int:
     labels = pieces(model.tokenizer, ids)
     group = config.num_attention_heads // config.num_key_value_heads
     print(
-        f"{model.path}: layer {layer}, {len(ids)} tokens; "
+        f"{shown_path(model.path)}: layer {layer}, {len(ids)} tokens; "
         + (f"head {heads[0]} (reads key/value head {heads[0] // group})" if len(heads) == 1
            else f"{len(heads)} query heads, {group} per key/value head")
     )

@@ -66,6 +66,7 @@ def add_watch_commands(commands) -> None:
 def add_chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template as a user turn")
     p.add_argument("--system", help="with --chat: a system message")
+    p.add_argument("--no-bos", action="store_true", help="plain text without the BOS token the tokenizer config asks for")
 
 
 def add_png_flag(p: argparse.ArgumentParser) -> None:

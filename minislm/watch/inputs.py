@@ -32,20 +32,30 @@ def model_and_prompt(args):
 
 
 def encode_prompt(tokenizer, args, folder) -> np.ndarray:
-    """PROMPT as plain text (BOS as the tokenizer config says) or, with --chat, as a user
-    turn of the chat template, exactly as `generate` would feed it."""
+    """PROMPT as plain text (BOS as the tokenizer config says, none with --no-bos) or,
+    with --chat, as a user turn of the chat template, exactly as `generate` feeds it."""
     if args.system and not args.chat:
         raise MinislmError("--system needs --chat (a system message only exists in the chat template)")
+    if args.chat and args.no_bos:
+        raise MinislmError("--no-bos is for plain text; with --chat the template decides about BOS")
     if args.chat and not tokenizer.chat_template:
         raise MinislmError(f"--chat: {folder} has no chat template")
     if args.chat:  # the template writes BOS and the special tokens itself
         ids = tokenizer.encode(tokenizer.render_chat(chat_messages(args)), add_bos=False)
     else:
-        ids = tokenizer.encode(args.prompt)
+        ids = tokenizer.encode(args.prompt, add_bos=False if args.no_bos else None)
     ids = np.array(ids, dtype=np.int64)
     if ids.size == 0:
         raise MinislmError("PROMPT gives no tokens: give some text")
     return ids
+
+
+def shown_path(path) -> str:
+    """A model folder as a reader would type it: relative to here when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def chat_messages(args) -> list[dict]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..model import norm
 from ..trace import Recorder
-from .inputs import for_picture, model_and_prompt, pieces
+from .inputs import for_picture, model_and_prompt, pieces, shown_path
 
 # Recording budget: the embedding plus one (T, D) stream per layer; a 128-token
 # prompt through Phi-3-mini's 32 layers of 3072 floats takes 52 MB.
@@ -117,7 +117,7 @@ def run_lens(args) -> int:
         ids = for_picture(ids, "the lens picture")
     lens = logit_lens(model, ids)
     labels = pieces(model.tokenizer, ids)
-    print(f"{model.path}: {len(ids)} tokens, {len(lens.rows) - 1} layers")
+    print(f"{shown_path(model.path)}: {len(ids)} tokens, {len(lens.rows) - 1} layers")
     print(format_lens(lens, labels, max(1, args.last)))
     print()
     print("next token after the prompt (the model's own probabilities, before any sampling setting):")

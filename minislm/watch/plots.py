@@ -56,14 +56,14 @@ def lens_figure(lens, labels: list[str]):
     """Rows: the streams (embed, layer 0..); columns: positions. Colour: the probability of
     the stream's top token; text: that token, in bold where it is the actual next token."""
     R, T = lens.top_probs.shape
-    fig = new_figure(2.5 + 0.45 * T, 1.5 + 0.35 * R)
+    fig = new_figure(max(8.5, 2.5 + 0.45 * T), 1.5 + 0.35 * R)
     ax = fig.subplots()
     image = ax.imshow(lens.top_probs, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="probability of the top token", shrink=0.8)
     ax.set_yticks(np.arange(R), lens.rows, fontsize=8)
     label_tokens(ax, [f"{t} {p}" for t, p in enumerate(labels)], "x")
     ax.set_xlabel("input token at each position (the prediction is for the token after it)")
-    ax.set_title("logit lens: each layer's top next-token prediction (bold = the actual next token)")
+    ax.set_title("logit lens: each layer's top next-token prediction (bold = the actual next token)", fontsize=10)
     if T <= MAX_ANNOTATED_CELLS:
         for r in range(R):
             for t in range(T):
@@ -75,7 +75,8 @@ def lens_figure(lens, labels: list[str]):
 
 
 def attention_figure(probs: np.ndarray, heads: list[int], labels: list[str], layer: int):
-    """One heatmap per head: row = query position, column = key position."""
+    """One heatmap per head: row = query position, column = key position; the future
+    (right of the diagonal), which the causal mask hides, in grey."""
     n = len(heads)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -83,8 +84,12 @@ def attention_figure(probs: np.ndarray, heads: list[int], labels: list[str], lay
     side = 2.0 + (0.18 * T if n == 1 else min(0.18 * T, 4))
     fig = new_figure(cols * side + 1, rows * side)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    from matplotlib import colormaps
+
+    cmap = colormaps["Blues"].with_extremes(bad="#e6e6e6")  # grey: keys after the query, masked
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)  # masked: after the query and exactly 0
     for ax, head, p in zip(axes, heads, probs):
-        image = ax.imshow(p, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        image = ax.imshow(np.ma.masked_array(p, future & (p == 0)), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"head {head}", fontsize=9)
         if n == 1 or T <= 24:
             label_tokens(ax, labels, "x")

@@ -17,7 +17,7 @@ from ..commands import model_argument
 from ..config import load_config
 from ..hub import resolve_model_dir
 from ..model import rope_inv_freq
-from .inputs import check_output_path
+from .inputs import check_output_path, shown_path
 
 
 @dataclass
@@ -51,22 +51,25 @@ def rope_table(config) -> RopeTable:
     )
 
 
-def format_table(table: RopeTable, context: int) -> str:
+def format_table(table: RopeTable, context: int, original: int) -> str:
+    """One row per pair. 'turns' = full turns over the positions where that factor set
+    applies: up to `original` tokens for LongRoPE's short set, `context` otherwise."""
     half = table.rotary_dim // 2
     long = table.inv_freq_long is not None
-    head = f"{'pair':>4}  {'dims':>9}  {'inv_freq':>10}  {'wavelength':>12}  {'turns in ctx':>12}"
+    short = "short " if long else ""
+    head = f"{'pair':>4}  {'dims':>9}  {short + 'inv_freq':>14}  {short + 'wavelength':>16}  {short + 'turns':>11}"
     if long:
-        head += f"  {'short f':>8}  {'long f':>8}  {'long inv_freq':>13}  {'long wavelength':>15}"
+        head += f"  {'short f':>8}  {'long f':>8}  {'long inv_freq':>13}  {'long wavelength':>15}  {'long turns':>10}"
     lines = [head]
     for i in range(half):
         line = (
-            f"{i:>4}  {f'{i},{i + half}':>9}  {table.inv_freq_short[i]:>10.4g}  {table.wavelength_short[i]:>12.5g}"
-            f"  {context / table.wavelength_short[i]:>12.4g}"
+            f"{i:>4}  {f'{i},{i + half}':>9}  {table.inv_freq_short[i]:>14.4g}  {table.wavelength_short[i]:>16.5g}"
+            f"  {(original if long else context) / table.wavelength_short[i]:>11.4g}"
         )
         if long:
             line += (
                 f"  {table.short_factor[i]:>8.4g}  {table.long_factor[i]:>8.4g}  {table.inv_freq_long[i]:>13.4g}"
-                f"  {table.wavelength_long[i]:>15.5g}"
+                f"  {table.wavelength_long[i]:>15.5g}  {context / table.wavelength_long[i]:>10.4g}"
             )
         lines.append(line)
     return "\n".join(lines)
@@ -78,7 +81,9 @@ def describe(config) -> list[str]:
         f"{rope.kind} RoPE, theta {rope.theta:g}: {rope.rotary_dim} of each head's {config.head_dim} dims rotate "
         f"in {rope.rotary_dim // 2} pairs (i, i + {rope.rotary_dim // 2}), rotate-half"
         + ("" if rope.rotary_dim == config.head_dim else f"; dims {rope.rotary_dim}..{config.head_dim - 1} pass through"),
-        "wavelength = 2 pi / inv_freq tokens for one full turn; 'turns in ctx' = max_position_embeddings / wavelength",
+        "wavelength = 2 pi / inv_freq tokens for one full turn; turns = how many of them fit in the context"
+        + (" the factor set is used for (short: original_max_position_embeddings, long: max_position_embeddings)"
+           if rope.kind == "longrope" else " (max_position_embeddings)"),
     ]
     if rope.kind == "longrope":
         n = rope.original_max_position_embeddings
@@ -103,10 +108,10 @@ def run_rope(args) -> int:
     folder = resolve_model_dir(model_argument(args), args.revision)
     config = load_config(folder)  # config.json alone: no weights are read
     table = rope_table(config)
-    print(f"{folder}: context {config.max_position_embeddings} tokens")
+    print(f"{shown_path(folder)}: context {config.max_position_embeddings} tokens")
     for line in describe(config):
         print(line)
-    print(format_table(table, config.max_position_embeddings))
+    print(format_table(table, config.max_position_embeddings, config.rope.original_max_position_embeddings))
     if args.png:
         from .plots import rope_figure, save
 

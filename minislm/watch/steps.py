@@ -9,7 +9,7 @@ import json
 import math
 
 from ..trace import SummaryRecorder
-from .inputs import model_and_prompt, parse_layers, pieces, write_text
+from .inputs import model_and_prompt, parse_layers, pieces, shown_path, write_text
 
 
 def trace_prompt(model, ids, layers=None) -> SummaryRecorder:
@@ -55,7 +55,7 @@ def run_trace(args) -> int:
     trace = trace_prompt(model, ids, layers)
     config = model.config
     print(
-        f"{model.path}: one forward over {len(ids)} tokens, {config.num_hidden_layers} layers"
+        f"{shown_path(model.path)}: one forward over {len(ids)} tokens, {config.num_hidden_layers} layers"
         f"{'' if args.layers is None else f' (showing {args.layers})'}; "
         f"T = {len(ids)} tokens, D = {config.hidden_size}, H = {config.num_attention_heads} query heads, "
         f"KV = {config.num_key_value_heads} key/value heads, hd = {config.head_dim}"

@@ -100,7 +100,7 @@ def run_tokenize(args) -> int:
         print("the chat template renders (↵ = a newline in the text):")
         print(show_newlines(tokenizer.render_chat(chat_messages(args))))
         print()
-    elif tokenizer.add_bos and tokenizer.bos_id is not None:
+    elif tokenizer.add_bos and tokenizer.bos_id is not None and not args.no_bos:
         print("plain text, BOS first as the tokenizer config asks (--chat: as a chat turn)")
     print(format_rows(describe(tokenizer, ids)))
     print("ids:", " ".join(str(int(i)) for i in ids))
