@@ -14,8 +14,8 @@ def add_watch_commands(commands) -> None:
     """Add the subcommands to `minislm.cli`'s subparsers."""
     from ..cli import add_model_flags, add_quant_flags
 
-    def model_command(name: str, help: str, prompt: str = "required") -> argparse.ArgumentParser:
-        p = commands.add_parser(name, help=help, description=help)
+    def model_command(name: str, summary: str, prompt: str = "required") -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=summary, description=summary)
         add_model_flags(p)
         add_quant_flags(p)
         nargs = None if prompt == "required" else "?"

@@ -99,8 +99,9 @@ def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_f
 
 
 def render(data: dict) -> str:
-    """The template with the data inline; '</' escaped so no string can end the script."""
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    """The template with the data inline. Every '<' is written as \\u003c, which JSON
+    reads back as '<', so no token piece ('</script>', '<!--') can end or bend the script."""
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
     return TEMPLATE.read_text(encoding="utf-8").replace("/*DATA*/null", payload)
 
 

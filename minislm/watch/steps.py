@@ -59,6 +59,7 @@ def run_trace(args) -> int:
         f"{'' if args.layers is None else f' (showing {args.layers})'}; "
         f"T = {len(ids)} tokens, D = {config.hidden_size}, H = {config.num_attention_heads} query heads, "
         f"KV = {config.num_key_value_heads} key/value heads, hd = {config.head_dim}"
+        + (f", E = {config.num_local_experts} experts" if config.model_type == "phimoe" else f", F = {config.intermediate_size}")
     )
     print(format_table(trace.summaries))
     if args.json:
