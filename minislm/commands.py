@@ -7,20 +7,19 @@ from pathlib import Path
 
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text, generate_tokens
+from .load import BUNDLED_MODEL, bundled_model  # noqa: F401  (BUNDLED_MODEL: for tests and tools)
 from .sampling import Sampler, SamplingSettings
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "shakespeare"
 
 
 def model_argument(args) -> str:
-    """--model, or the small model shipped inside the package when there is one."""
-    if args.model:
+    """--model, or the small model shipped inside the package when there is one.
+    An empty --model is an error (an unset shell variable), not "the default"."""
+    if args.model is not None:
+        if not args.model.strip():
+            raise MinislmError("--model is empty; give a model folder or a Hugging Face repo id (or leave --model out)")
         return args.model
-    if (BUNDLED_MODEL / "config.json").is_file():
-        return str(BUNDLED_MODEL)
-    raise MinislmError(
-        "no --model given and this install has no bundled model; pass --model with a folder or a Hugging Face repo id"
-    )
+    return str(bundled_model())
 
 
 def set_threads(threads: int | None) -> None:
@@ -35,20 +34,19 @@ def set_threads(threads: int | None) -> None:
 
 
 def load_model(args):
+    from .hub import resolve_model_dir
     from .load import load
 
     set_threads(args.threads)
-    quant = getattr(args, "quant", None)
-    model = load(
-        model_argument(args),
-        revision=args.revision,
-        quant=quant,
-        group_size=getattr(args, "group_size", 32),
-        symmetric=not getattr(args, "asymmetric", False),
+    model_dir = resolve_model_dir(model_argument(args), args.revision)
+    if not (model_dir / "tokenizer.json").is_file() and (model_dir / "config.json").is_file():
+        raise MinislmError(f"{model_dir}: no tokenizer.json in the model folder")
+    return load(
+        model_dir,
+        quant=getattr(args, "quant", None),
+        group_size=getattr(args, "group_size", None),
+        symmetric=False if getattr(args, "asymmetric", False) else None,
     )
-    if model.tokenizer is None:
-        raise MinislmError(f"{model.path}: no tokenizer.json in the model folder")
-    return model
 
 
 def sampler_for(args, model) -> Sampler:
@@ -96,11 +94,7 @@ def prompt_ids(model, prompt: str, system: str | None, use_template: bool) -> li
 
 
 def run_generate(args) -> int:
-    if args.prompt is not None and args.prompt_text is not None:
-        raise MinislmError("give the prompt once: either as PROMPT or with --prompt")
-    prompt = args.prompt if args.prompt is not None else args.prompt_text
-    if prompt is None:
-        raise MinislmError('no prompt: minislm generate "your prompt" (or --prompt TEXT)')
+    prompt = read_prompt(args)
     if args.save_experts and not Path(args.save_experts).resolve().parent.is_dir():
         raise MinislmError(f"--save-experts: the folder of {args.save_experts} does not exist")
     model = load_model(args)
@@ -123,6 +117,80 @@ def run_generate(args) -> int:
         save_expert_trace(args.save_experts, trace, model)
     print_stats(stats, model)
     return 0
+
+
+def read_prompt(args) -> str:
+    """The prompt from exactly one place: PROMPT, --prompt TEXT, --file PATH, or stdin
+    (`-p -`, `-` as PROMPT, or a pipe when no prompt is given). A long prompt read from
+    a file or a pipe does not meet the shell's argument limit. Text read from a file or
+    stdin loses one trailing newline, so `echo "ROMEO:" | minislm generate` is
+    `minislm generate "ROMEO:"`."""
+    given = [(name, value) for name, value in (("PROMPT", args.prompt_text), ("--prompt", args.prompt), ("--file", args.file))
+             if value is not None]
+    if len(given) > 1:
+        raise MinislmError(f"give the prompt once: {' and '.join(name for name, _ in given)} were both given")
+    if not given:
+        if stdin_is_terminal():
+            raise MinislmError('no prompt: minislm generate "your prompt" (or --prompt TEXT, --file PATH, or pipe it in)')
+        given = [("stdin", "-")]
+    name, value = given[0]
+    if name == "--file":
+        return strip_one_newline(read_text_file(value, "--file"))
+    if value == "-" or name == "stdin":
+        text = read_stdin()
+        if not text:
+            raise MinislmError("no prompt: stdin was empty")
+        return strip_one_newline(text)
+    return check_utf8(value, name)
+
+
+def stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is None or sys.stdin.isatty()
+    except (AttributeError, ValueError, OSError):
+        return True
+
+
+def read_stdin() -> str:
+    try:
+        data = sys.stdin.buffer.read()
+    except (AttributeError, OSError, ValueError) as e:
+        raise MinislmError(f"cannot read the prompt from stdin ({e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MinislmError(f"the prompt on stdin is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """A UTF-8 text file, every failure one line naming the flag and the file."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MinislmError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise MinislmError(f"{flag} {path}: is a folder, not a file") from None
+    except OSError as e:
+        raise MinislmError(f"{flag} {path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MinislmError(f"{flag} {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def strip_one_newline(text: str) -> str:
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def check_utf8(text: str, name: str) -> str:
+    """Arguments that were not valid UTF-8 arrive with lone surrogates (Python's
+    surrogateescape); the tokenizer cannot encode them, so say so here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start].encode("utf-8", "surrogateescape")
+        raise MinislmError(f"{name}: not valid UTF-8 text (byte 0x{raw[0]:02x} at character {e.start})") from None
+    return text
 
 
 def check_has_experts(model, flag: str) -> None:
@@ -189,49 +257,85 @@ def run_chat(args) -> int:
     sampler = sampler_for(args, model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    print(f"minislm chat with {model.path}: /bye to quit, /clear to start over", file=sys.stderr)
+    # A line that is not UTF-8 must not end the session: read it with its bad bytes
+    # kept as surrogates, and refuse that one line.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    print(f"minislm chat with {model.path}: /bye or Ctrl-D to quit, /clear to start over, "
+          "Ctrl-C to stop a reply", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
             print()
             return 0
         command = line.strip()
         if command == "/bye":
             return 0
         if command == "/clear":
+            turns = sum(1 for m in messages if m["role"] == "user")
+            print(f"[cleared: {turns} turn{'s' * (turns != 1)} and {cache.length} cached tokens forgotten"
+                  f"{'; the system message stays' if system else ''}]", file=sys.stderr)
             messages = list(system)
             cache.truncate(0)
             continue
         if not command:
             continue
+        try:
+            check_utf8(line, "that line")
+        except MinislmError as e:
+            print(f"[{e}; nothing was sent]", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
-        ids = tokenizer.encode_chat(messages)
+        try:
+            ids = tokenizer.encode_chat(messages)
+        except MinislmError:
+            messages.pop()
+            raise
         if len(ids) >= capacity:
             messages.pop()
             print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)
             continue
-        # Reuse the cache for the longest prefix it shares with the new conversation;
-        # only the rest (the new user turn, mostly) goes through the model.
-        keep = min(common_prefix(cache.tokens[: cache.length], ids), len(ids) - 1)
-        cache.truncate(keep)
-        stats = GenerationStats()
-        max_new = min(args.max_tokens, capacity - len(ids))
-        trace = [] if args.show_experts else None
+        reply, stats, keep, trace = chat_turn(model, cache, sampler, ids, args, capacity)
+        messages.append({"role": "assistant", "content": reply})
+        if trace is not None:
+            print_expert_trace(trace, model)
+        print_stats(stats, model, reused=keep)
+        if stats.stop_reason == "interrupted":
+            print("[reply stopped; Ctrl-C again or Ctrl-D to leave]", file=sys.stderr)
+        elif len(ids) + stats.generated_tokens >= capacity:
+            print(f"[context full: this conversation now fills all {capacity} tokens (--ctx-size); "
+                  "/clear to start over]", file=sys.stderr)
+
+
+def chat_turn(model, cache, sampler, ids: list[int], args, capacity: int):
+    """One reply, streamed; Ctrl-C stops it and keeps what was said so far.
+
+    The cache stays consistent when a forward is interrupted: its length moves only
+    after a whole forward (KVCache.advance), so the next turn reuses what is complete.
+    """
+    # Reuse the cache for the longest prefix it shares with the new conversation;
+    # only the rest (the new user turn, mostly) goes through the model.
+    keep = min(common_prefix(cache.tokens[: cache.length], ids), len(ids) - 1)
+    cache.truncate(keep)
+    stats = GenerationStats()
+    max_new = min(args.max_tokens, capacity - len(ids))
+    trace = [] if args.show_experts else None
+    reply = []
+    try:
         tokens = generate_tokens(
             model, ids[keep:], max_new, sampler, stop_ids(model), cache=cache, history=ids[:keep], stats=stats,
             expert_trace=trace,
         )
-        reply = []
-        for piece in generate_text(tokenizer, tokens, (), stats):
+        for piece in generate_text(model.tokenizer, tokens, (), stats):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
-        if trace is not None:
-            print_expert_trace(trace, model)
-        print_stats(stats, model, reused=keep)
+    except KeyboardInterrupt:
+        stats.stop_reason = "interrupted"
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(reply), stats, keep, trace
 
 
 def common_prefix(a, b) -> int:

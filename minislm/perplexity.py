@@ -66,8 +66,11 @@ def score_text(model, text: str, window: int | None = None, stride: int | None =
         raise MinislmError("the text is empty")
     ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
     characters = len(text) if tokenizer.bos_id is not None else len(tokenizer.decode(ids[1:]))
-    window = min(window or model.config.max_position_embeddings, model.config.max_position_embeddings)
-    stride = stride or max(1, window // 2)
+    context = model.config.max_position_embeddings
+    if window is not None and window < 2:
+        raise MinislmError(f"--window must be >= 2, got {window}")
+    window = context if window is None else min(window, context)
+    stride = max(1, window // 2) if stride is None else stride
     if not 0 < stride < window:
         raise MinislmError(f"--stride must be in [1, {window - 1}] (below the window, {window}), got {stride}")
 
