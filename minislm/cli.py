@@ -133,6 +133,16 @@ def check_flags(args) -> None:
 
 
 def main(argv=None) -> int:
+    import numpy as np
+
+    # NaN/Inf from a damaged checkpoint are found and named by an explicit check of the
+    # logits (minislm/finite.py); NumPy's per-operation RuntimeWarnings would only add
+    # lines of noise before that one-line error.
+    with np.errstate(all="ignore"):
+        return run_command(argv)
+
+
+def run_command(argv) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

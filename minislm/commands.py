@@ -257,6 +257,7 @@ def run_chat(args) -> int:
     sampler = sampler_for(args, model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    tokenizer.encode_chat(system + [{"role": "user", "content": "hello"}])  # a template that cannot render: stop now
     # A line that is not UTF-8 must not end the session: read it with its bad bytes
     # kept as surrogates, and refuse that one line.
     if hasattr(sys.stdin, "reconfigure"):
@@ -289,9 +290,10 @@ def run_chat(args) -> int:
         messages.append({"role": "user", "content": line})
         try:
             ids = tokenizer.encode_chat(messages)
-        except MinislmError:
+        except MinislmError as e:  # the template refused this conversation: say so, keep the session
             messages.pop()
-            raise
+            print(f"[{e}; nothing was sent]", file=sys.stderr)
+            continue
         if len(ids) >= capacity:
             messages.pop()
             print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)

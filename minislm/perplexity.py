@@ -78,7 +78,7 @@ def score_text(model, text: str, window: int | None = None, stride: int | None =
     if progress:
         from tqdm import tqdm
 
-        spans = tqdm(spans, desc="perplexity", unit="window")
+        spans = tqdm(spans, desc="perplexity", unit="window", disable=None, leave=False)  # a bar on terminals only
     nll, scored = 0.0, 0
     for begin, end, first in spans:
         logits = model.logits(ids[begin:end])  # (end - begin, V)

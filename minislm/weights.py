@@ -116,16 +116,17 @@ def read_safetensors(path: Path) -> dict[str, StoredTensor]:
             continue
         tensors[name], span = view_tensor(path, name, info, data, data_size)
         spans.append((span, name))
-    check_no_overlap(path, spans)
+    check_byte_ranges(path, spans, data_size)
     return tensors
 
 
-def check_no_overlap(path: Path, spans: list[tuple[tuple[int, int], str]]) -> None:
-    """Refuse tensors that share bytes, as the safetensors format does.
+def check_byte_ranges(path: Path, spans: list[tuple[tuple[int, int], str]], data_size: int) -> None:
+    """Each tensor owns its own bytes, and together they cover the data exactly, as the
+    safetensors format requires (and its own reader enforces).
 
-    Two names over the same bytes would be two views of one buffer: writing one
-    (an in-place edit, a fine-tune) would silently change the other, and a file
-    can use it to look like something else to another reader.
+    Two names over the same bytes would be two views of one buffer: writing one (an
+    in-place edit, a fine-tune) would silently change the other. Bytes that belong to
+    no tensor are how one file poses as two formats at once (a polyglot).
     """
     previous_end, previous = 0, None
     for (begin, end), name in sorted(spans):
@@ -136,7 +137,11 @@ def check_no_overlap(path: Path, spans: list[tuple[tuple[int, int], str]]) -> No
                 f"{path}: tensors '{previous}' and '{name}' overlap (bytes {begin}..{min(end, previous_end)} of the "
                 "data are in both); a safetensors file gives each tensor its own bytes"
             )
+        if begin > previous_end:
+            raise MinislmError(f"{path}: bytes {previous_end}..{begin} of the data belong to no tensor (a hole)")
         previous_end, previous = end, name
+    if previous_end != data_size:
+        raise MinislmError(f"{path}: {data_size - previous_end} bytes after the last tensor belong to no tensor")
 
 
 def is_count(value) -> bool:

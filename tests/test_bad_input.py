@@ -21,7 +21,8 @@ PROMPT = "hello"
 def minislm(*args, env=None):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "minislm", *args], capture_output=True, text=True, env=full_env, timeout=120
+        [sys.executable, "-m", "minislm", *args], capture_output=True, text=True, env=full_env, timeout=120,
+        stdin=subprocess.DEVNULL,  # a prompt-less generate reads stdin: give it an empty one
     )
 
 
