@@ -294,6 +294,10 @@ def run_chat(args) -> int:
             messages.pop()
             print(f"[{e}; nothing was sent]", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C before the reply began
+            messages.pop()
+            print("[stopped; nothing was sent]", file=sys.stderr)
+            continue
         if len(ids) >= capacity:
             messages.pop()
             print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)
@@ -335,6 +339,8 @@ def chat_turn(model, cache, sampler, ids: list[int], args, capacity: int):
             sys.stdout.flush()
     except KeyboardInterrupt:
         stats.stop_reason = "interrupted"
+    if stats.stop_reason == "length" and max_new < args.max_tokens:
+        stats.stop_reason = "context"  # cut short by the room left in --ctx-size, not by --max-tokens
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(reply), stats, keep, trace
