@@ -122,6 +122,8 @@ def load_config(model_dir: Path) -> ModelConfig:
 # we build a list of millions of expected tensor names.
 MAX_LAYERS = 1024
 MAX_EXPERTS = 1024
+# Positions are int64 in the forward; far beyond any context a model could have.
+MAX_POSITIONS = 2**53
 
 
 def need(raw: dict, key: str, source: str, kind=int, default=None, minimum=None):
@@ -196,11 +198,15 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
         raise MinislmError(f"{source}: num_hidden_layers is {n_layers}, more than any real model (at most {MAX_LAYERS})")
 
     max_pos = positive(raw, "max_position_embeddings", source)
+    if max_pos > MAX_POSITIONS:
+        raise MinislmError(f"{source}: max_position_embeddings is {max_pos}, beyond any context (at most 2**53)")
     sliding_window = raw.get("sliding_window")
     if sliding_window is not None and (
         isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0
     ):
         raise MinislmError(f"{source}: sliding_window must be a positive integer or null, got {sliding_window!r:.80}")
+    if sliding_window is not None and sliding_window >= max_pos:
+        sliding_window = None  # a window as long as the context masks nothing
     bos = raw.get("bos_token_id", 1)
     if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
         raise MinislmError(f"{source}: 'bos_token_id' must be a token id (an integer >= 0) or null, got {bos!r:.80}")
@@ -275,6 +281,8 @@ def parse_rope(raw: dict, head_dim: int, max_pos: int, source: str, model_type: 
 
     theta = float(setting("rope_theta", DEFAULT_ROPE_THETA[model_type]))
     partial = float(setting("partial_rotary_factor", 1.0))
+    if partial > 1:
+        raise MinislmError(f"{source}: partial_rotary_factor must be in (0, 1], got {partial}")
     rotary_dim = int(head_dim * partial)
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
         raise MinislmError(
