@@ -130,6 +130,14 @@ def check_flags(args) -> None:
     for attr, (setting, flag) in SAMPLING_FLAGS.items():
         if hasattr(args, attr):
             check_setting(setting, getattr(args, attr), flag)
+    # Text the tokenizer will see must be UTF-8; bytes that are not arrive from the shell
+    # as lone surrogates, which only fail later, deep in the tokenizer.
+    from .text_input import check_utf8
+
+    for attr, flag in (("prompt_text", "PROMPT"), ("prompt", "--prompt"), ("system", "--system")):
+        check_utf8(getattr(args, attr, None), flag)
+    for stop in getattr(args, "stop", None) or ():
+        check_utf8(stop, "--stop")
 
 
 def main(argv=None) -> int:

@@ -94,16 +94,10 @@ def run_perplexity(args) -> int:
     from pathlib import Path
 
     from .commands import load_model
+    from .text_input import read_text_file
 
     path = Path(args.file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MinislmError(f"--file {path}: no such file") from None
-    except UnicodeDecodeError:
-        raise MinislmError(f"--file {path}: not UTF-8 text") from None
-    except OSError as e:
-        raise MinislmError(f"--file {path}: cannot read ({e.strerror})") from None
+    text = read_text_file(args.file, "--file")
     model = load_model(args)
     result = score_text(model, text, args.window, args.stride, progress=True)
     print(
