@@ -7,20 +7,16 @@ from pathlib import Path
 
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text, generate_tokens
-from .text_input import check_utf8, read_prompt
 from .load import BUNDLED_MODEL, bundled_model  # noqa: F401  (BUNDLED_MODEL: for tests and tools)
 from .sampling import Sampler, SamplingSettings
-
+from .text_input import check_utf8, read_prompt
 
 
 def model_argument(args) -> str:
     """--model, or the small model shipped inside the package when there is one.
-    An empty --model is an error (an unset shell variable), not "the default"."""
-    if args.model is not None:
-        if not args.model.strip():
-            raise MinislmError("--model is empty; give a model folder or a Hugging Face repo id (or leave --model out)")
-        return args.model
-    return str(bundled_model())
+    (An empty --model is refused by the flag checks: it is an unset shell variable,
+    not a request for the default.)"""
+    return args.model if args.model is not None else str(bundled_model())
 
 
 def set_threads(threads: int | None) -> None:
