@@ -79,13 +79,15 @@ def build_parser() -> ArgumentParser:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="model folder or Hugging Face repo id (default: the bundled model)")
+    p.add_argument("--model", "-m", help="model folder, Hugging Face repo id or .gguf file (default: the bundled model)")
     p.add_argument("--revision", help="branch, tag or commit of a hub repo")
     p.add_argument("--threads", "-t", type=int, help="CPU threads for matmuls (default: all cores)")
 
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant", choices=["bf16", "int4"], help="keep matrices as bf16 or quantize them to int4 at load")
+    p.add_argument("--quant", choices=["bf16", "int4", "float32"],
+                   help="keep matrices as bf16 or quantize them to int4 at load; float32: unpack a GGUF/AWQ/GPTQ/MLX "
+                        "file's weights exactly to float32 instead of multiplying its codes")
     add_group_flags(p)
 
 

@@ -37,15 +37,21 @@ def load_model(args):
     from .load import load
 
     set_threads(args.threads)
-    model_dir = resolve_model_dir(model_argument(args), args.revision)
-    if not (model_dir / "tokenizer.json").is_file() and (model_dir / "config.json").is_file():
-        raise MinislmError(f"{model_dir}: no tokenizer.json in the model folder")
-    return load(
-        model_dir,
+    source = model_argument(args)
+    flags = dict(
         quant=getattr(args, "quant", None),
         group_size=getattr(args, "group_size", None),
         symmetric=False if getattr(args, "asymmetric", False) else None,
     )
+    if Path(source).expanduser().is_file():  # a GGUF file carries its own tokenizer
+        model = load(source, **flags)
+        if model.tokenizer is None:
+            raise MinislmError(f"{source}: this GGUF file has no tokenizer (no tokenizer.ggml.* metadata)")
+        return model
+    model_dir = resolve_model_dir(source, args.revision)
+    if not (model_dir / "tokenizer.json").is_file() and (model_dir / "config.json").is_file():
+        raise MinislmError(f"{model_dir}: no tokenizer.json in the model folder")
+    return load(model_dir, **flags)
 
 
 def sampler_for(args, model) -> Sampler:

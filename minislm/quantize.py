@@ -208,7 +208,16 @@ def run_quantize(args) -> int:
         group_size=args.group_size, symmetric=False if args.asymmetric else None,
     )
     quant = model.quant
-    save_quantized(model.path, out_dir, model.weights, quant)
+    if Path(model.path).is_file():  # a GGUF file: its metadata becomes config.json and the tokenizer files
+        import tempfile
+
+        from .formats.gguf import write_hub_files
+
+        with tempfile.TemporaryDirectory() as source:
+            write_hub_files(Path(model.path), Path(source))
+            save_quantized(Path(source), out_dir, model.weights, quant)
+    else:
+        save_quantized(model.path, out_dir, model.weights, quant)
     size = sum(p.stat().st_size for p in out_dir.iterdir())
     print(f"{out_dir}: {quant.describe()}, {size / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s")
     return 0
