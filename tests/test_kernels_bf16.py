@@ -159,7 +159,7 @@ def test_activations_split_into_two_bf16_keep_16_significant_bits(x):
         return
     hi, lo = ref.split_bf16(np.array([x], np.float32))
     rest = abs(float(x) - float(ref.bf16_to_f32(hi)[0]) - float(ref.bf16_to_f32(lo)[0]))
-    assert rest <= 2.0 ** -16 * abs(x) + 2.0 ** -149
+    assert rest <= 2.0 ** -16 * abs(x) + 2.0 ** -134   # + half of bf16's subnormal spacing
 
 
 @PROPERTY
