@@ -48,9 +48,11 @@ from .checks import as_activations, as_row_ids
 from .simd import bits_to_f32, f32_to_bits, packed_block_kernel, scale_to_f32
 
 # Up to this many tokens, one GEMV per token beats the GEMM (which computes 4
-# tokens per pass whatever T is); measured in tools/bench_kernels.py.
+# tokens per pass whatever T is); from AMX_MIN_TOKENS on, AMX (16 tokens per
+# tile) beats the VNNI GEMM. Measured on one thread (docs/kernels.md).
 GEMV_MAX_TOKENS = 2
 GEMM_TOKENS = 4
+AMX_MIN_TOKENS = 16
 
 _int4_gemv_vnni = packed_block_kernel(1, 4, "vnni")
 _int4_gemm_vnni = packed_block_kernel(GEMM_TOKENS, 4, "vnni")
@@ -519,7 +521,8 @@ class PackedWeight:
             for t in range(n_tok):
                 gemv(*args, x[t: t + 1], out[t: t + 1])
             return out if out.shape == (n_tok, n) else np.ascontiguousarray(out[:n_tok, :n])
-        path = path or cpu.int8_gemm_path()
+        if path is None:
+            path = cpu.int8_gemm_path() if n_tok >= AMX_MIN_TOKENS else cpu.int8_dot_path()
         if path == "amx" and not cpu.has_amx_int8():   # also asks Linux for the tile state
             raise ValueError("path='amx': this CPU or operating system offers no AMX-INT8")
         if path == "amx" and not amx.usable(self.group_size):
