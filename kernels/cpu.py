@@ -20,8 +20,9 @@ until the process asks for them with `arch_prctl(ARCH_REQ_XCOMP_PERM)`;
 `amx_permission()` asks once. Without it the first tile instruction would
 kill the process.
 
-`MINISLM_KERNELS=portable|vnni|amx` caps the choice (for tests and
-measurements); it never enables an instruction the CPU lacks.
+`MINISLM_KERNELS=portable|vnni|amx` caps the choice (for measurements); it
+never enables an instruction the CPU lacks. Every answer here is decided once
+per process (the environment is read at the first matmul, not in every one).
 """
 
 import ctypes
@@ -82,6 +83,7 @@ def has_amx_bf16() -> bool:
     return {"amx-tile", "amx-bf16"} <= cpu_features() and amx_permission()
 
 
+@lru_cache(maxsize=None)
 def allowed(path: str) -> bool:
     """Whether `MINISLM_KERNELS` permits `path` (it caps the choice, in PATHS order)."""
     cap = os.environ.get(ENV, "amx")
@@ -90,11 +92,13 @@ def allowed(path: str) -> bool:
     return PATHS.index(path) <= PATHS.index(cap)
 
 
+@lru_cache(maxsize=None)
 def int8_dot_path() -> str:
     """'vnni' or 'portable': how the int4/int8 GEMV and GEMM multiply bytes."""
     return "vnni" if has_vnni() and allowed("vnni") else "portable"
 
 
+@lru_cache(maxsize=None)
 def int8_gemm_path() -> str:
     """'amx', 'vnni' or 'portable': the prefill path for int4/int8 weights."""
     if has_amx_int8() and allowed("amx"):
@@ -102,6 +106,7 @@ def int8_gemm_path() -> str:
     return int8_dot_path()
 
 
+@lru_cache(maxsize=None)
 def bf16_gemm_path() -> str:
     """'amx' or 'portable' (widen tiles to fp32, BLAS multiplies): bf16 prefill."""
     return "amx" if has_amx_bf16() and allowed("amx") else "portable"
