@@ -84,6 +84,16 @@ class ModelConfig:
     # phi3_v only: the image encoder (None for text-only models).
     vision: VisionConfig | None = None
 
+    @property
+    def q_size(self) -> int:
+        """Width of all query heads side by side: H * hd."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of all key (or value) heads side by side: KV * hd."""
+        return self.num_key_value_heads * self.head_dim
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
