@@ -21,6 +21,7 @@ import numpy as np
 from numba import vectorize
 
 from ..model import linear
+from ..trace import NO_TRACE
 from .config import IMAGE_EMBED, VisionConfig
 from .image import CELLS_PER_SIDE, ProcessedImage
 from .tower import vision_tower
@@ -86,9 +87,13 @@ def project(x: np.ndarray, weights: dict) -> np.ndarray:
     return linear(h, weights[p + "2.weight"], weights[p + "2.bias"])  # (n, D)
 
 
-def encode_image(config: VisionConfig, weights: dict, image: ProcessedImage) -> np.ndarray:
-    """A processed image -> its (num_tokens, D) embeddings, in placeholder order."""
+def encode_image(config: VisionConfig, weights: dict, image: ProcessedImage, trace=NO_TRACE) -> np.ndarray:
+    """A processed image -> its (num_tokens, D) embeddings, in placeholder order.
+    A recorder (`trace`) gets its views, the tower's patch features and the tokens."""
+    trace.record("image_views", image.pixel_values)  # (1 + crops, 3, 336, 336)
     features = vision_tower(config, weights, image.pixel_values)  # (1 + crops, 576, C)
+    trace.record("image_patches", features)
     tokens = project(image_sequence(features, image.grid, weights), weights)
+    trace.record("image_tokens", tokens)
     assert len(tokens) == image.num_tokens, (len(tokens), image.num_tokens)
     return np.ascontiguousarray(tokens, dtype=np.float32)

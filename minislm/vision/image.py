@@ -67,6 +67,11 @@ class ProcessedImage:
     def num_tokens(self) -> int:
         return num_image_tokens(*self.padded_size)
 
+    def describe(self) -> str:
+        """e.g. '500x300 -> 672x672: 2x2 crops + global view -> 757 tokens'."""
+        (w, h), (H, W), (rows, cols) = self.source_size, self.padded_size, self.grid
+        return f"{w}x{h} -> {W}x{H}: {rows}x{cols} crops + global view -> {self.num_tokens} tokens"
+
 
 # ---------------------------------------------------------------- reading a file
 
