@@ -482,7 +482,9 @@ class Model:
         hidden = self.forward(ids, cache, trace, image_features)
         return np.ascontiguousarray(self.lm_head(hidden, trace), dtype=np.float32)
 
-    def image_prompt(self, prompt: str, images, num_crops: int | None = None, system: str | None = None, chat: bool = True):
+    def image_prompt(
+        self, prompt: str, images, num_crops: int | None = None, system: str | None = None, chat: bool = True, trace=None
+    ):
         """Phi-3-vision: a prompt and its images (paths or Pillow images) -> a
         `minislm.vision.prompt.ImagePrompt` (ids with placeholders + encoded images):
 
@@ -491,7 +493,8 @@ class Model:
 
         `<|image_k|>` tags mark where each image goes; without any, they all go first.
         With `chat` the prompt is one user turn in the model's chat template.
-        `num_crops` (1..16) defaults to preprocessor_config.json's.
+        `num_crops` (1..16) defaults to preprocessor_config.json's; a `trace` recorder
+        gets each image's views, patch features and tokens.
         """
         from .vision.prompt import build_image_prompt, with_image_tags
 
@@ -499,7 +502,7 @@ class Model:
         if chat and self.tokenizer.chat_template:
             turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             text = self.tokenizer.render_chat(turns)
-        return build_image_prompt(self, text, list(images), num_crops)
+        return build_image_prompt(self, text, list(images), num_crops, trace)
 
     def generate(
         self,

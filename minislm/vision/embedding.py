@@ -29,13 +29,14 @@ from .tower import vision_tower
 
 @vectorize(["float32(float32)", "float64(float64)"], cache=True)
 def erf(x):
-    """The error function, elementwise (NumPy has none; Numba compiles libm's)."""
-    return math.erf(x)
+    """The error function, elementwise (NumPy has none): libm's double-precision erf,
+    rounded to the input's precision."""
+    return math.erf(np.float64(x))
 
 
 def erf_reference(x: np.ndarray) -> np.ndarray:
     """`erf`'s plain twin: Python's math.erf, one element at a time (slow)."""
-    return np.vectorize(math.erf, otypes=[x.dtype])(x)
+    return np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype)
 
 
 def gelu(x: np.ndarray) -> np.ndarray:

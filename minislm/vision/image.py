@@ -143,7 +143,10 @@ def resized_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
     """(new_w, new_h) of a landscape image before padding: s * 336 wide, same aspect."""
     ratio = width / height
     new_w = int(crop_scale(width, height, num_crops) * CROP_SIZE)
-    return new_w, int(new_w / ratio)
+    new_h = int(new_w / ratio)
+    if new_h == 0:
+        raise MinislmError(f"an image of {width}x{height} is too thin to resize to {new_w} pixels wide")
+    return new_w, new_h
 
 
 def padded_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
@@ -171,8 +174,6 @@ def hd_transform(image, num_crops: int) -> np.ndarray:
     if portrait:
         image = image.transpose(Image.Transpose.TRANSPOSE)
     new_w, new_h = resized_size(image.width, image.height, num_crops)
-    if new_h == 0:
-        raise MinislmError(f"an image of {image.width}x{image.height} is too thin to resize to {new_w} pixels wide")
     resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BILINEAR))  # (new_h, new_w, 3)
     target = math.ceil(new_h / CROP_SIZE) * CROP_SIZE
     top = int((target - new_h) / 2)

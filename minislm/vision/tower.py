@@ -60,14 +60,16 @@ def self_attention(config: VisionConfig, w: dict, layer: str, x: np.ndarray) -> 
     heads, hd = config.num_attention_heads, config.head_dim
     rows = x.reshape(N * P, C)
 
-    def project(name):  # (N*P, C) -> (N, heads, P, hd)
+    def project(name):  # (N*P, C) -> (N, heads, P, hd), contiguous so each matmul below is one BLAS call
         y = linear(rows, w[f"{layer}self_attn.{name}.weight"], w[f"{layer}self_attn.{name}.bias"])
-        return y.reshape(N, P, heads, hd).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(y.reshape(N, P, heads, hd).transpose(0, 2, 1, 3))
 
-    q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+    q = project("q_proj") * np.float32(hd**-0.5)  # scaling q is scaling the scores, on P*hd numbers not P*P
+    k_t = np.ascontiguousarray(project("k_proj").transpose(0, 1, 3, 2))  # (N, heads, hd, P)
+    v = project("v_proj")
     out = np.empty((N, heads, P, hd), dtype=np.float32)
     for crop in range(N):  # one crop at a time keeps the (heads, P, P) scores at 21 MB
-        scores = (q[crop] @ k[crop].transpose(0, 2, 1)) * np.float32(hd**-0.5)  # (heads, P, P)
+        scores = q[crop] @ k_t[crop]  # (heads, P, P)
         out[crop] = softmax(scores, axis=-1) @ v[crop]  # (heads, P, hd)
     heads_side_by_side = out.transpose(0, 2, 1, 3).reshape(N * P, C)
     y = linear(heads_side_by_side, w[layer + "self_attn.out_proj.weight"], w[layer + "self_attn.out_proj.bias"])
