@@ -268,7 +268,12 @@ def run_chat(args) -> int:
         if not command:
             continue
         messages.append({"role": "user", "content": images.tags_for_next_turn() + line})
-        ids, features = images.encode_chat(messages)
+        try:
+            ids, features = images.encode_chat(messages)
+        except MinislmError as e:  # e.g. an <|image_k|> typed by hand: say so, the chat goes on
+            messages.pop()
+            print(f"minislm: error: {e}", file=sys.stderr)
+            continue
         if len(ids) >= capacity:
             messages.pop()
             print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)
@@ -329,7 +334,7 @@ class ChatImages:
         vision = self.model.config.vision
         try:
             if vision is None:
-                check_reads_images(self.model, [path])
+                raise MinislmError(f"/image: {self.model.path} is a {self.model.config.model_type} model, which cannot read images")
             if not path:
                 raise MinislmError("/image needs a file: /image PATH")
             start = time.perf_counter()

@@ -78,12 +78,19 @@ def tokenize_with_images(tokenizer, text: str, tokens_per_image: list[int]) -> n
     return np.array(ids, dtype=np.int64)
 
 
+def as_picture(image):
+    """A path (opened and checked with `open_image`) or a Pillow image, as it is."""
+    from .image import open_image
+
+    return open_image(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else image
+
+
 def build_image_prompt(model, text: str, images, num_crops: int | None = None, trace=None) -> ImagePrompt:
     """Final prompt text (chat template already applied) and images (paths or Pillow
     images) -> ids with placeholders and the encoded images, in tag order."""
     from ..trace import NO_TRACE
     from .embedding import encode_image
-    from .image import check_num_crops, open_image, process_image
+    from .image import check_num_crops, process_image
 
     vision = model.config.vision
     if vision is None:
@@ -94,7 +101,7 @@ def build_image_prompt(model, text: str, images, num_crops: int | None = None, t
     num_crops = vision.num_crops if num_crops is None else num_crops
     check_num_crops(num_crops)
     check_image_tags(text, len(images))
-    processed = tuple(process_image(open_image(i) if isinstance(i, (str, bytes)) or hasattr(i, "__fspath__") else i, num_crops) for i in images)
+    processed = tuple(process_image(as_picture(image), num_crops) for image in images)
     ids = tokenize_with_images(model.tokenizer, text, [p.num_tokens for p in processed])
     trace = NO_TRACE if trace is None else trace
     features = [encode_image(vision, model.weights, p, trace) for p in processed]
