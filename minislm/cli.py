@@ -1,4 +1,6 @@
-"""`python -m minislm <command>`: generate, chat, perplexity, verify, bench.
+"""`python -m minislm <command>`: generate, chat, perplexity, verify, bench, and the
+learner's windows into a forward pass (tokenize, trace, lens, attention, rope,
+routing, explain: see minislm/watch/).
 
 Flags follow mlx_lm.generate and llama-cli (`--model`, `--prompt`, `--max-tokens`,
 `--temp`, `--top-p`, `--top-k`, `--seed`). Generated text streams to stdout;
@@ -11,6 +13,7 @@ import sys
 
 from .bench.cli import add_bench_arguments, check_bench_flags
 from .errors import MinislmError
+from .watch.cli import WATCH_COMMANDS, add_watch_commands, run_watch_command
 
 EXIT_USAGE = 2
 
@@ -74,6 +77,8 @@ def build_parser() -> ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed against llama.cpp and transformers on Phi-3-mini shapes")
     add_bench_arguments(bench)
+
+    add_watch_commands(commands)  # tokenize, trace, lens, attention, rope, routing, explain
     return parser
 
 
@@ -159,6 +164,8 @@ def main(argv=None) -> int:
             from .verify import run_verify
 
             return run_verify(args)
+        if args.command in WATCH_COMMANDS:
+            return run_watch_command(args)
         if args.command == "bench":
             from .bench.run import run_bench
 
