@@ -41,6 +41,9 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     gen.add_argument("--show-experts", action="store_true", help="PhiMoE: print the experts each generated token used, per layer (stderr)")
     gen.add_argument("--save-experts", metavar="FILE", help="PhiMoE: save the experts and weights of every generated token as JSON")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="Phi-3-vision: an image to show the model (repeatable; <|image_1|> ... in the prompt place them)")
+    add_num_crops_flag(gen)
     add_sampling_flags(gen)
 
     chat = commands.add_parser("chat", help="multi-turn chat that keeps the KV cache between turns")
@@ -50,6 +53,7 @@ def build_parser() -> ArgumentParser:
     chat.add_argument("--system", help="system message")
     chat.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens (default 4096)")
     chat.add_argument("--show-experts", action="store_true", help="PhiMoE: after each reply, print the experts each of its tokens used, per layer (stderr)")
+    add_num_crops_flag(chat)
     add_sampling_flags(chat)
 
     verify = commands.add_parser("verify", help="compare minislm's logits with transformers' on a checkpoint")
@@ -96,6 +100,11 @@ def add_group_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asymmetric", action="store_true", help="int4: a zero point per group besides the scale")
 
 
+def add_num_crops_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-crops", type=int, metavar="N",
+                   help="Phi-3-vision: cut each image into at most N 336x336 crops, 1..16 (default: the model's, usually 16)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Unset flags fall back to the model's generation_config.json (as in transformers),
     and to greedy decoding when it does not ask for sampling."""
@@ -132,6 +141,8 @@ def check_flags(args) -> None:
         raise MinislmError(f"--stride must be >= 1, got {args.stride}")
     if getattr(args, "ctx_size", 1) < 1:
         raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
+    if getattr(args, "num_crops", None) is not None and not 1 <= args.num_crops <= 16:
+        raise MinislmError(f"--num-crops must be from 1 to 16, got {args.num_crops}")
     if getattr(args, "model", None) is not None and not args.model.strip():
         raise MinislmError("--model is empty; give a model folder or a Hugging Face repo id (or leave --model out)")
     for attr, (setting, flag) in SAMPLING_FLAGS.items():

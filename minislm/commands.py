@@ -3,7 +3,10 @@
 import json
 import resource
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text, generate_tokens
@@ -102,15 +105,22 @@ def run_generate(args) -> int:
     prompt = read_prompt(args)
     if args.save_experts and not Path(args.save_experts).resolve().parent.is_dir():
         raise MinislmError(f"--save-experts: the folder of {args.save_experts} does not exist")
+    pictures = open_images(args.image)  # before loading: a bad file fails at once
     model = load_model(args)
     trace = routing_recorder() if args.show_experts or args.save_experts else None
     if trace is not None:
         check_has_experts(model, "--show-experts" if args.show_experts else "--save-experts")
-    ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
+    features = None
+    if model.config.vision is not None:  # Phi-3-vision: tags, placeholders and encoded images
+        ids, features = encode_image_prompt(model, prompt, pictures, args)
+    else:
+        check_reads_images(model, pictures)
+        ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
     stats = GenerationStats()
     generated = []
     tokens = generate_tokens(
-        model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats, trace=trace
+        model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats, trace=trace,
+        image_features=features,
     )
     for piece in generate_text(model.tokenizer, recording(tokens, generated), args.stop, stats):
         sys.stdout.write(piece)
@@ -125,6 +135,35 @@ def run_generate(args) -> int:
             save_expert_trace(args.save_experts, routing, model)
     print_stats(stats, model)
     return 0
+
+
+def open_images(paths) -> list:
+    """--image files, decoded (each a one-line error if it is not a readable image)."""
+    if not paths:
+        return []
+    from .vision.image import open_image
+
+    return [open_image(path) for path in paths]
+
+
+def check_reads_images(model, pictures) -> None:
+    if pictures:
+        raise MinislmError(
+            f"--image: {model.path} is a {model.config.model_type} model, which cannot read images "
+            "(phi3_v models can: Phi-3-vision, Phi-3.5-vision)"
+        )
+
+
+def encode_image_prompt(model, prompt: str, pictures: list, args):
+    """Phi-3-vision's prompt: ids with image placeholders, and the encoded images."""
+    start = time.perf_counter()
+    image_prompt = model.image_prompt(prompt, pictures, args.num_crops, args.system, chat=not args.no_chat_template)
+    seconds = time.perf_counter() - start
+    for k, image in enumerate(image_prompt.images, 1):
+        print(f"[image {k}: {image.describe()}]", file=sys.stderr)
+    if image_prompt.images:
+        print(f"[images encoded in {seconds:.2f} s]", file=sys.stderr)
+    return image_prompt.ids, image_prompt.features
 
 
 def routing_recorder() -> Recorder:
@@ -203,13 +242,15 @@ def run_chat(args) -> int:
     sampler = sampler_for(args, model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    images = ChatImages(model, args.num_crops)
     tokenizer.encode_chat(system + [{"role": "user", "content": "hello"}])  # a template that cannot render: stop now
     # A line that is not UTF-8 must not end the session: read it with its bad bytes
     # kept as surrogates, and refuse that one line.
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
+    help_images = ", /image PATH to show it a picture" if model.config.vision is not None else ""
     print(f"minislm chat with {model.path}: /bye or Ctrl-D to quit, /clear to start over, "
-          "Ctrl-C to stop a reply", file=sys.stderr)
+          f"Ctrl-C to stop a reply{help_images}", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -224,7 +265,11 @@ def run_chat(args) -> int:
             print(f"[cleared: {turns} turn{'s' * (turns != 1)} and {cache.length} cached tokens forgotten"
                   f"{'; the system message stays' if system else ''}]", file=sys.stderr)
             messages = list(system)
+            images.clear()
             cache.truncate(0)
+            continue
+        if command.split(maxsplit=1)[:1] == ["/image"]:
+            images.attach(command[len("/image") :].strip())
             continue
         if not command:
             continue
@@ -233,10 +278,10 @@ def run_chat(args) -> int:
         except MinislmError as e:
             print(f"[{e}; nothing was sent]", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": images.tags_for_next_turn() + line})
         try:
-            ids = tokenizer.encode_chat(messages)
-        except MinislmError as e:  # the template refused this conversation: say so, keep the session
+            ids, features = images.encode_chat(messages)
+        except MinislmError as e:  # the template refused this conversation, or an <|image_k|> typed by hand
             messages.pop()
             print(f"[{e}; nothing was sent]", file=sys.stderr)
             continue
@@ -248,7 +293,8 @@ def run_chat(args) -> int:
             messages.pop()
             print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)
             continue
-        reply, stats, keep, routing = chat_turn(model, cache, sampler, ids, args, capacity)
+        images.sent()
+        reply, stats, keep, routing = chat_turn(model, cache, sampler, ids, features, args, capacity)
         messages.append({"role": "assistant", "content": reply})
         if routing is not None:
             print_expert_trace(routing, model)
@@ -260,18 +306,21 @@ def run_chat(args) -> int:
                   "/clear to start over]", file=sys.stderr)
 
 
-def chat_turn(model, cache, sampler, ids: list[int], args, capacity: int):
+def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: int):
     """One reply, streamed; Ctrl-C stops it and keeps what was said so far.
 
     The cache stays consistent when a forward is interrupted: its length moves only
     after a whole forward (KVCache.advance), so the next turn reuses what is complete.
+    `features`: the encoded images of the conversation's placeholders (Phi-3-vision), or None.
     Returns the reply's text, its statistics, how many cached tokens were reused, and
     (with --show-experts) the routing of each generated token.
     """
-    # Reuse the cache for the longest prefix it shares with the new conversation;
-    # only the rest (the new user turn, mostly) goes through the model.
-    keep = min(common_prefix(cache.tokens[: cache.length], ids), len(ids) - 1)
+    # Reuse the cache for the longest prefix it shares with the new conversation (the
+    # same ids and, at image placeholders, the same images); only the rest (the new
+    # user turn, mostly) goes through the model.
+    keep = min(cache.shared_prefix(ids, features), len(ids) - 1)
     cache.truncate(keep)
+    new_features = None if features is None else features[cache.placeholders(keep) :]
     stats = GenerationStats()
     max_new = min(args.max_tokens, capacity - len(ids))
     trace = routing_recorder() if args.show_experts else None
@@ -279,7 +328,7 @@ def chat_turn(model, cache, sampler, ids: list[int], args, capacity: int):
     try:
         tokens = generate_tokens(
             model, ids[keep:], max_new, sampler, stop_ids(model), cache=cache, history=ids[:keep], stats=stats,
-            trace=trace,
+            trace=trace, image_features=new_features,
         )
         for piece in generate_text(model.tokenizer, recording(tokens, generated), (), stats):
             reply.append(piece)
@@ -295,13 +344,61 @@ def chat_turn(model, cache, sampler, ids: list[int], args, capacity: int):
     return "".join(reply), stats, keep, routing
 
 
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+class ChatImages:
+    """The pictures of a chat (`/image PATH`), each encoded once when it is attached.
+
+    Phi-3-vision numbers the images of a whole conversation 1..n; a picture attached
+    now is tagged <|image_k|> at the start of the next user turn. Every turn the
+    whole conversation is tokenized again, placeholders and all, and the features of
+    every image so far go with it (the cache keeps only what it can reuse).
+    """
+
+    def __init__(self, model, num_crops: int | None):
+        self.model, self.num_crops = model, num_crops
+        self.images, self.features = [], []  # ProcessedImage, (tokens, D) per image
+        self.pending = 0  # attached since the last user turn
+
+    def attach(self, path: str) -> None:
+        from .vision.embedding import encode_image
+        from .vision.image import open_image, process_image
+
+        vision = self.model.config.vision
+        try:
+            if vision is None:
+                raise MinislmError(f"/image: {self.model.path} is a {self.model.config.model_type} model, which cannot read images")
+            if not path:
+                raise MinislmError("/image needs a file: /image PATH")
+            start = time.perf_counter()
+            image = process_image(open_image(path), self.num_crops or vision.num_crops)
+            self.features.append(encode_image(vision, self.model.weights, image))
+        except MinislmError as e:  # the chat goes on
+            print(f"minislm: error: {e}", file=sys.stderr)
+            return
+        self.images.append(image)
+        self.pending += 1
+        seconds = time.perf_counter() - start
+        print(f"[image {len(self.images)}: {image.describe()}; encoded in {seconds:.2f} s]", file=sys.stderr)
+
+    def tags_for_next_turn(self) -> str:
+        first = len(self.images) - self.pending + 1
+        return "".join(f"<|image_{k}|>\n" for k in range(first, len(self.images) + 1))
+
+    def sent(self) -> None:
+        self.pending = 0
+
+    def clear(self) -> None:
+        self.images, self.features, self.pending = [], [], 0
+
+    def encode_chat(self, messages):
+        """(ids, image features or None) of the whole conversation."""
+        tokenizer = self.model.tokenizer
+        if self.model.config.vision is None:
+            return tokenizer.encode_chat(messages), None
+        from .vision.prompt import tokenize_with_images
+
+        ids = tokenize_with_images(tokenizer, tokenizer.render_chat(messages), [i.num_tokens for i in self.images])
+        D = self.model.config.hidden_size
+        return ids, np.concatenate(self.features) if self.features else np.zeros((0, D), np.float32)
 
 
 def peak_memory_bytes() -> int:

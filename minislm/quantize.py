@@ -25,7 +25,11 @@ import numpy as np
 
 from .config import read_json
 from .errors import MinislmError
+from .vision.config import IMAGE_EMBED
 from .weights import SAFETENSORS_TAGS, StoredTensor, expected_shapes, write_safetensors
+
+# The image encoder's matrices (Phi-3-vision): CLIP's projections and MLP, the projector.
+IMAGE_MATRICES = ("_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight", "img_projection.0.weight", "img_projection.2.weight")
 
 FORMATS = ("bf16", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -77,7 +81,10 @@ class QuantConfig:
 
 
 def packable(name: str, shape: tuple) -> bool:
-    """2-D weights are packed; the PhiMoE router stays exact (see the module docstring)."""
+    """2-D weights are packed; the PhiMoE router stays exact (see the module docstring).
+    Phi-3-vision's image encoder: its linear layers only (position embeddings add)."""
+    if name.startswith(IMAGE_EMBED):
+        return name.endswith(IMAGE_MATRICES)
     return len(shape) == 2 and not name.endswith("block_sparse_moe.gate.weight")
 
 
@@ -88,12 +95,13 @@ def module_name(name: str) -> str:
 
 
 def pack(name: str, tensor: StoredTensor, quant: QuantConfig):
-    """One packed weight from a stored tensor (bf16 words are used as they are)."""
+    """One packed weight from a stored tensor (bf16 words are used as they are). The image
+    encoder stays bf16 under int4: CLIP's features feed every image token."""
     from .kernels import Bf16Weight, Int4Weight
 
     values = tensor.array if tensor.dtype == "BF16" else tensor.float32()
     try:
-        if quant.format == "bf16":
+        if quant.format == "bf16" or name.startswith(IMAGE_EMBED):
             return Bf16Weight(values, name=name)
         return Int4Weight(values, group_size=quant.group_size, symmetric=quant.symmetric, name=name)
     except ValueError as e:  # NaN/inf in the checkpoint
@@ -208,6 +216,8 @@ def run_quantize(args) -> int:
         group_size=args.group_size, symmetric=False if args.asymmetric else None,
     )
     quant = model.quant
+    if model.config.vision is not None:
+        raise MinislmError(f"quantize: {model.path} is a phi3_v model; saving those as int4 is not supported yet (use --quant int4 when loading)")
     if Path(model.path).is_file():  # a GGUF file: its metadata becomes config.json and the tokenizer files
         import tempfile
 
