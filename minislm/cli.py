@@ -1,4 +1,4 @@
-"""`python -m minislm <command>`: generate, chat, perplexity, verify, bench.
+"""`python -m minislm <command>`: generate, chat, serve, perplexity, quantize, verify, bench.
 
 Flags follow mlx_lm.generate and llama-cli (`--model`, `--prompt`, `--max-tokens`,
 `--temp`, `--top-p`, `--top-k`, `--seed`). Generated text streams to stdout;
@@ -48,6 +48,14 @@ def build_parser() -> ArgumentParser:
     chat.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens (default 4096)")
     chat.add_argument("--show-experts", action="store_true", help="PhiMoE: after each reply, print the experts each of its tokens used, per layer (stderr)")
     add_sampling_flags(chat)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    add_model_flags(serve)
+    add_quant_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    serve.add_argument("--ctx-size", type=int, default=4096, help="KV cache size: prompt + completion tokens (default 4096)")
 
     verify = commands.add_parser("verify", help="compare minislm's logits with transformers' on a checkpoint")
     add_model_flags(verify)
@@ -110,6 +118,8 @@ def check_flags(args) -> None:
         raise MinislmError(f"--window must be >= 2, got {args.window}")
     if getattr(args, "ctx_size", 1) < 1:
         raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
+    if getattr(args, "port", 0) is not None and not 0 <= getattr(args, "port", 0) <= 65535:
+        raise MinislmError(f"--port must be in [0, 65535], got {args.port}")
     if not hasattr(args, "temp"):
         return
     if args.temp is not None and not args.temp >= 0:
@@ -136,6 +146,10 @@ def main(argv=None) -> int:
             from .commands import run_chat
 
             return run_chat(args)
+        if args.command == "serve":
+            from .serve import run_serve
+
+            return run_serve(args)
         if args.command == "perplexity":
             from .perplexity import run_perplexity
 

@@ -52,25 +52,42 @@ def load_model(args):
 
 
 def sampler_for(args, model) -> Sampler:
-    """Flags first, then generation_config.json's defaults (when it asks for sampling)."""
+    """The sampler the --temp/--top-k/--top-p/--min-p/--repeat-penalty/--seed flags ask for."""
+    settings = sampling_settings(
+        model, temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+    )
+    return make_sampler(model, settings, seed=args.seed)
+
+
+def sampling_settings(
+    model, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None
+) -> SamplingSettings:
+    """Values given (not None) first, then generation_config.json's defaults when it asks
+    for sampling, else greedy: what transformers' generate() does with the same files.
+    `top_k=0` means off. Shared by the CLI's flags and the server's request fields."""
     defaults = model.generation_config
     sampled = defaults.do_sample
 
-    def pick(flag, default, neutral):
-        if flag is not None:
-            return flag
+    def pick(value, default, neutral):
+        if value is not None:
+            return value
         return default if (sampled and default is not None) else neutral
 
-    settings = SamplingSettings(
-        temperature=pick(args.temp, defaults.temperature if defaults.temperature is not None else 1.0, 0.0),
-        top_k=pick(args.top_k, defaults.top_k, 0) or None,
-        top_p=pick(args.top_p, defaults.top_p, 1.0),
-        min_p=pick(args.min_p, defaults.min_p, 0.0),
+    return SamplingSettings(
+        temperature=pick(temperature, defaults.temperature if defaults.temperature is not None else 1.0, 0.0),
+        top_k=pick(top_k, defaults.top_k, 0) or None,
+        top_p=pick(top_p, defaults.top_p, 1.0),
+        min_p=pick(min_p, defaults.min_p, 0.0),
         # a logits processor in transformers, so it applies to greedy decoding too
-        repetition_penalty=args.repeat_penalty if args.repeat_penalty is not None else (defaults.repetition_penalty or 1.0),
+        repetition_penalty=repetition_penalty if repetition_penalty is not None else (defaults.repetition_penalty or 1.0),
     )
+
+
+def make_sampler(model, settings: SamplingSettings, seed: int | None) -> Sampler:
+    """A sampler that never picks the padding ids past the tokenizer's vocabulary."""
     allowed = min(model.tokenizer.vocab_size, model.config.vocab_size)
-    return Sampler(settings, seed=args.seed, allowed_ids=allowed)
+    return Sampler(settings, seed=seed, allowed_ids=allowed)
 
 
 def stop_ids(model) -> set[int]:
@@ -211,10 +228,7 @@ def run_chat(args) -> int:
             messages.pop()
             print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)
             continue
-        # Reuse the cache for the longest prefix it shares with the new conversation;
-        # only the rest (the new user turn, mostly) goes through the model.
-        keep = min(common_prefix(cache.tokens[: cache.length], ids), len(ids) - 1)
-        cache.truncate(keep)
+        keep = reuse_cached_prefix(cache, ids)
         stats = GenerationStats()
         max_new = min(args.max_tokens, capacity - len(ids))
         trace = [] if args.show_experts else None
@@ -232,6 +246,18 @@ def run_chat(args) -> int:
         if trace is not None:
             print_expert_trace(trace, model)
         print_stats(stats, model, reused=keep)
+
+
+def reuse_cached_prefix(cache, ids) -> int:
+    """Keep the cached positions that begin `ids`, forget the rest; return how many were kept.
+
+    A chat turn (or a server request) that extends the previous conversation then feeds
+    only what is new, mostly the latest user message, through the model. At least one
+    id is always left to feed, since the next token's logits come from its forward.
+    """
+    keep = min(common_prefix(cache.tokens[: cache.length], ids), len(ids) - 1)
+    cache.truncate(keep)
+    return keep
 
 
 def common_prefix(a, b) -> int:
