@@ -7,7 +7,9 @@ from pathlib import Path
 
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text, generate_tokens
+from .moe import routing_per_token
 from .sampling import Sampler, SamplingSettings
+from .trace import Recorder
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "shakespeare"
 
@@ -121,25 +123,40 @@ def run_generate(args) -> int:
     if args.save_experts and not Path(args.save_experts).resolve().parent.is_dir():
         raise MinislmError(f"--save-experts: the folder of {args.save_experts} does not exist")
     model = load_model(args)
-    trace = [] if args.show_experts or args.save_experts else None
+    trace = routing_recorder() if args.show_experts or args.save_experts else None
     if trace is not None:
         check_has_experts(model, "--show-experts" if args.show_experts else "--save-experts")
     ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
     stats = GenerationStats()
+    generated = []
     tokens = generate_tokens(
-        model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats, expert_trace=trace
+        model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats, trace=trace
     )
-    for piece in generate_text(model.tokenizer, tokens, args.stop, stats):
+    for piece in generate_text(model.tokenizer, recording(tokens, generated), args.stop, stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    if args.show_experts:
-        print_expert_trace(trace, model)
-    if args.save_experts:
-        save_expert_trace(args.save_experts, trace, model)
+    if trace is not None:
+        routing = routing_per_token(trace, generated)
+        if args.show_experts:
+            print_expert_trace(routing, model)
+        if args.save_experts:
+            save_expert_trace(args.save_experts, routing, model)
     print_stats(stats, model)
     return 0
+
+
+def routing_recorder() -> Recorder:
+    """A recorder that keeps only what --show-experts / --save-experts print."""
+    return Recorder(names=("experts", "expert_weights"))
+
+
+def recording(tokens, into: list):
+    """Pass `tokens` through, appending each to `into` (the ids behind the text)."""
+    for token in tokens:
+        into.append(token)
+        yield token
 
 
 def check_has_experts(model, flag: str) -> None:
@@ -151,7 +168,7 @@ def check_has_experts(model, flag: str) -> None:
 LAYERS_PER_LINE = 4
 
 
-def print_expert_trace(trace, model, file=sys.stderr) -> None:
+def print_expert_trace(routing, model, file=sys.stderr) -> None:
     """--show-experts: for each generated token, each layer's two experts with their weights.
 
         #3 '▁Paris' (id 3681)
@@ -162,7 +179,7 @@ def print_expert_trace(trace, model, file=sys.stderr) -> None:
     """
     print(f"[experts: per generated token and layer, expert:weight, first choice first; "
           f"{model.config.num_local_experts} experts per layer]", file=file)
-    for n, step in enumerate(trace, 1):
+    for n, step in enumerate(routing, 1):
         print(f"#{n} {model.tokenizer.token_piece(step.token)!r} (id {step.token})", file=file)
         cells = [
             f"L{layer:<3}{a:>2}:{wa:.2f} {b:>2}:{wb:.2f}"
@@ -172,7 +189,7 @@ def print_expert_trace(trace, model, file=sys.stderr) -> None:
             print("   " + "   ".join(cells[start : start + LAYERS_PER_LINE]), file=file)
 
 
-def save_expert_trace(path: str, trace, model) -> None:
+def save_expert_trace(path: str, routing, model) -> None:
     """--save-experts FILE: the same as JSON, for plotting and counting."""
     record = {
         "model": str(model.path),
@@ -185,7 +202,7 @@ def save_expert_trace(path: str, trace, model) -> None:
                 "experts": step.experts.tolist(),  # [layer][choice]
                 "weights": [[round(float(w), 6) for w in pair] for pair in step.weights],
             }
-            for step in trace
+            for step in routing
         ],
     }
     try:
@@ -231,20 +248,20 @@ def run_chat(args) -> int:
         keep = reuse_cached_prefix(cache, ids)
         stats = GenerationStats()
         max_new = min(args.max_tokens, capacity - len(ids))
-        trace = [] if args.show_experts else None
+        trace = routing_recorder() if args.show_experts else None
         tokens = generate_tokens(
             model, ids[keep:], max_new, sampler, stop_ids(model), cache=cache, history=ids[:keep], stats=stats,
-            expert_trace=trace,
+            trace=trace,
         )
-        reply = []
-        for piece in generate_text(tokenizer, tokens, (), stats):
+        reply, generated = [], []
+        for piece in generate_text(tokenizer, recording(tokens, generated), (), stats):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
         if trace is not None:
-            print_expert_trace(trace, model)
+            print_expert_trace(routing_per_token(trace, generated), model)
         print_stats(stats, model, reused=keep)
 
 

@@ -79,6 +79,16 @@ class ModelConfig:
     num_experts_per_tok: int = 0  # experts each token uses: always 2 (sparsemixer)
     router_jitter_noise: float = 0.0  # sparsemixer's eps: experts within 2*eps of the best compete
 
+    @property
+    def q_size(self) -> int:
+        """Width of all query heads side by side: H * hd."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of all key (or value) heads side by side: KV * hd."""
+        return self.num_key_value_heads * self.head_dim
+
 
 @dataclass(frozen=True)
 class GenerationConfig:

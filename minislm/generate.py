@@ -14,7 +14,6 @@ import numpy as np
 
 from .cache import KVCache
 from .errors import MinislmError
-from .moe import TokenRouting
 from .sampling import Sampler
 from .tokenizer import StreamingDetokenizer
 
@@ -54,7 +53,7 @@ def generate_tokens(
     cache: KVCache | None = None,
     history: list[int] | None = None,
     stats: GenerationStats | None = None,
-    expert_trace: list | None = None,
+    trace=None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids following `prompt_ids`.
 
@@ -63,9 +62,9 @@ def generate_tokens(
     sequence so far, for the repetition penalty. A stop id is yielded, then the
     loop ends. Generation also ends at the model's context length.
 
-    If `expert_trace` is a list (PhiMoE), each yielded token first appends its
-    `TokenRouting` there: the experts of the forward whose logits it was sampled
-    from, at the position just before it.
+    `trace` (a `minislm.trace.Recorder`) sees every forward pass: pass n produced the
+    logits that generated token n was sampled from (pass 0 is the prefill), so the
+    last position of pass n is the one that chose it (`moe.routing_per_token`).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -87,19 +86,13 @@ def generate_tokens(
         stats.stop_reason = "length"
         return
 
-    layers = [] if expert_trace is not None else None  # this forward's routing, layer by layer
     start = time.perf_counter()
-    logits = model.lm_head(model.forward(prompt, cache, expert_trace=layers)[-1:])[0]  # (V,) for the last position
+    logits = model.lm_head(model.forward(prompt, cache, trace)[-1:], trace)[0]  # (V,) for the last position
     stats.prefill_seconds = time.perf_counter() - start
 
     limit = min(context, cache.capacity)
     for n in range(max_new_tokens):
         token = sampler(logits, history)
-        if layers:  # PhiMoE with a trace asked for: keep the last position's routing
-            experts = np.stack([e[-1] for e, _ in layers])  # (layers, 2)
-            weights = np.stack([w[-1] for _, w in layers])  # (layers, 2)
-            expert_trace.append(TokenRouting(token, experts, weights))
-            layers.clear()
         history.append(token)
         stats.generated_tokens += 1
         yield token
@@ -113,7 +106,7 @@ def generate_tokens(
             stats.stop_reason = "context"
             return
         start = time.perf_counter()
-        logits = model.lm_head(model.forward(np.array([token]), cache, expert_trace=layers))[0]
+        logits = model.lm_head(model.forward(np.array([token]), cache, trace), trace)[0]
         stats.decode_seconds += time.perf_counter() - start
 
 

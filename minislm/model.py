@@ -16,10 +16,36 @@ is in the file. All math is float32, as in transformers' float32 reference.
 
 Shapes: T = tokens in this forward, S = tokens in the cache after it,
 D = hidden_size, H / KV = query / key-value heads, hd = head_dim, F = ffn size,
-E = experts per layer (PhiMoE).
+E = experts per layer (PhiMoE), V = vocab_size, L = layers.
+
+Every tensor the spine reads (`weights.expected_shapes` checks a checkpoint against
+this list), llama2.c's `TransformerWeights` written as a table:
+
+    model.embed_tokens.weight                  (V, D)           rows are token embeddings
+    model.layers.{i}.input_layernorm.weight    (D,)             (+ .bias in PhiMoE)
+    model.layers.{i}.self_attn.qkv_proj.weight (H*hd + 2*KV*hd, D)  rows [q | k | v]  (Phi-3)
+    model.layers.{i}.self_attn.{q,k,v}_proj.weight  (H*hd | KV*hd | KV*hd, D)  (PhiMoE, + .bias)
+    model.layers.{i}.self_attn.o_proj.weight   (D, H*hd)        (+ .bias in PhiMoE)
+    model.layers.{i}.post_attention_layernorm.weight (D,)       (+ .bias in PhiMoE)
+    model.layers.{i}.mlp.gate_up_proj.weight   (2F, D)          rows [gate | up]  (Phi-3)
+    model.layers.{i}.mlp.down_proj.weight      (D, F)           (Phi-3)
+    model.layers.{i}.block_sparse_moe.gate.weight   (E, D)      the router (PhiMoE)
+    model.layers.{i}.block_sparse_moe.experts.{e}.w1/w3.weight (F, D), .w2.weight (D, F)  (PhiMoE)
+    model.norm.weight                          (D,)             (+ .bias in PhiMoE)
+    lm_head.weight                             (V, D)           absent when tied to the embedding
+    lm_head.bias                               (V,)             PhiMoE with lm_head_bias
+
+Norm gains and biases are always float32 arrays. A matrix is a `Weight`: either a
+float32 array or a packed weight from minislm.kernels (bf16 words, int4 tiles) that
+multiplies itself; `linear` and `embed` are the only places that tell them apart.
+
+`trace` is an optional `minislm.trace.Recorder`: each `trace.record(...)` line below
+names an intermediate value a learner can look at (`python -m minislm trace`).
+Without one, `NO_TRACE` ignores those lines and nothing extra is computed.
 """
 
 from collections.abc import Iterator
+from typing import Protocol, Union
 
 import numpy as np
 
@@ -27,6 +53,21 @@ from .cache import KVCache
 from .config import GenerationConfig, ModelConfig, RopeConfig
 from .errors import MinislmError
 from .moe import expert_prefix, group_by_expert, sparsemixer
+from .trace import NO_TRACE
+
+
+class PackedWeight(Protocol):
+    """A matrix stored in fewer bits (minislm.kernels: Bf16Weight, Int4Weight) that
+    knows how to multiply itself, so the decoder never unpacks it whole."""
+
+    shape: tuple[int, int]  # (out, in), as the checkpoint stores the matrix
+
+    def matmul(self, x: np.ndarray) -> np.ndarray: ...  # (T, in) -> (T, out) = x @ W.T
+
+    def rows(self, ids: np.ndarray) -> np.ndarray: ...  # (n,) -> (n, in) float32 rows
+
+
+Weight = Union[np.ndarray, PackedWeight]
 
 # Queries are processed in blocks of this many so that the (heads, T, S) score
 # matrix of a long prompt never needs more than ~heads * 256 * S floats at once.
@@ -36,7 +77,7 @@ QUERY_BLOCK = 256
 # ---------------------------------------------------------------- building blocks
 
 
-def linear(x: np.ndarray, w, bias=None) -> np.ndarray:
+def linear(x: np.ndarray, w: Weight, bias=None) -> np.ndarray:
     """y = x @ w.T (+ bias) with the checkpoint's (out, in) layout. `w` is a float32 array
     or a packed weight from minislm.kernels (bf16, int4) that multiplies itself."""
     if not isinstance(w, np.ndarray):
@@ -48,7 +89,7 @@ def linear(x: np.ndarray, w, bias=None) -> np.ndarray:
     return y if bias is None else y + bias
 
 
-def embed(embed_tokens, token_ids: np.ndarray) -> np.ndarray:
+def embed(embed_tokens: Weight, token_ids: np.ndarray) -> np.ndarray:
     """Row lookup: (V, D)[ids] -> (T, D)."""
     if isinstance(embed_tokens, np.ndarray):
         return np.asarray(embed_tokens[token_ids], dtype=np.float32)
@@ -160,12 +201,33 @@ def attention_mask(q_positions: np.ndarray, n_keys: int, sliding_window: int | N
     return allowed
 
 
+def attention_probabilities(q: np.ndarray, keys: np.ndarray, allowed: np.ndarray, scale: float) -> np.ndarray:
+    """softmax(q k^T * scale + mask), written plainly: q (H, T, hd), keys (KV, S, hd),
+    allowed (T, S) -> (H, T, S), one row of weights over the keys per query and head.
+
+    Each kv head serves G = H / KV query heads (grouped-query attention), so it is
+    repeated G times, head h reading kv head h // G (transformers' `repeat_kv`).
+    """
+    G = q.shape[0] // keys.shape[0]
+    keys = np.repeat(keys, G, axis=0)  # (H, S, hd)
+    scores = (q @ keys.transpose(0, 2, 1)) * scale  # (H, T, S)
+    return softmax(np.where(allowed, scores, -np.inf), axis=-1)
+
+
+def plain_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, allowed: np.ndarray, scale: float) -> np.ndarray:
+    """The definition of attention, with nothing clever: probabilities (H, T, S) times
+    the values of each query head's kv head -> (H, T, hd). `grouped_query_attention`
+    computes the same (tests/test_attention.py checks them equal); it exists to read."""
+    G = q.shape[0] // keys.shape[0]
+    return attention_probabilities(q, keys, allowed, scale) @ np.repeat(values, G, axis=0)
+
+
 def grouped_query_attention(
     q: np.ndarray, keys: np.ndarray, values: np.ndarray, allowed: np.ndarray, scale: float
 ) -> np.ndarray:
-    """softmax(q k^T * scale + mask) v, where each kv head serves H / KV query heads.
+    """`plain_attention`, faster: q (H, T, hd); keys, values (KV, S, hd); allowed (T, S)
+    -> (H, T, hd).
 
-    q: (H, T, hd); keys, values: (KV, S, hd); allowed: (T, S) -> (H, T, hd).
     Query heads h = kv * G + g all use kv head `kv` (transformers' repeat_kv), so
     stacking a kv head's G query heads into one matrix lets one matmul serve them
     all, without copying keys G times.
@@ -190,14 +252,14 @@ def project_qkv(config: ModelConfig, weights: dict, layer: str, x: np.ndarray):
     attn = layer + "self_attn."
     if config.model_type == "phimoe":
         return tuple(linear(x, weights[f"{attn}{p}_proj.weight"], weights.get(f"{attn}{p}_proj.bias")) for p in "qkv")
-    q_size, kv_size = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     qkv = linear(x, weights[attn + "qkv_proj.weight"])  # (T, q_size + 2 * kv_size)
-    return np.split(qkv, [q_size, q_size + kv_size], axis=-1)
+    return np.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
 
 
-def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, positions) -> np.ndarray:
+def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, allowed, trace=NO_TRACE) -> np.ndarray:
     """Self-attention of one layer, reading and extending the cache: q (T, H*hd) and
-    k, v (T, KV*hd) -> each query head's mix of values, side by side (T, H*hd)."""
+    k, v (T, KV*hd) -> each query head's mix of values, side by side (T, H*hd).
+    `allowed` is the (T, S) mask of this forward."""
     T = q.shape[0]
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = q.reshape(T, H, hd).transpose(1, 0, 2)  # (H, T, hd)
@@ -206,47 +268,63 @@ def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin
 
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
+    trace.record("q", q, layer)
+    trace.record("k", k, layer)
+    trace.record("v", v, layer)
     keys, values = cache.store(layer, k, v)  # (KV, S, hd) each
 
     out = np.empty((H, T, hd), dtype=np.float32)
-    for start in range(0, T, QUERY_BLOCK):
+    for start in range(0, T, QUERY_BLOCK):  # bounds the (H, block, S) scores of a long prompt
         block = slice(start, start + QUERY_BLOCK)
-        allowed = attention_mask(positions[block], keys.shape[1], config.sliding_window)
-        out[:, block] = grouped_query_attention(q[:, block], keys, values, allowed, hd**-0.5)
+        out[:, block] = grouped_query_attention(q[:, block], keys, values, allowed[block], hd**-0.5)
+    record_attention_probabilities(trace, layer, q, keys, allowed, hd**-0.5)
     return out.transpose(1, 0, 2).reshape(T, H * hd)  # heads side by side again; o_proj follows
+
+
+def record_attention_probabilities(trace, layer: int, q, keys, allowed, scale) -> None:
+    """For a recorder only: the probabilities of the heads it asks for, computed again by
+    the plain definition, so the attention that produced the output is left untouched."""
+    heads = trace.attention_heads(layer, q.shape[0])
+    if heads is None or not trace.wants("attn_probs", layer, nbytes=4 * len(heads) * allowed.size):
+        return
+    G = q.shape[0] // keys.shape[0]
+    trace.record("attn_probs", attention_probabilities(q[heads], keys[heads // G], allowed, scale), layer)
 
 
 # ---------------------------------------------------------------- feed-forward
 
 
-def mlp(x: np.ndarray, gate_up_proj, down_proj) -> np.ndarray:
+def mlp(x: np.ndarray, gate_up_proj: Weight, down_proj: Weight, trace=NO_TRACE, layer: int | None = None) -> np.ndarray:
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused in one matrix.
 
     gate_up_proj rows are [gate (F) | up (F)]: gate is the FIRST half.
     """
     gate_up = linear(x, gate_up_proj)  # (T, 2F)
     gate, up = np.split(gate_up, 2, axis=-1)  # (T, F) each
+    trace.record("gate", gate, layer)
+    trace.record("up", up, layer)
     return linear(silu(gate) * up, down_proj)  # (T, D)
 
 
-def expert_mlp(x: np.ndarray, w1, w3, w2) -> np.ndarray:
+def expert_mlp(x: np.ndarray, w1: Weight, w3: Weight, w2: Weight) -> np.ndarray:
     """One PhiMoE expert: the same SwiGLU with gate and up as two matrices,
     w2(silu(w1 x) * w3 x). (Mixtral's names: w1 = gate, w3 = up, w2 = down.)"""
     return linear(silu(linear(x, w1)) * linear(x, w3), w2)  # (n, F) -> (n, D)
 
 
-def moe(x: np.ndarray, weights: dict, layer: str, config: ModelConfig, expert_trace: list | None = None) -> np.ndarray:
+def moe(x: np.ndarray, weights: dict, layer: str, config: ModelConfig, trace=NO_TRACE, index: int | None = None) -> np.ndarray:
     """PhiMoE's feed-forward: the router sends each token to 2 of the E experts, and
     the output is their sum, each times its routing weight (see `moe.sparsemixer`).
 
     Each chosen expert runs once, on all of its tokens at once; experts nobody chose
-    are never looked up, so a decode step reads the weights of 2 experts, not E. If `expert_trace` is a list, this layer's (experts, weights),
-    (T, 2) each, is appended to it.
+    are never looked up, so a decode step reads the weights of 2 experts, not E.
+    `index` is the layer's number, for the recorder.
     """
     scores = linear(x, weights[layer + "block_sparse_moe.gate.weight"])  # (T, E) router logits
     experts, gates = sparsemixer(scores, config.router_jitter_noise)  # (T, 2) ids, (T, 2) weights
-    if expert_trace is not None:
-        expert_trace.append((experts, gates))
+    trace.record("router_logits", scores, index)
+    trace.record("experts", experts, index)
+    trace.record("expert_weights", gates, index)
     out = np.zeros_like(x)  # (T, D)
     for expert, rows, slots in group_by_expert(experts):
         name = expert_prefix(layer, expert)
@@ -258,70 +336,66 @@ def moe(x: np.ndarray, weights: dict, layer: str, config: ModelConfig, expert_tr
 # ---------------------------------------------------------------- the spine
 
 
-def forward(
-    config: ModelConfig,
-    weights: dict,
-    token_ids: np.ndarray,
-    cache: KVCache,
-    hidden_states: list | None = None,
-    expert_trace: list | None = None,
-) -> np.ndarray:
+def forward(config: ModelConfig, weights: dict, token_ids: np.ndarray, cache: KVCache, trace=NO_TRACE) -> np.ndarray:
     """Run T new tokens through the decoder, after the cache.length tokens already cached.
 
     Returns the final normed hidden states (T, D); `lm_head` turns them into logits.
-    If `hidden_states` is a list, the residual stream after the embedding and after
-    each layer is appended to it (used by `minislm verify` to find a diverging layer).
-    If `expert_trace` is a list, each PhiMoE layer appends its routing to it (`moe`).
+    The cached tokens must have been rotated with the LongRoPE factor set this forward
+    uses; `Model.forward` re-runs the whole sequence when a generation crosses the
+    switch point (see `crosses_rope_switch`).
     """
     w = weights
     T = len(token_ids)
+    positions = np.arange(cache.length, cache.length + T)  # (T,)
     long = use_long_factors(config.rope, cache.length + T)
     if cache.length and long != cache.rope_long:
-        return recompute_with_new_rope(config, weights, token_ids, cache, hidden_states, expert_trace)
-    positions = np.arange(cache.length, cache.length + T)  # (T,)
+        raise ValueError("the cached keys use the other LongRoPE factor set; run the whole sequence again")
     cos, sin = rope_tables(config.rope, positions, long)  # (T, rotary_dim) each
+    allowed = attention_mask(positions, cache.length + T, config.sliding_window)  # (T, S)
+    trace.begin(positions)
 
     x = embed(w["model.embed_tokens.weight"], token_ids)  # (T, D)
-    if hidden_states is not None:
-        hidden_states.append(x)
+    trace.record("embed", x)
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
         h = norm(config, w, layer + "input_layernorm", x)
+        trace.record("attn_norm", h, i)
         q, k, v = project_qkv(config, w, layer, h)  # (T, H*hd), (T, KV*hd), (T, KV*hd)
-        heads = attention(q, k, v, config, cache, i, cos, sin, positions)  # (T, H*hd)
-        x = x + linear(heads, w[layer + "self_attn.o_proj.weight"], w.get(layer + "self_attn.o_proj.bias"))
+        heads = attention(q, k, v, config, cache, i, cos, sin, allowed, trace)  # (T, H*hd)
+        trace.record("attn_heads", heads, i)
+        a = linear(heads, w[layer + "self_attn.o_proj.weight"], w.get(layer + "self_attn.o_proj.bias"))  # (T, D)
+        trace.record("attn_out", a, i)
+        x = x + a
+        trace.record("resid_mid", x, i)
+
         h = norm(config, w, layer + "post_attention_layernorm", x)
+        trace.record("ffn_norm", h, i)
         if config.model_type == "phimoe":
-            x = x + moe(h, w, layer, config, expert_trace)
+            f = moe(h, w, layer, config, trace, i)
         else:
-            x = x + mlp(h, w[layer + "mlp.gate_up_proj.weight"], w[layer + "mlp.down_proj.weight"])
-        if hidden_states is not None:
-            hidden_states.append(x)
+            f = mlp(h, w[layer + "mlp.gate_up_proj.weight"], w[layer + "mlp.down_proj.weight"], trace, i)
+        trace.record("ffn_out", f, i)
+        x = x + f
+        trace.record("resid_post", x, i)
     cache.advance(token_ids, long)
-    return norm(config, w, "model.norm", x)  # (T, D)
+    x = norm(config, w, "model.norm", x)  # (T, D)
+    trace.record("final_norm", x)
+    return x
 
 
-def recompute_with_new_rope(config, weights, token_ids, cache, hidden_states, expert_trace) -> np.ndarray:
-    """The sequence just crossed LongRoPE's switch point: start again from token 0.
-
-    A full forward over the longer sequence rotates *every* position with the other
-    factor set, so the cached keys are stale. Re-rotating them is not enough: from
-    layer 1 on, the cached keys and values of earlier tokens were computed from
-    attention outputs that used the old rotation, and those change too. The only way
-    to get what a full forward gives is to run one, once, over all cached tokens plus
-    the new ones. transformers' generate() does the same (it drops its cache).
-    """
-    all_ids = np.concatenate([cache.tokens[: cache.length], token_ids])
-    cache.truncate(0)
-    hidden = forward(config, weights, all_ids, cache, hidden_states, expert_trace)
-    return hidden[-len(token_ids) :]
-
-
-def lm_head(config: ModelConfig, weights: dict, hidden: np.ndarray) -> np.ndarray:
+def lm_head(config: ModelConfig, weights: dict, hidden: np.ndarray, trace=NO_TRACE) -> np.ndarray:
     """(T, D) -> (T, V) logits. Tied models (Phi-4-mini) reuse the embedding matrix;
     PhiMoE adds a bias (lm_head_bias)."""
     name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    return linear(hidden, weights[name], weights.get("lm_head.bias"))
+    logits = linear(hidden, weights[name], weights.get("lm_head.bias"))
+    trace.record("logits", logits)
+    return logits
+
+
+def crosses_rope_switch(config: ModelConfig, cache: KVCache, n_new: int) -> bool:
+    """Whether appending n_new tokens moves the sequence to the other LongRoPE factor set
+    than the cached tokens were computed with (see docs/architecture.md)."""
+    return cache.length > 0 and use_long_factors(config.rope, cache.length + n_new) != cache.rope_long
 
 
 # ---------------------------------------------------------------- the loaded model
@@ -347,22 +421,36 @@ class Model:
             raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
         return ids
 
-    def forward(
-        self, token_ids, cache: KVCache, hidden_states: list | None = None, expert_trace: list | None = None
-    ) -> np.ndarray:
-        """Hidden states (T, D) of new tokens appended to `cache`."""
-        return forward(self.config, self.weights, self.check_ids(token_ids), cache, hidden_states, expert_trace)
+    def forward(self, token_ids, cache: KVCache, trace=None) -> np.ndarray:
+        """Hidden states (T, D) of new tokens appended to `cache`; `trace` an optional
+        `minislm.trace.Recorder`.
 
-    def lm_head(self, hidden: np.ndarray) -> np.ndarray:
-        return lm_head(self.config, self.weights, hidden)
+        The cache's owner decides what to do when the sequence crosses LongRoPE's switch
+        point: a full forward then rotates *every* position with the other factor set,
+        so the cached keys are stale. Re-rotating them is not enough: from layer 1 on,
+        the cached keys and values of earlier tokens were computed from attention
+        outputs that used the old rotation, and those change too. The only way to get
+        what a full forward gives is to run one, once, over all cached tokens plus the
+        new ones. transformers' generate() does the same (it drops its cache).
+        """
+        ids = self.check_ids(token_ids)
+        trace = NO_TRACE if trace is None else trace
+        if crosses_rope_switch(self.config, cache, len(ids)):
+            everything = np.concatenate([cache.tokens[: cache.length], ids])
+            cache.truncate(0)
+            return forward(self.config, self.weights, everything, cache, trace)[-len(ids) :]
+        return forward(self.config, self.weights, ids, cache, trace)
 
-    def logits(self, token_ids) -> np.ndarray:
+    def lm_head(self, hidden: np.ndarray, trace=None) -> np.ndarray:
+        return lm_head(self.config, self.weights, hidden, NO_TRACE if trace is None else trace)
+
+    def logits(self, token_ids, trace=None) -> np.ndarray:
         """Full forward from an empty cache: float32 logits (T, vocab_size)."""
         ids = self.check_ids(token_ids)
         if ids.size == 0:
             raise ValueError("logits() needs at least one token id")
         cache = self.new_cache(len(ids))
-        return np.ascontiguousarray(self.lm_head(self.forward(ids, cache)), dtype=np.float32)
+        return np.ascontiguousarray(self.lm_head(self.forward(ids, cache, trace), trace), dtype=np.float32)
 
     def generate(
         self,

@@ -83,11 +83,28 @@ def group_by_expert(experts: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.n
 @dataclass(frozen=True)
 class TokenRouting:
     """The experts behind one generated token: the routing, layer by layer, of the
-    position whose logits it was sampled from (`generate_tokens(expert_trace=...)`)."""
+    position whose logits it was sampled from (`routing_per_token`)."""
 
     token: int
     experts: np.ndarray  # (layers, 2) int64, first choice first
     weights: np.ndarray  # (layers, 2) float32
+
+
+def routing_per_token(trace, tokens) -> list[TokenRouting]:
+    """What a generation's recorder saw, as one TokenRouting per generated token.
+
+    `trace` recorded "experts" and "expert_weights" through `generate_tokens`: forward
+    pass n gave the logits token n was drawn from, and its last position is the one
+    whose routing chose it.
+    """
+    return [
+        TokenRouting(
+            int(token),
+            np.stack([e[-1] for e in trace.per_layer("experts", forward=n)]),  # (layers, 2)
+            np.stack([w[-1] for w in trace.per_layer("expert_weights", forward=n)]),  # (layers, 2)
+        )
+        for n, token in enumerate(tokens)
+    ]
 
 
 def expert_prefix(layer: str, expert: int) -> str:

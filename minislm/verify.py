@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import MinislmError
+from .trace import Recorder
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away,"
 # A layer "diverges" when its residual stream differs by more than this fraction of the
@@ -65,12 +66,11 @@ def compare(ours, ref, token_ids: np.ndarray, max_new_tokens: int) -> Comparison
             hook.remove()
     ref_logits = ref_out.logits[0].float().numpy()
 
-    ours_hidden = []
-    cache = ours.new_cache(len(token_ids))
-    our_logits = ours.lm_head(ours.forward(token_ids, cache, hidden_states=ours_hidden))
+    trace = Recorder(names=("resid_post", "logits"))
+    our_logits = ours.logits(token_ids, trace)
     layer_diffs = [
         (f"layer {i}", float(np.abs(a - b).max()), float(np.abs(b).max()))
-        for i, (a, b) in enumerate(zip(ours_hidden[1:], captured))
+        for i, (a, b) in enumerate(zip(trace.per_layer("resid_post"), captured))
     ]
     result = Comparison(
         n_tokens=len(token_ids),

@@ -214,8 +214,7 @@ def read_checkpoint(model_dir: Path) -> dict[str, StoredTensor]:
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint must hold, with its shape (hub names, (out, in) layout)."""
     D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    q_size = config.num_attention_heads * config.head_dim
-    kv_size = config.num_key_value_heads * config.head_dim
+    q_size, kv_size = config.q_size, config.kv_size
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
@@ -241,8 +240,7 @@ def phimoe_layer_shapes(config: ModelConfig, layer: str) -> dict[str, tuple[int,
     """One PhiMoE layer: LayerNorms with biases, separate q/k/v/o (biased when
     attention_bias), the router `gate` (E, D) and E experts of three matrices each."""
     D, F, E = config.hidden_size, config.intermediate_size, config.num_local_experts
-    q_size = config.num_attention_heads * config.head_dim
-    kv_size = config.num_key_value_heads * config.head_dim
+    q_size, kv_size = config.q_size, config.kv_size
     shapes = {}
     for norm in ("input_layernorm", "post_attention_layernorm"):
         shapes[f"{layer}{norm}.weight"] = (D,)

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 
 import minislm
 from conftest import ATOL_FP32_LOGITS, FIXTURES, VARIANTS
+from minislm.trace import Recorder
 
 # Routing weights are softmax values of router logits that differ by ~1e-6 between
 # BLAS and torch; the weights move by less than that.
@@ -85,10 +86,11 @@ def test_routing_matches_transformers(name):
     model = minislm.load(FIXTURES / name)
     reference = load_file(FIXTURES / name / "reference.safetensors")
     for case in cases(reference):
-        trace = []
+        trace = Recorder(names=("experts", "expert_weights"))
         ids = reference[f"case.{case}.input_ids"]
-        model.forward(ids, model.new_cache(len(ids)), expert_trace=trace)
-        for layer, ((experts, weights), expected) in enumerate(zip(trace, reference[f"case.{case}.experts"])):
+        model.forward(ids, model.new_cache(len(ids)), trace)
+        routing = zip(trace.per_layer("experts"), trace.per_layer("expert_weights"))
+        for layer, ((experts, weights), expected) in enumerate(zip(routing, reference[f"case.{case}.experts"])):
             differ = np.flatnonzero((experts != expected).any(axis=-1))
             assert differ.size == 0, f"{name}/{case}: layer {layer}, token {differ[:1]} routed differently"
             assert np.abs(weights - reference[f"case.{case}.expert_weights"][layer]).max() <= ATOL_ROUTING_WEIGHT

@@ -28,6 +28,7 @@ from conftest import (
     import_reference,
     save_random_model,
 )
+from minislm.trace import Recorder
 from minislm.verify import phimoe_longrope_as_designed
 
 torch, transformers = import_reference()
@@ -130,11 +131,12 @@ def test_random_phimoe_configs_match_transformers(config, seq_len, seed):
         assume(routing_margin(out.router_logits, config["router_jitter_noise"]) > ROUTING_MARGIN)
         expected = out.logits[0].numpy()
 
-        trace = []
-        got = ours.lm_head(ours.forward(ids, ours.new_cache(seq_len), expert_trace=trace))
+        trace = Recorder(names=("experts", "expert_weights"))
+        got = ours.lm_head(ours.forward(ids, ours.new_cache(seq_len), trace))
         assert np.abs(got - expected).max() <= ATOL_FP32_LOGITS
         assert (got.argmax(-1) == expected.argmax(-1)).all()
-        for (experts, weights), router_logits in zip(trace, out.router_logits):
+        routing = zip(trace.per_layer("experts"), trace.per_layer("expert_weights"))
+        for (experts, weights), router_logits in zip(routing, out.router_logits):
             ref_weights, ref_experts = transformers_sparsemixer(
                 router_logits, jitter_eps=config["router_jitter_noise"], training=False
             )

@@ -13,8 +13,9 @@ from conftest import FIXTURES, import_reference
 from minislm.bench.weight_reads import decode_reads, total_bytes
 from minislm.generate import generate_tokens
 from minislm.model import expert_mlp, moe
-from minislm.moe import expert_prefix, group_by_expert, sparsemixer
+from minislm.moe import expert_prefix, group_by_expert, routing_per_token, sparsemixer
 from minislm.sampling import Sampler, SamplingSettings
+from minislm.trace import Recorder
 
 # Routing weights are softmax values in float32; the reference sums its exponentials
 # in another order, which moves them by a few float32 ulps of 1.0.
@@ -135,10 +136,10 @@ def test_dispatch_equals_its_dense_twin(moe_model):
     for e in range(config.num_local_experts):
         p = expert_prefix(layer, e)
         dense += mixing[:, e : e + 1] * expert_mlp(x, w[p + "w1.weight"], w[p + "w3.weight"], w[p + "w2.weight"])
-    trace = []
-    sparse = moe(x, w, layer, config, trace)
+    trace = Recorder(names=("experts",))
+    sparse = moe(x, w, layer, config, trace, 1)
     assert np.abs(sparse - dense).max() <= ATOL_FP32_ACTIVATIONS
-    assert np.array_equal(trace[0][0], experts)
+    assert np.array_equal(trace.steps[0].value, experts)
 
 
 def test_decode_reads_only_the_chosen_experts(moe_model):
@@ -165,17 +166,18 @@ def test_decode_reads_only_the_chosen_experts(moe_model):
 
 
 def test_generated_tokens_carry_the_routing_of_the_position_before_them(moe_model):
-    """generate_tokens(expert_trace=...) records, for generated token n, the routing at
+    """a recorder given to generate_tokens records, for generated token n, the routing at
     the position whose logits chose it; a full forward over the same sequence routes
     that position the same way."""
     prompt = np.arange(5, 30)
-    trace = []
-    tokens = list(generate_tokens(moe_model, prompt, 8, Sampler(SamplingSettings(temperature=0.0)), expert_trace=trace))
-    assert [step.token for step in trace] == tokens
-    full = []
+    trace = Recorder(names=("experts", "expert_weights"))
+    tokens = list(generate_tokens(moe_model, prompt, 8, Sampler(SamplingSettings(temperature=0.0)), trace=trace))
+    routing = routing_per_token(trace, tokens)
+    assert [step.token for step in routing] == tokens
+    full = Recorder(names=("experts", "expert_weights"))
     sequence = np.concatenate([prompt, tokens[:-1]])
-    moe_model.forward(sequence, moe_model.new_cache(len(sequence)), expert_trace=full)
-    for n, step in enumerate(trace):
+    moe_model.forward(sequence, moe_model.new_cache(len(sequence)), full)
+    for n, step in enumerate(routing):
         position = len(prompt) - 1 + n
-        assert step.experts.tolist() == [layer[0][position].tolist() for layer in full]
-        assert np.allclose(step.weights, [layer[1][position] for layer in full], atol=ATOL_ROUTING_WEIGHT)
+        assert step.experts.tolist() == [experts[position].tolist() for experts in full.per_layer("experts")]
+        assert np.allclose(step.weights, [w[position] for w in full.per_layer("expert_weights")], atol=ATOL_ROUTING_WEIGHT)

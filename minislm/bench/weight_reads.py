@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model import forward, lm_head
+from ..trace import Recorder
 
 
 class RecordingWeights(dict):
@@ -69,10 +70,11 @@ def decode_reads(model, prompt_ids, steps: int) -> list[StepReads]:
     reads = []
     for _ in range(steps):
         recording.looked_up.clear()
-        trace = []
-        hidden = forward(config, recording, np.array([token]), cache, expert_trace=trace)
+        trace = Recorder(names=("experts",))
+        hidden = forward(config, recording, np.array([token]), cache, trace)
         logits = lm_head(config, recording, hidden)[0]
-        experts = np.stack([e[-1] for e, _ in trace]) if trace else np.zeros((0, 2), dtype=np.int64)
+        routing = trace.per_layer("experts")
+        experts = np.stack([e[-1] for e in routing]) if routing else np.zeros((0, 2), dtype=np.int64)
         names = set(recording.looked_up)
         reads.append(StepReads(token, names, bytes_read(config, recording, names), experts))
         token = int(np.argmax(logits))
