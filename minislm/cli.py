@@ -39,6 +39,12 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--show-experts", action="store_true", help="PhiMoE: print the experts each generated token used, per layer (stderr)")
     gen.add_argument("--save-experts", metavar="FILE", help="PhiMoE: save the experts and weights of every generated token as JSON")
     add_sampling_flags(gen)
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search with N beams; prints when done (default 1: no beams)")
+    gen.add_argument("--length-penalty", type=float, default=1.0,
+                     help="beam search: a hypothesis scores log-prob sum / length ** this (default 1.0)")
+    gen.add_argument("--early-stopping", action="store_true", help="beam search: stop once N hypotheses have ended")
+    gen.add_argument("--num-return-sequences", type=int, default=1, metavar="K",
+                     help="beam search: print the K best hypotheses, K <= --num-beams (default 1)")
 
     chat = commands.add_parser("chat", help="multi-turn chat that keeps the KV cache between turns")
     add_model_flags(chat)
@@ -120,6 +126,8 @@ def check_flags(args) -> None:
         raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
     if getattr(args, "port", 0) is not None and not 0 <= getattr(args, "port", 0) <= 65535:
         raise MinislmError(f"--port must be in [0, 65535], got {args.port}")
+    if hasattr(args, "num_beams"):
+        check_beam_flags(args)
     if not hasattr(args, "temp"):
         return
     if args.temp is not None and not args.temp >= 0:
@@ -132,6 +140,28 @@ def check_flags(args) -> None:
         raise MinislmError(f"--min-p must be in [0, 1], got {args.min_p}")
     if args.repeat_penalty is not None and not args.repeat_penalty > 0:
         raise MinislmError(f"--repeat-penalty must be > 0, got {args.repeat_penalty}")
+
+
+def check_beam_flags(args) -> None:
+    """Beam search is deterministic and prints whole sequences: sampling flags, stop
+    strings and per-token expert traces do not apply to it."""
+    if args.num_beams < 1:
+        raise MinislmError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.num_beams == 1:
+        if args.length_penalty != 1.0 or args.early_stopping or args.num_return_sequences != 1:
+            raise MinislmError("--length-penalty, --early-stopping and --num-return-sequences need --num-beams > 1")
+        return
+    if not 1 <= args.num_return_sequences <= args.num_beams:
+        raise MinislmError(f"--num-return-sequences must be in [1, --num-beams {args.num_beams}], got {args.num_return_sequences}")
+    if args.max_tokens < 1:
+        raise MinislmError(f"--max-tokens must be >= 1 with --num-beams, got {args.max_tokens}")
+    sampling = {"--temp": args.temp if args.temp else None, "--top-k": args.top_k, "--top-p": args.top_p,
+                "--min-p": args.min_p, "--seed": args.seed, "--stop": args.stop or None,
+                "--show-experts": args.show_experts or None, "--save-experts": args.save_experts}
+    given = [flag for flag, value in sampling.items() if value is not None]
+    if given:
+        raise MinislmError(f"{given[0]} does not apply to beam search (--num-beams), which scores whole sequences "
+                           "deterministically")
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ import resource
 import sys
 from pathlib import Path
 
+from .beam import BeamStats, beam_search
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text, generate_tokens
 from .moe import routing_per_token
@@ -88,8 +89,12 @@ def sampling_settings(
 
 def make_sampler(model, settings: SamplingSettings, seed: int | None) -> Sampler:
     """A sampler that never picks the padding ids past the tokenizer's vocabulary."""
-    allowed = min(model.tokenizer.vocab_size, model.config.vocab_size)
-    return Sampler(settings, seed=seed, allowed_ids=allowed)
+    return Sampler(settings, seed=seed, allowed_ids=allowed_ids(model))
+
+
+def allowed_ids(model) -> int:
+    """Ids the tokenizer can decode: Phi-3 pads 32011 real ids to 32064 embedding rows."""
+    return min(model.tokenizer.vocab_size, model.config.vocab_size)
 
 
 def stop_ids(model) -> set[int]:
@@ -127,6 +132,8 @@ def run_generate(args) -> int:
     if trace is not None:
         check_has_experts(model, "--show-experts" if args.show_experts else "--save-experts")
     ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
+    if args.num_beams > 1:
+        return run_beam_search(args, model, ids)
     stats = GenerationStats()
     generated = []
     tokens = generate_tokens(
@@ -144,6 +151,39 @@ def run_generate(args) -> int:
         if args.save_experts:
             save_expert_trace(args.save_experts, routing, model)
     print_stats(stats, model)
+    return 0
+
+
+def run_beam_search(args, model, ids) -> int:
+    """generate --num-beams: the search runs to its end, then the best hypotheses print
+    (one: its text alone; several: each under a header with its score)."""
+    stats = BeamStats()
+    penalty = sampling_settings(model, repetition_penalty=args.repeat_penalty).repetition_penalty
+    try:
+        hypotheses = beam_search(
+            model, ids, args.max_tokens, args.num_beams, stop_ids(model), length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences,
+            repetition_penalty=penalty, allowed_ids=allowed_ids(model), stats=stats,
+        )
+    except MinislmError:
+        raise
+    except ValueError as e:  # an argument beam_search refuses, e.g. more beams than the vocabulary allows
+        raise MinislmError(f"--num-beams {args.num_beams}: {e}") from None
+    for n, hypothesis in enumerate(hypotheses, 1):
+        if len(hypotheses) > 1:
+            print(f"=== {n} of {len(hypotheses)}, score {hypothesis.score:.4f} ===")
+        print(model.tokenizer.decode(list(hypothesis.ids)), flush=True)
+    best = hypotheses[0]
+    steps_per_second = stats.forwards / stats.search_seconds if stats.search_seconds else 0.0
+    parts = [
+        f"prompt {stats.prompt_tokens} tokens, {stats.prompt_tokens / max(stats.prefill_seconds, 1e-9):.1f} tok/s",
+        f"beam search: {args.num_beams} beams, {stats.steps} steps, {stats.forwards} forwards "
+        f"({steps_per_second:.1f}/s), {stats.copied_positions} cache positions copied",
+        f"best: {len(best.ids)} tokens, score {best.score:.4f}",
+        f"stop: {stats.stop_reason}",
+        f"peak memory {peak_memory_bytes() / 2**30:.2f} GiB",
+    ]
+    print("[" + " | ".join(parts) + "]", file=sys.stderr)
     return 0
 
 
