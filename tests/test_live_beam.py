@@ -54,7 +54,7 @@ beam_settings = st.tuples(
 )
 
 
-@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     model_config=st.one_of(phi3_configs().map(lambda c: ("phi3", c)), phimoe_configs().map(lambda c: ("phimoe", c))),
     prompt_len=st.integers(1, 30),
