@@ -245,9 +245,15 @@ def extend(model, beams: list[Beam], survivors: list[Candidate], stats: BeamStat
 
 
 def shared_positions(a: KVCache, b: KVCache) -> int:
-    """How many leading positions two beams' caches hold for the same tokens. Within one
-    search those positions hold the same bits (see `KVCache.copy_from`), unless one side
-    was computed with the other LongRoPE factor set."""
+    """How many leading positions two beams' caches hold for the same tokens.
+
+    Within one search those positions hold the same bits (see `KVCache.copy_from`),
+    unless one side was computed with the other LongRoPE factor set. One assumption:
+    when beams cross LongRoPE's switch point, each recomputes its whole sequence in one
+    forward (`Model.forward`), all of the same length, and equal rows of the inputs are
+    taken to give equal rows of the outputs, as a matrix product computes each row on
+    its own.
+    """
     if a.rope_long != b.rope_long:
         return 0
     n = min(a.length, b.length)
