@@ -7,9 +7,12 @@ pass over the cache. We preallocate the buffers once for the longest sequence
 this run can reach, so appending is a slice assignment, never a reallocation.
 """
 
+import os
+
 import numpy as np
 
 from .config import ModelConfig
+from .errors import MinislmError
 
 
 class KVCache:
@@ -22,6 +25,7 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, capacity: int, dtype=np.float32):
         shape = (config.num_hidden_layers, config.num_key_value_heads, capacity, config.head_dim)
+        check_fits_in_memory(2 * int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize, capacity)
         # np.zeros gets pages lazily from the OS: an unused tail costs no memory.
         self.keys = np.zeros(shape, dtype=dtype)
         self.values = np.zeros(shape, dtype=dtype)
@@ -78,3 +82,32 @@ class KVCache:
         self.length = end
         self.rope_long = other.rope_long
         return end - keep
+
+def check_fits_in_memory(nbytes: int, capacity: int) -> None:
+    """Refuse a cache larger than the memory available, before allocating it.
+
+    np.zeros would often "succeed" (the OS hands out pages lazily) and the run would
+    die later, deep in a forward, when the pages are touched. A 128k-token context
+    on Phi-3-mini is 48 GiB of float32 keys and values: worth one clear sentence.
+    """
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise MinislmError(
+            f"the KV cache for {capacity} positions needs {nbytes / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB "
+            "of memory is available; ask for fewer positions (--ctx-size, --max-tokens, a shorter prompt)"
+        )
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages, else None (unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

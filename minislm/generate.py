@@ -14,6 +14,7 @@ import numpy as np
 
 from .cache import KVCache
 from .errors import MinislmError
+from .finite import check_logits
 from .sampling import Sampler
 from .tokenizer import StreamingDetokenizer
 
@@ -55,14 +56,12 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     trace=None,
 ) -> Iterator[int]:
-    """Up to `max_new_tokens` ids following `prompt_ids`, as a generator.
+    """Yield up to `max_new_tokens` ids following `prompt_ids`.
 
-    The arguments are checked here, when called; the work happens as the returned
-    generator is iterated (`token_loop`). With a `cache`, `prompt_ids` are the tokens
-    *after* those already cached (the chat REPL keeps one cache across turns);
-    `history` holds every id of the sequence so far, for the repetition penalty. A
-    stop id is yielded, then the loop ends. Generation also ends at the model's
-    context length.
+    With a `cache`, `prompt_ids` are the tokens *after* those already cached (the
+    chat REPL keeps one cache across turns); `history` holds every id of the
+    sequence so far, for the repetition penalty. A stop id is yielded, then the
+    loop ends. Generation also ends at the model's context length.
 
     `trace` (a `minislm.trace.Recorder`) sees every forward pass: pass n produced the
     logits that generated token n was sampled from (pass 0 is the prefill), so the
@@ -84,12 +83,6 @@ def generate_tokens(
     history = list(history) if history is not None else []
     history.extend(int(t) for t in prompt)
     stop_ids = set(int(t) for t in stop_ids)
-    return token_loop(model, prompt, max_new_tokens, sampler, stop_ids, cache, history, stats, trace)
-
-
-def token_loop(model, prompt, max_new_tokens, sampler, stop_ids, cache, history, stats, trace) -> Iterator[int]:
-    """Prefill the prompt once, then one cached forward per generated token."""
-    context = model.config.max_position_embeddings
     if max_new_tokens == 0:
         stats.stop_reason = "length"
         return
@@ -97,6 +90,7 @@ def token_loop(model, prompt, max_new_tokens, sampler, stop_ids, cache, history,
     start = time.perf_counter()
     logits = model.lm_head(model.forward(prompt, cache, trace)[-1:], trace)[0]  # (V,) for the last position
     stats.prefill_seconds = time.perf_counter() - start
+    check_logits(model, logits, history)
 
     limit = min(context, cache.capacity)
     for n in range(max_new_tokens):
@@ -116,6 +110,7 @@ def token_loop(model, prompt, max_new_tokens, sampler, stop_ids, cache, history,
         start = time.perf_counter()
         logits = model.lm_head(model.forward(np.array([token]), cache, trace), trace)[0]
         stats.decode_seconds += time.perf_counter() - start
+        check_logits(model, logits, history)
 
 
 def generate_text(tokenizer, token_stream: Iterator[int], stop_strings=(), stats: GenerationStats | None = None):

@@ -416,10 +416,19 @@ class Model:
         return KVCache(self.config, capacity)
 
     def check_ids(self, token_ids) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+        """A 1-D sequence of integer ids in [0, vocab_size) as int64. Anything else is
+        refused, not coerced: 2-D ids would be flattened, floats truncated, bools read as
+        ids 0 and 1."""
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1:
+            raise ValueError(f"token ids must be a 1-D sequence, got an array of shape {ids.shape}")
+        if ids.size == 0:
+            return ids.astype(np.int64)
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"token ids must be integers, got {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
-        return ids
+        return ids.astype(np.int64)
 
     def forward(self, token_ids, cache: KVCache, trace=None) -> np.ndarray:
         """Hidden states (T, D) of new tokens appended to `cache`; `trace` an optional
@@ -446,11 +455,20 @@ class Model:
 
     def logits(self, token_ids, trace=None) -> np.ndarray:
         """Full forward from an empty cache: float32 logits (T, vocab_size)."""
+        from .finite import check_logits
+
         ids = self.check_ids(token_ids)
         if ids.size == 0:
             raise ValueError("logits() needs at least one token id")
+        if len(ids) > self.config.max_position_embeddings:
+            raise MinislmError(
+                f"logits() got {len(ids)} token ids; the model's context is {self.config.max_position_embeddings} "
+                "(max_position_embeddings)"
+            )
         cache = self.new_cache(len(ids))
-        return np.ascontiguousarray(self.lm_head(self.forward(ids, cache, trace), trace), dtype=np.float32)
+        logits = np.ascontiguousarray(self.lm_head(self.forward(ids, cache, trace), trace), dtype=np.float32)
+        check_logits(self, logits, ids)
+        return logits
 
     def generate(
         self,
@@ -467,10 +485,11 @@ class Model:
         early_stopping: bool | str = False,
     ) -> Iterator[int]:
         """New token ids after `token_ids`: greedy at temperature 0, sampled above it, or
-        the best of `num_beams` beams. Arguments are checked here, when called.
+        the best of `num_beams` beams. Arguments are checked here, when called: a bad one
+        raises now, not at the first `next()`.
 
-        Greedy and sampled ids stream: the returned generator runs one cached forward per
-        id as you iterate. It stops after an end-of-sequence id from
+        Greedy and sampled ids stream: the returned iterator runs one cached forward per
+        id as you read it (one prefill first). It stops after an end-of-sequence id from
         generation_config.json, as transformers does. Like transformers' `generate`, it
         applies the repetition penalty that generation_config.json asks for (the shipped
         Shakespeare model asks for 1.2, hub Phi-3 models for none), so greedy here equals
@@ -480,9 +499,13 @@ class Model:
         when the search ends: it runs now, and the returned iterator holds the best
         hypothesis's ids. `beam_search` returns several, with their scores.
         """
-        from .generate import generate_tokens
+        from .generate import check_context, generate_tokens
         from .sampling import Sampler, SamplingSettings
 
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if repetition_penalty is None:
             repetition_penalty = self.generation_config.repetition_penalty
         if num_beams != 1:
@@ -495,7 +518,11 @@ class Model:
             raise ValueError("length_penalty and early_stopping are for beam search (num_beams > 1)")
         settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         sampler = Sampler(settings, seed=seed)
-        return generate_tokens(self, token_ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids)
+        ids = self.check_ids(token_ids)
+        if ids.size == 0:
+            raise ValueError("generate() needs at least one token id")
+        check_context(len(ids), 0, self.config.max_position_embeddings)
+        return generate_tokens(self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids)
 
     def beam_search(
         self,
