@@ -97,6 +97,26 @@ class KVCache:
                 n = int(np.flatnonzero(self.tokens[:n] < 0)[first_different])
         return n
 
+    def copy_from(self, other: "KVCache", keep: int = 0) -> int:
+        """Make this cache hold what `other` holds; return how many positions were copied.
+
+        Positions before `keep` are left as they are: the caller knows they already
+        equal `other`'s. Beam search knows it when two beams share their first `keep`
+        tokens, because every beam's keys and values come from the same prefill and the
+        same one-token forwards (or copies of them), and equal inputs give equal bits.
+        (Two separate prefills of different lengths may differ in the last bits.)
+        """
+        if not 0 <= keep <= min(self.length, other.length):
+            raise ValueError(f"keep={keep} must be within both caches' lengths ({self.length}, {other.length})")
+        if other.length > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {other.length} needed")
+        end = other.length
+        self.keys[:, :, keep:end] = other.keys[:, :, keep:end]
+        self.values[:, :, keep:end] = other.values[:, :, keep:end]
+        self.tokens[keep:end] = other.tokens[keep:end]
+        self.length = end
+        self.rope_long = other.rope_long
+        return end - keep
 
 def check_fits_in_memory(nbytes: int, capacity: int) -> None:
     """Refuse a cache larger than the memory available, before allocating it.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .beam import BeamStats, beam_search
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text, generate_tokens
 from .load import BUNDLED_MODEL, bundled_model  # noqa: F401  (BUNDLED_MODEL: for tests and tools)
@@ -58,25 +59,46 @@ def load_model(args):
 
 
 def sampler_for(args, model) -> Sampler:
-    """Flags first, then generation_config.json's defaults (when it asks for sampling)."""
+    """The sampler the --temp/--top-k/--top-p/--min-p/--repeat-penalty/--seed flags ask for."""
+    settings = sampling_settings(
+        model, temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+    )
+    return make_sampler(model, settings, seed=args.seed)
+
+
+def sampling_settings(
+    model, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None
+) -> SamplingSettings:
+    """Values given (not None) first, then generation_config.json's defaults when it asks
+    for sampling, else greedy: what transformers' generate() does with the same files.
+    `top_k=0` means off. Shared by the CLI's flags and the server's request fields."""
     defaults = model.generation_config
     sampled = defaults.do_sample
 
-    def pick(flag, default, neutral):
-        if flag is not None:
-            return flag
+    def pick(value, default, neutral):
+        if value is not None:
+            return value
         return default if (sampled and default is not None) else neutral
 
-    settings = SamplingSettings(
-        temperature=pick(args.temp, defaults.temperature if defaults.temperature is not None else 1.0, 0.0),
-        top_k=pick(args.top_k, defaults.top_k, 0) or None,
-        top_p=pick(args.top_p, defaults.top_p, 1.0),
-        min_p=pick(args.min_p, defaults.min_p, 0.0),
+    return SamplingSettings(
+        temperature=pick(temperature, defaults.temperature if defaults.temperature is not None else 1.0, 0.0),
+        top_k=pick(top_k, defaults.top_k, 0) or None,
+        top_p=pick(top_p, defaults.top_p, 1.0),
+        min_p=pick(min_p, defaults.min_p, 0.0),
         # a logits processor in transformers, so it applies to greedy decoding too
-        repetition_penalty=args.repeat_penalty if args.repeat_penalty is not None else (defaults.repetition_penalty or 1.0),
+        repetition_penalty=repetition_penalty if repetition_penalty is not None else (defaults.repetition_penalty or 1.0),
     )
-    allowed = min(model.tokenizer.vocab_size, model.config.vocab_size)
-    return Sampler(settings, seed=args.seed, allowed_ids=allowed)
+
+
+def make_sampler(model, settings: SamplingSettings, seed: int | None) -> Sampler:
+    """A sampler that never picks the padding ids past the tokenizer's vocabulary."""
+    return Sampler(settings, seed=seed, allowed_ids=allowed_ids(model))
+
+
+def allowed_ids(model) -> int:
+    """Ids the tokenizer can decode: Phi-3 pads 32011 real ids to 32064 embedding rows."""
+    return min(model.tokenizer.vocab_size, model.config.vocab_size)
 
 
 def stop_ids(model) -> set[int]:
@@ -116,6 +138,10 @@ def run_generate(args) -> int:
     else:
         check_reads_images(model, pictures)
         ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
+    if args.num_beams > 1:
+        if features is not None:
+            raise MinislmError("--num-beams: beam search does not take images yet; use greedy or sampling with --image")
+        return run_beam_search(args, model, ids)
     stats = GenerationStats()
     generated = []
     tokens = generate_tokens(
@@ -164,6 +190,39 @@ def encode_image_prompt(model, prompt: str, pictures: list, args):
     if image_prompt.images:
         print(f"[images encoded in {seconds:.2f} s]", file=sys.stderr)
     return image_prompt.ids, image_prompt.features
+
+
+def run_beam_search(args, model, ids) -> int:
+    """generate --num-beams: the search runs to its end, then the best hypotheses print
+    (one: its text alone; several: each under a header with its score)."""
+    stats = BeamStats()
+    penalty = sampling_settings(model, repetition_penalty=args.repeat_penalty).repetition_penalty
+    try:
+        hypotheses = beam_search(
+            model, ids, args.max_tokens, args.num_beams, stop_ids(model), length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences,
+            repetition_penalty=penalty, allowed_ids=allowed_ids(model), stats=stats,
+        )
+    except MinislmError:
+        raise
+    except ValueError as e:  # an argument beam_search refuses, e.g. more beams than the vocabulary allows
+        raise MinislmError(f"--num-beams {args.num_beams}: {e}") from None
+    for n, hypothesis in enumerate(hypotheses, 1):
+        if len(hypotheses) > 1:
+            print(f"=== {n} of {len(hypotheses)}, score {hypothesis.score:.4f} ===")
+        print(model.tokenizer.decode(list(hypothesis.ids)), flush=True)
+    best = hypotheses[0]
+    steps_per_second = stats.forwards / stats.search_seconds if stats.search_seconds else 0.0
+    parts = [
+        f"prompt {stats.prompt_tokens} tokens, {stats.prompt_tokens / max(stats.prefill_seconds, 1e-9):.1f} tok/s",
+        f"beam search: {args.num_beams} beams, {stats.steps} steps, {stats.forwards} forwards "
+        f"({steps_per_second:.1f}/s), {stats.copied_positions} cache positions copied",
+        f"best: {len(best.ids)} tokens, score {best.score:.4f}",
+        f"stop: {stats.stop_reason}",
+        f"peak memory {peak_memory_bytes() / 2**30:.2f} GiB",
+    ]
+    print("[" + " | ".join(parts) + "]", file=sys.stderr)
+    return 0
 
 
 def routing_recorder() -> Recorder:
@@ -318,8 +377,7 @@ def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: i
     # Reuse the cache for the longest prefix it shares with the new conversation (the
     # same ids and, at image placeholders, the same images); only the rest (the new
     # user turn, mostly) goes through the model.
-    keep = min(cache.shared_prefix(ids, features), len(ids) - 1)
-    cache.truncate(keep)
+    keep = reuse_cached_prefix(cache, ids, features)
     new_features = None if features is None else features[cache.placeholders(keep) :]
     stats = GenerationStats()
     max_new = min(args.max_tokens, capacity - len(ids))
@@ -399,6 +457,19 @@ class ChatImages:
         ids = tokenize_with_images(tokenizer, tokenizer.render_chat(messages), [i.num_tokens for i in self.images])
         D = self.model.config.hidden_size
         return ids, np.concatenate(self.features) if self.features else np.zeros((0, D), np.float32)
+
+
+def reuse_cached_prefix(cache, ids, image_features=None) -> int:
+    """Keep the cached positions that begin `ids`, forget the rest; return how many were kept.
+
+    A chat turn (or a server request) that extends the previous conversation then feeds
+    only what is new, mostly the latest user message, through the model. At image
+    placeholders the images must be the same too (`KVCache.shared_prefix`). At least one
+    id is always left to feed, since the next token's logits come from its forward.
+    """
+    keep = min(cache.shared_prefix(ids, image_features), len(ids) - 1)
+    cache.truncate(keep)
+    return keep
 
 
 def peak_memory_bytes() -> int:

@@ -530,20 +530,26 @@ class Model:
         seed=None,
         repetition_penalty: float | None = None,
         image_features=None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
     ) -> Iterator[int]:
-        """Yield new token ids after `token_ids`: greedy at temperature 0, else sampled.
+        """New token ids after `token_ids`: greedy at temperature 0, sampled above it, or
+        the best of `num_beams` beams. Arguments are checked here, when called: a bad one
+        raises now, not at the first `next()`.
 
-        Runs through the KV cache (one prefill, then one forward per token) and stops
-        after an end-of-sequence id from generation_config.json, as transformers does.
-        Like transformers' `generate`, it applies the repetition penalty that
-        generation_config.json asks for (the shipped Shakespeare model asks for 1.2,
-        hub Phi-3 models for none), so greedy here equals `generate(do_sample=False)`
-        there; pass `repetition_penalty=1.0` for plain argmax decoding.
+        Greedy and sampled ids stream: the returned iterator runs one cached forward per
+        id as you read it (one prefill first). It stops after an end-of-sequence id from
+        generation_config.json, as transformers does. Like transformers' `generate`, it
+        applies the repetition penalty that generation_config.json asks for (the shipped
+        Shakespeare model asks for 1.2, hub Phi-3 models for none), so greedy here equals
+        `generate(do_sample=False)` there; pass `repetition_penalty=1.0` for plain argmax.
 
-
-        Arguments are checked when you call it (a bad one raises here, not at the
-        first `next()`); the tokens come from the returned iterator.
-        Phi-3-vision: `image_features` for the prompt's image placeholders (`image_prompt`).
+        Beam search (num_beams > 1) cannot stream, since the best sequence is known only
+        when the search ends: it runs now, and the returned iterator holds the best
+        hypothesis's ids. `beam_search` returns several, with their scores.
+        Phi-3-vision: `image_features` for the prompt's image placeholders (`image_prompt`;
+        greedy and sampling only).
         """
         from .generate import check_context, generate_tokens
         from .sampling import Sampler, SamplingSettings
@@ -554,6 +560,16 @@ class Model:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if repetition_penalty is None:
             repetition_penalty = self.generation_config.repetition_penalty
+        if num_beams != 1:
+            if temperature != 0 or top_k is not None or top_p is not None or seed is not None:
+                raise ValueError("beam search is deterministic: temperature, top_k, top_p and seed are for sampling")
+            if image_features is not None:
+                raise ValueError("beam search does not take images yet: use greedy or sampling with image_features")
+            best = self.beam_search(token_ids, max_new_tokens, num_beams, length_penalty=length_penalty,
+                                    early_stopping=early_stopping, repetition_penalty=repetition_penalty)[0]
+            return iter(best.ids)
+        if length_penalty != 1.0 or early_stopping is not False:
+            raise ValueError("length_penalty and early_stopping are for beam search (num_beams > 1)")
         settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         sampler = Sampler(settings, seed=seed)
         ids = self.check_ids(token_ids, image_features)
@@ -562,4 +578,28 @@ class Model:
         check_context(len(ids), 0, self.config.max_position_embeddings)
         return generate_tokens(
             self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids, image_features=image_features
+        )
+
+    def beam_search(
+        self,
+        token_ids,
+        max_new_tokens: int,
+        num_beams: int,
+        *,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
+        repetition_penalty: float | None = None,
+    ) -> list:
+        """The `num_return_sequences` best hypotheses (`minislm.beam.Hypothesis`: ids and
+        score), best first, exactly as transformers' `generate(num_beams=num_beams,
+        do_sample=False)` ranks them; see minislm/beam.py for the rules."""
+        from .beam import beam_search
+
+        if repetition_penalty is None:
+            repetition_penalty = self.generation_config.repetition_penalty
+        return beam_search(
+            self, token_ids, max_new_tokens, num_beams, self.generation_config.eos_token_ids,
+            length_penalty=length_penalty, early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty or 1.0,
         )
