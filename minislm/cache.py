@@ -20,7 +20,10 @@ class KVCache:
 
     Keys are stored *after* RoPE. `rope_long` records which LongRoPE factor set the
     cached tokens were computed with, and `tokens` their ids, so the model can
-    recompute them if a later forward crosses the switch point.
+    recompute them if a later forward crosses the switch point. With Phi-3-vision,
+    some ids are image placeholders (< 0): `image_features` keeps what went in their
+    place, one row per placeholder in position order, for that recomputation, and so
+    that a chat turn reuses the cache only where the same images sit.
     """
 
     def __init__(self, config: ModelConfig, capacity: int, dtype=np.float32):
@@ -32,6 +35,7 @@ class KVCache:
         self.tokens = np.zeros(capacity, dtype=np.int64)  # the ids whose keys/values are cached
         self.length = 0
         self.rope_long = False
+        self.image_features = np.zeros((0, config.hidden_size), dtype=np.float32)
 
     @property
     def capacity(self) -> int:
@@ -51,17 +55,68 @@ class KVCache:
         self.values[layer, :, self.length : end] = values
         return self.keys[layer, :, :end], self.values[layer, :, :end]
 
-    def advance(self, token_ids: np.ndarray, rope_long: bool) -> None:
+    def advance(self, token_ids: np.ndarray, rope_long: bool, image_features: np.ndarray | None = None) -> None:
         """Mark the tokens of a finished forward as cached (every layer has stored them)."""
         end = self.length + len(token_ids)
         self.tokens[self.length : end] = token_ids
         self.length = end
         self.rope_long = rope_long
+        if image_features is not None and len(image_features):
+            self.image_features = np.concatenate([self.image_features, image_features])
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (a chat turn that diverges from the cached tokens)."""
         self.length = min(self.length, length)
+        self.image_features = self.image_features[: self.placeholders(self.length)]
 
+    def placeholders(self, length: int) -> int:
+        """How many of the first `length` cached tokens are image placeholders."""
+        return int(np.count_nonzero(self.tokens[:length] < 0))
+
+    def cached_image_features(self, new: np.ndarray | None = None) -> np.ndarray | None:
+        """The features of the cached placeholders followed by `new` ones: what a forward
+        over all cached tokens and new ones needs. None when there are no images."""
+        if new is None and not len(self.image_features):
+            return None
+        return self.image_features if new is None else np.concatenate([self.image_features, new])
+
+    def shared_prefix(self, token_ids: np.ndarray, image_features: np.ndarray | None = None) -> int:
+        """How many leading tokens of a new sequence the cache already holds: equal ids and,
+        at image placeholders, equal images (two pictures of one size have the same
+        placeholder ids; only their features tell them apart)."""
+        n = 0
+        for cached, new in zip(self.tokens[: self.length], token_ids):
+            if cached != new:
+                break
+            n += 1
+        k = self.placeholders(n)
+        if k:
+            same = np.zeros(k, bool) if image_features is None else np.all(self.image_features[:k] == image_features[:k], axis=1)
+            if not same.all():
+                first_different = int(np.argmin(same))  # the placeholder row where the images part
+                n = int(np.flatnonzero(self.tokens[:n] < 0)[first_different])
+        return n
+
+    def copy_from(self, other: "KVCache", keep: int = 0) -> int:
+        """Make this cache hold what `other` holds; return how many positions were copied.
+
+        Positions before `keep` are left as they are: the caller knows they already
+        equal `other`'s. Beam search knows it when two beams share their first `keep`
+        tokens, because every beam's keys and values come from the same prefill and the
+        same one-token forwards (or copies of them), and equal inputs give equal bits.
+        (Two separate prefills of different lengths may differ in the last bits.)
+        """
+        if not 0 <= keep <= min(self.length, other.length):
+            raise ValueError(f"keep={keep} must be within both caches' lengths ({self.length}, {other.length})")
+        if other.length > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {other.length} needed")
+        end = other.length
+        self.keys[:, :, keep:end] = other.keys[:, :, keep:end]
+        self.values[:, :, keep:end] = other.values[:, :, keep:end]
+        self.tokens[keep:end] = other.tokens[keep:end]
+        self.length = end
+        self.rope_long = other.rope_long
+        return end - keep
 
 def check_fits_in_memory(nbytes: int, capacity: int) -> None:
     """Refuse a cache larger than the memory available, before allocating it.

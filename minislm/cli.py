@@ -1,6 +1,6 @@
-"""`python -m minislm <command>`: generate, chat, perplexity, verify, bench, and the
-learner's windows into a forward pass (tokenize, trace, lens, attention, rope,
-routing, explain: see minislm/watch/).
+"""`python -m minislm <command>`: generate, chat, serve, perplexity, quantize, verify,
+bench, and the learner's windows into a forward pass (tokenize, trace, lens,
+attention, rope, routing, explain: see minislm/watch/).
 
 Flags follow mlx_lm.generate and llama-cli (`--model`, `--prompt`, `--max-tokens`,
 `--temp`, `--top-p`, `--top-k`, `--seed`). Generated text streams to stdout;
@@ -41,7 +41,16 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     gen.add_argument("--show-experts", action="store_true", help="PhiMoE: print the experts each generated token used, per layer (stderr)")
     gen.add_argument("--save-experts", metavar="FILE", help="PhiMoE: save the experts and weights of every generated token as JSON")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="Phi-3-vision: an image to show the model (repeatable; <|image_1|> ... in the prompt place them)")
+    add_num_crops_flag(gen)
     add_sampling_flags(gen)
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search with N beams; prints when done (default 1: no beams)")
+    gen.add_argument("--length-penalty", type=float, default=1.0,
+                     help="beam search: a hypothesis scores log-prob sum / length ** this (default 1.0)")
+    gen.add_argument("--early-stopping", action="store_true", help="beam search: stop once N hypotheses have ended")
+    gen.add_argument("--num-return-sequences", type=int, default=1, metavar="K",
+                     help="beam search: print the K best hypotheses, K <= --num-beams (default 1)")
 
     chat = commands.add_parser("chat", help="multi-turn chat that keeps the KV cache between turns")
     add_model_flags(chat)
@@ -50,7 +59,16 @@ def build_parser() -> ArgumentParser:
     chat.add_argument("--system", help="system message")
     chat.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens (default 4096)")
     chat.add_argument("--show-experts", action="store_true", help="PhiMoE: after each reply, print the experts each of its tokens used, per layer (stderr)")
+    add_num_crops_flag(chat)
     add_sampling_flags(chat)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    add_model_flags(serve)
+    add_quant_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    serve.add_argument("--ctx-size", type=int, default=4096, help="KV cache size: prompt + completion tokens (default 4096)")
 
     verify = commands.add_parser("verify", help="compare minislm's logits with transformers' on a checkpoint")
     add_model_flags(verify)
@@ -96,6 +114,11 @@ def add_group_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asymmetric", action="store_true", help="int4: a zero point per group besides the scale")
 
 
+def add_num_crops_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-crops", type=int, metavar="N",
+                   help="Phi-3-vision: cut each image into at most N 336x336 crops, 1..16 (default: the model's, usually 16)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Unset flags fall back to the model's generation_config.json (as in transformers),
     and to greedy decoding when it does not ask for sampling."""
@@ -132,6 +155,8 @@ def check_flags(args) -> None:
         raise MinislmError(f"--stride must be >= 1, got {args.stride}")
     if getattr(args, "ctx_size", 1) < 1:
         raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
+    if getattr(args, "num_crops", None) is not None and not 1 <= args.num_crops <= 16:
+        raise MinislmError(f"--num-crops must be from 1 to 16, got {args.num_crops}")
     if getattr(args, "model", None) is not None and not args.model.strip():
         raise MinislmError("--model is empty; give a model folder or a Hugging Face repo id (or leave --model out)")
     for attr, (setting, flag) in SAMPLING_FLAGS.items():
@@ -145,6 +170,32 @@ def check_flags(args) -> None:
         check_utf8(getattr(args, attr, None), flag)
     for stop in getattr(args, "stop", None) or ():
         check_utf8(stop, "--stop")
+    if getattr(args, "port", 0) is not None and not 0 <= getattr(args, "port", 0) <= 65535:
+        raise MinislmError(f"--port must be in [0, 65535], got {args.port}")
+    if hasattr(args, "num_beams"):
+        check_beam_flags(args)
+
+
+def check_beam_flags(args) -> None:
+    """Beam search is deterministic and prints whole sequences: sampling flags, stop
+    strings and per-token expert traces do not apply to it."""
+    if args.num_beams < 1:
+        raise MinislmError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.num_beams == 1:
+        if args.length_penalty != 1.0 or args.early_stopping or args.num_return_sequences != 1:
+            raise MinislmError("--length-penalty, --early-stopping and --num-return-sequences need --num-beams > 1")
+        return
+    if not 1 <= args.num_return_sequences <= args.num_beams:
+        raise MinislmError(f"--num-return-sequences must be in [1, --num-beams {args.num_beams}], got {args.num_return_sequences}")
+    if args.max_tokens < 1:
+        raise MinislmError(f"--max-tokens must be >= 1 with --num-beams, got {args.max_tokens}")
+    sampling = {"--temp": args.temp if args.temp else None, "--top-k": args.top_k, "--top-p": args.top_p,
+                "--min-p": args.min_p, "--seed": args.seed, "--stop": args.stop or None,
+                "--show-experts": args.show_experts or None, "--save-experts": args.save_experts}
+    given = [flag for flag, value in sampling.items() if value is not None]
+    if given:
+        raise MinislmError(f"{given[0]} does not apply to beam search (--num-beams), which scores whole sequences "
+                           "deterministically")
 
 
 def main(argv=None) -> int:
@@ -173,6 +224,10 @@ def run_command(argv) -> int:
             from .commands import run_chat
 
             return run_chat(args)
+        if args.command == "serve":
+            from .serve import run_serve
+
+            return run_serve(args)
         if args.command == "perplexity":
             from .perplexity import run_perplexity
 

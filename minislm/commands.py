@@ -3,8 +3,12 @@
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
+
+from .beam import BeamStats, beam_search
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text, generate_tokens
 from .load import BUNDLED_MODEL, bundled_model  # noqa: F401  (BUNDLED_MODEL: for tests and tools)
@@ -55,25 +59,46 @@ def load_model(args):
 
 
 def sampler_for(args, model) -> Sampler:
-    """Flags first, then generation_config.json's defaults (when it asks for sampling)."""
+    """The sampler the --temp/--top-k/--top-p/--min-p/--repeat-penalty/--seed flags ask for."""
+    settings = sampling_settings(
+        model, temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+    )
+    return make_sampler(model, settings, seed=args.seed)
+
+
+def sampling_settings(
+    model, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None
+) -> SamplingSettings:
+    """Values given (not None) first, then generation_config.json's defaults when it asks
+    for sampling, else greedy: what transformers' generate() does with the same files.
+    `top_k=0` means off. Shared by the CLI's flags and the server's request fields."""
     defaults = model.generation_config
     sampled = defaults.do_sample
 
-    def pick(flag, default, neutral):
-        if flag is not None:
-            return flag
+    def pick(value, default, neutral):
+        if value is not None:
+            return value
         return default if (sampled and default is not None) else neutral
 
-    settings = SamplingSettings(
-        temperature=pick(args.temp, defaults.temperature if defaults.temperature is not None else 1.0, 0.0),
-        top_k=pick(args.top_k, defaults.top_k, 0) or None,
-        top_p=pick(args.top_p, defaults.top_p, 1.0),
-        min_p=pick(args.min_p, defaults.min_p, 0.0),
+    return SamplingSettings(
+        temperature=pick(temperature, defaults.temperature if defaults.temperature is not None else 1.0, 0.0),
+        top_k=pick(top_k, defaults.top_k, 0) or None,
+        top_p=pick(top_p, defaults.top_p, 1.0),
+        min_p=pick(min_p, defaults.min_p, 0.0),
         # a logits processor in transformers, so it applies to greedy decoding too
-        repetition_penalty=args.repeat_penalty if args.repeat_penalty is not None else (defaults.repetition_penalty or 1.0),
+        repetition_penalty=repetition_penalty if repetition_penalty is not None else (defaults.repetition_penalty or 1.0),
     )
-    allowed = min(model.tokenizer.vocab_size, model.config.vocab_size)
-    return Sampler(settings, seed=args.seed, allowed_ids=allowed)
+
+
+def make_sampler(model, settings: SamplingSettings, seed: int | None) -> Sampler:
+    """A sampler that never picks the padding ids past the tokenizer's vocabulary."""
+    return Sampler(settings, seed=seed, allowed_ids=allowed_ids(model))
+
+
+def allowed_ids(model) -> int:
+    """Ids the tokenizer can decode: Phi-3 pads 32011 real ids to 32064 embedding rows."""
+    return min(model.tokenizer.vocab_size, model.config.vocab_size)
 
 
 def stop_ids(model) -> set[int]:
@@ -102,15 +127,26 @@ def run_generate(args) -> int:
     prompt = read_prompt(args)
     if args.save_experts and not Path(args.save_experts).resolve().parent.is_dir():
         raise MinislmError(f"--save-experts: the folder of {args.save_experts} does not exist")
+    pictures = open_images(args.image)  # before loading: a bad file fails at once
     model = load_model(args)
     trace = routing_recorder() if args.show_experts or args.save_experts else None
     if trace is not None:
         check_has_experts(model, "--show-experts" if args.show_experts else "--save-experts")
-    ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
+    features = None
+    if model.config.vision is not None:  # Phi-3-vision: tags, placeholders and encoded images
+        ids, features = encode_image_prompt(model, prompt, pictures, args)
+    else:
+        check_reads_images(model, pictures)
+        ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
+    if args.num_beams > 1:
+        if features is not None:
+            raise MinislmError("--num-beams: beam search does not take images yet; use greedy or sampling with --image")
+        return run_beam_search(args, model, ids)
     stats = GenerationStats()
     generated = []
     tokens = generate_tokens(
-        model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats, trace=trace
+        model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats, trace=trace,
+        image_features=features,
     )
     for piece in generate_text(model.tokenizer, recording(tokens, generated), args.stop, stats):
         sys.stdout.write(piece)
@@ -124,6 +160,68 @@ def run_generate(args) -> int:
         if args.save_experts:
             save_expert_trace(args.save_experts, routing, model)
     print_stats(stats, model)
+    return 0
+
+
+def open_images(paths) -> list:
+    """--image files, decoded (each a one-line error if it is not a readable image)."""
+    if not paths:
+        return []
+    from .vision.image import open_image
+
+    return [open_image(path) for path in paths]
+
+
+def check_reads_images(model, pictures) -> None:
+    if pictures:
+        raise MinislmError(
+            f"--image: {model.path} is a {model.config.model_type} model, which cannot read images "
+            "(phi3_v models can: Phi-3-vision, Phi-3.5-vision)"
+        )
+
+
+def encode_image_prompt(model, prompt: str, pictures: list, args):
+    """Phi-3-vision's prompt: ids with image placeholders, and the encoded images."""
+    start = time.perf_counter()
+    image_prompt = model.image_prompt(prompt, pictures, args.num_crops, args.system, chat=not args.no_chat_template)
+    seconds = time.perf_counter() - start
+    for k, image in enumerate(image_prompt.images, 1):
+        print(f"[image {k}: {image.describe()}]", file=sys.stderr)
+    if image_prompt.images:
+        print(f"[images encoded in {seconds:.2f} s]", file=sys.stderr)
+    return image_prompt.ids, image_prompt.features
+
+
+def run_beam_search(args, model, ids) -> int:
+    """generate --num-beams: the search runs to its end, then the best hypotheses print
+    (one: its text alone; several: each under a header with its score)."""
+    stats = BeamStats()
+    penalty = sampling_settings(model, repetition_penalty=args.repeat_penalty).repetition_penalty
+    try:
+        hypotheses = beam_search(
+            model, ids, args.max_tokens, args.num_beams, stop_ids(model), length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences,
+            repetition_penalty=penalty, allowed_ids=allowed_ids(model), stats=stats,
+        )
+    except MinislmError:
+        raise
+    except ValueError as e:  # an argument beam_search refuses, e.g. more beams than the vocabulary allows
+        raise MinislmError(f"--num-beams {args.num_beams}: {e}") from None
+    for n, hypothesis in enumerate(hypotheses, 1):
+        if len(hypotheses) > 1:
+            print(f"=== {n} of {len(hypotheses)}, score {hypothesis.score:.4f} ===")
+        print(model.tokenizer.decode(list(hypothesis.ids)), flush=True)
+    best = hypotheses[0]
+    steps_per_second = stats.forwards / stats.search_seconds if stats.search_seconds else 0.0
+    parts = [
+        f"prompt {stats.prompt_tokens} tokens, {stats.prompt_tokens / max(stats.prefill_seconds, 1e-9):.1f} tok/s",
+        f"beam search: {args.num_beams} beams, {stats.steps} steps, {stats.forwards} forwards "
+        f"({steps_per_second:.1f}/s), {stats.copied_positions} cache positions copied",
+        f"best: {len(best.ids)} tokens, score {best.score:.4f}",
+        f"stop: {stats.stop_reason}",
+        f"peak memory {peak_memory_bytes() / 2**30:.2f} GiB",
+    ]
+    print("[" + " | ".join(parts) + "]", file=sys.stderr)
     return 0
 
 
@@ -203,13 +301,15 @@ def run_chat(args) -> int:
     sampler = sampler_for(args, model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    images = ChatImages(model, args.num_crops)
     tokenizer.encode_chat(system + [{"role": "user", "content": "hello"}])  # a template that cannot render: stop now
     # A line that is not UTF-8 must not end the session: read it with its bad bytes
     # kept as surrogates, and refuse that one line.
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
+    help_images = ", /image PATH to show it a picture" if model.config.vision is not None else ""
     print(f"minislm chat with {model.path}: /bye or Ctrl-D to quit, /clear to start over, "
-          "Ctrl-C to stop a reply", file=sys.stderr)
+          f"Ctrl-C to stop a reply{help_images}", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -224,7 +324,11 @@ def run_chat(args) -> int:
             print(f"[cleared: {turns} turn{'s' * (turns != 1)} and {cache.length} cached tokens forgotten"
                   f"{'; the system message stays' if system else ''}]", file=sys.stderr)
             messages = list(system)
+            images.clear()
             cache.truncate(0)
+            continue
+        if command.split(maxsplit=1)[:1] == ["/image"]:
+            images.attach(command[len("/image") :].strip())
             continue
         if not command:
             continue
@@ -233,10 +337,10 @@ def run_chat(args) -> int:
         except MinislmError as e:
             print(f"[{e}; nothing was sent]", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": images.tags_for_next_turn() + line})
         try:
-            ids = tokenizer.encode_chat(messages)
-        except MinislmError as e:  # the template refused this conversation: say so, keep the session
+            ids, features = images.encode_chat(messages)
+        except MinislmError as e:  # the template refused this conversation, or an <|image_k|> typed by hand
             messages.pop()
             print(f"[{e}; nothing was sent]", file=sys.stderr)
             continue
@@ -248,7 +352,8 @@ def run_chat(args) -> int:
             messages.pop()
             print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)
             continue
-        reply, stats, keep, routing = chat_turn(model, cache, sampler, ids, args, capacity)
+        images.sent()
+        reply, stats, keep, routing = chat_turn(model, cache, sampler, ids, features, args, capacity)
         messages.append({"role": "assistant", "content": reply})
         if routing is not None:
             print_expert_trace(routing, model)
@@ -260,18 +365,20 @@ def run_chat(args) -> int:
                   "/clear to start over]", file=sys.stderr)
 
 
-def chat_turn(model, cache, sampler, ids: list[int], args, capacity: int):
+def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: int):
     """One reply, streamed; Ctrl-C stops it and keeps what was said so far.
 
     The cache stays consistent when a forward is interrupted: its length moves only
     after a whole forward (KVCache.advance), so the next turn reuses what is complete.
+    `features`: the encoded images of the conversation's placeholders (Phi-3-vision), or None.
     Returns the reply's text, its statistics, how many cached tokens were reused, and
     (with --show-experts) the routing of each generated token.
     """
-    # Reuse the cache for the longest prefix it shares with the new conversation;
-    # only the rest (the new user turn, mostly) goes through the model.
-    keep = min(common_prefix(cache.tokens[: cache.length], ids), len(ids) - 1)
-    cache.truncate(keep)
+    # Reuse the cache for the longest prefix it shares with the new conversation (the
+    # same ids and, at image placeholders, the same images); only the rest (the new
+    # user turn, mostly) goes through the model.
+    keep = reuse_cached_prefix(cache, ids, features)
+    new_features = None if features is None else features[cache.placeholders(keep) :]
     stats = GenerationStats()
     max_new = min(args.max_tokens, capacity - len(ids))
     trace = routing_recorder() if args.show_experts else None
@@ -279,7 +386,7 @@ def chat_turn(model, cache, sampler, ids: list[int], args, capacity: int):
     try:
         tokens = generate_tokens(
             model, ids[keep:], max_new, sampler, stop_ids(model), cache=cache, history=ids[:keep], stats=stats,
-            trace=trace,
+            trace=trace, image_features=new_features,
         )
         for piece in generate_text(model.tokenizer, recording(tokens, generated), (), stats):
             reply.append(piece)
@@ -295,13 +402,74 @@ def chat_turn(model, cache, sampler, ids: list[int], args, capacity: int):
     return "".join(reply), stats, keep, routing
 
 
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+class ChatImages:
+    """The pictures of a chat (`/image PATH`), each encoded once when it is attached.
+
+    Phi-3-vision numbers the images of a whole conversation 1..n; a picture attached
+    now is tagged <|image_k|> at the start of the next user turn. Every turn the
+    whole conversation is tokenized again, placeholders and all, and the features of
+    every image so far go with it (the cache keeps only what it can reuse).
+    """
+
+    def __init__(self, model, num_crops: int | None):
+        self.model, self.num_crops = model, num_crops
+        self.images, self.features = [], []  # ProcessedImage, (tokens, D) per image
+        self.pending = 0  # attached since the last user turn
+
+    def attach(self, path: str) -> None:
+        from .vision.embedding import encode_image
+        from .vision.image import open_image, process_image
+
+        vision = self.model.config.vision
+        try:
+            if vision is None:
+                raise MinislmError(f"/image: {self.model.path} is a {self.model.config.model_type} model, which cannot read images")
+            if not path:
+                raise MinislmError("/image needs a file: /image PATH")
+            start = time.perf_counter()
+            image = process_image(open_image(path), self.num_crops or vision.num_crops)
+            self.features.append(encode_image(vision, self.model.weights, image))
+        except MinislmError as e:  # the chat goes on
+            print(f"minislm: error: {e}", file=sys.stderr)
+            return
+        self.images.append(image)
+        self.pending += 1
+        seconds = time.perf_counter() - start
+        print(f"[image {len(self.images)}: {image.describe()}; encoded in {seconds:.2f} s]", file=sys.stderr)
+
+    def tags_for_next_turn(self) -> str:
+        first = len(self.images) - self.pending + 1
+        return "".join(f"<|image_{k}|>\n" for k in range(first, len(self.images) + 1))
+
+    def sent(self) -> None:
+        self.pending = 0
+
+    def clear(self) -> None:
+        self.images, self.features, self.pending = [], [], 0
+
+    def encode_chat(self, messages):
+        """(ids, image features or None) of the whole conversation."""
+        tokenizer = self.model.tokenizer
+        if self.model.config.vision is None:
+            return tokenizer.encode_chat(messages), None
+        from .vision.prompt import tokenize_with_images
+
+        ids = tokenize_with_images(tokenizer, tokenizer.render_chat(messages), [i.num_tokens for i in self.images])
+        D = self.model.config.hidden_size
+        return ids, np.concatenate(self.features) if self.features else np.zeros((0, D), np.float32)
+
+
+def reuse_cached_prefix(cache, ids, image_features=None) -> int:
+    """Keep the cached positions that begin `ids`, forget the rest; return how many were kept.
+
+    A chat turn (or a server request) that extends the previous conversation then feeds
+    only what is new, mostly the latest user message, through the model. At image
+    placeholders the images must be the same too (`KVCache.shared_prefix`). At least one
+    id is always left to feed, since the next token's logits come from its forward.
+    """
+    keep = min(cache.shared_prefix(ids, image_features), len(ids) - 1)
+    cache.truncate(keep)
+    return keep
 
 
 def peak_memory_bytes() -> int:

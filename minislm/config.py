@@ -11,9 +11,11 @@ Phi-3 config files exist in two layouts in the wild, and we read both:
 Where both say something, we resolve it the way transformers' `Phi3Config` does,
 because transformers is the reference our logits are checked against.
 
-Two model types: "phi3" (Phi-3/3.5-mini, medium, Phi-4-mini) and "phimoe"
+Three model types: "phi3" (Phi-3/3.5-mini, medium, Phi-4-mini), "phimoe"
 (Phi-3.5-MoE), whose extra keys — experts, biases, LongRoPE's `short_mscale` and
-`long_mscale` — are read by `parse_moe` and `parse_rope`.
+`long_mscale` — are read by `parse_moe` and `parse_rope`, and "phi3_v"
+(Phi-3-vision, Phi-3.5-vision): a phi3 decoder plus an image encoder, whose keys
+`minislm.vision.config.parse_vision` reads.
 """
 
 import json
@@ -22,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MinislmError
+from .vision.config import VisionConfig, parse_vision
 
-SUPPORTED_MODEL_TYPES = ("phi3", "phimoe")
+SUPPORTED_MODEL_TYPES = ("phi3", "phimoe", "phi3_v")
 SUPPORTED_ROPE_TYPES = ("default", "longrope")
 # Older hub files call LongRoPE "su"; transformers' Phi3Config also maps "yarn" to it.
 ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}
@@ -78,6 +81,8 @@ class ModelConfig:
     num_local_experts: int = 0  # experts per layer (E)
     num_experts_per_tok: int = 0  # experts each token uses: always 2 (sparsemixer)
     router_jitter_noise: float = 0.0  # sparsemixer's eps: experts within 2*eps of the best compete
+    # phi3_v only: the image encoder (None for text-only models).
+    vision: VisionConfig | None = None
 
     @property
     def q_size(self) -> int:
@@ -125,7 +130,8 @@ def load_config(model_dir: Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise MinislmError(f"{model_dir}: no config.json in this folder")
-    return parse_config(read_json(path), source=str(path))
+    preprocessor = Path(model_dir) / "preprocessor_config.json"  # images: num_crops (phi3_v)
+    return parse_config(read_json(path), str(path), read_json(preprocessor) if preprocessor.is_file() else None)
 
 
 # More layers or experts than any real model: a damaged config.json, refused before
@@ -181,8 +187,9 @@ def section(raw: dict, key: str, source: str) -> dict:
     return value
 
 
-def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from the JSON dict, refusing what we cannot run."""
+def parse_config(raw: dict, source: str = "config.json", preprocessor: dict | None = None) -> ModelConfig:
+    """Build a ModelConfig from the JSON dict, refusing what we cannot run.
+    `preprocessor` is preprocessor_config.json, read for phi3_v's num_crops."""
 
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -232,12 +239,13 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
         head_dim=head_dim,
         rms_norm_eps=float(positive(raw, "rms_norm_eps", source, default=1e-5, kind=float)),
         max_position_embeddings=max_pos,
-        rope=parse_rope(raw, head_dim, max_pos, source, model_type),
+        rope=parse_rope(raw, head_dim, max_pos, source, "phimoe" if model_type == "phimoe" else "phi3"),
         sliding_window=sliding_window,
         tie_word_embeddings=flag(raw, "tie_word_embeddings", source),
         bos_token_id=bos,
         eos_token_ids=as_id_tuple(raw.get("eos_token_id"), f"{source}: 'eos_token_id'"),
         **(parse_moe(raw, source) if model_type == "phimoe" else {}),
+        vision=parse_vision(raw, source, preprocessor) if model_type == "phi3_v" else None,
     )
 
 

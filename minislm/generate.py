@@ -55,6 +55,7 @@ def generate_tokens(
     history: list[int] | None = None,
     stats: GenerationStats | None = None,
     trace=None,
+    image_features=None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids following `prompt_ids`.
 
@@ -66,10 +67,13 @@ def generate_tokens(
     `trace` (a `minislm.trace.Recorder`) sees every forward pass: pass n produced the
     logits that generated token n was sampled from (pass 0 is the prefill), so the
     last position of pass n is the one that chose it (`moe.routing_per_token`).
+
+    Phi-3-vision: `image_features` fill the prompt's image placeholders (negative ids);
+    placeholders are positions, not tokens, so the repetition penalty never sees them.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    prompt = model.check_ids(prompt_ids)
+    prompt = model.check_ids(prompt_ids, image_features)
     if prompt.size == 0:
         raise ValueError("the prompt needs at least one token id")
     context = model.config.max_position_embeddings
@@ -80,15 +84,15 @@ def generate_tokens(
         raise ValueError(f"KV cache holds {cache.capacity} positions, {cache.length + len(prompt)} needed")
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
-    history = list(history) if history is not None else []
-    history.extend(int(t) for t in prompt)
+    history = [int(t) for t in history if t >= 0] if history is not None else []
+    history.extend(int(t) for t in prompt if t >= 0)
     stop_ids = set(int(t) for t in stop_ids)
     if max_new_tokens == 0:
         stats.stop_reason = "length"
         return
 
     start = time.perf_counter()
-    logits = model.lm_head(model.forward(prompt, cache, trace)[-1:], trace)[0]  # (V,) for the last position
+    logits = model.lm_head(model.forward(prompt, cache, trace, image_features)[-1:], trace)[0]  # (V,) for the last position
     stats.prefill_seconds = time.perf_counter() - start
     check_logits(model, logits, history)
 

@@ -89,11 +89,21 @@ def linear(x: np.ndarray, w: Weight, bias=None) -> np.ndarray:
     return y if bias is None else y + bias
 
 
-def embed(embed_tokens: Weight, token_ids: np.ndarray) -> np.ndarray:
-    """Row lookup: (V, D)[ids] -> (T, D)."""
+def embed(embed_tokens: Weight, token_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
+    """Row lookup: (V, D)[ids] -> (T, D).
+
+    Phi-3-vision: a position holding an image placeholder (a negative id, see
+    minislm.vision.prompt) takes the next row of `image_features` (k, D) instead.
+    """
+    placeholders = token_ids < 0
+    rows = np.where(placeholders, 0, token_ids)
     if isinstance(embed_tokens, np.ndarray):
-        return np.asarray(embed_tokens[token_ids], dtype=np.float32)
-    return embed_tokens.rows(token_ids)
+        x = np.asarray(embed_tokens[rows], dtype=np.float32)
+    else:
+        x = embed_tokens.rows(rows)
+    if placeholders.any():
+        x[placeholders] = image_features  # (k, D): the image tokens, in position order
+    return x
 
 
 def rms_norm(x: np.ndarray, weight, eps: float) -> np.ndarray:
@@ -336,10 +346,13 @@ def moe(x: np.ndarray, weights: dict, layer: str, config: ModelConfig, trace=NO_
 # ---------------------------------------------------------------- the spine
 
 
-def forward(config: ModelConfig, weights: dict, token_ids: np.ndarray, cache: KVCache, trace=NO_TRACE) -> np.ndarray:
+def forward(
+    config: ModelConfig, weights: dict, token_ids: np.ndarray, cache: KVCache, trace=NO_TRACE, image_features=None
+) -> np.ndarray:
     """Run T new tokens through the decoder, after the cache.length tokens already cached.
 
     Returns the final normed hidden states (T, D); `lm_head` turns them into logits.
+    Phi-3-vision: `image_features` (k, D) fill the k image placeholders (ids < 0).
     The cached tokens must have been rotated with the LongRoPE factor set this forward
     uses; `Model.forward` re-runs the whole sequence when a generation crosses the
     switch point (see `crosses_rope_switch`).
@@ -354,7 +367,9 @@ def forward(config: ModelConfig, weights: dict, token_ids: np.ndarray, cache: KV
     allowed = attention_mask(positions, cache.length + T, config.sliding_window)  # (T, S)
     trace.begin(positions)
 
-    x = embed(w["model.embed_tokens.weight"], token_ids)  # (T, D)
+    x = embed(w["model.embed_tokens.weight"], token_ids, image_features)  # (T, D)
+    if image_features is not None:
+        trace.record("image_positions", positions[token_ids < 0])
     trace.record("embed", x)
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
@@ -377,7 +392,7 @@ def forward(config: ModelConfig, weights: dict, token_ids: np.ndarray, cache: KV
         trace.record("ffn_out", f, i)
         x = x + f
         trace.record("resid_post", x, i)
-    cache.advance(token_ids, long)
+    cache.advance(token_ids, long, image_features)
     x = norm(config, w, "model.norm", x)  # (T, D)
     trace.record("final_norm", x)
     return x
@@ -415,10 +430,11 @@ class Model:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity)
 
-    def check_ids(self, token_ids) -> np.ndarray:
-        """A 1-D sequence of integer ids in [0, vocab_size) as int64. Anything else is
-        refused, not coerced: 2-D ids would be flattened, floats truncated, bools read as
-        ids 0 and 1."""
+    def check_ids(self, token_ids, image_features=None) -> np.ndarray:
+        """A 1-D sequence of integer ids as int64, each in [0, vocab_size) or, with
+        Phi-3-vision, negative (an image placeholder) with one row of `image_features`
+        each. Anything else is refused, not coerced: 2-D ids would be flattened, floats
+        truncated, bools read as ids 0 and 1."""
         ids = np.asarray(token_ids)
         if ids.ndim != 1:
             raise ValueError(f"token ids must be a 1-D sequence, got an array of shape {ids.shape}")
@@ -426,13 +442,21 @@ class Model:
             return ids.astype(np.int64)
         if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"token ids must be integers, got {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+        placeholders = int(np.count_nonzero(ids < 0))
+        if ids.max() >= self.config.vocab_size or (placeholders and image_features is None):
             raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
+        if image_features is not None:
+            shape = (placeholders, self.config.hidden_size)
+            if self.config.vision is None:
+                raise MinislmError(f"{self.path}: a {self.config.model_type} model has no image encoder")
+            if np.shape(image_features) != shape:
+                raise MinislmError(f"image_features of shape {np.shape(image_features)} for {placeholders} placeholders; expected {shape}")
         return ids.astype(np.int64)
 
-    def forward(self, token_ids, cache: KVCache, trace=None) -> np.ndarray:
+    def forward(self, token_ids, cache: KVCache, trace=None, image_features=None) -> np.ndarray:
         """Hidden states (T, D) of new tokens appended to `cache`; `trace` an optional
-        `minislm.trace.Recorder`.
+        `minislm.trace.Recorder`. Phi-3-vision: `image_features` (k, D) for the k image
+        placeholders (negative ids) among the tokens (see `image_prompt`).
 
         The cache's owner decides what to do when the sequence crosses LongRoPE's switch
         point: a full forward then rotates *every* position with the other factor set,
@@ -442,22 +466,24 @@ class Model:
         what a full forward gives is to run one, once, over all cached tokens plus the
         new ones. transformers' generate() does the same (it drops its cache).
         """
-        ids = self.check_ids(token_ids)
+        ids = self.check_ids(token_ids, image_features)
         trace = NO_TRACE if trace is None else trace
         if crosses_rope_switch(self.config, cache, len(ids)):
+            # the images of the cached tokens go in again, at the same positions
             everything = np.concatenate([cache.tokens[: cache.length], ids])
+            features = cache.cached_image_features(image_features)
             cache.truncate(0)
-            return forward(self.config, self.weights, everything, cache, trace)[-len(ids) :]
-        return forward(self.config, self.weights, ids, cache, trace)
+            return forward(self.config, self.weights, everything, cache, trace, features)[-len(ids) :]
+        return forward(self.config, self.weights, ids, cache, trace, image_features)
 
     def lm_head(self, hidden: np.ndarray, trace=None) -> np.ndarray:
         return lm_head(self.config, self.weights, hidden, NO_TRACE if trace is None else trace)
 
-    def logits(self, token_ids, trace=None) -> np.ndarray:
+    def logits(self, token_ids, trace=None, image_features=None) -> np.ndarray:
         """Full forward from an empty cache: float32 logits (T, vocab_size)."""
         from .finite import check_logits
 
-        ids = self.check_ids(token_ids)
+        ids = self.check_ids(token_ids, image_features)
         if ids.size == 0:
             raise ValueError("logits() needs at least one token id")
         if len(ids) > self.config.max_position_embeddings:
@@ -466,9 +492,32 @@ class Model:
                 "(max_position_embeddings)"
             )
         cache = self.new_cache(len(ids))
-        logits = np.ascontiguousarray(self.lm_head(self.forward(ids, cache, trace), trace), dtype=np.float32)
+        hidden = self.forward(ids, cache, trace, image_features)
+        logits = np.ascontiguousarray(self.lm_head(hidden, trace), dtype=np.float32)
         check_logits(self, logits, ids)
         return logits
+
+    def image_prompt(
+        self, prompt: str, images, num_crops: int | None = None, system: str | None = None, chat: bool = True, trace=None
+    ):
+        """Phi-3-vision: a prompt and its images (paths or Pillow images) -> a
+        `minislm.vision.prompt.ImagePrompt` (ids with placeholders + encoded images):
+
+            p = model.image_prompt("What is shown?", ["photo.png"])
+            for token in model.generate(p.ids, 100, image_features=p.features): ...
+
+        `<|image_k|>` tags mark where each image goes; without any, they all go first.
+        With `chat` the prompt is one user turn in the model's chat template.
+        `num_crops` (1..16) defaults to preprocessor_config.json's; a `trace` recorder
+        gets each image's views, patch features and tokens.
+        """
+        from .vision.prompt import build_image_prompt, with_image_tags
+
+        text = with_image_tags(prompt, len(images))
+        if chat and self.tokenizer.chat_template:
+            turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            text = self.tokenizer.render_chat(turns)
+        return build_image_prompt(self, text, list(images), num_crops, trace)
 
     def generate(
         self,
@@ -480,18 +529,27 @@ class Model:
         top_p=None,
         seed=None,
         repetition_penalty: float | None = None,
+        image_features=None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
     ) -> Iterator[int]:
-        """Yield new token ids after `token_ids`: greedy at temperature 0, else sampled.
+        """New token ids after `token_ids`: greedy at temperature 0, sampled above it, or
+        the best of `num_beams` beams. Arguments are checked here, when called: a bad one
+        raises now, not at the first `next()`.
 
-        Runs through the KV cache (one prefill, then one forward per token) and stops
-        after an end-of-sequence id from generation_config.json, as transformers does.
-        Like transformers' `generate`, it applies the repetition penalty that
-        generation_config.json asks for (the shipped Shakespeare model asks for 1.2,
-        hub Phi-3 models for none), so greedy here equals `generate(do_sample=False)`
-        there; pass `repetition_penalty=1.0` for plain argmax decoding.
+        Greedy and sampled ids stream: the returned iterator runs one cached forward per
+        id as you read it (one prefill first). It stops after an end-of-sequence id from
+        generation_config.json, as transformers does. Like transformers' `generate`, it
+        applies the repetition penalty that generation_config.json asks for (the shipped
+        Shakespeare model asks for 1.2, hub Phi-3 models for none), so greedy here equals
+        `generate(do_sample=False)` there; pass `repetition_penalty=1.0` for plain argmax.
 
-        Arguments are checked when you call it (a bad one raises here, not at the
-        first `next()`); the tokens come from the returned iterator.
+        Beam search (num_beams > 1) cannot stream, since the best sequence is known only
+        when the search ends: it runs now, and the returned iterator holds the best
+        hypothesis's ids. `beam_search` returns several, with their scores.
+        Phi-3-vision: `image_features` for the prompt's image placeholders (`image_prompt`;
+        greedy and sampling only).
         """
         from .generate import check_context, generate_tokens
         from .sampling import Sampler, SamplingSettings
@@ -502,10 +560,46 @@ class Model:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if repetition_penalty is None:
             repetition_penalty = self.generation_config.repetition_penalty
+        if num_beams != 1:
+            if temperature != 0 or top_k is not None or top_p is not None or seed is not None:
+                raise ValueError("beam search is deterministic: temperature, top_k, top_p and seed are for sampling")
+            if image_features is not None:
+                raise ValueError("beam search does not take images yet: use greedy or sampling with image_features")
+            best = self.beam_search(token_ids, max_new_tokens, num_beams, length_penalty=length_penalty,
+                                    early_stopping=early_stopping, repetition_penalty=repetition_penalty)[0]
+            return iter(best.ids)
+        if length_penalty != 1.0 or early_stopping is not False:
+            raise ValueError("length_penalty and early_stopping are for beam search (num_beams > 1)")
         settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         sampler = Sampler(settings, seed=seed)
-        ids = self.check_ids(token_ids)
+        ids = self.check_ids(token_ids, image_features)
         if ids.size == 0:
             raise ValueError("generate() needs at least one token id")
         check_context(len(ids), 0, self.config.max_position_embeddings)
-        return generate_tokens(self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids)
+        return generate_tokens(
+            self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids, image_features=image_features
+        )
+
+    def beam_search(
+        self,
+        token_ids,
+        max_new_tokens: int,
+        num_beams: int,
+        *,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
+        repetition_penalty: float | None = None,
+    ) -> list:
+        """The `num_return_sequences` best hypotheses (`minislm.beam.Hypothesis`: ids and
+        score), best first, exactly as transformers' `generate(num_beams=num_beams,
+        do_sample=False)` ranks them; see minislm/beam.py for the rules."""
+        from .beam import beam_search
+
+        if repetition_penalty is None:
+            repetition_penalty = self.generation_config.repetition_penalty
+        return beam_search(
+            self, token_ids, max_new_tokens, num_beams, self.generation_config.eos_token_ids,
+            length_penalty=length_penalty, early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty or 1.0,
+        )

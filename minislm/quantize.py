@@ -28,7 +28,11 @@ import numpy as np
 
 from .config import read_json
 from .errors import MinislmError
+from .vision.config import IMAGE_EMBED
 from .weights import SAFETENSORS_TAGS, StoredTensor, expected_shapes, write_safetensors
+
+# The image encoder's matrices (Phi-3-vision): CLIP's projections and MLP, the projector.
+IMAGE_MATRICES = ("_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight", "img_projection.0.weight", "img_projection.2.weight")
 
 FORMATS = ("bf16", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -101,7 +105,10 @@ def output_layer(config) -> str:
 
 
 def packable(name: str, shape: tuple) -> bool:
-    """2-D weights are packed; the PhiMoE router stays exact (see the module docstring)."""
+    """2-D weights are packed; the PhiMoE router stays exact (see the module docstring).
+    Phi-3-vision's image encoder: its linear layers only (position embeddings add)."""
+    if name.startswith(IMAGE_EMBED):
+        return name.endswith(IMAGE_MATRICES)
     return len(shape) == 2 and not name.endswith("block_sparse_moe.gate.weight")
 
 
@@ -112,12 +119,14 @@ def module_name(name: str) -> str:
 
 
 def pack(name: str, tensor: StoredTensor, quant: QuantConfig, is_output: bool = False):
-    """One packed weight from a stored tensor (bf16 words are used as they are)."""
+    """One packed weight from a stored tensor (bf16 words are used as they are). The image
+    encoder stays bf16 under int4: CLIP's features feed every image token; the output
+    layer is int8 unless `quant.output_bits` is 4."""
     from .kernels import Bf16Weight, Int4Weight, Int8Weight
 
     values = tensor.array if tensor.dtype == "BF16" else tensor.float32()
     try:
-        if quant.format == "bf16":
+        if quant.format == "bf16" or name.startswith(IMAGE_EMBED):
             return Bf16Weight(values, name=name)
         if is_output and quant.output_bits == 8:
             return Int8Weight(values, group_size=quant.group_size, name=name)
@@ -240,6 +249,8 @@ def run_quantize(args) -> int:
         group_size=args.group_size, symmetric=False if args.asymmetric else None,
     )
     quant = model.quant
+    if model.config.vision is not None:
+        raise MinislmError(f"quantize: {model.path} is a phi3_v model; saving those as int4 is not supported yet (use --quant int4 when loading)")
     if Path(model.path).is_file():  # a GGUF file: its metadata becomes config.json and the tokenizer files
         import tempfile
 

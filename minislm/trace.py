@@ -11,6 +11,10 @@ recorder asks for them.
 The steps, per layer unless marked (T tokens in this forward, S = tokens cached
 after it, H / KV heads, hd head size, D hidden, F ffn, E experts, V vocab):
 
+    image_views        (n, 3, 336, 336)  an image's global view and crops  [no layer; phi3_v, one per image]
+    image_patches      (n, 576, 1024)    CLIP's features of each view      [no layer; phi3_v, one per image]
+    image_tokens       (k, D)      the image's projected tokens            [no layer; phi3_v, one per image]
+    image_positions    (k',)       where this forward's image tokens sit   [no layer; phi3_v]
     embed              (T, D)      token embeddings                      [no layer]
     attn_norm          (T, D)      input_layernorm(x): what attention reads
     q                  (H, T, hd)  queries, after RoPE
@@ -52,8 +56,9 @@ LAYER_STEPS = (
     "attn_norm", "q", "k", "v", "attn_probs", "attn_heads", "attn_out", "resid_mid",
     "ffn_norm", "gate", "up", "router_logits", "experts", "expert_weights", "ffn_out", "resid_post",
 )
-MODEL_STEPS = ("embed", "final_norm", "logits")
-STEPS = ("embed",) + LAYER_STEPS + ("final_norm", "logits")  # forward order
+VISION_STEPS = ("image_views", "image_patches", "image_tokens", "image_positions")  # phi3_v, before embed
+MODEL_STEPS = VISION_STEPS + ("embed", "final_norm", "logits")
+STEPS = VISION_STEPS + ("embed",) + LAYER_STEPS + ("final_norm", "logits")  # forward order
 # What a recorder may hold unless told otherwise: enough for every step of the shipped
 # model on a 128-token prompt, small next to the memory of a real Phi-3 run.
 DEFAULT_MAX_BYTES = 1 << 30

@@ -150,6 +150,11 @@ def run_verify(args) -> int:
         )
     import_reference()
     ours = load(model_dir)
+    if ours.config.vision is not None:
+        raise MinislmError(
+            f"verify: {model_dir} is a phi3_v model, which transformers runs only as the hub's remote code "
+            "(minislm never runs remote code); tools/make_vision_fixtures.py checks phi3_v against it"
+        )
     if args.prompt is not None:
         if ours.tokenizer is None:
             raise MinislmError(f"{model_dir}: --prompt needs a tokenizer.json in the model folder")

@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import ModelConfig, read_json
 from .errors import MinislmError
+from .vision.config import vision_shapes
 
 # safetensors dtype tag -> how we hold it in NumPy. BF16 stays as raw 16-bit words.
 NUMPY_DTYPES = {
@@ -297,6 +298,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (V, D)
     if config.lm_head_bias:
         shapes["lm_head.bias"] = (V,)
+    if config.vision is not None:  # phi3_v: the CLIP tower, separators and projector
+        shapes.update(vision_shapes(config.vision, D))
     return shapes
 
 

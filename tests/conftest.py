@@ -101,3 +101,28 @@ def greedy_by_full_forward(reference, prompt, max_new_tokens: int, stop_ids) -> 
         if token in stop_ids:
             break
     return new
+
+
+# Phi-3-vision's golden fixture keeps no weights: they are rebuilt bit for bit from a
+# seed (minislm.vision.random_checkpoint), and the file's SHA-256 must match the one
+# tools/make_vision_fixtures.py recorded when it ran the reference code on them.
+PHI3_V_FIXTURE = FIXTURES / "phi3_v"
+PHI3_V_REFERENCE = PHI3_V_FIXTURE / "reference_vision.safetensors"
+
+
+@pytest.fixture(scope="session")
+def phi3_v_dir(tmp_path_factory) -> Path:
+    """tests/fixtures/phi3_v plus its rebuilt model.safetensors, in a temporary folder."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    from minislm.vision.random_checkpoint import write_hashed_checkpoint
+
+    folder = tmp_path_factory.mktemp("phi3_v") / "model"
+    shutil.copytree(PHI3_V_FIXTURE, folder)
+    metadata = safe_open(PHI3_V_REFERENCE, "np").metadata()
+    sha = write_hashed_checkpoint(folder, json.loads((folder / "config.json").read_text()), int(metadata["seed"]))
+    assert sha == metadata["checkpoint_sha256"], "the rebuilt checkpoint is not the one the reference ran on"
+    return folder

@@ -5,7 +5,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import minislm
-from minislm.commands import common_prefix
+from minislm.commands import reuse_cached_prefix
 from minislm.errors import MinislmError
 from minislm.generate import GenerationStats, generate_text, generate_tokens, split_at_stop
 from minislm.sampling import Sampler, SamplingSettings
@@ -95,8 +95,7 @@ def test_chat_cache_reuse_gives_the_same_tokens_as_a_fresh_cache(model):
     reply = list(generate_tokens(model, turn1, 6, Sampler(GREEDY), (), cache=cache))
     messages += [{"role": "assistant", "content": tok.decode(reply)}, {"role": "user", "content": "again"}]
     turn2 = tok.encode_chat(messages)
-    keep = min(common_prefix(cache.tokens[: cache.length], turn2), len(turn2) - 1)
-    assert keep >= len(turn1)  # at least all of turn 1 is reused
-    cache.truncate(keep)
+    keep = reuse_cached_prefix(cache, turn2)
+    assert keep >= len(turn1) and cache.length == keep  # at least all of turn 1 is reused
     reused = list(generate_tokens(model, turn2[keep:], 8, Sampler(GREEDY), (), cache=cache, history=turn2[:keep]))
     assert reused == run(model, turn2, 8)

@@ -1,0 +1,325 @@
+"""The OpenAI wire format, with no socket and no model in sight.
+
+Two directions, both pure functions:
+
+* request JSON -> `ApiRequest`: every field minislm reads is checked for its type
+  and range here, so the server answers each mistake with a 400 whose message
+  names the field, in OpenAI's error shape
+  `{"error": {"message", "type", "param", "code"}}`;
+* a finished (or streamed) generation -> the JSON objects OpenAI's clients parse:
+  `chat.completion`, `chat.completion.chunk`, `text_completion`, `list` of models.
+
+Clients send more fields than minislm implements. A field whose value asks for
+nothing (`n: 1`, `logprobs: false`, `frequency_penalty: 0`, `user`, ...) is
+accepted and ignored, so the official `openai` package and the libraries built on it
+work unchanged; a value that asks for something minislm does not do (`n: 3`, tools,
+a JSON response format) is refused by name rather than silently ignored. Fields
+nobody has heard of are ignored, as most OpenAI-compatible servers do.
+
+Three extra sampling fields, as vLLM and llama.cpp's server accept them (the
+`openai` client sends them with `extra_body=`): `top_k`, `min_p` and
+`repetition_penalty`.
+"""
+
+from dataclasses import dataclass
+
+# OpenAI's own bounds where it states them; stop strings are bounded so a request
+# cannot make the stop-string search arbitrarily slow.
+MAX_TEMPERATURE = 2.0
+MAX_STOP_STRINGS = 16
+# /v1/completions' default max_tokens in OpenAI's API; chat has none (until the context is full).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MESSAGE_ROLES = ("system", "developer", "user", "assistant")
+
+# Fields whose listed values ask for nothing beyond plain text generation. null
+# (None) is always neutral. Any other value is refused: minislm does not do it.
+NEUTRAL_VALUES = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+}
+
+
+class ApiError(Exception):
+    """A request the server refuses: an HTTP status and OpenAI's error body.
+
+    `close` asks the server to close the connection after answering, for errors that
+    leave the request's bytes unread (an oversized or malformed body).
+    """
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", close: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = kind
+        self.close = close
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.param, self.code)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """One checked request to /v1/chat/completions (messages) or /v1/completions (prompt).
+
+    None in a sampling field means "the model's default" (generation_config.json, as
+    `minislm generate` decides it); `max_tokens` None means "until the context is full".
+    """
+
+    chat: bool
+    messages: tuple[dict, ...] | None = None  # chat: {"role", "content"} with text content
+    prompt: str | tuple[int, ...] | None = None  # completions: text, or token ids
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+
+    def sampling(self) -> dict:
+        """The keyword arguments of `commands.sampling_settings`."""
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                    repetition_penalty=self.repetition_penalty)
+
+
+# ---------------------------------------------------------------- requests
+
+
+def parse_chat_request(body) -> ApiRequest:
+    body = request_object(body)
+    max_tokens = field(body, "max_completion_tokens", int)
+    if max_tokens is None:  # the older name; the openai package sends either
+        max_tokens = field(body, "max_tokens", int)
+    return ApiRequest(chat=True, messages=parse_messages(body.get("messages")),
+                      max_tokens=positive_max_tokens(max_tokens, "max_completion_tokens"), **common_fields(body))
+
+
+def parse_completion_request(body) -> ApiRequest:
+    body = request_object(body)
+    max_tokens = field(body, "max_tokens", int)
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else positive_max_tokens(max_tokens, "max_tokens")
+    return ApiRequest(chat=False, prompt=parse_prompt(body.get("prompt")), max_tokens=max_tokens, **common_fields(body))
+
+
+def request_object(body) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {json_type(body)}")
+    for name, neutral in NEUTRAL_VALUES.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(n) and value == n for n in neutral):
+            raise ApiError(400, f"minislm does not support {name}={value!r:.60}", param=name, code="unsupported_parameter")
+    field(body, "model", str)  # any name is served by the one loaded model, but it must be a string
+    return body
+
+
+def common_fields(body: dict) -> dict:
+    """The fields chat and completions share: sampling, seed, stop strings, streaming."""
+    temperature = field(body, "temperature", float)
+    if temperature is not None and not 0 <= temperature <= MAX_TEMPERATURE:
+        raise ApiError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", param="temperature")
+    top_p = field(body, "top_p", float)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", param="top_p")
+    top_k = field(body, "top_k", int)
+    if top_k is not None and top_k < 0:
+        raise ApiError(400, f"top_k must be >= 0 (0 = off), got {top_k}", param="top_k")
+    min_p = field(body, "min_p", float)
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ApiError(400, f"min_p must be in [0, 1], got {min_p}", param="min_p")
+    penalty = field(body, "repetition_penalty", float)
+    if penalty is not None and not penalty > 0:
+        raise ApiError(400, f"repetition_penalty must be > 0, got {penalty}", param="repetition_penalty")
+    seed = field(body, "seed", int)
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ApiError(400, f"seed must be in [0, 2**64), got {seed}", param="seed")
+    stream = field(body, "stream", bool) or False
+    options = field(body, "stream_options", dict) or {}
+    include_usage = field(options, "include_usage", bool, name="stream_options.include_usage") or False
+    return dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=penalty,
+                seed=seed, stop=parse_stop(body.get("stop")), stream=stream, include_usage=include_usage and stream)
+
+
+def field(body: dict, key: str, kind: type, name: str | None = None):
+    """body[key] if present and not null, checked to be `kind`; None otherwise.
+
+    JSON has one number type: a float field takes 1 as well as 1.0, an int field
+    takes no 1.5. true/false are not numbers here, although Python's bool is an int.
+    """
+    value = body.get(key)
+    if value is None:
+        return None
+    name = name or key
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind in (str, bool, dict, list) and isinstance(value, kind):
+        return value
+    expected = {float: "a number", int: "an integer", str: "a string", bool: "true or false",
+                dict: "an object", list: "an array"}[kind]
+    raise ApiError(400, f"{name} must be {expected}, got {json_type(value)}", param=name)
+
+
+def positive_max_tokens(value: int | None, name: str) -> int | None:
+    if value is not None and value < 1:
+        raise ApiError(400, f"{name} must be >= 1, got {value}", param=name)
+    return value
+
+
+def parse_messages(messages) -> tuple[dict, ...]:
+    """Chat messages as the chat template wants them: {"role", "content": str}.
+
+    Content may be a string or a list of text parts ({"type": "text", "text": ...}),
+    joined with newlines as vLLM does. "developer" is OpenAI's newer name for
+    "system" (the templates of Phi models know only "system").
+    """
+    if messages is None:
+        raise ApiError(400, "messages is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, f"messages must be a non-empty array, got {json_type(messages)}", param="messages")
+    parsed = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{where} must be an object, got {json_type(message)}", param=where)
+        role = message.get("role")
+        if role not in MESSAGE_ROLES:
+            raise ApiError(400, f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}, got {role!r:.40}",
+                           param=f"{where}.role")
+        parsed.append({"role": "system" if role == "developer" else role,
+                       "content": message_text(message.get("content"), role, f"{where}.content")})
+    return tuple(parsed)
+
+
+def message_text(content, role: str, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":  # an assistant turn that only called tools
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported",
+                               param=f"{where}[{j}]")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise ApiError(400, f"{where} must be a string or an array of text parts, got {json_type(content)}", param=where)
+
+
+def parse_prompt(prompt) -> str | tuple[int, ...]:
+    """One prompt: a string, a one-string array, or an array of token ids."""
+    if prompt is None:
+        raise ApiError(400, "prompt is required", param="prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return tuple(prompt)
+    raise ApiError(400, "prompt must be a string or an array of token ids (one prompt per request)", param="prompt")
+
+
+def parse_stop(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
+        return tuple(stop)
+    raise ApiError(400, f"stop must be a string or an array of strings, got {json_type(stop)}", param="stop")
+
+
+def json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------- responses
+
+
+def finish_reason(stop_reason: str) -> str:
+    """minislm's stop reasons in OpenAI's two words: "stop" (an end-of-sequence id or a
+    stop string) or "length" (max_tokens, or the context is full)."""
+    return "stop" if stop_reason in ("eos", "stop string") else "length"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """Token counts; `cached_tokens` is OpenAI's name for the prompt prefix served from the cache."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def completion(request: ApiRequest, response_id: str, created: int, model: str, text: str,
+               reason: str, counts: dict) -> dict:
+    """The whole answer of a non-streamed request."""
+    if request.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": reason}
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        kind = "text_completion"
+    return {"id": response_id, "object": kind, "created": created, "model": model, "choices": [choice],
+            "usage": counts}
+
+
+def chunk(request: ApiRequest, response_id: str, created: int, model: str, text: str | None = None,
+          reason: str | None = None, first: bool = False) -> dict:
+    """One server-sent event of a streamed answer: new text, or (with `reason`) the end.
+    A chat stream's first chunk carries the assistant role, as OpenAI's does."""
+    if request.chat:
+        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        kind = "text_completion"
+    body = {"id": response_id, "object": kind, "created": created, "model": model, "choices": [choice]}
+    if request.include_usage:
+        body["usage"] = None  # every chunk but the last, as OpenAI sends them
+    return body
+
+
+def usage_chunk(request: ApiRequest, response_id: str, created: int, model: str, counts: dict) -> dict:
+    """stream_options.include_usage: one more chunk, with no choices, after the last one."""
+    kind = "chat.completion.chunk" if request.chat else "text_completion"
+    return {"id": response_id, "object": kind, "created": created, "model": model, "choices": [], "usage": counts}
+
+
+def model_list(model_id: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "minislm"}]}

@@ -1,0 +1,529 @@
+"""`python -m minislm serve`: one model behind an OpenAI-compatible HTTP API.
+
+    client threads (one per connection)          the model (one request at a time)
+    read body -> check JSON -> tokenize  ->  Turnstile  ->  generate -> write JSON / SSE
+
+The HTTP layer is the standard library's `ThreadingHTTPServer`: a thread per
+connection, so a slow client never blocks the others while they read, check and
+tokenize their requests; HTTP/1.1 keep-alive for the `openai` package's connection
+pool; and streamed answers written as server-sent events in chunked transfer
+encoding, each event one write. That is all an OpenAI-compatible server with one
+model and no batching needs (docs/serve.md says more), so no web framework.
+
+What is shared between requests is the model and its KV cache, and only the
+request holding the `Turnstile` touches them: requests run one at a time, in the
+order they arrived. The cache outlives a request: the next one starts from the
+longest prefix it shares with what is cached, so a chat follow-up whose messages
+extend the previous ones feeds only the new turn through the model, as
+`minislm chat` does (the `X-Minislm-Reused-Tokens` header and
+`usage.prompt_tokens_details.cached_tokens` say how many tokens were reused).
+"""
+
+import hmac
+import json
+import secrets
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from . import openai_api as api
+from .commands import (
+    BUNDLED_MODEL, load_model, make_sampler, model_argument, reuse_cached_prefix, sampling_settings, stop_ids,
+)
+from .errors import MinislmError
+from .generate import GenerationStats, generate_text, generate_tokens
+from .openai_api import ApiError, ApiRequest
+
+# A request body larger than this is refused (413). 8 MiB holds a 128k-token prompt
+# as JSON several times over; the limit exists so one request cannot exhaust memory.
+MAX_BODY_BYTES = 8 * 2**20
+# How much of an oversized body is still read (and discarded) so the client receives
+# the 413 instead of a reset connection; past this the connection is simply closed.
+MAX_DISCARD_BYTES = 64 * 2**20
+# Requests allowed to wait for the model; more get a 503 (the server is not a queue
+# of unbounded length).
+MAX_WAITING = 64
+# A client that sends nothing, or reads nothing, for this long is disconnected. It also
+# bounds how long an idle keep-alive connection holds its thread.
+SOCKET_TIMEOUT_S = 60
+STOP_DISCONNECTED = "client disconnected"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the server's `url` says which)
+    api_key: str | None = None  # if set, every request needs "Authorization: Bearer <key>"
+    model_id: str = "minislm"  # the name /v1/models lists and responses carry
+    ctx_size: int = 4096  # KV cache positions: prompt + completion must fit
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_waiting: int = MAX_WAITING
+
+
+# ---------------------------------------------------------------- one request at a time
+
+
+class Turnstile:
+    """Lets one holder through at a time, in the order they arrived.
+
+    A `threading.Lock` alone would also serialize requests, but it promises nothing
+    about which waiter goes next; a request could wait while later ones overtake it.
+    Here each arrival draws the next ticket and waits until it is served.
+    """
+
+    def __init__(self, max_waiting: int):
+        self.condition = threading.Condition()
+        self.next_ticket = 0
+        self.now_serving = 0
+        self.max_waiting = max_waiting
+
+    @contextmanager
+    def turn(self):
+        with self.condition:
+            waiting = self.next_ticket - self.now_serving
+            if waiting > self.max_waiting:
+                raise ApiError(503, f"server busy: {waiting} requests are waiting for the model; retry later",
+                               kind="server_error", code="server_busy")
+            ticket = self.next_ticket
+            self.next_ticket += 1
+            self.condition.wait_for(lambda: self.now_serving == ticket)
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.now_serving += 1
+                self.condition.notify_all()
+
+
+# ---------------------------------------------------------------- the model side
+
+
+@dataclass
+class Job:
+    """A checked, tokenized request, ready to wait for its turn."""
+
+    request: ApiRequest
+    ids: list[int]
+    settings: object  # SamplingSettings
+    max_new_tokens: int
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    reused: int = 0  # prompt tokens served from the cache
+
+
+class ServedModel:
+    """The loaded model, its KV cache, and the turnstile in front of them."""
+
+    def __init__(self, model, settings: ServeSettings):
+        self.model = model
+        self.capacity = min(settings.ctx_size, model.config.max_position_embeddings)
+        self.cache = model.new_cache(self.capacity)
+        self.turnstile = Turnstile(settings.max_waiting)
+        self.stop_ids = stop_ids(model)
+
+    def prepare(self, request: ApiRequest) -> Job:
+        """Tokenize and check a request against the context; needs no turn (only the
+        tokenizer, which is safe to share between threads)."""
+        ids = self.prompt_ids(request)
+        if not ids:
+            raise ApiError(400, "the prompt is empty (no tokens)", param="prompt")
+        if len(ids) >= self.capacity:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's context is {self.capacity} "
+                           "(--ctx-size, at most the model's max_position_embeddings), so nothing can be generated",
+                           param="messages" if request.chat else "prompt", code="context_length_exceeded")
+        room = self.capacity - len(ids)
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise ApiError(400, f"the context is {self.capacity} tokens, but {len(ids) + request.max_tokens} were "
+                           f"requested ({len(ids)} in the prompt, {request.max_tokens} for the completion)",
+                           param="max_tokens", code="context_length_exceeded")
+        try:
+            settings = sampling_settings(self.model, **request.sampling())
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return Job(request, ids, settings, request.max_tokens if request.max_tokens is not None else room)
+
+    def prompt_ids(self, request: ApiRequest) -> list[int]:
+        """Chat: the model's chat template (rendered in the tokenizer's sandbox), as
+        `minislm generate`/`chat` do. Completions: the text as is (BOS per the
+        tokenizer config), as `minislm generate --no-chat-template` does; or ids."""
+        tokenizer = self.model.tokenizer
+        try:
+            if request.chat:
+                if not tokenizer.chat_template:
+                    raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+                return tokenizer.encode_chat(list(request.messages))
+            if isinstance(request.prompt, str):
+                return tokenizer.encode(request.prompt)
+            return self.model.check_ids(request.prompt).tolist()
+        except MinislmError as e:
+            raise ApiError(400, str(e), param="messages" if request.chat else "prompt") from None
+
+    def generate(self, job: Job, client_gone: Callable[[], bool]) -> Iterator[str]:
+        """The text of a job, piece by piece. Call only while holding the turnstile.
+
+        The cache keeps the longest prefix it shares with this prompt; generation stops
+        at an end-of-sequence id, a stop string, max_tokens, the context, or as soon as
+        `client_gone()` says nobody is listening.
+        """
+        job.reused = reuse_cached_prefix(self.cache, job.ids)
+        sampler = make_sampler(self.model, job.settings, job.request.seed)
+        tokens = generate_tokens(
+            self.model, job.ids[job.reused:], job.max_new_tokens, sampler, self.stop_ids,
+            cache=self.cache, history=job.ids[:job.reused], stats=job.stats,
+        )
+        return generate_text(self.model.tokenizer, until_gone(tokens, client_gone, job.stats), job.request.stop,
+                             job.stats)
+
+
+def until_gone(tokens: Iterator[int], client_gone: Callable[[], bool], stats: GenerationStats) -> Iterator[int]:
+    """Pass tokens on until the client has left; then stop generating (one check per token)."""
+    for token in tokens:
+        yield token
+        if client_gone():
+            tokens.close()
+            stats.stop_reason = STOP_DISCONNECTED
+            return
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+@dataclass
+class RequestLog:
+    """What the one log line of a request says."""
+
+    method: str
+    path: str
+    status: int = 0
+    job: Job | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def line(self) -> str:
+        parts = [f"{self.method} {self.path} {self.status}"]
+        if self.job is not None:
+            stats = self.job.stats
+            parts.append(f"prompt {stats.prompt_tokens + self.job.reused} tokens ({self.job.reused} reused)")
+            parts.append(f"generated {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s")
+            parts.append(f"stop: {stats.stop_reason or 'none'}")
+        parts.append(f"{time.perf_counter() - self.started:.2f} s")
+        return " | ".join(parts)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection: reads requests and answers them, one after another (keep-alive)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "minislm"
+    timeout = SOCKET_TIMEOUT_S
+    # Each streamed chunk is a small write that must leave at once, not wait to be
+    # merged with the next one (Nagle's algorithm would hold it for an ACK).
+    disable_nagle_algorithm = True
+    server: "Server"
+
+    def do_GET(self):
+        self.handle_api("GET")
+
+    def do_POST(self):
+        self.handle_api("POST")
+
+    def handle_api(self, method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        record = RequestLog(method, path)
+        self.headers_sent = False
+        try:
+            body = self.read_body()
+            self.check_api_key()
+            routes = {
+                ("GET", "/v1/models"): self.list_models,
+                ("POST", "/v1/chat/completions"): self.chat_completions,
+                ("POST", "/v1/completions"): self.completions,
+            }
+            route = routes.get((method, path))
+            if route is None:
+                if any(p == path for _, p in routes):
+                    raise ApiError(405, f"{method} is not allowed on {path}")
+                raise ApiError(404, f"no endpoint {path}; this server has /v1/models, /v1/chat/completions "
+                               "and /v1/completions", code="not_found")
+            record.status = route(body, record)
+        except ApiError as e:
+            record.status = e.status
+            self.send_api_error(e)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            record.status = record.status or 499  # nginx's code for "the client closed the connection"
+            self.close_connection = True
+        except Exception:  # a bug of ours: the log gets the traceback, the client a 500
+            record.status = 500
+            self.server.log(traceback.format_exc().rstrip())
+            self.send_api_error(ApiError(500, "internal error (see the server's log)", kind="server_error"))
+        finally:
+            self.server.log(record.line())
+
+    # ------------------------------------------------------------ endpoints
+
+    def list_models(self, body: bytes, record: RequestLog) -> int:
+        self.send_json(200, api.model_list(self.server.settings.model_id, self.server.started))
+        return 200
+
+    def chat_completions(self, body: bytes, record: RequestLog) -> int:
+        return self.complete(api.parse_chat_request(parse_json(body)), record)
+
+    def completions(self, body: bytes, record: RequestLog) -> int:
+        return self.complete(api.parse_completion_request(parse_json(body)), record)
+
+    def complete(self, request: ApiRequest, record: RequestLog) -> int:
+        served = self.server.served
+        job = served.prepare(request)
+        with served.turnstile.turn():
+            if self.client_gone():  # it left while waiting: do not generate for nobody
+                record.job = job
+                job.stats.stop_reason = STOP_DISCONNECTED
+                self.close_connection = True
+                return 499
+            pieces = served.generate(job, self.client_gone)
+            record.job = job
+            if request.stream:
+                self.stream_answer(job, pieces)
+            else:
+                text = "".join(pieces)
+                if job.stats.stop_reason == STOP_DISCONNECTED:
+                    self.close_connection = True
+                    return 499
+                self.send_json(200, api.completion(request, new_id(request), int(time.time()),
+                                                   self.server.settings.model_id, text,
+                                                   api.finish_reason(job.stats.stop_reason), counts(job)),
+                               {"X-Minislm-Reused-Tokens": str(job.reused)})
+        return 200
+
+    def stream_answer(self, job: Job, pieces: Iterator[str]) -> None:
+        """Server-sent events: `data: {chunk}` per piece of text, then the finish reason,
+        then (if asked) the usage, then `data: [DONE]`."""
+        request, model_id = job.request, self.server.settings.model_id
+        response_id, created = new_id(request), int(time.time())
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Minislm-Reused-Tokens", str(job.reused))
+        self.end_headers()
+        self.headers_sent = True
+        try:
+            if request.chat:
+                self.send_event(api.chunk(request, response_id, created, model_id, first=True))
+            for piece in pieces:
+                self.send_event(api.chunk(request, response_id, created, model_id, text=piece))
+            if job.stats.stop_reason == STOP_DISCONNECTED:
+                self.close_connection = True
+                return
+            reason = api.finish_reason(job.stats.stop_reason)
+            self.send_event(api.chunk(request, response_id, created, model_id, reason=reason))
+            if request.include_usage:
+                self.send_event(api.usage_chunk(request, response_id, created, model_id, counts(job)))
+            self.send_event("[DONE]")
+            self.write_chunk(b"")  # the end of a chunked body
+        except OSError:  # the client left between two pieces: stop generating
+            pieces.close()
+            job.stats.stop_reason = STOP_DISCONNECTED
+            self.close_connection = True
+
+    # ------------------------------------------------------------ reading
+
+    def read_body(self) -> bytes:
+        """The request body, within the size limit. An oversized body is read and
+        discarded before the 413, so the client is not cut off while still sending."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise ApiError(411, "send the body with a Content-Length header (chunked request bodies are not supported)",
+                           close=True)
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit():
+            raise ApiError(400, f"invalid Content-Length {length[:40]!r}", close=True)
+        length = int(length)
+        limit = self.server.settings.max_body_bytes
+        if length > limit:
+            if length <= MAX_DISCARD_BYTES:
+                self.discard(length)
+            raise ApiError(413, f"the request body is {length} bytes; this server accepts at most {limit}",
+                           code="request_too_large", close=True)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise ApiError(400, f"the body ended after {len(body)} of {length} bytes (Content-Length)", close=True)
+        return body
+
+    def discard(self, length: int) -> None:
+        while length > 0:
+            data = self.rfile.read(min(length, 2**16))
+            if not data:
+                return
+            length -= len(data)
+
+    def check_api_key(self) -> None:
+        key = self.server.settings.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "incorrect API key: send it as 'Authorization: Bearer <key>' (--api-key)",
+                           code="invalid_api_key")
+
+    def client_gone(self) -> bool:
+        """True once the client has closed its end of the connection: the socket reads as
+        ready, with nothing to read. Checked between tokens; costs one system call."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    # ------------------------------------------------------------ writing
+
+    def send_json(self, status: int, body: dict, headers: dict | None = None, close: bool = False) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.headers_sent = True
+        self.wfile.write(data)
+
+    def send_api_error(self, error: ApiError) -> None:
+        """As JSON while no headers are out; in a started stream as an error event, which
+        the `openai` client raises as an APIError."""
+        try:
+            if not self.headers_sent:
+                self.send_json(error.status, error.body(), close=error.close)
+            else:
+                self.send_event(error.body())
+                self.write_chunk(b"")
+                self.close_connection = True
+        except OSError:
+            self.close_connection = True
+
+    def send_event(self, data) -> None:
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        self.write_chunk(f"data: {text}\n\n".encode())
+
+    def write_chunk(self, data: bytes) -> None:
+        """One piece of a chunked body: its length in hex, CRLF, the bytes, CRLF."""
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, oversized headers, an
+        unknown method) in the same JSON shape as ours. A request line too broken to
+        name its HTTP version would otherwise be answered as HTTP/0.9: a body with no
+        status line."""
+        self.headers_sent = False
+        self.request_version = self.protocol_version
+        message = message or HTTPStatus(code).phrase
+        self.send_api_error(ApiError(code, message, close=True))
+        self.server.log(f"{self.command or '-'} {self.path if hasattr(self, 'path') else '-'} {code} | {message}")
+
+    def log_request(self, code="-", size="-"):
+        """Silenced: handle_api writes one line per request, with the token counts."""
+
+    def log_message(self, format, *args):
+        self.server.log(format % args)
+
+
+def parse_json(body: bytes):
+    """JSON, or a 400 naming where it broke. NaN and Infinity are not JSON; deep nesting
+    (Python's parser recurses) is refused rather than crashing the handler."""
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"invalid JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:
+        raise ApiError(400, f"invalid JSON in the request body: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON in the request body: nested too deeply") from None
+
+
+def new_id(request: ApiRequest) -> str:
+    return ("chatcmpl-" if request.chat else "cmpl-") + secrets.token_hex(12)
+
+
+def counts(job: Job) -> dict:
+    prompt = job.stats.prompt_tokens + job.reused
+    return api.usage(prompt, job.stats.generated_tokens, job.reused)
+
+
+class Server(ThreadingHTTPServer):
+    """The listening socket, a thread per connection, and what the handlers share."""
+
+    daemon_threads = True  # Ctrl-C does not wait for idle keep-alive connections
+
+    def __init__(self, model, settings: ServeSettings, log: Callable[[str], None] | None = None):
+        if ":" in settings.host:
+            self.address_family = socket.AF_INET6
+        self.settings = settings
+        self.served = ServedModel(model, settings)
+        self.started = int(time.time())
+        self.log_lock = threading.Lock()
+        self.write_log = log or print_log
+        super().__init__((settings.host, settings.port), Handler)
+
+    def log(self, line: str) -> None:
+        with self.log_lock:  # whole lines, never two interleaved
+            self.write_log(line)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}/v1"
+
+
+def print_log(line: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_serve(args) -> int:
+    model = load_model(args)
+    settings = ServeSettings(host=args.host, port=args.port, api_key=args.api_key, model_id=model_id(args),
+                             ctx_size=args.ctx_size)
+    try:
+        server = Server(model, settings)
+    except OSError as e:
+        raise MinislmError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
+    if not is_loopback(args.host) and args.api_key is None:
+        print(f"minislm: warning: listening on {args.host} without --api-key: anyone who can reach this port "
+              "can use the model", file=sys.stderr)
+    print(f"minislm serve: {settings.model_id} at {server.url} (context {server.served.capacity} tokens, "
+          "one request at a time); Ctrl-C to stop", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def model_id(args) -> str:
+    """The name clients see: the --model argument, or the shipped model's folder name."""
+    argument = model_argument(args)
+    if Path(argument) == BUNDLED_MODEL or Path(argument).is_dir():
+        return Path(argument).resolve().name
+    return argument
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -1,0 +1,123 @@
+"""CLIP ViT-L/14-336, the eye of Phi-3-vision, in NumPy, read top to bottom.
+
+    crop (3, 336, 336) -> 24 x 24 patches of 14 x 14 pixels -> one vector each
+      -> [CLS] + patches, plus learned positions, LayerNorm     (577, 1024)
+      -> blocks: x += attention(LN(x)); x += mlp(LN(x))       pre-LN, no mask
+      -> stop after block 23 of 24, drop [CLS]                  (576, 1024)
+
+A Vision Transformer is a text transformer whose "tokens" are patches: the patch
+embedding is a matrix multiply on flattened 14x14x3 pixel blocks (a 14x14 conv
+with stride 14 computes exactly that), every patch attends to every other (no
+causal mask: an image has no "before"), and the MLP uses quick_gelu. Phi-3-vision
+reads the penultimate block's output, so block 24 and `post_layernorm` never run.
+
+Weights keep the checkpoint's names under VISION_MODEL, e.g.
+`...vision_model.encoder.layers.0.self_attn.q_proj.weight` (out, in). Matrices may
+be float32 arrays or packed bf16 weights (minislm.kernels), as in the decoder.
+
+Shapes: N = crops, P = 577 positions (576 patches + CLS), C = 1024 channels,
+heads = 16 of hd = 64, F = 4096.
+"""
+
+import numpy as np
+
+from ..model import layer_norm, linear, softmax
+from .config import VISION_MODEL, VisionConfig
+
+
+def quick_gelu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(1.702 x): CLIP's cheap approximation of GELU (the sigmoid via tanh,
+    so large |x| cannot overflow exp)."""
+    return x * (0.5 + 0.5 * np.tanh(0.851 * x))
+
+
+def patch_embedding(pixels: np.ndarray, weight: np.ndarray, patch: int) -> np.ndarray:
+    """(N, 3, 336, 336) pixels -> (N, 576, C): each 14x14x3 block flattened and
+    multiplied by the conv kernel (C, 3, 14, 14) seen as a (C, 588) matrix."""
+    N, channels, size, _ = pixels.shape
+    side = size // patch
+    blocks = pixels.reshape(N, channels, side, patch, side, patch)  # (N, 3, row, y, col, x)
+    blocks = blocks.transpose(0, 2, 4, 1, 3, 5).reshape(N * side * side, channels * patch * patch)  # (N*576, 588)
+    kernel = np.asarray(weight, dtype=np.float32).reshape(weight.shape[0], -1)  # (C, 588), same (3, y, x) order
+    return linear(blocks, kernel).reshape(N, side * side, -1)  # row-major patches: left to right, top to bottom
+
+
+def embeddings(config: VisionConfig, w: dict, pixels: np.ndarray) -> np.ndarray:
+    """(N, 3, 336, 336) -> (N, P, C): [CLS] + patch vectors, plus position embeddings,
+    then CLIP's `pre_layrnorm` (sic, the checkpoint's spelling)."""
+    p = VISION_MODEL
+    patches = patch_embedding(pixels, w[p + "embeddings.patch_embedding.weight"], config.patch_size)  # (N, 576, C)
+    cls = np.broadcast_to(w[p + "embeddings.class_embedding"], (len(pixels), 1, config.hidden_size))
+    x = np.concatenate([cls, patches], axis=1) + w[p + "embeddings.position_embedding.weight"]  # (N, P, C)
+    return layer_norm(x, w[p + "pre_layrnorm.weight"], w[p + "pre_layrnorm.bias"], config.layer_norm_eps)
+
+
+def self_attention(config: VisionConfig, w: dict, layer: str, x: np.ndarray) -> np.ndarray:
+    """Multi-head attention of every position with every position of its own crop:
+    x (N, P, C) -> (N, P, C). No mask and no rotary embedding (positions were added
+    to the input)."""
+    N, P, C = x.shape
+    heads, hd = config.num_attention_heads, config.head_dim
+    rows = x.reshape(N * P, C)
+
+    def project(name):  # (N*P, C) -> (N, heads, P, hd), contiguous so each matmul below is one BLAS call
+        y = linear(rows, w[f"{layer}self_attn.{name}.weight"], w[f"{layer}self_attn.{name}.bias"])
+        return np.ascontiguousarray(y.reshape(N, P, heads, hd).transpose(0, 2, 1, 3))
+
+    q = project("q_proj") * np.float32(hd**-0.5)  # scaling q is scaling the scores, on P*hd numbers not P*P
+    k_t = np.ascontiguousarray(project("k_proj").transpose(0, 1, 3, 2))  # (N, heads, hd, P)
+    v = project("v_proj")
+    out = np.empty((N, heads, P, hd), dtype=np.float32)
+
+    def attend(crop):  # one crop at a time keeps the (heads, P, P) scores at 21 MB
+        scores = q[crop] @ k_t[crop]  # (heads, P, P)
+        out[crop] = softmax(scores, axis=-1) @ v[crop]  # (heads, P, hd)
+
+    for_each_crop(attend, N)
+    heads_side_by_side = out.transpose(0, 2, 1, 3).reshape(N * P, C)
+    y = linear(heads_side_by_side, w[layer + "self_attn.out_proj.weight"], w[layer + "self_attn.out_proj.bias"])
+    return y.reshape(N, P, C)
+
+
+def for_each_crop(work, n_crops: int) -> None:
+    """Run work(crop) for every crop, the crops shared among the cores.
+
+    A head's (577 x 64) @ (64 x 577) product is too small for BLAS to split across
+    cores with profit (measured: 2 threads ran the 16 heads' products 2-4x slower than
+    one), so BLAS gets one thread and the cores take whole crops instead (NumPy
+    releases the GIL inside matmul, exp and the reductions).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    from ..kernels import get_threads
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max(1, min(get_threads(), n_crops))) as pool:
+        list(pool.map(work, range(n_crops)))
+
+
+def mlp(w: dict, layer: str, x: np.ndarray) -> np.ndarray:
+    """fc2(quick_gelu(fc1(x))): (N, P, C) -> (N, P, F) -> (N, P, C)."""
+    N, P, C = x.shape
+    h = linear(x.reshape(N * P, C), w[layer + "mlp.fc1.weight"], w[layer + "mlp.fc1.bias"])  # (N*P, F)
+    return linear(quick_gelu(h), w[layer + "mlp.fc2.weight"], w[layer + "mlp.fc2.bias"]).reshape(N, P, C)
+
+
+def encoder_block(config: VisionConfig, w: dict, i: int, x: np.ndarray) -> np.ndarray:
+    """One pre-LN block: the norms come before attention and the MLP, the residual
+    stream x itself is never normalised (CLIP, like GPT-2)."""
+    layer = f"{VISION_MODEL}encoder.layers.{i}."
+    eps = config.layer_norm_eps
+    x = x + self_attention(config, w, layer, layer_norm(x, w[layer + "layer_norm1.weight"], w[layer + "layer_norm1.bias"], eps))
+    x = x + mlp(w, layer, layer_norm(x, w[layer + "layer_norm2.weight"], w[layer + "layer_norm2.bias"], eps))
+    return x
+
+
+def vision_tower(config: VisionConfig, weights: dict, pixels: np.ndarray) -> np.ndarray:
+    """(N, 3, 336, 336) crops -> (N, 576, C) patch features: the hidden state the
+    projector reads (after block 23 of 24 for layer_idx -2), without the class token."""
+    x = embeddings(config, weights, np.asarray(pixels, dtype=np.float32))  # (N, P, C)
+    for i in range(config.blocks_used):
+        x = encoder_block(config, weights, i, x)
+    return x[:, 1:]  # (N, 576, C): the class token is dropped ("patch" features)
