@@ -9,16 +9,26 @@ Widening is `bits << 16` reinterpreted as fp32 (`simd.bf16_to_f32`), so the
 GEMV loop is: load 16-bit words, zero-extend, shift, multiply-add. LLVM
 vectorises it (vpmovzxwd, vpslld, vfmadd), a few instructions per 8 weights,
 far below what memory delivers: the kernel runs at memory speed.
-Prefill widens a tile of rows into an fp32 buffer and lets BLAS multiply.
+Prefill runs on AMX-BF16 tiles where the CPU has them (`amx.py`: the
+activations split into two bf16 numbers, hi and lo, so they keep 16
+significant bits); elsewhere it widens a tile of rows into an fp32 buffer and
+lets BLAS multiply.
 """
 
 import numpy as np
 from numba import njit, prange
 
+from . import amx, cpu
 from .checks import as_row_ids, check_finite
 from .fp32 import OneArrayWeight, matmul_by_tiles
+from . import reference as ref
 from .reference import f32_to_bf16  # NumPy is fast enough for a once-per-load conversion
 from .simd import bf16_to_f32
+
+
+# From this many tokens on, prefill goes to AMX where the CPU has it (fewer
+# would be padded to 32 and waste the tiles).
+AMX_MIN_TOKENS = 16
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -104,10 +114,28 @@ class Bf16Weight(OneArrayWeight):
     def gemv(self, x, out):
         gemv_bf16(self.bits, x, out)
 
-    def gemm(self, x):
-        def fill(start, stop, buf):
-            widen_bf16_block(self.bits, start, buf)
-        return matmul_by_tiles(x, self.shape[0], fill)
+    def gemm(self, x, path=None):
+        """Prefill: AMX-BF16 tiles where the CPU has them (`amx.py`), else rows
+        widened to float32 in tiles that BLAS multiplies."""
+        n, k = self.shape
+        path = path or cpu.bf16_gemm_path()
+        if path == "amx" and not cpu.has_amx_bf16():   # also asks Linux for the tile state
+            raise ValueError("path='amx': this CPU or operating system offers no AMX-BF16")
+        rows = n // 32 * 32
+        if path != "amx" or k % 32 or rows == 0 or x.shape[0] < AMX_MIN_TOKENS:
+            return matmul_by_tiles(x, n, self.widen_rows)
+        n_tok = x.shape[0]
+        xp = np.pad(x, ((0, -n_tok % 32), (0, 0))) if n_tok % 32 else x
+        out = np.empty((xp.shape[0], n), np.float32)
+        amx.gemm_bf16_amx(amx.bf16_config(), self.bits, xp, rows, out)
+        if rows < n:   # the last n % 32 rows, with the same split activations
+            hi, lo = ref.split_bf16(xp)
+            split = ref.bf16_to_f32(hi) + ref.bf16_to_f32(lo)   # exact in float32
+            out[:, rows:] = matmul_by_tiles(split, n - rows, lambda s, e, buf: self.widen_rows(rows + s, rows + e, buf))
+        return out[:n_tok] if n_tok % 32 else out
+
+    def widen_rows(self, start, stop, buf):
+        widen_bf16_block(self.bits, start, buf)
 
     def rows(self, ids):
         ids = as_row_ids(ids, self.shape[0])

@@ -122,13 +122,15 @@ class OneArrayWeight:
     def __repr__(self):
         return f"{type(self).__name__}(shape={self.shape}, {self.nbytes / 1e6:.1f} MB)"
 
-    def matmul(self, x):
+    def matmul(self, x, path=None):
+        """x (T, in) -> (T, out); `path` picks a prefill path where the format
+        has several (bf16: 'amx' or 'portable'), for tests and measurements."""
         x = as_activations(x, self.shape[1])  # (T, in)
         if x.shape[0] == 1:
             out = np.empty((1, self.shape[0]), np.float32)
             self.gemv(x[0], out[0])
             return out
-        return self.gemm(x)  # (T, out)
+        return self.gemm(x, path)  # (T, out)
 
 
 class Fp32Weight(OneArrayWeight):
@@ -154,7 +156,7 @@ class Fp32Weight(OneArrayWeight):
     def gemv(self, x, out):
         gemv_f32(self.w, x, out)
 
-    def gemm(self, x):
+    def gemm(self, x, path=None):
         return np.matmul(x, self.w.T)
 
     def rows(self, ids):

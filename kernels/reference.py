@@ -1,7 +1,7 @@
 """Plain-NumPy twins of every kernel: the specification of what they compute.
 
 Each function here has the same inputs and outputs as its fast twin in
-`fp32.py`, `bf16.py` or `int4.py`; `tests/test_kernels_*.py` check them
+`fp32.py`, `bf16.py`, `packed.py` (int4 and int8) or `amx.py`; `tests/test_kernels_*.py` check them
 equal on random and awkward inputs. Read this file to learn the formats;
 read the kernel files to learn how they are made fast. Layouts are drawn in
 `docs/formats.md`.
@@ -33,25 +33,33 @@ def matmul_bf16(x, w_bits):
     return matmul_f32(x, bf16_to_f32(w_bits))
 
 
-# --- int4, group-wise round-to-nearest ----------------------------------
+# --- packed integer weights: int4 and int8 codes with a scale per group --
+#
+# Every packed format minislm multiplies, its own and the ones it reads (GGUF,
+# AWQ, GPTQ, MLX), is, for output row r and input k in group g = k // G:
+#
+#     w[r, k] = s[r, g] * (c[r, k] - z[r, g]) + b[r, g]
+#
+# c: unsigned integer codes (4 bits in Int4Weight, up to 8 in Int8Weight);
+# s: a float scale per group (stored as float16 where that is exact, else float32);
+# z: an integer zero code, one per group (uint8) or one for the whole tensor;
+# b: an optional float32 offset per group (K-quants' -dmin*m, MLX's bias).
+# `dequantize` is the definition, in float32 with that order of operations.
 
-TILE_ROWS, TILE_INPUTS = 16, 4   # one tile = 16 output rows x 4 inputs = 32 bytes
-SYMMETRIC_ZERO = 8               # symmetric codes are stored as q + 8 in [1, 15]
-QUANTIZABLE_LIMIT = np.float32(2.0 ** 127)  # |w| below this; larger could round to inf
+TILE_ROWS, TILE_BYTES = 16, 64     # one tile = 16 output rows x 4 bytes per row
+TILE_INPUTS = {4: 8, 8: 4}         # inputs per tile: 8 nibbles or 4 bytes per row
+SYMMETRIC_ZERO = {4: 8, 8: 128}    # zero code of the symmetric quantizers
+MAX_CODE = {4: 15, 8: 255}
+ACT_LEVELS = 127                   # int8 activations in [-127, 127]
+ACT_GROUP = 32                     # inputs per activation scale (when the weight group allows)
+QUANTIZABLE_LIMIT = np.float32(2.0 ** 127)  # |w| below this; larger could overflow a scale
+FP16_MIN_NORMAL, FP16_MAX = 2.0 ** -14, 65504.0
 
 
-def bf16_ceil(d, nonzero):
-    """Round non-negative float32 `d` up to a bf16 number (returned as float32).
-
-    Rounding the scale *up* keeps every weight within the code range, so the
-    round-trip error stays <= half a step. `nonzero` marks groups that hold a
-    non-zero weight: their scale is at least the smallest bf16 number even
-    when `amax / 7` underflows to 0."""
-    d = np.asarray(d, dtype=np.float32)
-    bits = np.where(d > 0, d.view(np.uint32), 0).astype(np.uint64)
-    bits = np.where(nonzero & (bits == 0), 1, bits)
-    bits = np.where(bits & 0xFFFF, (bits | 0xFFFF) + 1, bits)
-    return (bits >> 16).astype(np.uint16)
+def act_group_size(group_size):
+    """Inputs per int8 activation scale: 32 when it divides the weight group, else
+    the whole weight group (Q6_K's 16, or odd sizes)."""
+    return ACT_GROUP if group_size % ACT_GROUP == 0 else group_size
 
 
 def padded_shape(shape, group_size):
@@ -60,146 +68,291 @@ def padded_shape(shape, group_size):
     return -(-n // TILE_ROWS) * TILE_ROWS, -(-k // group_size) * group_size
 
 
-def rtn_quantize(w, group_size, symmetric):
-    """Round-to-nearest int4 quantization along the input dimension.
+def scale_values(scales):
+    """Stored scales (float16 or float32) as float32."""
+    return np.asarray(scales).astype(np.float32)
 
-    w (out, in) float32 is zero-padded to `padded_shape`, then each run of
-    `group_size` inputs of a row is one group with a scale d (bf16) and:
-      symmetric:  d = max|w| / 7,  q = round(w/d) + 8 in [1, 15],  w_hat = (q - 8) d
-      asymmetric: lo = min(w, 0), hi = max(w, 0), d = (hi - lo) / 15,
-                  z = round(-lo/d) in [0, 15], q = clip(round(w/d) + z, 0, 15),
-                  w_hat = (q - z) d
-    round(v) is floor(v + 0.5). Returns codes (out_p, in_p) uint8, scale bits
-    (out_p, groups) uint16 and zero points (out_p, groups) uint8, or None
-    when symmetric (z = 8)."""
+
+def store_scales(d, round_up):
+    """Choose how to store the float32 scales `d` of one tensor.
+
+    float16 (half the bytes) if every non-zero |d| is a normal float16 number,
+    rounded to the nearest float16 (or up in magnitude when `round_up`, so that
+    no weight falls outside the code range); otherwise float32, unrounded.
+    Subnormal float16 scales would keep only a few significant bits."""
+    d = np.asarray(d, np.float32)
+    mag = np.abs(d[d != 0])
+    if mag.size and not (mag.min() >= FP16_MIN_NORMAL and mag.max() <= FP16_MAX):
+        return d.copy()
+    h = d.astype(np.float16)
+    if round_up:
+        low = np.abs(h.astype(np.float32)) < np.abs(d)
+        h[low] = np.nextafter(h[low], np.copysign(np.float16(np.inf), h[low]))
+    if not np.isfinite(h).all():   # rounding up past 65504
+        return d.copy()
+    return h
+
+
+def _check_quantizable(w):
     if not (np.abs(w) < QUANTIZABLE_LIMIT).all():
-        raise ValueError("rtn_quantize: weight holds NaN, inf or a value beyond +-2**127")
+        raise ValueError("weight holds NaN, inf or a value beyond +-2**127")
+
+
+def _groups(w, group_size):
+    """w (out, in) zero-padded to padded_shape, as (out_p, groups, G) float32."""
     n_p, k_p = padded_shape(w.shape, group_size)
     wp = np.zeros((n_p, k_p), np.float32)
     wp[: w.shape[0], : w.shape[1]] = w
-    g = wp.reshape(n_p, k_p // group_size, group_size)
-    half = np.float32(0.5)
-    if symmetric:
-        amax = np.abs(g).max(axis=2)
-        d_bits = bf16_ceil(amax / np.float32(7), amax > 0)
-        d = bf16_to_f32(d_bits)[:, :, None]
-        safe = np.where(d > 0, d, np.float32(1))
-        q = np.where(d > 0, np.floor(g / safe + half), 0)
-        codes = np.clip(q, -8, 7) + SYMMETRIC_ZERO
-        zeros = None
-    else:
-        lo = np.minimum(g.min(axis=2), 0)
-        hi = np.maximum(g.max(axis=2), 0)
-        d_bits = bf16_ceil(hi / np.float32(15) - lo / np.float32(15), hi > lo)
-        d = bf16_to_f32(d_bits)
-        safe = np.where(d > 0, d, np.float32(1))
-        z = np.where(d > 0, np.clip(np.floor(-lo / safe + half), 0, 15), 0)
-        d, safe = d[:, :, None], safe[:, :, None]
-        q = np.where(d > 0, np.floor(g / safe + half), 0) + z[:, :, None]
-        codes = np.clip(q, 0, 15)
-        zeros = z.astype(np.uint8)
-    return codes.reshape(n_p, k_p).astype(np.uint8), d_bits, zeros
+    return wp.reshape(n_p, k_p // group_size, group_size)
 
 
-def dequantize(codes, scale_bits, zeros, group_size):
-    """codes (out, in), per-group scales/zeros (out, groups) -> float32 (out, in)."""
-    d = np.repeat(bf16_to_f32(scale_bits), group_size, axis=1)
-    z = SYMMETRIC_ZERO if zeros is None else np.repeat(zeros.astype(np.float32), group_size, axis=1)
-    return (codes.astype(np.float32) - z) * d
+def _round(v):
+    return np.floor(v + np.float32(0.5))
 
 
-def pack_tiles(codes, scale_bits, zeros):
-    """Logical arrays -> the stored layout (see docs/formats.md).
-
-    codes (out_p, in_p) -> qweight (out_p/16, in_p/4, 32) uint8 where, in
-    tile j of row block b, byte 2r+e = codes[16b+r, 4j+e] | codes[16b+r, 4j+2+e] << 4.
-    scales/zeros (out_p, groups) -> (out_p/16, groups, 16): the 16 rows of a
-    block are adjacent so one vector load fetches them."""
-    n_p, k_p = codes.shape
-    c = codes.reshape(n_p // 16, 16, k_p // 4, 4).transpose(0, 2, 1, 3)  # (b, j, r, 4)
-    low, high = c[..., 0:2], c[..., 2:4]                                   # (b, j, r, e)
-    qweight = (low | (high << 4)).reshape(n_p // 16, k_p // 4, 32)
-
-    def by_block(a):
-        return None if a is None else np.ascontiguousarray(
-            a.reshape(n_p // 16, 16, -1).transpose(0, 2, 1))
-
-    return np.ascontiguousarray(qweight), by_block(scale_bits), by_block(zeros)
+SMALLEST = np.float32(2.0 ** -149)   # the smallest positive float32 (a subnormal)
 
 
-def unpack_tiles(qweight, scales, zeros):
-    """Inverse of `pack_tiles`."""
-    nb, n_tiles, _ = qweight.shape
-    b = qweight.reshape(nb, n_tiles, 16, 2)
-    c = np.concatenate([b & 15, b >> 4], axis=3)                  # (b, j, r, 4)
-    codes = c.transpose(0, 2, 1, 3).reshape(nb * 16, n_tiles * 4)
+def _not_underflowed(d, nonzero):
+    """A group holding a non-zero weight keeps a non-zero scale even when its
+    division underflowed to 0 (|w| near 1e-45): the smallest float32, signed as d
+    should be."""
+    return np.where((d == 0) & nonzero, np.copysign(SMALLEST, d), d).astype(np.float32)
 
-    def by_row(a):
-        return None if a is None else a.transpose(0, 2, 1).reshape(nb * 16, -1)
 
-    return codes, by_row(scales), by_row(zeros)
+# Symmetric int4 tries these scales d = extreme / m per group (extreme: the
+# weight of largest magnitude), refits each by least squares, and keeps the one
+# with the smallest squared error. m = -8 is llama.cpp's Q4_0 rule; -7.5 gives
+# finer steps, 7 maps the extreme to +7. On the shipped model these three cut
+# the KL from the float model by 9 % against the rule alone, as much as five or
+# eight candidates did (docs/kernels.md); each costs one pass over the weights.
+SCALE_CANDIDATES = (-8.0, -7.5, 7.0)
+
+
+def round_f16(d):
+    """d (float32) rounded to the nearest float16 where |d| is a normal float16
+    number, else unchanged: the value `store_scales` will keep."""
+    d = np.asarray(d, np.float32)
+    mag = np.abs(d)
+    normal = (mag >= FP16_MIN_NORMAL) & (mag <= FP16_MAX)
+    with np.errstate(over="ignore"):   # the values cast to inf are not kept
+        return np.where(normal, d.astype(np.float16).astype(np.float32), d).astype(np.float32)
+
+
+FIXED_POINT_BITS = 40   # search sums: w as integers, the group's largest |w| below 2**40
+
+
+def search_scales(g):
+    """The symmetric int4 scale of each group of g (rows, groups, G) float32.
+
+    For each m in SCALE_CANDIDATES: d0 = round_f16(extreme / m), codes
+    q = clip(round(w / d0), -8, 7), and the least-squares scale for those codes
+    d1 = round_f16(sum(w q) / sum(q q)); keep the first d1 with the smallest
+    squared error of those codes, sum(w^2) - 2 d1 sum(w q) + d1^2 sum(q q)
+    (without the sum(w^2) all share). Rounding again with d1 can only lower the
+    error. The sums are exact sums of integers, w taken in fixed point (2**40
+    steps up to the group's largest power of two, rounded: |q w| < 2**43, and
+    a group of up to 1024 sums to less than 2**53), so float64 adds them
+    exactly in any order, and the Numba twin (`packed.search_scales`) picks
+    the same d bit for bit."""
+    first_max = np.abs(g).argmax(axis=2)[..., None]
+    extreme = np.take_along_axis(g, first_max, axis=2)[..., 0]
+    nonzero = extreme != 0
+    _, e = np.frexp(np.abs(extreme).astype(np.float64))     # |extreme| < 2**e
+    unit = np.ldexp(1.0, e - FIXED_POINT_BITS)[..., None]     # value of one fixed-point step
+    w_fixed = np.floor(g.astype(np.float64) * (1.0 / unit) + 0.5)   # 1/unit: a power of two, exact
+    best_d = best_e = None
+    for m in SCALE_CANDIDATES:
+        d0 = round_f16(_not_underflowed(extreme / np.float32(m), nonzero))
+        safe = np.where(d0 != 0, d0, np.float32(1))[..., None]
+        q = np.where(d0[..., None] != 0, np.clip(_round(g / safe), -8, 7), 0).astype(np.float64)
+        wq = (q * w_fixed).sum(axis=2) * unit[..., 0]
+        qq = (q * q).sum(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fit = (wq / np.where(qq > 0, qq, 1)).astype(np.float32)
+        d1 = np.where(qq > 0, round_f16(_not_underflowed(fit, nonzero)), d0)
+        d64 = d1.astype(np.float64)
+        err = d64 * d64 * qq - 2 * d64 * wq
+        if best_d is None:
+            best_d, best_e = d1, err
+        else:
+            better = err < best_e
+            best_d, best_e = np.where(better, d1, best_d), np.where(better, err, best_e)
+    return best_d.astype(np.float32)
 
 
 def quantize_int4(w, group_size, symmetric):
-    """float32 (out, in) -> (qweight, scales, zeros) in the stored layout."""
-    return pack_tiles(*rtn_quantize(w, group_size, symmetric))
+    """Round-to-nearest int4 along the inputs -> (codes (out_p, in_p) uint8,
+    scales (out_p, groups) float16|float32, zeros (out_p, groups) uint8 or None).
+
+    symmetric: d from `search_scales` (llama.cpp's Q4_0 rule, d = extreme / -8,
+      is its first candidate; all 16 levels are used), c = clip(round(w / d), -8, 7) + 8,
+      zero code 8.
+    asymmetric: lo = min(w, 0), hi = max(w, 0), d = (hi - lo) / 15 rounded up,
+      z = round(-lo / d) in [0, 15], c = clip(round(w / d) + z, 0, 15).
+    round(v) = floor(v + 0.5), with the stored (rounded) scale; zero groups get
+    d = 0 and the zero code."""
+    _check_quantizable(w)
+    g = _groups(w, group_size)
+    if symmetric:
+        scales = store_scales(search_scales(g), round_up=False)
+        d = scale_values(scales)[..., None]
+        safe = np.where(d != 0, d, np.float32(1))
+        q = np.where(d != 0, _round(g / safe), 0)
+        codes, zeros = np.clip(q, -8, 7) + 8, None
+    else:
+        lo = np.minimum(g.min(axis=2), 0)
+        hi = np.maximum(g.max(axis=2), 0)
+        scales = store_scales(_not_underflowed(hi / np.float32(15) - lo / np.float32(15), hi > lo), round_up=True)
+        d = scale_values(scales)
+        safe = np.where(d > 0, d, np.float32(1))
+        z = np.where(d > 0, np.clip(_round(-lo / safe), 0, 15), 0)
+        d, safe = d[..., None], safe[..., None]
+        q = np.where(d > 0, _round(g / safe), 0) + z[..., None]
+        codes, zeros = np.clip(q, 0, 15), z.astype(np.uint8)
+    return codes.reshape(g.shape[0], -1).astype(np.uint8), scales, zeros
 
 
-def dequantize_int4(qweight, scales, zeros, shape):
-    """Stored layout -> float32 `shape` (padding dropped)."""
-    codes, d, z = unpack_tiles(qweight, scales, zeros)
-    group_size = codes.shape[1] // d.shape[1]
-    return dequantize(codes, d, z, group_size)[: shape[0], : shape[1]]
+def quantize_int8(w, group_size):
+    """Symmetric int8 (llama.cpp's Q8_0 rule): d = max|w| / 127 rounded up,
+    c = round(w / d) + 128 in [1, 255], zero code 128."""
+    _check_quantizable(w)
+    g = _groups(w, group_size)
+    amax = np.abs(g).max(axis=2)
+    scales = store_scales(_not_underflowed(amax / np.float32(127), amax > 0), round_up=True)
+    d = scale_values(scales)[..., None]
+    safe = np.where(d > 0, d, np.float32(1))
+    q = np.where(d > 0, _round(g / safe), 0)
+    return (np.clip(q, -127, 127) + 128).reshape(g.shape[0], -1).astype(np.uint8), scales
 
 
-ACT_LEVELS = 32767  # int16 activations: xq in [-32767, 32767]
+def dequantize(codes, scales, zero, offsets, group_size):
+    """The weight every element represents: s * (c - z) + b, in float32.
+
+    codes (out, in) unsigned; scales, offsets (out, groups); zero an int or a
+    uint8 (out, groups) array; offsets may be None (b = 0)."""
+    def per_element(a):
+        return np.repeat(np.asarray(a), group_size, axis=1)[:, : codes.shape[1]]
+
+    z = np.float32(zero) if np.ndim(zero) == 0 else per_element(zero).astype(np.float32)
+    w = (codes.astype(np.float32) - z) * per_element(scale_values(scales))
+    if offsets is not None:
+        w = w + per_element(offsets).astype(np.float32)
+    return w
 
 
-def quantize_activations(x, group_size):
-    """x (in_p,) float32 -> xq int16, x_scale (groups,), x_sum (groups,).
+def pack_tiles(codes, bits):
+    """codes (out_p, in_p) -> tiles (out_p/16, in_p/n, 64) uint8 (docs/formats.md).
 
-    Per group of the weight's group size: x_scale = max|x| / 32767,
-    xq = round(x / x_scale), x_sum = x_scale * sum(xq). x_hat = x_scale * xq
-    differs from x by at most max|x| / 65534 per element. A group holding
-    NaN or inf gets x_scale = NaN, which makes every output NaN."""
-    g = x.reshape(-1, group_size).astype(np.float32)
+    In tile j of row block b, row r owns bytes 4r .. 4r+3 (one 32-bit lane):
+      bits 8 (n = 4): byte 4r+e = c[16b+r, 4j+e]
+      bits 4 (n = 8): byte 4r+e = c[16b+r, 8j+e] | c[16b+r, 8j+4+e] << 4"""
+    n_p, k_p = codes.shape
+    n = TILE_INPUTS[bits]
+    c = codes.reshape(n_p // 16, 16, k_p // n, n).transpose(0, 2, 1, 3)   # (b, j, r, n)
+    if bits == 4:
+        c = c[..., :4] | (c[..., 4:] << 4)
+    return np.ascontiguousarray(c.reshape(n_p // 16, k_p // n, TILE_BYTES)).astype(np.uint8)
+
+
+def unpack_tiles(tiles, bits):
+    """Inverse of `pack_tiles`."""
+    nb, n_tiles, _ = tiles.shape
+    t = tiles.reshape(nb, n_tiles, 16, 4)
+    if bits == 4:
+        t = np.concatenate([t & 15, t >> 4], axis=3)
+    return t.transpose(0, 2, 1, 3).reshape(nb * 16, n_tiles * TILE_INPUTS[bits])
+
+
+def by_block(a):
+    """Per-(row, group) array (out_p, groups) -> (out_p/16, groups, 16): the 16
+    rows of a block adjacent, one vector load. None stays None."""
+    if a is None or np.ndim(a) == 0:
+        return a
+    return np.ascontiguousarray(np.asarray(a).reshape(a.shape[0] // 16, 16, -1).transpose(0, 2, 1))
+
+
+def by_row(a):
+    """Inverse of `by_block`."""
+    if a is None or np.ndim(a) == 0:
+        return a
+    return a.transpose(0, 2, 1).reshape(a.shape[0] * 16, -1)
+
+
+def quantize_activations(x, act_group):
+    """x (in_p,) float32 -> int8 codes xq, x_scale and x_sum per activation group.
+
+    x_scale = max|x| / 127, xq = round(x / x_scale) in [-127, 127], so
+    x_hat = x_scale * xq is within max|x|/254 of x; x_sum = x_scale * sum(xq)
+    (float32) is what the offsets and zero codes multiply. A group holding NaN
+    or inf gets x_scale = NaN, which makes every output NaN."""
+    g = x.reshape(-1, act_group).astype(np.float32)
     amax = np.abs(g).max(axis=1)
     scale = (amax / np.float32(ACT_LEVELS)).astype(np.float32)
     ok = np.isfinite(amax) & (amax > 0)
     safe = np.where(ok, scale, np.float32(1))[:, None]
-    xq = np.where(ok[:, None], np.clip(np.floor(g / safe + np.float32(0.5)), -ACT_LEVELS, ACT_LEVELS), 0)
-    xq = xq.astype(np.int16)
+    xq = np.where(ok[:, None], np.clip(_round(g / safe), -ACT_LEVELS, ACT_LEVELS), 0).astype(np.int8)
     scale = np.where(np.isfinite(amax), scale, np.float32(np.nan)).astype(np.float32)
-    with np.errstate(over="ignore"):   # |x| near 3e38: the sum is inf, as in the kernel
+    with np.errstate(over="ignore"):
         x_sum = (scale * xq.astype(np.int64).sum(axis=1).astype(np.float32)).astype(np.float32)
     return xq.reshape(-1), scale, x_sum
 
 
-def int4_gemv(qweight, scales, zeros, x):
-    """One token: W_hat @ x_hat for the padded weight, in float64.
-
-    x (in_p,) is quantized with `quantize_activations`; the integer dot
-    products are exact, so the fast kernel differs from this only by the
-    order of its float32 sums over groups."""
-    codes, d_bits, z = unpack_tiles(qweight, scales, zeros)
-    n_p, k_p = codes.shape
-    groups = d_bits.shape[1]
-    group_size = k_p // groups
-    xq, x_scale, x_sum = quantize_activations(x, group_size)
-    isum = (codes.astype(np.int64).reshape(n_p, groups, group_size)
-            * xq.astype(np.int64).reshape(groups, group_size)).sum(axis=2)
-    z = np.float64(SYMMETRIC_ZERO) if z is None else z.astype(np.float64)
-    d = bf16_to_f32(d_bits).astype(np.float64)
-    part = x_scale.astype(np.float64) * isum - z * x_sum.astype(np.float64)
-    return (d * part).sum(axis=1)
+def group_sums(x_sum, acts_per_group):
+    """Sum of x_sum over each weight group's activation groups, left to right in
+    float32 (the kernels' order): (n_act,) -> (groups,)."""
+    s = x_sum.reshape(-1, acts_per_group)
+    total = s[:, 0].copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(1, acts_per_group):
+            total = total + s[:, i]
+    return total
 
 
-def matmul_int4(x, qweight, scales, zeros, shape):
-    """x (T, in) -> (T, out): `int4_gemv` for each token, padding dropped.
+def packed_gemv(tiles, scales, zero, offsets, x, bits):
+    """One token, in float64: sum_k w[r, k] * x_hat[k] for the padded weight
+    (blocked arrays as stored), with w = s (c - z) + b exactly (not rounded to
+    float32) and x_hat the int8 activations. The kernels differ from this only
+    by the float32 roundings of their per-group sums."""
+    codes = unpack_tiles(tiles, bits).astype(np.float64)
+    s = scale_values(by_row(scales)).astype(np.float64)
+    group_size = codes.shape[1] // s.shape[1]
+    z = np.float64(zero) if np.ndim(zero) == 0 else np.repeat(by_row(zero).astype(np.float64), group_size, 1)
+    w = (codes - z) * np.repeat(s, group_size, axis=1)
+    if offsets is not None:
+        w = w + np.repeat(by_row(offsets).astype(np.float64), group_size, axis=1)
+    a = act_group_size(group_size)
+    xq, x_scale, _ = quantize_activations(x, a)
+    x_hat = np.repeat(x_scale.astype(np.float64), a) * xq
+    with np.errstate(invalid="ignore", over="ignore"):
+        return w @ x_hat
 
+
+def matmul_packed(x, tiles, scales, zero, offsets, shape, bits):
+    """x (T, in) -> (T, out): `packed_gemv` for each token, padding dropped.
     Prefill (T > 1) and decode (T = 1) compute the same thing."""
     n, k = shape
-    k_p = 4 * qweight.shape[1]
+    k_p = tiles.shape[1] * TILE_INPUTS[bits]
     xp = np.zeros((x.shape[0], k_p), np.float32)
     xp[:, :k] = x
-    return np.stack([int4_gemv(qweight, scales, zeros, row)[:n] for row in xp]).astype(np.float32)
+    return np.stack([packed_gemv(tiles, scales, zero, offsets, row, bits)[:n] for row in xp])
+
+
+# --- bf16 weights on AMX: activations split in two bf16 numbers ----------
+
+
+def split_bf16(x):
+    """x float32 -> (hi, lo) bf16 bits with hi = bf16(x), lo = bf16(x - hi):
+    hi + lo holds x to 16 significant bits, |x - hi - lo| <= 2**-16 |x| (bf16 rounds to 8 significant bits: twice)."""
+    hi = f32_to_bf16(x)
+    lo = f32_to_bf16(x - bf16_to_f32(hi))
+    return hi, lo
+
+
+def matmul_bf16_split(x, w_bits):
+    """What the AMX bf16 prefill computes, in float64: x (T, in) split into
+    hi + lo, times widen(w_bits (out, in)).T; AMX's float32 sums differ from
+    this by their rounding only (and flush subnormal operands to zero)."""
+    hi, lo = split_bf16(x)
+    xs = bf16_to_f32(hi).astype(np.float64) + bf16_to_f32(lo)
+    return xs @ bf16_to_f32(w_bits).astype(np.float64).T

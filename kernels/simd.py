@@ -61,6 +61,17 @@ def f32_to_bits(typingctx, value):
     return sig, codegen
 
 
+@intrinsic
+def bits_to_f32(typingctx, bits):
+    """The float32 whose bit pattern is `bits` (uint32): the inverse of `f32_to_bits`."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], F32)
+
+    return sig, codegen
+
+
 def _vec(elem, n):
     return ir.VectorType(elem, n)
 
@@ -77,75 +88,136 @@ def _splat(builder, scalar, n):
     return builder.shuffle_vector(one, ir.Constant(vty, None), ir.Constant(_vec(I32, n), [0] * n))
 
 
-def _dot_pairs(builder, a, b):
-    """<16 x i16> a, b -> <8 x i32>: lane i = a[2i]*b[2i] + a[2i+1]*b[2i+1].
 
-    Written with generic IR; x86 selects `pmaddwd` / `vpdpwssd` for it."""
-    wide = _vec(I32, 16)
-    prod = builder.mul(builder.sext(a, wide), builder.sext(b, wide))
-    even = ir.Constant(_vec(I32, 8), list(range(0, 16, 2)))
-    odd = ir.Constant(_vec(I32, 8), list(range(1, 16, 2)))
-    return builder.add(builder.shuffle_vector(prod, prod, even),
-                       builder.shuffle_vector(prod, prod, odd))
+def _f16_vec_to_f32(builder, words):
+    """<8 x i16> float16 bit patterns -> <8 x float> (vcvtph2ps with F16C)."""
+    return builder.fpext(builder.bitcast(words, _vec(ir.HalfType(), 8)), _vec(F32, 8))
 
 
-def _bf16_vec_to_f32(builder, words):
-    """<8 x i16> raw bf16 words -> <8 x float>."""
-    wide = builder.shl(builder.zext(words, _vec(I32, 8)), ir.Constant(_vec(I32, 8), [16] * 8))
-    return builder.bitcast(wide, _vec(F32, 8))
+def _dot4_vnni(builder, acc, a, b):
+    """acc <8 x i32> + per lane sum of 4 products unsigned a[i] * signed b[i]:
+    one `vpdpbusd` (AVX-512 VNNI / AVX-VNNI)."""
+    v8 = _vec(I32, 8)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]),
+                                        "llvm.x86.avx512.vpdpbusd.256")
+    return builder.call(fn, [acc, builder.bitcast(a, v8), builder.bitcast(b, v8)])
 
 
-def _int4_block_kernel(n_tok, prefetch=4096):
-    """Build the intrinsic for one 16-row block and `n_tok` tokens at once.
+def _dot4_portable(builder, acc, a, b):
+    """The same sums in generic IR: bytes widened to int16, pairs multiplied
+    and added into int32 (x86 selects `pmaddwd`), then neighbouring pairs added."""
+    v32 = _vec(I32, 32)
+    prod = builder.mul(builder.zext(a, v32), builder.sext(b, v32))     # (32,) exact
+    even = ir.Constant(_vec(I32, 16), list(range(0, 32, 2)))
+    odd = ir.Constant(_vec(I32, 16), list(range(1, 32, 2)))
+    pairs = builder.add(builder.shuffle_vector(prod, prod, even), builder.shuffle_vector(prod, prod, odd))
+    even8 = ir.Constant(_vec(I32, 8), list(range(0, 16, 2)))
+    odd8 = ir.Constant(_vec(I32, 8), list(range(1, 16, 2)))
+    quads = builder.add(builder.shuffle_vector(pairs, pairs, even8), builder.shuffle_vector(pairs, pairs, odd8))
+    return builder.add(acc, quads)
 
-    n_tok = 1 is the decode GEMV; n_tok = 4 is the prefill GEMM, where each
-    unpacked tile of weights feeds 4 tokens before the next is loaded.
 
-    `prefetch`: bytes ahead of the current tile to request from memory. The
-    hardware prefetcher alone left one thread at ~9 GB/s streaming int4
-    tiles; asking 4 KB ahead (a few microseconds of work) lifted it to ~14,
-    the same thread's plain streaming rate (docs/kernels.md)."""
+DOT4 = {"vnni": _dot4_vnni, "portable": _dot4_portable}
+
+
+def _fma(builder, a, b, c):
+    """a * b + c rounded once (`llvm.fma`: the same result on every CPU)."""
+    name = f"llvm.fma.v{a.type.count}f32"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
+    return builder.call(fn, [a, b, c])
+
+
+def group_scale_and_offset(builder, scales_a, zeros_a, offsets_a, zero, at, n, f16_scales):
+    """The `n` rows' scale s and c = b - s * z of one group (vectors of float32);
+    `at` indexes the first row in the (blocks, groups, 16) arrays."""
+    if f16_scales:
+        s = builder.fpext(builder.bitcast(_load_vec(builder, scales_a.data, at, _vec(I16, n)),
+                                          _vec(ir.HalfType(), n)), _vec(F32, n))
+    else:
+        s = _load_vec(builder, scales_a.data, at, _vec(F32, n))
+    if zeros_a is None:
+        z = _splat(builder, zero, n)
+    else:
+        z = builder.uitofp(_load_vec(builder, zeros_a.data, at, _vec(I8, n)), _vec(F32, n))
+    sz = builder.fmul(s, z)
+    if offsets_a is None:
+        return s, builder.fsub(ir.Constant(_vec(F32, n), [-0.0] * n), sz)   # -(s*z), exactly
+    return s, builder.fsub(_load_vec(builder, offsets_a.data, at, _vec(F32, n)), sz)
+
+
+def act_group_epilogue(builder, s, x_scale, isum, total):
+    """total + s * (x_scale * isum), the product in brackets rounded, then one
+    fused multiply-add: what every path adds per activation group (s: the rows'
+    scales, x_scale: the token's, isum: the exact integer dot products, one per
+    row). The tiny weight scale comes last, so a subnormal one is not amplified."""
+    n = s.type.count
+    return _fma(builder, s, builder.fmul(_splat(builder, x_scale, n), builder.sitofp(isum, _vec(F32, n))), total)
+
+
+def group_epilogue(builder, c, x_gsum, total):
+    """total + c * x_gsum (c = b - s * z): the zero code and offset of a weight
+    group, applied once after its activation groups."""
+    return _fma(builder, c, x_gsum, total)
+
+
+def packed_block_kernel(n_tok, bits, path, prefetch=4096):
+    """Build the intrinsic that multiplies one 16-row block of packed weights
+    (`bits` = 4 or 8 bits per code) by `n_tok` tokens of int8 activations.
+
+    n_tok = 1 is the decode GEMV; 4 the prefill GEMM, where each unpacked tile
+    feeds 4 tokens before the next is loaded. `path` picks the byte dot product
+    (`DOT4`); the integer sums are exact, so every path returns the same bits.
+    `prefetch`: bytes of codes requested ahead of the current tile. The
+    hardware prefetcher alone kept too few requests in flight for one thread
+    to stream at its full rate (docs/kernels.md)."""
+    dot4 = DOT4[path]
 
     @intrinsic
-    def int4_block(typingctx, qweight, scales, zeros, x_pairs, x_scale, x_sum, block, t0, out):
-        """out[t0+t, 16b : 16b+16] = W_hat[those rows] @ x_hat[t0+t] for t < n_tok
+    def packed_block(typingctx, codes, scales, zeros, offsets, zero, xq, x_scale, x_gsum, block, t0, out):
+        """out[t0+t, 16b : 16b+16] = W[those rows] @ x_hat[t0+t] for t < n_tok
 
-        qweight  uint8  (n_blocks, in/4, 32)  tile j of block b: byte 2r+e holds
-                                              q[16b+r, 4j+e] | q[16b+r, 4j+2+e] << 4
-        scales   uint16 (n_blocks, n_groups, 16)  bf16 bits of d[row, group]
-        zeros    uint8  (n_blocks, n_groups, 16)  zero point z, or None: z = 8
-        x_pairs  int32  (T, in/2)  int16 activations xq, read two at a time
-        x_scale, x_sum  float32 (T, n_groups); x_sum = x_scale * sum(xq in group)
+        codes    uint8  (n_blocks, n_tiles, 64)  tiles (reference.pack_tiles)
+        scales   uint16 (float16 bits) or float32 (n_blocks, n_groups, 16)
+        zeros    uint8  (n_blocks, n_groups, 16) zero codes, or None: `zero` for all
+        offsets  float32 (n_blocks, n_groups, 16), or None: b = 0
+        xq       int32  (T, in_p/4)   int8 activations, four per word
+        x_scale  float32 (T, n_act)   one per activation group
+        x_gsum   float32 (T, n_groups) sum of x_hat over each weight group
         out      float32 (T, out_p)
 
-        Per group: isum[row] = sum_k q[row,k]*xq[k] in exact int32 arithmetic,
-        then out[row] += d * (x_scale*isum - z*x_sum) = sum_k (q-z)*d*x_hat[k].
-        """
-        symmetric = isinstance(zeros, types.NoneType)
-        expected = [(qweight, types.uint8, 3), (scales, types.uint16, 3), (x_pairs, types.int32, 2),
-                    (x_scale, types.float32, 2), (x_sum, types.float32, 2), (out, types.float32, 2)]
-        if not symmetric:
+        Per activation group a of weight group g: isum[row] = sum_k c[row, k] * xq[k]
+        (exact int32), out[row] = fma(s, x_scale[a] * isum[row], out[row]); after
+        the group's last: out[row] = fma(b - s * z, x_gsum[g], out[row])."""
+        expected = [(codes, types.uint8, 3), (xq, types.int32, 2), (x_scale, types.float32, 2),
+                    (x_gsum, types.float32, 2), (out, types.float32, 2)]
+        if not isinstance(zeros, types.NoneType):
             expected.append((zeros, types.uint8, 3))
+        if not isinstance(offsets, types.NoneType):
+            expected.append((offsets, types.float32, 3))
+        ok_scales = (isinstance(scales, types.Array) and scales.dtype in (types.uint16, types.float32)
+                     and scales.ndim == 3 and scales.layout == "C")
         for arr, dtype, ndim in expected:  # the IR below assumes exactly these
             if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == ndim
-                    and arr.layout == "C"):
-                raise errors.TypingError(f"int4_block: expected a C-contiguous {ndim}-D {dtype} "
-                                         f"array, got {arr}")
-        sig = types.void(qweight, scales, zeros, x_pairs, x_scale, x_sum, block, t0, out)
+                    and arr.layout == "C") or not ok_scales:
+                raise errors.TypingError(f"packed_block: expected a C-contiguous {ndim}-D {dtype} "
+                                         f"array, got {arr} (scales {scales})")
+        sig = types.void(codes, scales, zeros, offsets, types.float32, xq, x_scale, x_gsum,
+                         block, t0, out)
 
         def codegen(context, builder, signature, args):
-            return _emit_int4_block(context, builder, signature, args, n_tok, symmetric, prefetch)
+            return _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, prefetch)
 
         return sig, codegen
 
-    return int4_block
+    return packed_block
 
 
-def _emit_int4_block(context, builder, signature, args, n_tok, symmetric, prefetch):
+def _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, prefetch):
     arrays = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
               for t, a in zip(signature.args, args)]
-    q_ptr, d_ptr, z_arr, xp_arr, xs_arr, xsum_arr = arrays[:6]
-    out_arr = arrays[8]
+    codes_a, scales_a, zeros_a, offsets_a = arrays[:4]
+    xq_a, xs_a, xg_a, out_a = arrays[5], arrays[6], arrays[7], arrays[10]
+    f16_scales = signature.args[1].dtype == types.uint16
     intp = context.get_value_type(types.intp)
 
     def as_intp(v):
@@ -157,91 +229,107 @@ def _emit_int4_block(context, builder, signature, args, n_tok, symmetric, prefet
     def dim(arr, i):
         return cgutils.unpack_tuple(builder, arr.shape)[i]
 
-    block, t0 = as_intp(args[6]), as_intp(args[7])
-    n_tiles, n_groups = dim(q_ptr, 1), dim(d_ptr, 1)
-    tiles_per_group = builder.udiv(n_tiles, n_groups)
-    q_base = builder.mul(block, builder.mul(n_tiles, const(32)))
-    dz_base = builder.mul(block, builder.mul(n_groups, const(ROWS)))
-    half_in, out_stride = dim(xp_arr, 1), dim(out_arr, 1)
+    block, t0 = as_intp(args[8]), as_intp(args[9])
+    n_tiles, n_groups, n_act = dim(codes_a, 1), dim(scales_a, 1), dim(xs_a, 1)
+    tiles_per_act = builder.udiv(n_tiles, n_act)
+    acts_per_group = builder.udiv(n_act, n_groups)
+    codes_base = builder.mul(block, builder.mul(n_tiles, const(64)))
+    sz_base = builder.mul(block, builder.mul(n_groups, const(16)))
+    xq_stride, out_stride = dim(xq_a, 1), dim(out_a, 1)
 
-    def row_of(arr, stride, t):  # flat index of row t0+t of a 2-D array
+    def token_row(t, stride):  # flat index of row t0+t of a 2-D array
         return builder.mul(builder.add(t0, const(t)), stride)
 
-    v8i32, v8f32, v16i16 = _vec(I32, 8), _vec(F32, 8), _vec(I16, 16)
+    v8i32, v8f32, v32i8 = _vec(I32, 8), _vec(F32, 8), _vec(I8, 32)
     zero_i, zero_f = ir.Constant(v8i32, None), ir.Constant(v8f32, None)
-    # One accumulator per (token, half); for a single token also split low
-    # and high nibbles, so four independent add chains hide vpdpwssd latency.
-    parts = 2 if n_tok == 1 else 1
-    acc = [[[cgutils.alloca_once_value(builder, zero_i) for _ in range(parts)]
-            for _ in range(2)] for _ in range(n_tok)]
+    # Independent add chains hide vpdpbusd's latency (5 cycles): for one token,
+    # 4 chains per half (int4: 2 tiles x low/high nibbles; int8: 4 tiles), so an
+    # activation group of 32 inputs is 1-2 instructions deep; 4 tokens have 8 already.
+    words = 2 if bits == 4 else 1                  # activation words per tile
+    unroll = (2 if bits == 4 else 4) if n_tok == 1 else 1
+    parts = unroll * words if n_tok == 1 else 1
+    iacc = [[[cgutils.alloca_once_value(builder, zero_i) for _ in range(parts)] for _ in range(2)]
+            for _ in range(n_tok)]
     total = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(n_tok)]
     for t in range(n_tok):
         for h in range(2):
             builder.store(zero_f, total[t][h])
-    low_mask = ir.Constant(v16i16, [15] * 16)
-    four = ir.Constant(v16i16, [4] * 16)
-    halves = [ir.Constant(_vec(I32, 16), list(range(h * 16, h * 16 + 16))) for h in (0, 1)]
-    undef32 = ir.Constant(_vec(I8, 32), None)
+    low_nibble = ir.Constant(v32i8, [15] * 32)
+    four = ir.Constant(v32i8, [4] * 32)
+    prefetch_fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        ir.VoidType(), [ir.PointerType(I8), I32, I32, I32]), "llvm.prefetch.p0")
+
+    def emit_tile(tile, part):
+        tile_at = builder.add(codes_base, builder.mul(tile, const(64)))
+        if prefetch:
+            ahead = builder.gep(codes_a.data, [builder.add(tile_at, const(prefetch))])
+            builder.call(prefetch_fn, [builder.bitcast(ahead, ir.PointerType(I8)), ir.Constant(I32, 0),
+                                       ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        halves = [_load_vec(builder, codes_a.data, builder.add(tile_at, const(32 * h)), v32i8)
+                  for h in (0, 1)]   # rows 0-7, rows 8-15: one row per 32-bit lane
+        if bits == 4:
+            operands = [[(builder.and_(v, low_nibble), 0), (builder.lshr(v, four), 1)] for v in halves]
+        else:
+            operands = [[(v, 0)] for v in halves]
+        for t in range(n_tok):
+            at = builder.add(token_row(t, xq_stride), builder.mul(tile, const(words)))
+            xw = [builder.bitcast(_splat(builder, builder.load(builder.gep(xq_a.data, [builder.add(at, const(i))])), 8),
+                                  v32i8) for i in range(words)]
+            for h in (0, 1):
+                for w, i in operands[h]:
+                    slot = iacc[t][h][(part * words + i) % parts]
+                    builder.store(dot4(builder, builder.load(slot), w, xw[i]), slot)
 
     with cgutils.for_range(builder, n_groups) as group_loop:
         g = group_loop.index
+        sc = [group_scale_and_offset(builder, scales_a, zeros_a, offsets_a, args[4],
+                                     builder.add(sz_base, builder.add(builder.mul(g, const(16)), const(8 * h))),
+                                     8, f16_scales) for h in (0, 1)]
+        with cgutils.for_range(builder, acts_per_group) as act_loop:
+            a = builder.add(builder.mul(g, acts_per_group), act_loop.index)
+            for t in range(n_tok):
+                for h in range(2):
+                    for slot in iacc[t][h]:
+                        builder.store(zero_i, slot)
+            first = builder.mul(a, tiles_per_act)
+            with cgutils.for_range(builder, builder.udiv(tiles_per_act, const(unroll))) as tile_loop:
+                for u in range(unroll):
+                    emit_tile(builder.add(first, builder.add(builder.mul(tile_loop.index, const(unroll)), const(u))), u)
+            if unroll > 1:   # an odd tile left over
+                rest = builder.urem(tiles_per_act, const(unroll))
+                with cgutils.for_range(builder, rest) as rest_loop:
+                    emit_tile(builder.add(first, builder.add(builder.sub(tiles_per_act, rest), rest_loop.index)), 0)
+            for t in range(n_tok):
+                x_scale = builder.load(builder.gep(xs_a.data, [builder.add(token_row(t, n_act), a)]))
+                for h in range(2):
+                    isum = builder.load(iacc[t][h][0])
+                    for slot in iacc[t][h][1:]:
+                        isum = builder.add(isum, builder.load(slot))
+                    builder.store(act_group_epilogue(builder, sc[h][0], x_scale, isum, builder.load(total[t][h])),
+                                  total[t][h])
         for t in range(n_tok):
-            for h in range(2):
-                for a in acc[t][h]:
-                    builder.store(zero_i, a)
-        with cgutils.for_range(builder, tiles_per_group) as tile_loop:
-            tile = builder.add(builder.mul(g, tiles_per_group), tile_loop.index)
-            tile_at = builder.add(q_base, builder.mul(tile, const(32)))
-            raw = _load_vec(builder, q_ptr.data, tile_at, _vec(I8, 32))
-            if prefetch:
-                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-                    ir.VoidType(), [ir.PointerType(I8), I32, I32, I32]), "llvm.prefetch.p0")
-                ahead = builder.gep(q_ptr.data, [builder.add(tile_at, const(prefetch))])
-                builder.call(fn, [builder.bitcast(ahead, ir.PointerType(I8)), ir.Constant(I32, 0),
-                                  ir.Constant(I32, 3), ir.Constant(I32, 1)])
-            nibbles = []
-            for h in (0, 1):  # rows 0-7, rows 8-15
-                wide = builder.zext(builder.shuffle_vector(raw, undef32, halves[h]), v16i16)
-                nibbles.append((builder.and_(wide, low_mask), builder.lshr(wide, four)))
-            for t in range(n_tok):
-                at = builder.add(row_of(xp_arr, half_in, t), builder.mul(tile, const(2)))
-                x01 = builder.load(builder.gep(xp_arr.data, [at]))
-                x23 = builder.load(builder.gep(xp_arr.data, [builder.add(at, const(1))]))
-                x01 = builder.bitcast(_splat(builder, x01, 8), v16i16)  # (x0,x1) in every lane
-                x23 = builder.bitcast(_splat(builder, x23, 8), v16i16)
-                for h in (0, 1):
-                    low, high = nibbles[h]
-                    a_lo, a_hi = acc[t][h][0], acc[t][h][-1]
-                    builder.store(builder.add(builder.load(a_lo), _dot_pairs(builder, low, x01)), a_lo)
-                    builder.store(builder.add(builder.load(a_hi), _dot_pairs(builder, high, x23)), a_hi)
-
-        for h in (0, 1):
-            at = builder.add(dz_base, builder.add(builder.mul(g, const(ROWS)), const(8 * h)))
-            d = _bf16_vec_to_f32(builder, _load_vec(builder, d_ptr.data, at, _vec(I16, 8)))
-            if symmetric:
-                z = ir.Constant(v8f32, [8.0] * 8)
-            else:
-                z = builder.uitofp(_load_vec(builder, z_arr.data, at, _vec(I8, 8)), v8f32)
-            for t in range(n_tok):
-                g_at = builder.add(row_of(xs_arr, n_groups, t), g)
-                x_scale = _splat(builder, builder.load(builder.gep(xs_arr.data, [g_at])), 8)
-                x_sum = _splat(builder, builder.load(builder.gep(xsum_arr.data, [g_at])), 8)
-                isum = builder.load(acc[t][h][0])
-                if parts == 2:
-                    isum = builder.add(isum, builder.load(acc[t][h][1]))
-                part = builder.fsub(builder.fmul(x_scale, builder.sitofp(isum, v8f32)),
-                                    builder.fmul(z, x_sum))
-                builder.store(builder.fadd(builder.load(total[t][h]), builder.fmul(d, part)),
-                              total[t][h])
+            x_gsum = _splat(builder, builder.load(builder.gep(xg_a.data, [builder.add(token_row(t, n_groups), g)])), 8)
+            for h in (0, 1):
+                builder.store(group_epilogue(builder, sc[h][1], x_gsum, builder.load(total[t][h])), total[t][h])
 
     for t in range(n_tok):
         for h in (0, 1):
-            at = builder.add(row_of(out_arr, out_stride, t),
-                             builder.add(builder.mul(block, const(ROWS)), const(8 * h)))
-            ptr = builder.bitcast(builder.gep(out_arr.data, [at]), v8f32.as_pointer())
+            at = builder.add(token_row(t, out_stride), builder.add(builder.mul(block, const(16)), const(8 * h)))
+            ptr = builder.bitcast(builder.gep(out_a.data, [at]), v8f32.as_pointer())
             builder.store(builder.load(total[t][h]), ptr, align=4)
     return context.get_dummy_value()
 
 
-int4_block_gemv = _int4_block_kernel(1)
-int4_block_gemm4 = _int4_block_kernel(4)
+@intrinsic
+def scale_to_f32(typingctx, value):
+    """A stored scale as float32: uint16 is taken as float16 bits (exact
+    widening), float32 passes through."""
+    if value == types.float32:
+        return types.float32(value), lambda context, builder, signature, args: args[0]
+    if value != types.uint16:
+        raise errors.TypingError(f"scale_to_f32: expected uint16 or float32, got {value}")
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), F32)
+
+    return types.float32(types.uint16), codegen

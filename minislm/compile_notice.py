@@ -19,15 +19,12 @@ def kernels_need_compiling(weight_format: str) -> bool:
     """True if some kernel of `weight_format` ("bf16" or "int4") has no fresh on-disk cache.
     False when the answer is unknown (another Numba version, caching off)."""
     try:
-        from numba.core.dispatcher import Dispatcher
-
-        module = importlib.import_module(f"minislm.kernels.{weight_format}")
-        for kernel in vars(module).values():
-            if isinstance(kernel, Dispatcher) and kernel.__module__ == module.__name__:
-                index = kernel._cache._cache_file._index_path  # Numba's own bookkeeping; may move
-                source = kernel.py_func.__code__.co_filename
-                if not os.path.exists(index) or os.path.getmtime(index) < os.path.getmtime(source):
-                    return True
+        kernels = importlib.import_module("minislm.kernels")
+        for kernel in kernels.kernels_for(weight_format):   # the ones this CPU's paths call
+            index = kernel._cache._cache_file._index_path  # Numba's own bookkeeping; may move
+            source = kernel.py_func.__code__.co_filename
+            if not os.path.exists(index) or os.path.getmtime(index) < os.path.getmtime(source):
+                return True
     except (ImportError, AttributeError, OSError):
         return False
     return False

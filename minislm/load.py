@@ -40,6 +40,7 @@ def load(
     quant: str | None = None,
     group_size: int | None = None,
     symmetric: bool | None = None,
+    output_bits: int | None = None,
 ) -> Model:
     """Load a Phi-3 or PhiMoE checkpoint (local folder, Hugging Face repo id or GGUF
     file; by default the small Shakespeare model shipped inside the package).
@@ -48,7 +49,8 @@ def load(
     `minislm quantize` stays int4). quant="bf16": matrices kept as bf16 words,
     memory-mapped as they are when the checkpoint is bf16. quant="int4": matrices
     quantized now, group-wise along the inputs (`group_size` 32/64/128, default 32;
-    symmetric unless symmetric=False). group_size/symmetric that contradict how a
+    symmetric unless symmetric=False; the output layer at `output_bits` 8, the
+    default, or 4). group_size/symmetric that contradict how a
     checkpoint is already quantized, or that ask for nothing (no int4), are refused
     rather than ignored.
 
@@ -62,14 +64,14 @@ def load(
     exact = quant == "float32"
     quant = None if exact else quant
     if model is not None and Path(model).expanduser().is_file():
-        check_quant_request(Path(model), None, quant, group_size, symmetric)
-        return load_gguf(Path(model).expanduser(), quant, group_size, symmetric, exact)
+        check_quant_request(Path(model), None, quant, group_size, symmetric, output_bits)
+        return load_gguf(Path(model).expanduser(), quant, group_size, symmetric, exact, output_bits)
     model_dir = resolve_model_dir(bundled_model() if model is None else model, revision)
     config = load_config(model_dir)
     tensors = split_fused_experts(read_checkpoint(model_dir), config, model_dir)
     foreign = hub_quantization(read_json(Path(model_dir) / "config.json"), str(Path(model_dir) / "config.json"))
     stored = stored_quantization(model_dir) if foreign is None else None
-    check_quant_request(model_dir, stored, quant, group_size, symmetric)
+    check_quant_request(model_dir, stored, quant, group_size, symmetric, output_bits)
     # Everything that can be wrong with the input is found before the slow part.
     tokenizer = load_tokenizer(model_dir)
     generation_config = load_generation_config(model_dir, config)
@@ -77,7 +79,7 @@ def load(
         from .formats.hub_quantized import weight_plan
 
         plan = weight_plan(tensors, config, foreign, model_dir)
-        used = quant_config(quant, group_size, symmetric)
+        used = quant_config(quant, group_size, symmetric, output_bits)
         weights = unpack_weights(plan, config, used, exact, model_dir)
         check_small_tensors_finite(weights, config, model_dir)
     elif stored is not None:
@@ -89,7 +91,7 @@ def load(
         check_tensors(tensors, config, model_dir)
         small = {name: tensors[name].float32() for name, shape in expected_shapes(config).items() if not packable(name, shape)}
         check_small_tensors_finite(small, config, model_dir)
-        used = quant_config(quant, group_size, symmetric)
+        used = quant_config(quant, group_size, symmetric, output_bits)
         if used is None:
             # Only the tensors the forward reads (a tied checkpoint may carry a spare lm_head copy).
             weights = {name: np.ascontiguousarray(tensors[name].float32()) for name in expected_shapes(config)}
@@ -108,8 +110,8 @@ def bundled_model() -> Path:
     return BUNDLED_MODEL
 
 
-def check_quant_request(model_dir: Path, stored, quant, group_size, symmetric) -> None:
-    """--quant/--group-size/--asymmetric against what the checkpoint already is."""
+def check_quant_request(model_dir: Path, stored, quant, group_size, symmetric, output_bits=None) -> None:
+    """--quant/--group-size/--asymmetric (and output_bits) against what the checkpoint already is."""
     if stored is not None:
         if quant not in (None, stored.format):
             raise MinislmError(f"--quant {quant}: {model_dir} is already quantized to {stored.describe()}")
@@ -121,6 +123,10 @@ def check_quant_request(model_dir: Path, stored, quant, group_size, symmetric) -
         if symmetric is not None and symmetric != stored.symmetric:
             flag = "--asymmetric" if not symmetric else "symmetric=True"
             raise MinislmError(f"{flag}: {model_dir} is already {stored.describe()}")
+        if output_bits is not None and output_bits != stored.output_bits:
+            raise MinislmError(f"output_bits={output_bits}: {model_dir} is already {stored.describe()}")
+    elif quant != "int4" and output_bits is not None:
+        raise MinislmError(f"output_bits={output_bits}: applies to int4 weights only; add quant='int4'")
     elif quant != "int4" and (group_size is not None or symmetric is not None):
         flag = f"--group-size {group_size}" if group_size is not None else "--asymmetric"
         raise MinislmError(f"{flag}: applies to int4 weights only; add --quant int4")
@@ -151,8 +157,9 @@ def stored_quantization(model_dir: Path) -> QuantConfig | None:
     return None if raw is None else QuantConfig.from_json(raw, str(path))
 
 
-def quant_config(quant: str | None, group_size: int | None, symmetric: bool | None) -> QuantConfig | None:
-    return QuantConfig(quant, group_size or 32, symmetric is not False) if quant else None
+def quant_config(quant: str | None, group_size: int | None, symmetric: bool | None,
+                 output_bits: int | None = None) -> QuantConfig | None:
+    return QuantConfig(quant, group_size or 32, symmetric is not False, output_bits or 8) if quant else None
 
 
 def unpack_weights(plan: dict, config, quant: QuantConfig | None, exact: bool, where) -> dict:
@@ -191,13 +198,14 @@ class UnpackedTensors(Mapping):
         return len(self.plan)
 
 
-def load_gguf(path: Path, quant: str | None, group_size: int | None, symmetric: bool | None, exact: bool) -> Model:
+def load_gguf(path: Path, quant: str | None, group_size: int | None, symmetric: bool | None, exact: bool,
+              output_bits: int | None = None) -> Model:
     """A GGUF file: config from its metadata, weights unpacked under the hub's names."""
     from .formats.gguf import generation_stop_ids, load_gguf_tokenizer, open_gguf, weight_plan
 
     gg = open_gguf(path)
     tokenizer = load_gguf_tokenizer(gg)
-    used = quant_config(quant, group_size, symmetric)
+    used = quant_config(quant, group_size, symmetric, output_bits)
     plan = {name: planned.make for name, planned in weight_plan(gg).items()}
     weights = unpack_weights(plan, gg.config, used, exact, path)
     check_small_tensors_finite(weights, gg.config, path)

@@ -1,11 +1,14 @@
 """Packed weights: bf16 and int4, made at load time or saved as a checkpoint.
 
 Decoding reads every weight once per token, so bytes per weight set the speed:
-fp32 4, bf16 2, int4 with a bf16 scale per 32 weights ~0.56. Which matrices are
-packed: every 2-D weight the model multiplies by (projections, experts, the
+fp32 4, bf16 2, int4 with a float16 scale per 32 weights 0.5625. Which matrices
+are packed: every 2-D weight the model multiplies by (projections, experts, the
 embedding and the lm_head). Norm gains, biases and PhiMoE's router stay float32:
 they are tiny, and the router's choice is a step function that small errors can
-flip.
+flip. The output layer (lm_head, or the embedding when the model ties them) is
+kept at 8 bits by default: it alone decides every logit, and at 4 bits it
+moved the shipped model's predictions three times as much as all other
+matrices together (docs/kernels.md); on Phi-3-mini it costs 2.3 % more bytes.
 
 `python -m minislm quantize` saves int4 arrays with their layout recorded in
 config.json (`quantization_config`), so a later `load` memory-maps them and
@@ -33,7 +36,10 @@ IMAGE_MATRICES = ("_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight", "img_proje
 
 FORMATS = ("bf16", "int4")
 GROUP_SIZES = (32, 64, 128)
+OUTPUT_BITS = (4, 8)
 METHOD = "minislm"
+LAYOUT = "tiles-16x8"          # version 2: int8-activation tiles, float16 scales (docs/formats.md)
+OLD_LAYOUT = "tiles-16x4"      # version 1 (minislm before 2026-12): read and converted at load
 # Files copied next to a quantized checkpoint, so it is a complete model folder.
 COMPANION_FILES = (
     "generation_config.json",
@@ -49,18 +55,23 @@ COMPANION_FILES = (
 class QuantConfig:
     format: str  # "bf16" or "int4"
     group_size: int = 32  # int4: weights per scale, along the input dimension
-    symmetric: bool = True  # int4: scale only (q - 8), or scale and zero point
+    symmetric: bool = True  # int4: scale only (c - 8), or scale and zero point
+    output_bits: int = 8  # int4: the output layer (lm_head or tied embedding) at 8 or 4 bits
+    layout: str = LAYOUT  # int4: OLD_LAYOUT only when reading a version-1 folder
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise MinislmError(f"--quant {self.format}: choose one of {', '.join(FORMATS)}")
         if self.format == "int4" and self.group_size not in GROUP_SIZES:
             raise MinislmError(f"--group-size {self.group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
+        if self.format == "int4" and self.output_bits not in OUTPUT_BITS:
+            raise MinislmError(f"output_bits={self.output_bits}: choose 8 or 4")
 
     def describe(self) -> str:
         if self.format == "bf16":
             return "bf16"
-        return f"int4 ({'symmetric' if self.symmetric else 'asymmetric'}, group {self.group_size})"
+        return (f"int4 ({'symmetric' if self.symmetric else 'asymmetric'}, group {self.group_size}, "
+                f"output layer {self.output_bits}-bit)")
 
     def to_json(self) -> dict:
         """What config.json records about a saved (int4) checkpoint."""
@@ -70,14 +81,27 @@ class QuantConfig:
             "bits": 4,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
-            "layout": "tiles-16x4",  # docs/formats.md
+            "output_bits": self.output_bits,
+            "layout": self.layout,  # docs/formats.md
+            "version": 2,
         }
 
     @classmethod
     def from_json(cls, raw, source: str) -> "QuantConfig":
         if not isinstance(raw, dict) or raw.get("quant_method") != METHOD or raw.get("format") != "int4":
             raise MinislmError(f"{source}: this quantization_config is not supported (only minislm's own int4): {raw!r:.120}")
-        return cls("int4", int(raw.get("group_size", 32)), bool(raw.get("symmetric", True)))
+        layout = raw.get("layout", OLD_LAYOUT)
+        if layout not in (LAYOUT, OLD_LAYOUT):
+            raise MinislmError(f"{source}: int4 layout {layout!r} is unknown to this minislm "
+                               f"(it reads {LAYOUT} and {OLD_LAYOUT}); upgrade minislm or re-run `minislm quantize`")
+        # version-1 folders kept every matrix at 4 bits
+        output_bits = int(raw.get("output_bits", 8 if layout == LAYOUT else 4))
+        return cls("int4", int(raw.get("group_size", 32)), bool(raw.get("symmetric", True)), output_bits, layout)
+
+
+def output_layer(config) -> str:
+    """The matrix that makes the logits: lm_head, or the embedding when tied."""
+    return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
 
 def packable(name: str, shape: tuple) -> bool:
@@ -94,15 +118,18 @@ def module_name(name: str) -> str:
     return name.removesuffix(".weight")
 
 
-def pack(name: str, tensor: StoredTensor, quant: QuantConfig):
+def pack(name: str, tensor: StoredTensor, quant: QuantConfig, is_output: bool = False):
     """One packed weight from a stored tensor (bf16 words are used as they are). The image
-    encoder stays bf16 under int4: CLIP's features feed every image token."""
-    from .kernels import Bf16Weight, Int4Weight
+    encoder stays bf16 under int4: CLIP's features feed every image token; the output
+    layer is int8 unless `quant.output_bits` is 4."""
+    from .kernels import Bf16Weight, Int4Weight, Int8Weight
 
     values = tensor.array if tensor.dtype == "BF16" else tensor.float32()
     try:
         if quant.format == "bf16" or name.startswith(IMAGE_EMBED):
             return Bf16Weight(values, name=name)
+        if is_output and quant.output_bits == 8:
+            return Int8Weight(values, group_size=quant.group_size, name=name)
         return Int4Weight(values, group_size=quant.group_size, symmetric=quant.symmetric, name=name)
     except ValueError as e:  # NaN/inf in the checkpoint
         raise MinislmError(str(e)) from None
@@ -116,15 +143,17 @@ def pack_weights(tensors: dict[str, StoredTensor], config, quant: QuantConfig, w
     weights = {}
     for name in tqdm(shapes, desc=f"quantizing to {quant.describe()}", unit="tensor", disable=None, leave=False):
         if packable(name, shapes[name]):
-            weights[name] = pack(name, tensors[name], quant)
+            weights[name] = pack(name, tensors[name], quant, is_output=name == output_layer(config))
         else:
             weights[name] = np.ascontiguousarray(tensors[name].float32())
     return weights
 
 
 def read_packed_weights(tensors: dict[str, StoredTensor], config, quant: QuantConfig, where: Path) -> dict:
-    """The forward's weight dict from an int4 checkpoint: memory-mapped, not re-quantized."""
-    from .kernels import Int4Weight
+    """The forward's weight dict from an int4 checkpoint: memory-mapped, not re-quantized
+    (a version-1 folder's tiles are converted, exactly, into today's layout)."""
+    from .kernels import Int4Weight, Int8Weight
+    from .kernels.packed import from_old_int4_tensors
 
     arrays = {name: t.array for name, t in tensors.items()}
     weights, used = {}, set()
@@ -139,8 +168,12 @@ def read_packed_weights(tensors: dict[str, StoredTensor], config, quant: QuantCo
         parts = {k: v for k, v in arrays.items() if k.startswith(prefix + ".") and k.count(".") == prefix.count(".") + 1}
         if not parts:
             raise MinislmError(f"{where}: missing tensor '{name}' (packed as {prefix}.*)")
+        eight_bit = name == output_layer(config) and quant.output_bits == 8
         try:
-            weights[name] = Int4Weight.from_tensors(parts, prefix, shape)
+            if quant.layout == OLD_LAYOUT:
+                weights[name] = from_old_int4_tensors(parts, prefix, shape)
+            else:
+                weights[name] = (Int8Weight if eight_bit else Int4Weight).from_tensors(parts, prefix, shape)
         except (KeyError, ValueError) as e:
             raise MinislmError(f"{where}: {str(e).strip(chr(39))}") from None
         if weights[name].shape != shape:

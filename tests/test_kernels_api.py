@@ -14,16 +14,24 @@ from minislm.kernels.threads import LAYER_PREFERENCE
 
 def test_import_compiles_nothing():
     code = ("import minislm.kernels as K\n"
-            "from minislm.kernels import bf16, fp32, int4, threads\n"
+            "from minislm.kernels import bf16, fp32, packed, threads\n"
             "kernels = [fp32.gemv_f32, fp32.gemm_f32, bf16.gemv_bf16, bf16.widen_bf16_rows,\n"
-            "           int4.quantize_int4, int4.quantize_activations, int4.gemv_int4,\n"
-            "           int4.gemm_int4, int4.dequantize_int4_rows, threads._touch]\n"
+            "           packed.group_scales, packed.quantize_codes, packed.quantize_activations,\n"
+            "           packed.dequantize_rows, threads._touch,\n"
+            "           *packed.GEMV.values(), *packed.GEMM.values()]\n"
             "assert not any(k.signatures for k in kernels), [k for k in kernels if k.signatures]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_threading_layer_is_reported_and_preferred_in_order():
     assert K.threading_layer() in LAYER_PREFERENCE
+
+
+def test_kernel_paths_name_the_cpu_and_what_runs_on_it():
+    paths = K.kernel_paths()
+    assert paths["cpu"] and paths["int4/int8 decode"] in ("vnni", "portable")
+    assert paths["int4/int8 prefill"] in ("amx", "vnni", "portable")
+    assert paths["bf16 prefill"] in ("amx", "portable")
 
 
 def test_set_threads_changes_the_count_and_rejects_nonsense():
@@ -38,7 +46,7 @@ def test_set_threads_changes_the_count_and_rejects_nonsense():
 
 
 @pytest.mark.parametrize("make", [np.asarray, K.Fp32Weight, K.Bf16Weight,
-                                  lambda w: K.Int4Weight(w, group_size=32)])
+                                  lambda w: K.Int4Weight(w, group_size=32), K.Int8Weight])
 def test_linear_takes_plain_arrays_and_every_weight_class(make):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((48, 64)).astype(np.float32)

@@ -143,3 +143,67 @@ def test_tensors_round_trip_in_place(tmp_path):
     assert np.shares_memory(back.bits, mapped)
     x = np.ones((1, 16), np.float32)
     assert np.array_equal(back.matmul(x), w.matmul(x))
+
+
+# ---------------------------------------------------------------- AMX (bf16 tiles), where the CPU has it
+
+from minislm.kernels import amx, cpu  # noqa: E402
+
+needs_amx = pytest.mark.skipif(not cpu.has_amx_bf16(), reason="no AMX-BF16 on this CPU (or not granted by the OS)")
+
+
+@settings(max_examples=200, deadline=None)
+@given(finite_f32 | edge_f32)
+def test_activations_split_into_two_bf16_keep_16_significant_bits(x):
+    if abs(x) > 3.3e38:   # hi would round to inf: activations never come near
+        return
+    hi, lo = ref.split_bf16(np.array([x], np.float32))
+    rest = abs(float(x) - float(ref.bf16_to_f32(hi)[0]) - float(ref.bf16_to_f32(lo)[0]))
+    assert rest <= 2.0 ** -16 * abs(x) + 2.0 ** -134   # + half of bf16's subnormal spacing
+
+
+@PROPERTY
+@given(st.integers(1, 40), st.integers(1, 8).map(lambda m: 32 * m), st.integers(0, 2**32 - 1))
+def test_the_kernel_splits_activations_as_the_reference(n_tok, k, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((32 * -(-n_tok // 32), k)) * rng.choice([1e-30, 1.0, 1e30])).astype(np.float32)
+    x_hi = np.empty((x.shape[0] // 16, k // 2, 32), np.uint16)
+    x_lo = np.empty_like(x_hi)
+    amx.split_bf16_activations(x, x_hi, x_lo)
+    hi, lo = ref.split_bf16(x)
+    as_b = lambda a: a.reshape(-1, 16, k // 2, 2).transpose(0, 2, 1, 3).reshape(x_hi.shape)  # noqa: E731
+    assert np.array_equal(x_hi, as_b(hi)) and np.array_equal(x_lo, as_b(lo))
+
+
+def amx_bound(w_bits, x):
+    """float32 sums (Higham's gamma_n, n = inputs + 2) plus what AMX flushes:
+    operands and partial sums below 2**-126 count as zero."""
+    w = np.abs(ref.bf16_to_f32(w_bits).astype(np.float64))
+    ax = np.abs(x.astype(np.float64))
+    flushed = 2.0 ** -126 * (ax.sum(axis=1, keepdims=True) + w.sum(axis=1)[None, :] + 2 * w_bits.shape[1])
+    return f32_dot_bound(w_bits, x) + flushed
+
+
+@needs_amx
+@PROPERTY
+@given(bf16_weights(max_rows=80, max_cols=200), st.integers(16, 50), st.integers(0, 2**32 - 1))
+def test_amx_prefill_matches_the_split_reference(w_bits, n_tok, seed):
+    """Rows beyond the last multiple of 32, and inputs not a multiple of 32, go
+    through BLAS with the same split activations; everything within the bound."""
+    x = np.random.default_rng(seed).standard_normal((n_tok, w_bits.shape[1])).astype(np.float32)
+    y = Bf16Weight(w_bits).matmul(x, path="amx")
+    assert y.shape == (n_tok, w_bits.shape[0]) and y.dtype == np.float32
+    want = ref.matmul_bf16_split(x, w_bits) if w_bits.shape[1] % 32 == 0 else ref.matmul_bf16(x, w_bits)
+    assert (np.abs(y - want) <= amx_bound(w_bits, x)).all()
+
+
+@needs_amx
+def test_amx_prefill_is_within_the_split_error_of_float32():
+    """hi + lo keeps 16 of the activations' 24 bits: the product moves by at most
+    2**-16 sum |w| |x| (plus the float32 sums) from the exact one."""
+    rng = np.random.default_rng(1)
+    w_bits = ref.f32_to_bf16(rng.standard_normal((96, 256)).astype(np.float32))
+    x = rng.standard_normal((40, 256)).astype(np.float32)
+    y = Bf16Weight(w_bits).matmul(x, path="amx")
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(ref.bf16_to_f32(w_bits).astype(np.float64)).T
+    assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= 2.0 ** -16 * magnitude + amx_bound(w_bits, x)).all()

@@ -151,6 +151,8 @@ def load_minislm(engine: Engine, checkpoint: Path, threads: int) -> Loaded:
     info = {"numpy": version("numpy"), "numba": version("numba")}
     if hasattr(kernels, "threading_layer"):
         info["threading_layer"] = kernels.threading_layer()
+    if hasattr(kernels, "kernel_paths"):  # which instructions ran: AMX, VNNI or portable
+        info["kernel_paths"] = kernels.kernel_paths()
     return Loaded(generate, {name: int(w.nbytes) for name, w in model.weights.items()}, info)
 
 
