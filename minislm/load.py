@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import DTYPES as KV_DTYPES
 from .config import load_config, load_generation_config, read_json
 from .errors import MinislmError
 from .hub import resolve_model_dir
@@ -25,6 +26,7 @@ def load(
     quant: str | None = None,
     group_size: int = 32,
     symmetric: bool = True,
+    kv_cache: str | None = None,
 ) -> Model:
     """Load a Phi-3 or PhiMoE checkpoint (local folder or Hugging Face repo id).
 
@@ -32,8 +34,11 @@ def load(
     `minislm quantize` stays int4). quant="bf16": matrices kept as bf16 words,
     memory-mapped as they are when the checkpoint is bf16. quant="int4": matrices
     quantized now, group-wise along the inputs (`group_size` 32/64/128, symmetric
-    or with zero points).
+    or with zero points). kv_cache: the KV cache's dtype ("float32", "float16",
+    "int8"); by default float32 for float32 weights, float16 for packed ones.
     """
+    if kv_cache is not None and kv_cache not in KV_DTYPES:
+        raise MinislmError(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_DTYPES)}")
     model_dir = resolve_model_dir(model, revision)
     config = load_config(model_dir)
     tensors = split_fused_experts(read_checkpoint(model_dir), config, model_dir)
@@ -58,6 +63,7 @@ def load(
         generation_config=load_generation_config(model_dir, config),
         path=Path(model_dir),
         quant=used,
+        kv_cache=kv_cache,
     )
 
 

@@ -1,0 +1,271 @@
+"""Attention over the KV cache: one Numba pass over the keys and values a query can see.
+
+    out[h, t] = sum_j softmax_j(q[h, t] . k[j] * scale) v[j]
+    over the keys j a query at position p = start + t may see: j <= p and, with a
+    sliding window w, j > p - w (transformers' mask; Phi-3-mini-4k: w = 2047)
+
+Why a kernel. A decode step is one query per head against every cached key: a
+matrix-vector product per head, memory-bound like the weight GEMVs. Done as NumPy
+calls it is ~10 calls per layer, each over the whole cache, with the cache widened
+to float32 first when it is stored in 16 bits. Here each kv head is one work
+item: its keys are read once (scores of its G query heads), its values once
+(the weighted sum), straight from the cache's own format; the visible range is
+computed from the positions, so keys outside the window are never touched and no
+(T, S) mask exists.
+
+Storage formats (the cache's `dtype`), widened inside the loops:
+
+    float32  4 bytes/value   the verified path (logits within 1e-4 of transformers)
+    float16  2 bytes/value   IEEE half, 11 significant bits; what llama.cpp keeps
+    int8     1 byte/value    + one float32 scale per (kv head, position), x = q * s
+
+Numba takes no float16 arrays, so float16 values arrive as their uint16 bit
+patterns and `half_to_f32` widens them (`vcvtph2ps` on x86 with F16C).
+
+Every query row is a contiguous range of keys, so each row's softmax runs over
+exactly its own range: nothing is masked, no -inf enters the arithmetic.
+`exp` is a polynomial (`exp_nonpositive`): Numba calls libm's scalar `expf`
+otherwise, and at 2k positions x 32 heads x 32 layers a token that is ~2 M
+calls. `attend_cached_reference` is the plain-NumPy twin, the specification;
+tests/test_attention_kernel.py holds them equal.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+# Query positions handled by one work item in a prefill; its scores are
+# (G * QUERY_TILE, visible keys) floats. Decode (T = 1) is one item per kv head.
+QUERY_TILE = 16
+# The softmax's smallest kept weight. exp(x) for x below log(tiny) is set to 0,
+# like `model.softmax`: subnormal weights change no result but make the value
+# sum ~60x slower on x86.
+TINY = np.float32(np.finfo(np.float32).tiny)
+EXP_CUTOFF = np.float32(-87.33654)  # log(TINY)
+FORMATS = ("float32", "float16", "int8")
+
+
+# ---------------------------------------------------------------- scalar helpers
+
+
+@intrinsic
+def half_to_f32(typingctx, bits):
+    """float32 value of an IEEE half given as its uint16 bits (exact)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_to_f32(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits` (a bit-cast)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+def widen(x):
+    """A stored cache value as float32 (typed per storage format by the overload below)."""
+
+
+@overload(widen, inline="always")
+def _widen(x):
+    if x == types.uint16:  # float16 bits
+        return lambda x: half_to_f32(x)
+    if x == types.int8 or x == types.float32:
+        return lambda x: np.float32(x)
+    return None
+
+
+@njit(inline="always")
+def exp_nonpositive(x):
+    """exp(x) for x <= 0 in float32, 0 below EXP_CUTOFF (and for -inf).
+
+    Cephes' expf: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
+    polynomial, 2^n by writing the exponent bits. Within 2 ulp of libm; written
+    without calls or branches so the softmax loop vectorises.
+    """
+    xc = max(x, EXP_CUTOFF)
+    n = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))
+    r = xc - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    e = (p * r * r + r + np.float32(1.0)) * bits_to_f32((np.int32(n) + np.int32(127)) << 23)
+    return e if x > EXP_CUTOFF else np.float32(0.0)
+
+
+@njit(inline="always")
+def visible(position, window):
+    """[lo, hi): the keys a query at `position` attends to."""
+    hi = position + 1
+    lo = max(0, hi - window) if window > 0 else 0
+    return lo, hi
+
+
+# ---------------------------------------------------------------- the kernel
+
+
+@njit(inline="always")
+def scores_of(qrow, keys, key_scales, kv, lo, hi, scale, dest):
+    """dest[j - lo] = qrow . key j * scale for keys j in [lo, hi), four keys per step
+    so each load of the query feeds four dot products."""
+    scaled = key_scales.shape[1] > 0
+    hd = qrow.size
+    j = lo
+    while j + 4 <= hi:
+        k0, k1, k2, k3 = keys[kv, j], keys[kv, j + 1], keys[kv, j + 2], keys[kv, j + 3]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for d in range(hd):
+            x = qrow[d]
+            a0 += x * widen(k0[d])
+            a1 += x * widen(k1[d])
+            a2 += x * widen(k2[d])
+            a3 += x * widen(k3[d])
+        if scaled:
+            a0, a1 = a0 * key_scales[kv, j], a1 * key_scales[kv, j + 1]
+            a2, a3 = a2 * key_scales[kv, j + 2], a3 * key_scales[kv, j + 3]
+        dest[j - lo], dest[j + 1 - lo], dest[j + 2 - lo], dest[j + 3 - lo] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+        j += 4
+    while j < hi:
+        k0 = keys[kv, j]
+        a0 = np.float32(0.0)
+        for d in range(hd):
+            a0 += qrow[d] * widen(k0[d])
+        dest[j - lo] = a0 * (key_scales[kv, j] * scale if scaled else scale)
+        j += 1
+
+
+@njit(inline="always")
+def softmax_in_place(x):
+    """x <- softmax(x), weights below TINY set to 0."""
+    top = np.float32(-np.inf)
+    for j in range(x.size):
+        top = max(top, x[j])
+    total = np.float32(0.0)
+    for j in range(x.size):
+        e = exp_nonpositive(x[j] - top)
+        x[j] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for j in range(x.size):
+        p = x[j] * inv
+        x[j] = p if p >= TINY else np.float32(0.0)
+
+
+@njit(inline="always")
+def weighted_values(probs, values, value_scales, kv, lo, hi, acc):
+    """acc = sum over keys j in [lo, hi) of probs[j - lo] * value j, four values per
+    step so acc is loaded and stored once per four."""
+    scaled = value_scales.shape[1] > 0
+    hd = acc.size
+    for d in range(hd):
+        acc[d] = 0.0
+    j = lo
+    while j + 4 <= hi:
+        p0, p1, p2, p3 = probs[j - lo], probs[j + 1 - lo], probs[j + 2 - lo], probs[j + 3 - lo]
+        if scaled:
+            p0, p1 = p0 * value_scales[kv, j], p1 * value_scales[kv, j + 1]
+            p2, p3 = p2 * value_scales[kv, j + 2], p3 * value_scales[kv, j + 3]
+        v0, v1, v2, v3 = values[kv, j], values[kv, j + 1], values[kv, j + 2], values[kv, j + 3]
+        for d in range(hd):
+            acc[d] += p0 * widen(v0[d]) + p1 * widen(v1[d]) + p2 * widen(v2[d]) + p3 * widen(v3[d])
+        j += 4
+    while j < hi:
+        p0 = probs[j - lo] * (value_scales[kv, j] if scaled else np.float32(1.0))
+        v0 = values[kv, j]
+        for d in range(hd):
+            acc[d] += p0 * widen(v0[d])
+        j += 1
+
+
+@njit(parallel=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True)
+def attend_cached_kernel(q, keys, values, key_scales, value_scales, start, window, scale, out):
+    """out (H, T, hd) = attention of q (H, T, hd), query t at position start + t,
+    over keys/values (KV, capacity, hd) of one layer; key/value_scales (KV, capacity)
+    float32 for int8 storage, (KV, 0) otherwise.
+
+    Work item = (kv head, tile of QUERY_TILE queries): its G query heads x tile
+    queries run one after the other over the same keys, which stay in L2."""
+    H, T, hd = q.shape
+    KV = keys.shape[0]
+    G = H // KV
+    n_tiles = (T + QUERY_TILE - 1) // QUERY_TILE
+    for item in prange(KV * n_tiles):
+        kv, t0 = item // n_tiles, (item % n_tiles) * QUERY_TILE
+        probs = np.empty(start + min(T, t0 + QUERY_TILE), np.float32)
+        for t in range(t0, min(T, t0 + QUERY_TILE)):
+            lo, hi = visible(start + t, window)
+            row = probs[: hi - lo]
+            for h in range(kv * G, kv * G + G):
+                scores_of(q[h, t], keys, key_scales, kv, lo, hi, scale, row)
+                softmax_in_place(row)
+                weighted_values(row, values, value_scales, kv, lo, hi, out[h, t])
+
+
+NO_SCALES = np.zeros((0, 0), np.float32)
+
+
+def kernel_arrays(keys, values, key_scales, value_scales):
+    """The storage as the kernel takes it: float16 as uint16 bits, absent scales as (KV, 0)."""
+    if keys.dtype == np.float16:
+        keys, values = keys.view(np.uint16), values.view(np.uint16)
+    if key_scales is None:
+        key_scales = value_scales = np.zeros((keys.shape[0], 0), np.float32)
+    return keys, values, key_scales, value_scales
+
+
+def attend_cached(q, keys, values, key_scales, value_scales, start, window, scale):
+    """Attention of q (H, T, hd) float32, query t at position start + t, over one
+    layer's cache keys/values (KV, capacity, hd) in float32, float16 or int8 (with
+    key/value_scales (KV, capacity) float32 for int8, else None). Positions
+    [0, start + T) must be filled; `window` 0 means none. -> (H, T, hd) float32."""
+    H, T, hd = q.shape
+    if T and start + T > keys.shape[1]:
+        raise ValueError(f"attend_cached: {start + T} positions, the cache holds {keys.shape[1]}")
+    if H % keys.shape[0]:
+        raise ValueError(f"attend_cached: {H} query heads do not share {keys.shape[0]} kv heads evenly")
+    out = np.empty((H, T, hd), np.float32)
+    k, v, ks, vs = kernel_arrays(keys, values, key_scales, value_scales)
+    attend_cached_kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, ks, vs,
+                         int(start), int(window or 0), np.float32(scale), out)
+    return out
+
+
+# ---------------------------------------------------------------- the twin
+
+
+def dequantize(stored, scales):
+    """Cache storage (KV, S, hd) -> float32: widen, times the per-position scale for int8."""
+    x = stored.astype(np.float32)
+    return x if scales is None else x * scales[..., None]
+
+
+def attend_cached_reference(q, keys, values, key_scales, value_scales, start, window, scale):
+    """`attend_cached`, written plainly: widen the filled positions, repeat each kv
+    head for its G query heads, mask (causal, window), softmax, weighted values."""
+    H, T, hd = q.shape
+    KV = keys.shape[0]
+    S = start + T
+    k = dequantize(keys[:, :S], None if key_scales is None else key_scales[:, :S])
+    v = dequantize(values[:, :S], None if value_scales is None else value_scales[:, :S])
+    k, v = np.repeat(k, H // KV, axis=0), np.repeat(v, H // KV, axis=0)  # (H, S, hd)
+    query_pos = np.arange(start, S)[:, None]
+    key_pos = np.arange(S)[None, :]
+    allowed = key_pos <= query_pos
+    if window:
+        allowed &= key_pos > query_pos - window
+    scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    return (probs @ v).astype(np.float32)  # (H, T, hd)

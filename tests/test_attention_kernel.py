@@ -1,0 +1,119 @@
+"""kernels/attention.py: the Numba kernel against its NumPy twin, and its scalar helpers.
+
+`attend_cached` and `attend_cached_reference` take the same storage (float32,
+float16, int8 with per-position scales) and widen it the same exact way, so they
+differ only in summation order and in the kernel's polynomial exp (within a few
+ulp): ATOL_KERNEL bounds the difference on unit-scale values. Sizes are awkward on
+purpose: head dims that are not multiples of the vector width, GQA groups, caches
+longer than what is filled, windows of 1, prompts spanning several query tiles.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+from minislm.cache import quantize_int8
+from minislm.kernels.attention import (
+    EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_reference, exp_nonpositive, half_to_f32,
+)
+
+ATOL_KERNEL = 2e-5
+
+
+def storage(rng, kv_heads, capacity, head_dim, dtype, spread):
+    """Random keys or values in the cache's format: (array, scales or None)."""
+    x = rng.standard_normal((kv_heads, capacity, head_dim), dtype=np.float32) * spread
+    if dtype == "int8":
+        return quantize_int8(x)
+    return x.astype(dtype), None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from(["float32", "float16", "int8"]),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 4),
+    head_dim=st.sampled_from([1, 3, 8, 17, 96]),
+    cached=st.integers(0, 70),
+    new=st.one_of(st.integers(1, 3), st.integers(QUERY_TILE - 1, 2 * QUERY_TILE + 3)),
+    slack=st.integers(0, 9),
+    window=st.one_of(st.none(), st.integers(1, 40)),
+    spread=st.sampled_from([1.0, 6.0]),  # 6: peaked softmax rows, many weights below TINY
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_twin(dtype, kv_heads, group, head_dim, cached, new, slack, window, spread, seed):
+    rng = np.random.default_rng(seed)
+    capacity = cached + new + slack
+    keys, key_scales = storage(rng, kv_heads, capacity, head_dim, dtype, spread)
+    values, value_scales = storage(rng, kv_heads, capacity, head_dim, dtype, 1.0)
+    q = rng.standard_normal((kv_heads * group, new, head_dim), dtype=np.float32)
+    args = (q, keys, values, key_scales, value_scales, cached, window, head_dim**-0.5)
+    fast, twin = attend_cached(*args), attend_cached_reference(*args)
+    assert fast.shape == twin.shape == q.shape and fast.dtype == np.float32
+    assert np.abs(fast - twin).max() <= ATOL_KERNEL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("window", [None, 2047])
+def test_long_cache_decode_equals_twin(dtype, window):
+    """One query per head after 5000 cached positions (Phi-3-mini's head size and window)."""
+    rng = np.random.default_rng(1)
+    keys, key_scales = storage(rng, 2, 5003, 96, dtype, 1.0)
+    values, value_scales = storage(rng, 2, 5003, 96, dtype, 1.0)
+    q = rng.standard_normal((4, 1, 96), dtype=np.float32) * 3
+    args = (q, keys, values, key_scales, value_scales, 5000, window, 96**-0.5)
+    assert np.abs(attend_cached(*args) - attend_cached_reference(*args)).max() <= ATOL_KERNEL
+
+
+def test_keys_outside_the_window_and_the_future_are_never_read():
+    """NaN in every position a query must not see would poison any sum that read it."""
+    rng = np.random.default_rng(2)
+    keys = np.full((1, 30, 8), np.nan, np.float32)
+    values = np.full((1, 30, 8), np.nan, np.float32)
+    keys[:, 10:20] = rng.standard_normal((1, 10, 8))
+    values[:, 10:20] = rng.standard_normal((1, 10, 8))
+    q = rng.standard_normal((2, 3, 8), dtype=np.float32)
+    # queries at positions 17, 18, 19 with window 8 see keys 10..19 at most
+    out = attend_cached(q, keys, values, None, None, 17, 8, 0.5)
+    assert np.isfinite(out).all()
+    keys, values = np.nan_to_num(keys), np.nan_to_num(values)  # the twin multiplies by masked keys too
+    assert np.abs(out - attend_cached_reference(q, keys, values, None, None, 17, 8, 0.5)).max() <= ATOL_KERNEL
+
+
+@njit(cache=True)
+def widen_all(bits, out):
+    for i in range(bits.size):
+        out[i] = half_to_f32(bits[i])
+
+
+def test_half_to_f32_widens_every_float16_exactly():
+    bits = np.arange(2**16, dtype=np.uint16)
+    got = np.empty(bits.size, np.float32)
+    widen_all(bits, got)
+    expected = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
+@njit(cache=True)
+def exp_all(x, out):
+    for i in range(x.size):
+        out[i] = exp_nonpositive(x[i])
+
+
+def test_exp_polynomial_within_a_few_ulp():
+    x = np.concatenate([-np.geomspace(1e-8, 87.3, 20000), [0.0, -1e-30]]).astype(np.float32)
+    got = np.empty_like(x)
+    exp_all(x, got)
+    expected = np.exp(x.astype(np.float64))
+    assert np.all(np.abs(got - expected) <= 3 * np.spacing(expected.astype(np.float32)))
+
+
+def test_exp_is_zero_below_the_subnormal_cutoff():
+    x = np.array([EXP_CUTOFF - 1e-3, -100.0, -1e30, -np.inf], np.float32)
+    got = np.ones_like(x)
+    exp_all(x, got)
+    assert (got == 0).all()
