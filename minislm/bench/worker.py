@@ -13,6 +13,7 @@ whether the disk is fast), not the first read from disk.
 
 Jobs:
     engine     load one engine and time it (measure.py)
+    sweep      decode speed of one engine at growing contexts (sweep.py)
     profile    per-part time of a minislm engine's forward (profile.py)
     bandwidth  the streaming-read roofline (bandwidth.py)
     quantize   F16 GGUF -> Q8_0 / Q4_0 with llama.cpp's quantizer
@@ -69,6 +70,26 @@ def run_engine(args) -> dict:
     }
 
 
+def run_sweep(args) -> dict:
+    from .engines import engine_named, load_engine
+    from .measure import decode_bytes, experts_fraction
+    from .sweep import sweep
+
+    engine = engine_named(args.engine)
+    config = json.loads((args.checkpoint / "config.json").read_text())
+    read_once(model_files(args.checkpoint, args.model_file))
+    positions = config["max_position_embeddings"]
+    loaded = load_engine(engine, args.checkpoint, args.model_file, args.threads, n_ctx=positions)
+    points = sweep(loaded.decoder, args.contexts, args.new_tokens, config["vocab_size"], positions)
+    return {
+        "engine": engine.name,
+        "status": "ok",
+        "points": points,
+        "decode_bytes_per_token": decode_bytes(loaded.tensor_bytes, config["vocab_size"], experts_fraction(config)),
+        "info": loaded.info,
+    }
+
+
 def run_profile(args) -> dict:
     from .engines import engine_named
     from .measure import experts_fraction
@@ -97,7 +118,7 @@ def run_quantize(args) -> dict:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m minislm.bench.worker")
-    p.add_argument("job", choices=["engine", "profile", "bandwidth", "quantize"])
+    p.add_argument("job", choices=["engine", "sweep", "profile", "bandwidth", "quantize"])
     p.add_argument("--engine")
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--model-file", type=Path, help="the engine's own file (a GGUF) when not the checkpoint")
@@ -105,6 +126,7 @@ def parse_args(argv):
     p.add_argument("--prompt-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--n-ctx", type=int, default=1024)
+    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[128, 1024, 2048, 4096])
     p.add_argument("--gib", type=float, default=2.0)
     p.add_argument("--output", type=Path)
     p.add_argument("--type")
@@ -116,7 +138,8 @@ def main(argv=None) -> int:
     # Engines print (llama.cpp, transformers' warnings): keep stdout for our one line.
     stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    jobs = {"engine": run_engine, "profile": run_profile, "bandwidth": run_bandwidth, "quantize": run_quantize}
+    jobs = {"engine": run_engine, "sweep": run_sweep, "profile": run_profile, "bandwidth": run_bandwidth,
+            "quantize": run_quantize}
     try:
         result, status = jobs[args.job](args), 0
     except Exception as e:  # reported as this engine's row, the bench goes on
