@@ -20,7 +20,7 @@ Storage formats (the cache's `dtype`), widened inside the loops:
     int8     1 byte/value    + one float32 scale per (kv head, position), x = q * s
 
 Numba takes no float16 arrays, so float16 values arrive as their uint16 bit
-patterns and `half_to_f32` widens them (`vcvtph2ps` on x86 with F16C).
+patterns and `convert.half_to_f32` widens them (`vcvtph2ps` on x86 with F16C).
 
 Every query row is a contiguous range of keys, so each row's softmax runs over
 exactly its own range: nothing is masked, no -inf enters the arithmetic.
@@ -35,6 +35,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from .convert import half_to_f32
+
 # Query positions handled by one work item in a prefill; its scores are
 # (G * QUERY_TILE, visible keys) floats. Decode (T = 1) is one item per kv head.
 QUERY_TILE = 16
@@ -47,17 +49,6 @@ FORMATS = ("float32", "float16", "int8")
 
 
 # ---------------------------------------------------------------- scalar helpers
-
-
-@intrinsic
-def half_to_f32(typingctx, bits):
-    """float32 value of an IEEE half given as its uint16 bits (exact)."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return sig, codegen
 
 
 @intrinsic

@@ -16,6 +16,7 @@ from .errors import MinislmError
 from .hub import resolve_model_dir
 from .model import Model
 from .quantize import QuantConfig, pack_weights, read_packed_weights
+from .streaming import release, widen
 from .tokenizer import load_tokenizer
 from .weights import check_tensors, expected_shapes, read_checkpoint, split_fused_experts
 
@@ -53,7 +54,7 @@ def load(
         used = QuantConfig(quant, group_size, symmetric) if quant else None
         if used is None:
             # Only the tensors the forward reads (a tied checkpoint may carry a spare lm_head copy).
-            weights = {name: np.ascontiguousarray(tensors[name].float32()) for name in expected_shapes(config)}
+            weights = {name: widened(name, tensors[name]) for name in expected_shapes(config)}
         else:
             weights = pack_weights(tensors, config, used, model_dir)
     return Model(
@@ -65,6 +66,15 @@ def load(
         quant=used,
         kv_cache=kv_cache,
     )
+
+
+def widened(name: str, tensor) -> np.ndarray:
+    """A float32 weight: F32 stays memory-mapped; F16/BF16 widen in one parallel pass,
+    after which the file's pages of that tensor leave our RSS (minislm.streaming)."""
+    values = np.ascontiguousarray(widen(name, tensor))
+    if tensor.dtype != "F32":
+        release(tensor.array)
+    return values
 
 
 def stored_quantization(model_dir: Path) -> QuantConfig | None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from .config import read_json
 from .errors import MinislmError
+from .streaming import Scratch, release, to_bf16_bits, widen
 from .weights import SAFETENSORS_TAGS, StoredTensor, expected_shapes, write_safetensors
 
 FORMATS = ("bf16", "int4")
@@ -87,30 +88,44 @@ def module_name(name: str) -> str:
     return name.removesuffix(".weight")
 
 
-def pack(name: str, tensor: StoredTensor, quant: QuantConfig):
-    """One packed weight from a stored tensor (bf16 words are used as they are)."""
+def pack(name: str, tensor: StoredTensor, quant: QuantConfig, scratch: Scratch):
+    """One packed weight from a stored tensor. bf16 words are used as they are (still
+    mapped); f16 is rounded to bf16 in one pass; int4 quantizes float32 values widened
+    into the reusable `scratch` buffer."""
     from .kernels import Bf16Weight, Int4Weight
 
-    values = tensor.array if tensor.dtype == "BF16" else tensor.float32()
     try:
         if quant.format == "bf16":
-            return Bf16Weight(values, name=name)
+            if tensor.dtype == "BF16":
+                return Bf16Weight(tensor.array, name=name)
+            if tensor.dtype == "F16":
+                return Bf16Weight(to_bf16_bits(name, tensor), name=name)
+            return Bf16Weight(tensor.float32(), name=name)
+        values = widen(name, tensor, scratch.take(tensor.array.shape))
         return Int4Weight(values, group_size=quant.group_size, symmetric=quant.symmetric, name=name)
     except ValueError as e:  # NaN/inf in the checkpoint
         raise MinislmError(str(e)) from None
 
 
 def pack_weights(tensors: dict[str, StoredTensor], config, quant: QuantConfig, where: Path) -> dict:
-    """The forward's weight dict with packed matrices, quantized now (with a progress bar)."""
+    """The forward's weight dict with packed matrices, made now, tensor by tensor (with a
+    progress bar). A converted tensor's file pages are released as soon as it is done,
+    so the peak RSS is the result plus one tensor, not the whole checkpoint."""
     from tqdm import tqdm
 
     shapes = expected_shapes(config)
+    scratch = Scratch()
     weights = {}
     for name in tqdm(shapes, desc=f"quantizing to {quant.describe()}", unit="tensor", disable=None, leave=False):
+        tensor = tensors[name]
         if packable(name, shapes[name]):
-            weights[name] = pack(name, tensors[name], quant)
+            weights[name] = pack(name, tensor, quant, scratch)
+            keeps_mapping = quant.format == "bf16" and tensor.dtype == "BF16"
         else:
-            weights[name] = np.ascontiguousarray(tensors[name].float32())
+            weights[name] = np.ascontiguousarray(tensor.float32())
+            keeps_mapping = tensor.dtype == "F32"
+        if not keeps_mapping:
+            release(tensor.array)
     return weights
 
 

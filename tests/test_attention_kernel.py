@@ -16,7 +16,7 @@ from numba import njit
 
 from minislm.cache import quantize_int8
 from minislm.kernels.attention import (
-    EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_reference, exp_nonpositive, half_to_f32,
+    EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_reference, exp_nonpositive,
 )
 
 ATOL_KERNEL = 2e-5
@@ -80,22 +80,6 @@ def test_keys_outside_the_window_and_the_future_are_never_read():
     assert np.isfinite(out).all()
     keys, values = np.nan_to_num(keys), np.nan_to_num(values)  # the twin multiplies by masked keys too
     assert np.abs(out - attend_cached_reference(q, keys, values, None, None, 17, 8, 0.5)).max() <= ATOL_KERNEL
-
-
-@njit(cache=True)
-def widen_all(bits, out):
-    for i in range(bits.size):
-        out[i] = half_to_f32(bits[i])
-
-
-def test_half_to_f32_widens_every_float16_exactly():
-    bits = np.arange(2**16, dtype=np.uint16)
-    got = np.empty(bits.size, np.float32)
-    widen_all(bits, got)
-    expected = bits.view(np.float16).astype(np.float32)
-    nan = np.isnan(expected)
-    assert np.array_equal(np.isnan(got), nan)
-    assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
 
 
 @njit(cache=True)
