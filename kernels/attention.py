@@ -1,17 +1,20 @@
 """Attention over the KV cache: one Numba pass over the keys and values a query can see.
 
-    out[h, t] = sum_j softmax_j(q[h, t] . k[j] * scale) v[j]
-    over the keys j a query at position p = start + t may see: j <= p and, with a
-    sliding window w, j > p - w (transformers' mask; Phi-3-mini-4k: w = 2047)
+    out[h, t] = sum_j softmax_j(q[h, t] . k[j] * scale) v[j]   over the keys j with allowed[t, j]
+
+`allowed` is the model's own (T, S) mask (`model.attention_mask`: causal, and
+the last w positions with a sliding window; Phi-3-mini-4k: w = 2047), so what a
+query sees is defined in one place, the same for this kernel and for the plain
+definition (`model.plain_attention`).
 
 Why a kernel. A decode step is one query per head against every cached key: a
 matrix-vector product per head, memory-bound like the weight GEMVs. Done as NumPy
 calls it is ~10 calls per layer, each over the whole cache, with the cache widened
 to float32 first when it is stored in 16 bits. Here each kv head is one work
 item: its keys are read once (scores of its G query heads), its values once
-(the weighted sum), straight from the cache's own format; the visible range is
-computed from the positions, so keys outside the window are never touched and no
-(T, S) mask exists.
+(the weighted sum), straight from the cache's own format, and only between the
+first and the last key a query's mask row allows: keys before a sliding window
+are never touched.
 
 Storage formats (the cache's `dtype`), widened inside the loops:
 
@@ -22,8 +25,6 @@ Storage formats (the cache's `dtype`), widened inside the loops:
 Numba takes no float16 arrays, so float16 values arrive as their uint16 bit
 patterns and `convert.half_to_f32` widens them (`vcvtph2ps` on x86 with F16C).
 
-Every query row is a contiguous range of keys, so each row's softmax runs over
-exactly its own range: nothing is masked, no -inf enters the arithmetic.
 `exp` is a polynomial (`exp_nonpositive`): Numba calls libm's scalar `expf`
 otherwise, and at 2k positions x 32 heads x 32 layers a token that is ~2 M
 calls. `attend_cached_reference` is the plain-NumPy twin, the specification;
@@ -37,8 +38,8 @@ from numba.extending import intrinsic, overload
 
 from .convert import half_to_f32
 
-# Query positions handled by one work item in a prefill; its scores are
-# (G * QUERY_TILE, visible keys) floats. Decode (T = 1) is one item per kv head.
+# Queries handled by one work item in a prefill (they share the item's pass over
+# its kv head's keys, which stay in L2). Decode (T = 1) is one item per kv head.
 QUERY_TILE = 16
 # The softmax's smallest kept weight. exp(x) for x below log(tiny) is set to 0,
 # like `model.softmax`: subnormal weights change no result but make the value
@@ -97,10 +98,14 @@ def exp_nonpositive(x):
 
 
 @njit(inline="always")
-def visible(position, window):
-    """[lo, hi): the keys a query at `position` attends to."""
-    hi = position + 1
-    lo = max(0, hi - window) if window > 0 else 0
+def span(allowed_row):
+    """[lo, hi): from the first to the last key this mask row allows (0, 0 if none)."""
+    lo = 0
+    while lo < allowed_row.size and not allowed_row[lo]:
+        lo += 1
+    hi = allowed_row.size
+    while hi > lo and not allowed_row[hi - 1]:
+        hi -= 1
     return lo, hi
 
 
@@ -181,10 +186,10 @@ def weighted_values(probs, values, value_scales, kv, lo, hi, acc):
 
 
 @njit(parallel=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True)
-def attend_cached_kernel(q, keys, values, key_scales, value_scales, start, window, scale, out):
-    """out (H, T, hd) = attention of q (H, T, hd), query t at position start + t,
-    over keys/values (KV, capacity, hd) of one layer; key/value_scales (KV, capacity)
-    float32 for int8 storage, (KV, 0) otherwise.
+def attend_cached_kernel(q, keys, values, key_scales, value_scales, allowed, scale, out):
+    """out (H, T, hd) = attention of q (H, T, hd) over keys/values (KV, capacity, hd)
+    of one layer where allowed (T, S) says; key/value_scales (KV, capacity) float32
+    for int8 storage, (KV, 0) otherwise. Every query row must allow some key.
 
     Work item = (kv head, tile of QUERY_TILE queries): its G query heads x tile
     queries run one after the other over the same keys, which stay in L2."""
@@ -194,12 +199,15 @@ def attend_cached_kernel(q, keys, values, key_scales, value_scales, start, windo
     n_tiles = (T + QUERY_TILE - 1) // QUERY_TILE
     for item in prange(KV * n_tiles):
         kv, t0 = item // n_tiles, (item % n_tiles) * QUERY_TILE
-        probs = np.empty(start + min(T, t0 + QUERY_TILE), np.float32)
+        probs = np.empty(allowed.shape[1], np.float32)
         for t in range(t0, min(T, t0 + QUERY_TILE)):
-            lo, hi = visible(start + t, window)
-            row = probs[: hi - lo]
+            lo, hi = span(allowed[t])
+            row, mask = probs[: hi - lo], allowed[t, lo:hi]
             for h in range(kv * G, kv * G + G):
                 scores_of(q[h, t], keys, key_scales, kv, lo, hi, scale, row)
+                for j in range(row.size):  # holes inside the span (none in causal or window masks)
+                    if not mask[j]:
+                        row[j] = -np.inf
                 softmax_in_place(row)
                 weighted_values(row, values, value_scales, kv, lo, hi, out[h, t])
 
@@ -216,20 +224,22 @@ def kernel_arrays(keys, values, key_scales, value_scales):
     return keys, values, key_scales, value_scales
 
 
-def attend_cached(q, keys, values, key_scales, value_scales, start, window, scale):
-    """Attention of q (H, T, hd) float32, query t at position start + t, over one
-    layer's cache keys/values (KV, capacity, hd) in float32, float16 or int8 (with
-    key/value_scales (KV, capacity) float32 for int8, else None). Positions
-    [0, start + T) must be filled; `window` 0 means none. -> (H, T, hd) float32."""
+def attend_cached(q, keys, values, key_scales, value_scales, allowed, scale):
+    """Attention of q (H, T, hd) float32 over one layer's cache keys/values
+    (KV, capacity, hd) in float32, float16 or int8 (with key/value_scales
+    (KV, capacity) float32 for int8, else None), query t reading the keys j with
+    allowed[t, j] (T, S), S <= capacity. -> (H, T, hd) float32."""
     H, T, hd = q.shape
-    if T and start + T > keys.shape[1]:
-        raise ValueError(f"attend_cached: {start + T} positions, the cache holds {keys.shape[1]}")
+    if allowed.shape[0] != T or allowed.shape[1] > keys.shape[1]:
+        raise ValueError(f"attend_cached: mask {allowed.shape} for {T} queries and {keys.shape[1]} cached positions")
     if H % keys.shape[0]:
         raise ValueError(f"attend_cached: {H} query heads do not share {keys.shape[0]} kv heads evenly")
+    if T and not allowed.any(axis=1).all():
+        raise ValueError("attend_cached: a query whose mask row allows no key")
     out = np.empty((H, T, hd), np.float32)
     k, v, ks, vs = kernel_arrays(keys, values, key_scales, value_scales)
     attend_cached_kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, ks, vs,
-                         int(start), int(window or 0), np.float32(scale), out)
+                         np.ascontiguousarray(allowed, dtype=np.bool_), np.float32(scale), out)
     return out
 
 
@@ -242,20 +252,14 @@ def dequantize(stored, scales):
     return x if scales is None else x * scales[..., None]
 
 
-def attend_cached_reference(q, keys, values, key_scales, value_scales, start, window, scale):
-    """`attend_cached`, written plainly: widen the filled positions, repeat each kv
-    head for its G query heads, mask (causal, window), softmax, weighted values."""
-    H, T, hd = q.shape
-    KV = keys.shape[0]
-    S = start + T
+def attend_cached_reference(q, keys, values, key_scales, value_scales, allowed, scale):
+    """`attend_cached`, written plainly: widen the first S positions, repeat each kv
+    head for its G query heads, mask, softmax, weighted values."""
+    H = q.shape[0]
+    KV, S = keys.shape[0], allowed.shape[1]
     k = dequantize(keys[:, :S], None if key_scales is None else key_scales[:, :S])
     v = dequantize(values[:, :S], None if value_scales is None else value_scales[:, :S])
     k, v = np.repeat(k, H // KV, axis=0), np.repeat(v, H // KV, axis=0)  # (H, S, hd)
-    query_pos = np.arange(start, S)[:, None]
-    key_pos = np.arange(S)[None, :]
-    allowed = key_pos <= query_pos
-    if window:
-        allowed &= key_pos > query_pos - window
     scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = e / e.sum(axis=-1, keepdims=True)

@@ -29,11 +29,13 @@ API (kept small on purpose; beam search and vision build on it):
     cache.bytes_per_position           bytes one position takes in all layers
 """
 
+import os
 from typing import NamedTuple
 
 import numpy as np
 
 from .config import ModelConfig
+from .errors import MinislmError
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 INT8_LEVELS = 127
@@ -71,6 +73,8 @@ class KVCache:
             raise ValueError(f"KV cache dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         self.dtype = dtype
         shape = (config.num_hidden_layers, config.num_key_value_heads, capacity, config.head_dim)
+        bytes_per_value = np.dtype(DTYPES[dtype]).itemsize + (4 / config.head_dim if dtype == "int8" else 0)
+        check_fits_in_memory(int(2 * int(np.prod(shape, dtype=object)) * bytes_per_value), capacity)
         # np.zeros gets pages lazily from the OS: an unused tail costs no memory.
         self.keys = np.zeros(shape, dtype=DTYPES[dtype])
         self.values = np.zeros(shape, dtype=DTYPES[dtype])
@@ -153,3 +157,33 @@ class KVCache:
         self.tokens[:n] = other.tokens[:n]
         self.length = n
         self.rope_long = other.rope_long
+
+
+def check_fits_in_memory(nbytes: int, capacity: int) -> None:
+    """Refuse a cache larger than the memory available, before allocating it.
+
+    np.zeros would often "succeed" (the OS hands out pages lazily) and the run would
+    die later, deep in a forward, when the pages are touched. A 128k-token context
+    on Phi-3-mini is 48 GiB of float32 keys and values: worth one clear sentence.
+    """
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise MinislmError(
+            f"the KV cache for {capacity} positions needs {nbytes / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB "
+            "of memory is available; ask for fewer positions (--ctx-size, --max-tokens, a shorter prompt)"
+        )
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages, else None (unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

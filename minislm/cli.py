@@ -1,4 +1,6 @@
-"""`python -m minislm <command>`: generate, chat, perplexity, verify, bench.
+"""`python -m minislm <command>`: generate, chat, perplexity, verify, bench, and the
+learner's windows into a forward pass (tokenize, trace, lens, attention, rope,
+routing, explain: see minislm/watch/).
 
 Flags follow mlx_lm.generate and llama-cli (`--model`, `--prompt`, `--max-tokens`,
 `--temp`, `--top-p`, `--top-k`, `--seed`). Generated text streams to stdout;
@@ -11,6 +13,7 @@ import sys
 
 from .bench.cli import add_bench_arguments, check_bench_flags
 from .errors import MinislmError
+from .watch.cli import WATCH_COMMANDS, add_watch_commands, run_watch_command
 
 EXIT_USAGE = 2
 
@@ -25,13 +28,13 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="minislm", description="A readable CPU runtime for the Phi-3 family.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    commands.required = True
 
     gen = commands.add_parser("generate", help="generate text from a prompt")
     add_model_flags(gen)
     add_quant_flags(gen)
     gen.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
-    gen.add_argument("--prompt", "-p", help="the prompt")
+    gen.add_argument("--prompt", "-p", help="the prompt ('-' reads it from stdin)")
+    gen.add_argument("--file", "-f", help="read the prompt from this UTF-8 text file")
     gen.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
     gen.add_argument("--system", help="system message for the chat template")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
@@ -70,6 +73,8 @@ def build_parser() -> ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed against llama.cpp and transformers on Phi-3-mini shapes")
     add_bench_arguments(bench)
+
+    add_watch_commands(commands)  # tokenize, trace, lens, attention, rope, routing, explain
     return parser
 
 
@@ -85,7 +90,7 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_group_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4: weights per scale (default 32)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4: weights per scale (default 32)")
     p.add_argument("--asymmetric", action="store_true", help="int4: a zero point per group besides the scale")
 
 
@@ -100,33 +105,63 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed: same seed, same text")
 
 
+# Sampling flag -> the setting it sets; their legal ranges live in sampling.SETTING_RANGES.
+SAMPLING_FLAGS = {
+    "temp": ("temperature", "--temp"),
+    "top_k": ("top_k", "--top-k"),
+    "top_p": ("top_p", "--top-p"),
+    "min_p": ("min_p", "--min-p"),
+    "repeat_penalty": ("repetition_penalty", "--repeat-penalty"),
+    "seed": ("seed", "--seed"),
+}
+
+
 def check_flags(args) -> None:
     """Range checks with the flag's own name in the message."""
+    from .sampling import check_setting
+
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise MinislmError(f"--threads must be >= 1, got {args.threads}")
     if getattr(args, "max_tokens", 0) < 0:
         raise MinislmError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if getattr(args, "window", None) is not None and args.window < 2:
         raise MinislmError(f"--window must be >= 2, got {args.window}")
+    if getattr(args, "stride", None) is not None and args.stride < 1:
+        raise MinislmError(f"--stride must be >= 1, got {args.stride}")
     if getattr(args, "ctx_size", 1) < 1:
         raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
-    if not hasattr(args, "temp"):
-        return
-    if args.temp is not None and not args.temp >= 0:
-        raise MinislmError(f"--temp must be >= 0, got {args.temp}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise MinislmError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 0:
-        raise MinislmError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.min_p is not None and not 0 <= args.min_p <= 1:
-        raise MinislmError(f"--min-p must be in [0, 1], got {args.min_p}")
-    if args.repeat_penalty is not None and not args.repeat_penalty > 0:
-        raise MinislmError(f"--repeat-penalty must be > 0, got {args.repeat_penalty}")
+    if getattr(args, "model", None) is not None and not args.model.strip():
+        raise MinislmError("--model is empty; give a model folder or a Hugging Face repo id (or leave --model out)")
+    for attr, (setting, flag) in SAMPLING_FLAGS.items():
+        if hasattr(args, attr):
+            check_setting(setting, getattr(args, attr), flag)
+    # Text the tokenizer will see must be UTF-8; bytes that are not arrive from the shell
+    # as lone surrogates, which only fail later, deep in the tokenizer.
+    from .text_input import check_utf8
+
+    for attr, flag in (("prompt_text", "PROMPT"), ("prompt", "--prompt"), ("system", "--system")):
+        check_utf8(getattr(args, attr, None), flag)
+    for stop in getattr(args, "stop", None) or ():
+        check_utf8(stop, "--stop")
 
 
 def main(argv=None) -> int:
+    import numpy as np
+
+    # NaN/Inf from a damaged checkpoint are found and named by an explicit check of the
+    # logits (minislm/finite.py); NumPy's per-operation RuntimeWarnings would only add
+    # lines of noise before that one-line error.
+    with np.errstate(all="ignore"):
+        return run_command(argv)
+
+
+def run_command(argv) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # `python -m minislm`: what can I do?
+            parser.print_help()
+            return 0
         check_flags(args)
         if args.command == "generate":
             from .commands import run_generate
@@ -148,6 +183,8 @@ def main(argv=None) -> int:
             from .verify import run_verify
 
             return run_verify(args)
+        if args.command in WATCH_COMMANDS:
+            return run_watch_command(args)
         if args.command == "bench":
             from .bench.run import run_bench
 
@@ -163,3 +200,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `| head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0
+    except OSError as e:  # the machine said no (permissions, a full disk) where no check of ours did
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"minislm: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE

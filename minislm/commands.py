@@ -7,22 +7,18 @@ from pathlib import Path
 
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text, generate_tokens
+from .load import BUNDLED_MODEL, bundled_model  # noqa: F401  (BUNDLED_MODEL: for tests and tools)
 from .moe import routing_per_token
 from .sampling import Sampler, SamplingSettings
+from .text_input import check_utf8, read_prompt
 from .trace import Recorder
-
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "shakespeare"
 
 
 def model_argument(args) -> str:
-    """--model, or the small model shipped inside the package when there is one."""
-    if args.model:
-        return args.model
-    if (BUNDLED_MODEL / "config.json").is_file():
-        return str(BUNDLED_MODEL)
-    raise MinislmError(
-        "no --model given and this install has no bundled model; pass --model with a folder or a Hugging Face repo id"
-    )
+    """--model, or the small model shipped inside the package when there is one.
+    (An empty --model is refused by the flag checks: it is an unset shell variable,
+    not a request for the default.)"""
+    return args.model if args.model is not None else str(bundled_model())
 
 
 def set_threads(threads: int | None) -> None:
@@ -37,20 +33,19 @@ def set_threads(threads: int | None) -> None:
 
 
 def load_model(args):
+    from .hub import resolve_model_dir
     from .load import load
 
     set_threads(args.threads)
-    quant = getattr(args, "quant", None)
-    model = load(
-        model_argument(args),
-        revision=args.revision,
-        quant=quant,
-        group_size=getattr(args, "group_size", 32),
-        symmetric=not getattr(args, "asymmetric", False),
+    model_dir = resolve_model_dir(model_argument(args), args.revision)
+    if not (model_dir / "tokenizer.json").is_file() and (model_dir / "config.json").is_file():
+        raise MinislmError(f"{model_dir}: no tokenizer.json in the model folder")
+    return load(
+        model_dir,
+        quant=getattr(args, "quant", None),
+        group_size=getattr(args, "group_size", None),
+        symmetric=False if getattr(args, "asymmetric", False) else None,
     )
-    if model.tokenizer is None:
-        raise MinislmError(f"{model.path}: no tokenizer.json in the model folder")
-    return model
 
 
 def sampler_for(args, model) -> Sampler:
@@ -98,11 +93,7 @@ def prompt_ids(model, prompt: str, system: str | None, use_template: bool) -> li
 
 
 def run_generate(args) -> int:
-    if args.prompt is not None and args.prompt_text is not None:
-        raise MinislmError("give the prompt once: either as PROMPT or with --prompt")
-    prompt = args.prompt if args.prompt is not None else args.prompt_text
-    if prompt is None:
-        raise MinislmError('no prompt: minislm generate "your prompt" (or --prompt TEXT)')
+    prompt = read_prompt(args)
     if args.save_experts and not Path(args.save_experts).resolve().parent.is_dir():
         raise MinislmError(f"--save-experts: the folder of {args.save_experts} does not exist")
     model = load_model(args)
@@ -206,49 +197,96 @@ def run_chat(args) -> int:
     sampler = sampler_for(args, model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    print(f"minislm chat with {model.path}: /bye to quit, /clear to start over", file=sys.stderr)
+    tokenizer.encode_chat(system + [{"role": "user", "content": "hello"}])  # a template that cannot render: stop now
+    # A line that is not UTF-8 must not end the session: read it with its bad bytes
+    # kept as surrogates, and refuse that one line.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    print(f"minislm chat with {model.path}: /bye or Ctrl-D to quit, /clear to start over, "
+          "Ctrl-C to stop a reply", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
             print()
             return 0
         command = line.strip()
         if command == "/bye":
             return 0
         if command == "/clear":
+            turns = sum(1 for m in messages if m["role"] == "user")
+            print(f"[cleared: {turns} turn{'s' * (turns != 1)} and {cache.length} cached tokens forgotten"
+                  f"{'; the system message stays' if system else ''}]", file=sys.stderr)
             messages = list(system)
             cache.truncate(0)
             continue
         if not command:
             continue
+        try:
+            check_utf8(line, "that line")
+        except MinislmError as e:
+            print(f"[{e}; nothing was sent]", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
-        ids = tokenizer.encode_chat(messages)
+        try:
+            ids = tokenizer.encode_chat(messages)
+        except MinislmError as e:  # the template refused this conversation: say so, keep the session
+            messages.pop()
+            print(f"[{e}; nothing was sent]", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C before the reply began
+            messages.pop()
+            print("[stopped; nothing was sent]", file=sys.stderr)
+            continue
         if len(ids) >= capacity:
             messages.pop()
             print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)
             continue
-        # Reuse the cache for the longest prefix it shares with the new conversation;
-        # only the rest (the new user turn, mostly) goes through the model.
-        keep = min(common_prefix(cache.tokens[: cache.length], ids), len(ids) - 1)
-        cache.truncate(keep)
-        stats = GenerationStats()
-        max_new = min(args.max_tokens, capacity - len(ids))
-        trace = routing_recorder() if args.show_experts else None
+        reply, stats, keep, routing = chat_turn(model, cache, sampler, ids, args, capacity)
+        messages.append({"role": "assistant", "content": reply})
+        if routing is not None:
+            print_expert_trace(routing, model)
+        print_stats(stats, model, reused=keep)
+        if stats.stop_reason == "interrupted":
+            print("[reply stopped; Ctrl-C again or Ctrl-D to leave]", file=sys.stderr)
+        elif len(ids) + stats.generated_tokens >= capacity:
+            print(f"[context full: this conversation now fills all {capacity} tokens (--ctx-size); "
+                  "/clear to start over]", file=sys.stderr)
+
+
+def chat_turn(model, cache, sampler, ids: list[int], args, capacity: int):
+    """One reply, streamed; Ctrl-C stops it and keeps what was said so far.
+
+    The cache stays consistent when a forward is interrupted: its length moves only
+    after a whole forward (KVCache.advance), so the next turn reuses what is complete.
+    Returns the reply's text, its statistics, how many cached tokens were reused, and
+    (with --show-experts) the routing of each generated token.
+    """
+    # Reuse the cache for the longest prefix it shares with the new conversation;
+    # only the rest (the new user turn, mostly) goes through the model.
+    keep = min(common_prefix(cache.tokens[: cache.length], ids), len(ids) - 1)
+    cache.truncate(keep)
+    stats = GenerationStats()
+    max_new = min(args.max_tokens, capacity - len(ids))
+    trace = routing_recorder() if args.show_experts else None
+    reply, generated = [], []
+    try:
         tokens = generate_tokens(
             model, ids[keep:], max_new, sampler, stop_ids(model), cache=cache, history=ids[:keep], stats=stats,
             trace=trace,
         )
-        reply, generated = [], []
-        for piece in generate_text(tokenizer, recording(tokens, generated), (), stats):
+        for piece in generate_text(model.tokenizer, recording(tokens, generated), (), stats):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
-        if trace is not None:
-            print_expert_trace(routing_per_token(trace, generated), model)
-        print_stats(stats, model, reused=keep)
+    except KeyboardInterrupt:
+        stats.stop_reason = "interrupted"
+    if stats.stop_reason == "length" and max_new < args.max_tokens:
+        stats.stop_reason = "context"  # cut short by the room left in --ctx-size, not by --max-tokens
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    routing = routing_per_token(trace, generated) if trace is not None else None
+    return "".join(reply), stats, keep, routing
 
 
 def common_prefix(a, b) -> int:

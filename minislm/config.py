@@ -128,17 +128,56 @@ def load_config(model_dir: Path) -> ModelConfig:
     return parse_config(read_json(path), source=str(path))
 
 
-def need(raw: dict, key: str, source: str, kind=int, default=None):
-    """raw[key], checked to be an int (or a number, kind=float); `default` if absent and given."""
+# More layers or experts than any real model: a damaged config.json, refused before
+# we build a list of millions of expected tensor names.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 1024
+# Positions are int64 in the forward; far beyond any context a model could have.
+MAX_POSITIONS = 2**53
+
+
+def need(raw: dict, key: str, source: str, kind=int, default=None, minimum=None):
+    """raw[key], checked to be an int (or a finite number, kind=float) >= `minimum`;
+    `default` if absent or null and a default is given."""
     if key not in raw or raw[key] is None:
         if default is not None:
             return default
         raise MinislmError(f"{source}: missing required key '{key}'")
     value = raw[key]
     if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise MinislmError(f"{source}: '{key}' must be an integer, got {value!r}")
-    if kind is float and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        raise MinislmError(f"{source}: '{key}' must be a number, got {value!r}")
+        raise MinislmError(f"{source}: '{key}' must be an integer, got {value!r:.80}")
+    if kind is float and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        raise MinislmError(f"{source}: '{key}' must be a finite number, got {value!r:.80}")
+    if minimum is not None and value < minimum:
+        raise MinislmError(f"{source}: '{key}' must be >= {minimum}, got {value!r}")
+    return value
+
+
+def positive(raw: dict, key: str, source: str, default=None, kind=int):
+    """A count or size that must be > 0 (hidden_size, rope_theta, rms_norm_eps ...)."""
+    value = need(raw, key, source, kind=kind, default=default)
+    if not value > 0:
+        raise MinislmError(f"{source}: '{key}' must be > 0, got {value!r}")
+    return value
+
+
+def flag(raw: dict, key: str, source: str, default: bool = False) -> bool:
+    """A JSON true/false. A string such as "false" is refused: bool("false") is True."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise MinislmError(f"{source}: '{key}' must be true or false, got {value!r:.80}")
+    return value
+
+
+def section(raw: dict, key: str, source: str) -> dict:
+    """A nested JSON object such as rope_scaling; {} when absent or null."""
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MinislmError(f"{source}: '{key}' must be a JSON object or null, got {value!r:.80}")
     return value
 
 
@@ -148,45 +187,56 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
-        raise MinislmError(f"{source}: model_type {model_type!r} is not supported (supported: {supported})")
+        raise MinislmError(f"{source}: model_type {model_type!r:.80} is not supported (supported: {supported})")
     hidden_act = raw.get("hidden_act", "silu")
     if hidden_act != "silu":
-        raise MinislmError(f"{source}: hidden_act {hidden_act!r} is not supported (only 'silu')")
+        raise MinislmError(f"{source}: hidden_act {hidden_act!r:.80} is not supported (only 'silu')")
 
-    hidden_size = need(raw, "hidden_size", source)
-    n_heads = need(raw, "num_attention_heads", source)
-    n_kv_heads = raw.get("num_key_value_heads") or n_heads
-    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads != 0:
+    hidden_size = positive(raw, "hidden_size", source)
+    n_heads = positive(raw, "num_attention_heads", source)
+    n_kv_heads = positive(raw, "num_key_value_heads", source, default=n_heads)
+    if n_heads % n_kv_heads != 0:
         raise MinislmError(
             f"{source}: num_attention_heads ({n_heads}) must be a positive multiple of "
             f"num_key_value_heads ({n_kv_heads})"
         )
-    head_dim = raw.get("head_dim") or hidden_size // n_heads
-    if not raw.get("head_dim") and hidden_size % n_heads != 0:
+    if raw.get("head_dim") is None and hidden_size % n_heads != 0:
         raise MinislmError(f"{source}: hidden_size ({hidden_size}) is not divisible by num_attention_heads ({n_heads})")
+    head_dim = positive(raw, "head_dim", source, default=hidden_size // n_heads)
+    n_layers = positive(raw, "num_hidden_layers", source)
+    if n_layers > MAX_LAYERS:
+        raise MinislmError(f"{source}: num_hidden_layers is {n_layers}, more than any real model (at most {MAX_LAYERS})")
 
-    max_pos = need(raw, "max_position_embeddings", source)
+    max_pos = positive(raw, "max_position_embeddings", source)
+    if max_pos > MAX_POSITIONS:
+        raise MinislmError(f"{source}: max_position_embeddings is {max_pos}, beyond any context (at most 2**53)")
     sliding_window = raw.get("sliding_window")
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
-        raise MinislmError(f"{source}: sliding_window must be a positive integer or null, got {sliding_window!r}")
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0
+    ):
+        raise MinislmError(f"{source}: sliding_window must be a positive integer or null, got {sliding_window!r:.80}")
+    if sliding_window is not None and sliding_window >= max_pos:
+        sliding_window = None  # a window as long as the context masks nothing
+    bos = raw.get("bos_token_id", 1)
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
+        raise MinislmError(f"{source}: 'bos_token_id' must be a token id (an integer >= 0) or null, got {bos!r:.80}")
 
-    eos = raw.get("eos_token_id")
     return ModelConfig(
         model_type=model_type,
-        vocab_size=need(raw, "vocab_size", source),
+        vocab_size=positive(raw, "vocab_size", source),
         hidden_size=hidden_size,
-        intermediate_size=need(raw, "intermediate_size", source),
-        num_hidden_layers=need(raw, "num_hidden_layers", source),
+        intermediate_size=positive(raw, "intermediate_size", source),
+        num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        rms_norm_eps=float(positive(raw, "rms_norm_eps", source, default=1e-5, kind=float)),
         max_position_embeddings=max_pos,
         rope=parse_rope(raw, head_dim, max_pos, source, model_type),
         sliding_window=sliding_window,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        bos_token_id=raw.get("bos_token_id", 1),
-        eos_token_ids=as_id_tuple(eos),
+        tie_word_embeddings=flag(raw, "tie_word_embeddings", source),
+        bos_token_id=bos,
+        eos_token_ids=as_id_tuple(raw.get("eos_token_id"), f"{source}: 'eos_token_id'"),
         **(parse_moe(raw, source) if model_type == "phimoe" else {}),
     )
 
@@ -195,6 +245,8 @@ def parse_moe(raw: dict, source: str) -> dict:
     """PhiMoE's keys, with PhimoeConfig's defaults; refuses routing we cannot reproduce."""
     experts = need(raw, "num_local_experts", source, default=16)
     per_token = need(raw, "num_experts_per_tok", source, default=SPARSEMIXER_TOP_K)
+    if experts > MAX_EXPERTS:
+        raise MinislmError(f"{source}: num_local_experts is {experts}, more than any real model (at most {MAX_EXPERTS})")
     if experts < SPARSEMIXER_TOP_K:
         raise MinislmError(f"{source}: num_local_experts is {experts}; PhiMoE routes each token to 2 experts, so it needs at least 2")
     if per_token > experts:
@@ -212,8 +264,8 @@ def parse_moe(raw: dict, source: str) -> dict:
     if jitter < 0:
         raise MinislmError(f"{source}: router_jitter_noise must be >= 0, got {jitter}")
     return dict(
-        attention_bias=bool(raw.get("attention_bias", False)),
-        lm_head_bias=bool(raw.get("lm_head_bias", False)),
+        attention_bias=flag(raw, "attention_bias", source),
+        lm_head_bias=flag(raw, "lm_head_bias", source),
         num_local_experts=experts,
         num_experts_per_tok=per_token,
         router_jitter_noise=float(jitter),
@@ -223,15 +275,24 @@ def parse_moe(raw: dict, source: str) -> dict:
 def parse_rope(raw: dict, head_dim: int, max_pos: int, source: str, model_type: str = "phi3") -> RopeConfig:
     """Resolve RoPE settings from either layout, with transformers' precedence rules."""
     # transformers lets `rope_scaling` win when a file has both.
-    params = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+    scaling, parameters = section(raw, "rope_scaling", source), section(raw, "rope_parameters", source)
+    params, where = (scaling, f"{source}: rope_scaling") if scaling else (parameters, f"{source}: rope_parameters")
     kind = params.get("rope_type", params.get("type", "default"))
-    kind = ROPE_TYPE_ALIASES.get(kind, kind)
+    kind = ROPE_TYPE_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
     if kind not in SUPPORTED_ROPE_TYPES:
         raise MinislmError(
-            f"{source}: rope type {kind!r} is not supported (supported: default, longrope/su)"
+            f"{source}: rope type {kind!r:.80} is not supported (supported: default, longrope/su)"
         )
-    theta = float(params.get("rope_theta", raw.get("rope_theta", DEFAULT_ROPE_THETA[model_type])))
-    partial = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+    # A key inside the RoPE section wins over the top-level one, as in transformers.
+    def setting(key, default):
+        if params.get(key) is not None:
+            return positive(params, key, where, kind=float)
+        return positive(raw, key, source, kind=float, default=default)
+
+    theta = float(setting("rope_theta", DEFAULT_ROPE_THETA[model_type]))
+    partial = float(setting("partial_rotary_factor", 1.0))
+    if partial > 1:
+        raise MinislmError(f"{source}: partial_rotary_factor must be in (0, 1], got {partial}")
     rotary_dim = int(head_dim * partial)
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
         raise MinislmError(
@@ -240,36 +301,44 @@ def parse_rope(raw: dict, head_dim: int, max_pos: int, source: str, model_type: 
         )
     # transformers lets the top-level key win; Phi3Config defaults it to 4096, PhimoeConfig
     # to max_position_embeddings (so LongRoPE never switches to the long factors).
-    original_max = raw.get("original_max_position_embeddings") or params.get(
-        "original_max_position_embeddings", 4096 if model_type == "phi3" else max_pos
-    )
+    if raw.get("original_max_position_embeddings"):
+        original_max = positive(raw, "original_max_position_embeddings", source)
+    else:
+        default = 4096 if model_type == "phi3" else max_pos
+        original_max = positive(params, "original_max_position_embeddings", where, default=default)
     if kind == "default":
         return RopeConfig("default", theta, rotary_dim, original_max)
 
+    if original_max < 2:
+        raise MinislmError(f"{source}: longrope needs original_max_position_embeddings >= 2, got {original_max}")
     factors = {}
     for name in ("short_factor", "long_factor"):
         values = params.get(name)
-        if not isinstance(values, list) or len(values) != rotary_dim // 2:
+        numbers = isinstance(values, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
+        )
+        if not numbers or len(values) != rotary_dim // 2:
+            got = f"a list of {len(values)}" if numbers else f"{values!r:.80}"
             raise MinislmError(
-                f"{source}: longrope needs '{name}' as a list of {rotary_dim // 2} numbers "
-                f"(rotary dims / 2), got {'a list of ' + str(len(values)) if isinstance(values, list) else values!r}"
+                f"{source}: longrope needs '{name}' as a list of {rotary_dim // 2} positive numbers "
+                f"(rotary dims / 2), got {got}"
             )
         factors[name] = tuple(float(v) for v in values)
     if model_type == "phimoe":
         # PhiMoE names its cos/sin multipliers outright, one per factor set (1.2432 for both
         # on Phi-3.5-MoE), instead of deriving one attention factor from the context ratio.
         short_scale, long_scale = (
-            need(params, key, f"{source}: PhiMoE longrope", kind=float) for key in ("short_mscale", "long_mscale")
+            positive(params, key, f"{source}: PhiMoE longrope", kind=float) for key in ("short_mscale", "long_mscale")
         )
         return RopeConfig(
             "longrope", theta, rotary_dim, original_max, factors["short_factor"], factors["long_factor"],
             short_scale=float(short_scale), long_scale=float(long_scale),
         )
-    scale = params.get("attention_factor")
+    scale = positive(params, "attention_factor", where, kind=float) if params.get("attention_factor") is not None else None
     if scale is None:
         # LongRoPE's attention factor: keeps attention entropy steady when the context is
         # stretched by `factor`. It multiplies cos/sin for short prompts too.
-        factor = params.get("factor") or max_pos / original_max
+        factor = positive(params, "factor", where, kind=float) if params.get("factor") else max_pos / original_max
         scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
     return RopeConfig(
         "longrope",
@@ -283,12 +352,14 @@ def parse_rope(raw: dict, head_dim: int, max_pos: int, source: str, model_type: 
     )
 
 
-def as_id_tuple(value) -> tuple[int, ...]:
+def as_id_tuple(value, what: str = "eos_token_id") -> tuple[int, ...]:
+    """A token id or a list of them (Phi-3's generation_config lists several) as a tuple."""
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise MinislmError(f"{what} must be a token id or a list of token ids (integers >= 0), got {value!r:.80}")
+    return tuple(values)
 
 
 def load_generation_config(model_dir: Path, config: ModelConfig) -> GenerationConfig:
@@ -300,14 +371,14 @@ def load_generation_config(model_dir: Path, config: ModelConfig) -> GenerationCo
     """
     path = Path(model_dir) / "generation_config.json"
     raw = read_json(path) if path.is_file() else {}
-    ids = list(as_id_tuple(raw.get("eos_token_id")))
+    from .sampling import check_setting
+
+    ids = list(as_id_tuple(raw.get("eos_token_id"), f"{path}: 'eos_token_id'"))
     for i in config.eos_token_ids:
         if i not in ids:
             ids.append(i)
     numbers = {}
     for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
-        value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise MinislmError(f"{path}: '{key}' must be a number, got {value!r}")
-        numbers[key] = value
-    return GenerationConfig(eos_token_ids=tuple(ids), do_sample=bool(raw.get("do_sample", False)), **numbers)
+        check_setting(key, raw.get(key), f"{path}: '{key}'")  # the ranges of sampling.SETTING_RANGES
+        numbers[key] = raw.get(key)
+    return GenerationConfig(eos_token_ids=tuple(ids), do_sample=flag(raw, "do_sample", str(path)), **numbers)

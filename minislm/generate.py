@@ -14,6 +14,7 @@ import numpy as np
 
 from .cache import KVCache
 from .errors import MinislmError
+from .finite import check_logits
 from .sampling import Sampler
 from .tokenizer import StreamingDetokenizer
 
@@ -89,6 +90,7 @@ def generate_tokens(
     start = time.perf_counter()
     logits = model.lm_head(model.forward(prompt, cache, trace)[-1:], trace)[0]  # (V,) for the last position
     stats.prefill_seconds = time.perf_counter() - start
+    check_logits(model, logits, history)
 
     limit = min(context, cache.capacity)
     for n in range(max_new_tokens):
@@ -108,6 +110,7 @@ def generate_tokens(
         start = time.perf_counter()
         logits = model.lm_head(model.forward(np.array([token]), cache, trace), trace)[0]
         stats.decode_seconds += time.perf_counter() - start
+        check_logits(model, logits, history)
 
 
 def generate_text(tokenizer, token_stream: Iterator[int], stop_strings=(), stats: GenerationStats | None = None):

@@ -16,11 +16,18 @@ ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]
 
 def resolve_model_dir(model: str | os.PathLike, revision: str | None = None) -> Path:
     """A local folder as is; otherwise a repo id looked up in (or downloaded to) the HF cache."""
+    if not str(model).strip():
+        raise MinislmError("--model is empty; give a model folder or a Hugging Face repo id")
     path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise MinislmError(f"--model {model}: is a file; give the folder that holds config.json")
-        return path
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise MinislmError(f"--model {model}: is a file; give the folder that holds config.json")
+            os.listdir(path)  # needs read permission
+            (path / "config.json").exists()  # needs search (x) permission
+            return path
+    except PermissionError:
+        raise MinislmError(f"--model {model}: permission denied (cannot read the folder)") from None
     if not looks_like_repo_id(str(model)):
         raise MinislmError(f"--model {model}: no such folder")
     return download(str(model), revision)

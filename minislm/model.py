@@ -233,15 +233,15 @@ def project_qkv(config: ModelConfig, weights: dict, layer: str, x: np.ndarray):
     return np.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
 
 
-def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, trace=NO_TRACE) -> np.ndarray:
+def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, allowed, trace=NO_TRACE) -> np.ndarray:
     """Self-attention of one layer, reading and extending the cache: q (T, H*hd) and
     k, v (T, KV*hd) -> each query head's mix of values, side by side (T, H*hd).
 
-    Query t sits at position p = cache.length + t and sees the keys at positions
-    (p - sliding_window, p] (`attention_mask`). `attend_cached` computes
-    `plain_attention` over exactly those, reading the cache in its own dtype
-    (float32, float16 or int8), one pass over the keys and one over the values
-    per kv head; the (T, S) mask and score matrices are never formed.
+    `allowed` is the (T, S) mask of this forward. `attend_cached` computes
+    `plain_attention` over the cache as it is stored (float32, float16 or int8),
+    one pass over the keys and one over the values per kv head, reading only the
+    keys between the first and the last that a query's mask row allows (with a
+    sliding window, the last w); the (H, T, S) scores are never formed.
     """
     T = q.shape[0]
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -256,23 +256,20 @@ def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin
     trace.record("v", v, layer)
     cache.store(layer, k, v)  # at positions [cache.length, cache.length + T)
 
-    out = attend_cached(q, *cache.layer(layer), cache.length, config.sliding_window, hd**-0.5)  # (H, T, hd)
-    record_attention_probabilities(trace, layer, q, cache, config.sliding_window, hd**-0.5)
+    out = attend_cached(q, *cache.layer(layer), allowed, hd**-0.5)  # (H, T, hd)
+    record_attention_probabilities(trace, layer, q, cache, allowed, hd**-0.5)
     return out.transpose(1, 0, 2).reshape(T, H * hd)  # heads side by side again; o_proj follows
 
 
-def record_attention_probabilities(trace, layer: int, q, cache: KVCache, sliding_window, scale) -> None:
+def record_attention_probabilities(trace, layer: int, q, cache: KVCache, allowed, scale) -> None:
     """For a recorder only: the probabilities of the heads it asks for, computed again by
     the plain definition from the cache, so the attention that produced the output is
     left untouched and never has to form them."""
-    H, T, _ = q.shape
-    S = cache.length + T
-    heads = trace.attention_heads(layer, H)
-    if heads is None or not trace.wants("attn_probs", layer, nbytes=4 * len(heads) * T * S):
+    heads = trace.attention_heads(layer, q.shape[0])
+    if heads is None or not trace.wants("attn_probs", layer, nbytes=4 * len(heads) * allowed.size):
         return
-    keys, _ = cache.read(layer, S)  # (KV, S, hd) float32
-    allowed = attention_mask(np.arange(cache.length, S), S, sliding_window)  # (T, S)
-    G = H // keys.shape[0]
+    keys, _ = cache.read(layer, allowed.shape[1])  # (KV, S, hd) float32
+    G = q.shape[0] // keys.shape[0]
     trace.record("attn_probs", attention_probabilities(q[heads], keys[heads // G], allowed, scale), layer)
 
 
@@ -336,6 +333,7 @@ def forward(config: ModelConfig, weights: dict, token_ids: np.ndarray, cache: KV
     if cache.length and long != cache.rope_long:
         raise ValueError("the cached keys use the other LongRoPE factor set; run the whole sequence again")
     cos, sin = rope_tables(config.rope, positions, long)  # (T, rotary_dim) each
+    allowed = attention_mask(positions, cache.length + T, config.sliding_window)  # (T, S)
     trace.begin(positions)
 
     x = embed(w["model.embed_tokens.weight"], token_ids)  # (T, D)
@@ -345,7 +343,7 @@ def forward(config: ModelConfig, weights: dict, token_ids: np.ndarray, cache: KV
         h = norm(config, w, layer + "input_layernorm", x)
         trace.record("attn_norm", h, i)
         q, k, v = project_qkv(config, w, layer, h)  # (T, H*hd), (T, KV*hd), (T, KV*hd)
-        heads = attention(q, k, v, config, cache, i, cos, sin, trace)  # (T, H*hd)
+        heads = attention(q, k, v, config, cache, i, cos, sin, allowed, trace)  # (T, H*hd)
         trace.record("attn_heads", heads, i)
         a = linear(heads, w[layer + "self_attn.o_proj.weight"], w.get(layer + "self_attn.o_proj.bias"))  # (T, D)
         trace.record("attn_out", a, i)
@@ -405,10 +403,19 @@ class Model:
         return KVCache(self.config, capacity, dtype or self.kv_cache)
 
     def check_ids(self, token_ids) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+        """A 1-D sequence of integer ids in [0, vocab_size) as int64. Anything else is
+        refused, not coerced: 2-D ids would be flattened, floats truncated, bools read as
+        ids 0 and 1."""
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1:
+            raise ValueError(f"token ids must be a 1-D sequence, got an array of shape {ids.shape}")
+        if ids.size == 0:
+            return ids.astype(np.int64)
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"token ids must be integers, got {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
-        return ids
+        return ids.astype(np.int64)
 
     def forward(self, token_ids, cache: KVCache, trace=None) -> np.ndarray:
         """Hidden states (T, D) of new tokens appended to `cache`; `trace` an optional
@@ -435,11 +442,20 @@ class Model:
 
     def logits(self, token_ids, trace=None) -> np.ndarray:
         """Full forward from an empty cache: float32 logits (T, vocab_size)."""
+        from .finite import check_logits
+
         ids = self.check_ids(token_ids)
         if ids.size == 0:
             raise ValueError("logits() needs at least one token id")
+        if len(ids) > self.config.max_position_embeddings:
+            raise MinislmError(
+                f"logits() got {len(ids)} token ids; the model's context is {self.config.max_position_embeddings} "
+                "(max_position_embeddings)"
+            )
         cache = self.new_cache(len(ids))
-        return np.ascontiguousarray(self.lm_head(self.forward(ids, cache, trace), trace), dtype=np.float32)
+        logits = np.ascontiguousarray(self.lm_head(self.forward(ids, cache, trace), trace), dtype=np.float32)
+        check_logits(self, logits, ids)
+        return logits
 
     def generate(
         self,
@@ -460,13 +476,23 @@ class Model:
         generation_config.json asks for (the shipped Shakespeare model asks for 1.2,
         hub Phi-3 models for none), so greedy here equals `generate(do_sample=False)`
         there; pass `repetition_penalty=1.0` for plain argmax decoding.
+
+        Arguments are checked when you call it (a bad one raises here, not at the
+        first `next()`); the tokens come from the returned iterator.
         """
-        from .generate import generate_tokens
+        from .generate import check_context, generate_tokens
         from .sampling import Sampler, SamplingSettings
 
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if repetition_penalty is None:
             repetition_penalty = self.generation_config.repetition_penalty
         settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         sampler = Sampler(settings, seed=seed)
         ids = self.check_ids(token_ids)
-        yield from generate_tokens(self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids)
+        if ids.size == 0:
+            raise ValueError("generate() needs at least one token id")
+        check_context(len(ids), 0, self.config.max_position_embeddings)
+        return generate_tokens(self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids)

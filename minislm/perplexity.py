@@ -66,8 +66,11 @@ def score_text(model, text: str, window: int | None = None, stride: int | None =
         raise MinislmError("the text is empty")
     ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
     characters = len(text) if tokenizer.bos_id is not None else len(tokenizer.decode(ids[1:]))
-    window = min(window or model.config.max_position_embeddings, model.config.max_position_embeddings)
-    stride = stride or max(1, window // 2)
+    context = model.config.max_position_embeddings
+    if window is not None and window < 2:
+        raise MinislmError(f"--window must be >= 2, got {window}")
+    window = context if window is None else min(window, context)
+    stride = max(1, window // 2) if stride is None else stride
     if not 0 < stride < window:
         raise MinislmError(f"--stride must be in [1, {window - 1}] (below the window, {window}), got {stride}")
 
@@ -75,7 +78,7 @@ def score_text(model, text: str, window: int | None = None, stride: int | None =
     if progress:
         from tqdm import tqdm
 
-        spans = tqdm(spans, desc="perplexity", unit="window")
+        spans = tqdm(spans, desc="perplexity", unit="window", disable=None, leave=False)  # a bar on terminals only
     nll, scored = 0.0, 0
     for begin, end, first in spans:
         logits = model.logits(ids[begin:end])  # (end - begin, V)
@@ -91,16 +94,10 @@ def run_perplexity(args) -> int:
     from pathlib import Path
 
     from .commands import load_model
+    from .text_input import read_text_file
 
     path = Path(args.file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MinislmError(f"--file {path}: no such file") from None
-    except UnicodeDecodeError:
-        raise MinislmError(f"--file {path}: not UTF-8 text") from None
-    except OSError as e:
-        raise MinislmError(f"--file {path}: cannot read ({e.strerror})") from None
+    text = read_text_file(args.file, "--file")
     model = load_model(args)
     result = score_text(model, text, args.window, args.stride, progress=True)
     print(

@@ -180,7 +180,10 @@ def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantC
         raise MinislmError(f"--out {out_dir}: the folder {out_dir.parent} does not exist")
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as e:
+        raise MinislmError(f"--out {out_dir}: cannot write in {out_dir.parent} ({e.strerror})") from None
     try:
         arrays = stored_arrays(weights)
         entries = {name: (SAFETENSORS_TAGS[a.dtype], a.shape) for name, a in arrays.items()}
@@ -192,6 +195,9 @@ def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantC
             if (Path(source_dir) / name).is_file():
                 shutil.copy2(Path(source_dir) / name, staging / name)
         staging.rename(out_dir)
+    except OSError as e:  # disk full, a folder made read-only meanwhile ...
+        shutil.rmtree(staging, ignore_errors=True)
+        raise MinislmError(f"--out {out_dir}: cannot write ({e.strerror}); nothing was written") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -203,15 +209,20 @@ def run_quantize(args) -> int:
     from .commands import model_argument, set_threads
     from .load import load
 
-    quant = QuantConfig("int4", args.group_size, symmetric=not args.asymmetric)
     out_dir = Path(args.out)
     if out_dir.exists():  # refuse before spending minutes on quantization
         raise MinislmError(f"--out {out_dir}: already exists; choose a new folder")
     if not out_dir.parent.is_dir():
         raise MinislmError(f"--out {out_dir}: the folder {out_dir.parent} does not exist")
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+        raise MinislmError(f"--out {out_dir}: cannot write in {out_dir.parent} (permission denied)")
     set_threads(args.threads)
     start = time.perf_counter()
-    model = load(model_argument(args), revision=args.revision, quant=quant.format, group_size=quant.group_size, symmetric=quant.symmetric)
+    model = load(
+        model_argument(args), revision=args.revision, quant="int4",
+        group_size=args.group_size, symmetric=False if args.asymmetric else None,
+    )
+    quant = model.quant
     save_quantized(model.path, out_dir, model.weights, quant)
     size = sum(p.stat().st_size for p in out_dir.iterdir())
     print(f"{out_dir}: {quant.describe()}, {size / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s")

@@ -6,38 +6,67 @@ filters top-k, top-p and min-p, then one draw. Temperature 0 means greedy
 `numpy.random.Generator` made from the seed: same seed, same tokens.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from .errors import MinislmError
+
+
+# The legal value of every sampling setting, in one place: SamplingSettings, the
+# CLI flags and generation_config.json are all checked against this table, each
+# naming itself (`--temp`, `generation_config.json: 'temperature'`) in the message.
+# NaN fails every test here, and infinities are refused where they would turn the
+# arithmetic into NaN (logits / inf).
+SETTING_RANGES = {
+    "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
+    "repetition_penalty": (lambda v: 0 < v < math.inf, "a finite number > 0 (1 = off)"),
+    "seed": (lambda v: v >= -1, "an integer >= 0, or -1 for a random seed"),
+}
+INTEGER_SETTINGS = ("top_k", "seed")
+
+
+def check_setting(name: str, value, label: str | None = None) -> None:
+    """Raise MinislmError (a ValueError) unless `value` is legal for setting `name`.
+    None means "not set" and is always legal. `label` is what the user wrote."""
+    if value is None:
+        return
+    label = label or name
+    integer = name in INTEGER_SETTINGS
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise MinislmError(f"{label} must be {kind}, got {value!r}")
+    legal, description = SETTING_RANGES[name]
+    if not legal(value):
+        raise MinislmError(f"{label} must be {description}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
     temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None  # keep the k most likely ids
+    top_k: int | None = None  # keep the k most likely ids (None or 0 = off)
     top_p: float | None = None  # keep the smallest set whose probability reaches p (nucleus)
     min_p: float | None = None  # drop ids less likely than min_p * (probability of the best id)
     repetition_penalty: float | None = None  # > 1 discourages ids already in the sequence
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+            check_setting(name, getattr(self, name))
 
 
 class Sampler:
     """Settings plus the random generator; call it with logits to get an id."""
 
     def __init__(self, settings: SamplingSettings, seed: int | None = None, allowed_ids: int | None = None):
+        check_setting("seed", seed)
         self.settings = settings
-        self.rng = np.random.default_rng(seed)
+        # None or -1 (llama.cpp's convention): fresh entropy from the OS, a different text each run.
+        self.rng = np.random.default_rng(None if seed == -1 else seed)
         # Ids >= allowed_ids exist as embedding rows but not in the tokenizer (Phi-3 pads
         # 32011 real ids to 32064 rows); they are never sampled.
         self.allowed_ids = allowed_ids
@@ -52,7 +81,7 @@ class Sampler:
         if s.temperature == 0:
             return int(np.argmax(logits))
         logits = logits / s.temperature
-        if s.top_k is not None:
+        if s.top_k:
             logits = top_k_filter(logits, s.top_k)
         if s.top_p is not None and s.top_p < 1.0:
             logits = top_p_filter(logits, s.top_p)

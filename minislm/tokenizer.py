@@ -9,10 +9,9 @@ decoding one token at a time drops spaces and prints broken characters.
 
 from pathlib import Path
 
-import jinja2
-import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
 
+from .chat_sandbox import TIMEOUT_SECONDS, TemplateRenderError, render_bounded
 from .config import read_json
 from .errors import MinislmError
 
@@ -20,11 +19,15 @@ from .errors import MinislmError
 class Tokenizer:
     """A tokenizer.json plus the settings from tokenizer_config.json that change encoding."""
 
-    def __init__(self, backend: HFTokenizer, special: dict, add_bos: bool, chat_template: str | None):
+    def __init__(
+        self, backend: HFTokenizer, special: dict, add_bos: bool, chat_template: str | None, template_source: str = "chat template"
+    ):
         self.backend = backend
         self.special = special  # {"bos_token": "<s>", "eos_token": ..., ...} as strings
         self.add_bos = add_bos
         self.chat_template = chat_template
+        self.template_source = template_source  # the file it came from, for error messages
+        self.template_timeout = TIMEOUT_SECONDS
         self.bos_id = backend.token_to_id(special["bos_token"]) if special.get("bos_token") else None
         # ids the tokenizer can turn back into text; config.vocab_size may be larger
         # (Phi-3: 32064 embedding rows, padded), and those extra ids must never be sampled.
@@ -49,32 +52,22 @@ class Tokenizer:
         return self.backend.id_to_token(int(token_id)) or f"<id {token_id}>"
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template, rendered in jinja2's sandbox (templates come from downloads)."""
+        """The chat template's text for these messages.
+
+        Templates come from downloads, so they render in jinja2's sandbox, in a child
+        process with limits on time, memory and output (minislm/chat_sandbox.py);
+        whatever goes wrong there is one MinislmError naming the template."""
         if not self.chat_template:
             raise MinislmError("this model's tokenizer_config.json has no chat_template; use --no-chat-template")
+        variables = dict(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
         try:
-            template = chat_environment().from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
-        except jinja2.TemplateError as e:
-            raise MinislmError(f"chat template: {e}") from None
+            return render_bounded(self.chat_template, variables, timeout=self.template_timeout)
+        except TemplateRenderError as e:
+            raise MinislmError(f"{self.template_source}: chat template: {e}") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Template output already holds any BOS and special tokens, so add nothing."""
         return self.encode(self.render_chat(messages), add_bos=False)
-
-
-def chat_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    """The same whitespace rules transformers uses, inside the sandbox: no attribute or
-    method access a template could use to reach Python."""
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.globals["raise_exception"] = raise_exception
-    return env
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer | None:
@@ -97,14 +90,19 @@ def load_tokenizer(model_dir: Path) -> Tokenizer | None:
             value = value.get("content")
         if isinstance(value, str):
             special[key] = value
-    return Tokenizer(backend, special, bos_policy(backend, config, special), chat_template(model_dir, config))
+    template_file = "chat_template.jinja" if not isinstance(config.get("chat_template"), (str, list)) else "tokenizer_config.json"
+    return Tokenizer(
+        backend, special, bos_policy(backend, config, special), chat_template(model_dir, config), str(model_dir / template_file)
+    )
 
 
 def bos_policy(backend: HFTokenizer, config: dict, special: dict) -> bool:
     """Whether plain-text prompts start with BOS: tokenizer_config's `add_bos_token` if it
     says, else whatever tokenizer.json's post-processor does (as transformers would)."""
-    if "add_bos_token" in config:
-        return bool(config["add_bos_token"])
+    if "add_bos_token" in config and config["add_bos_token"] is not None:
+        if not isinstance(config["add_bos_token"], bool):
+            raise MinislmError(f"tokenizer_config.json: 'add_bos_token' must be true or false, got {config['add_bos_token']!r:.80}")
+        return config["add_bos_token"]
     bos = special.get("bos_token")
     bos_id = backend.token_to_id(bos) if bos else None
     if bos_id is None:
@@ -121,7 +119,10 @@ def chat_template(model_dir: Path, config: dict) -> str | None:
         template = named.get("default") or next(iter(named.values()), None)
     jinja_file = Path(model_dir) / "chat_template.jinja"
     if not template and jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
+        try:
+            template = jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MinislmError(f"{jinja_file}: cannot read ({e})") from None
     return template if isinstance(template, str) else None
 
 

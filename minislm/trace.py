@@ -34,6 +34,11 @@ Recording is bounded: attention probabilities alone are heads x T x S floats per
 layer (3.8 GiB for 32 heads, 32 layers and T = S = 1000). Choose `layers`, `heads`
 and `names`; past `max_bytes` the recorder refuses with a message saying what to
 narrow, before the large array is computed.
+
+`SummaryRecorder` keeps only each step's shape, dtype and statistics (what
+`python -m minislm trace` prints), so a trace of any prompt length fits in a few
+kilobytes; its budget then bounds the one value computed for it at a time (a
+layer's attention probabilities).
 """
 
 from collections.abc import Iterable
@@ -151,6 +156,52 @@ class Recorder:
         self.steps.clear()
         self.nbytes = 0
         self.forwards = 0
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    """What `SummaryRecorder` keeps of one step: its shape, dtype and statistics."""
+
+    name: str
+    layer: int | None
+    forward: int
+    shape: tuple[int, ...]
+    dtype: str
+    mean: float
+    std: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, name: str, layer: int | None, forward: int, value: np.ndarray) -> "StepSummary":
+        """Statistics in float64, so a mean over millions of float32 values stays exact."""
+        wide = value.astype(np.float64)
+        return cls(
+            name, layer, forward, tuple(value.shape), str(value.dtype),
+            float(wide.mean()), float(wide.std()), float(wide.min()), float(wide.max()),
+        )
+
+
+class SummaryRecorder(Recorder):
+    """A Recorder that keeps `StepSummary`s in `summaries` instead of copies of the values.
+
+    Nothing is kept whole, so `nbytes` stays 0 and `max_bytes` bounds each value on
+    its own: the attention probabilities of one layer are computed, summarised and
+    dropped before the next layer's.
+    """
+
+    def __init__(self, names=None, layers=None, heads=None, max_bytes: int = DEFAULT_MAX_BYTES):
+        super().__init__(names, layers, heads, max_bytes)
+        self.summaries: list[StepSummary] = []
+
+    def record(self, name: str, value: np.ndarray, layer: int | None = None) -> None:
+        value = np.asarray(value)
+        if self.wants(name, layer, value.nbytes):
+            self.summaries.append(StepSummary.of(name, layer, self.forwards - 1, value))
+
+    def clear(self) -> None:
+        super().clear()
+        self.summaries.clear()
 
 
 class RecordingTooLarge(MinislmError):

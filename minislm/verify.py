@@ -137,10 +137,18 @@ def phimoe_longrope_as_designed(ref) -> bool:
 def run_verify(args) -> int:
     from .commands import model_argument
     from .hub import resolve_model_dir
-    from .load import load
+    from .load import load, stored_quantization
 
-    import_reference()
     model_dir = resolve_model_dir(model_argument(args), args.revision)
+    stored = stored_quantization(model_dir)
+    if stored is not None:
+        # transformers would not refuse it: it would warn about unused qweight/scales
+        # tensors and compare us against randomly initialised weights.
+        raise MinislmError(
+            f"--model {model_dir}: a minislm {stored.describe()} checkpoint, which transformers cannot load the same "
+            "way; verify the checkpoint it was quantized from"
+        )
+    import_reference()
     ours = load(model_dir)
     if args.prompt is not None:
         if ours.tokenizer is None:

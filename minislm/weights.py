@@ -17,6 +17,7 @@ them and never open them.
 """
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ NUMPY_DTYPES = {
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
+# Larger than any tensor dimension a file could hold (NumPy's own limit is 2**63).
+MAX_DIMENSION = 2**48
 # Buffers some exporters write next to the weights; they hold nothing we need.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -103,36 +106,81 @@ def read_safetensors(path: Path) -> dict[str, StoredTensor]:
 
     data_start = 8 + header_len
     data_size = size - data_start
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,)) if data_size else None
-    tensors = {}
+    try:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,)) if data_size else None
+    except OSError as e:
+        raise MinislmError(f"{path}: cannot read ({e.strerror})") from None
+    tensors, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        tensors[name] = view_tensor(path, name, info, data, data_size)
+        tensors[name], span = view_tensor(path, name, info, data, data_size)
+        spans.append((span, name))
+    check_byte_ranges(path, spans, data_size)
     return tensors
 
 
-def view_tensor(path: Path, name: str, info, data, data_size: int) -> StoredTensor:
-    """Check one header entry against the file and return a zero-copy view of its bytes."""
-    try:
-        dtype_tag = info["dtype"]
-        shape = tuple(int(d) for d in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise MinislmError(f"{path}: corrupt safetensors header entry for '{name}'") from None
+def check_byte_ranges(path: Path, spans: list[tuple[tuple[int, int], str]], data_size: int) -> None:
+    """Each tensor owns its own bytes, and together they cover the data exactly, as the
+    safetensors format requires (and its own reader enforces).
+
+    Two names over the same bytes would be two views of one buffer: writing one (an
+    in-place edit, a fine-tune) would silently change the other. Bytes that belong to
+    no tensor are how one file poses as two formats at once (a polyglot).
+    """
+    previous_end, previous = 0, None
+    for (begin, end), name in sorted(spans):
+        if begin == end:
+            continue  # an empty tensor owns no bytes
+        if begin < previous_end:
+            raise MinislmError(
+                f"{path}: tensors '{previous}' and '{name}' overlap (bytes {begin}..{min(end, previous_end)} of the "
+                "data are in both); a safetensors file gives each tensor its own bytes"
+            )
+        if begin > previous_end:
+            raise MinislmError(f"{path}: bytes {previous_end}..{begin} of the data belong to no tensor (a hole)")
+        previous_end, previous = end, name
+    if previous_end != data_size:
+        raise MinislmError(f"{path}: {data_size - previous_end} bytes after the last tensor belong to no tensor")
+
+
+def is_count(value) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float such as 3.0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def view_tensor(path: Path, name: str, info, data, data_size: int) -> tuple[StoredTensor, tuple[int, int]]:
+    """Check one header entry against the file; a zero-copy view of its bytes, and the
+    (begin, end) byte span it occupies in the data."""
+    entry_ok = (
+        isinstance(info, dict)
+        and isinstance(info.get("dtype"), str)
+        and isinstance(info.get("shape"), list)
+        and all(is_count(d) for d in info["shape"])
+        and isinstance(info.get("data_offsets"), list)
+        and len(info["data_offsets"]) == 2
+        and all(is_count(o) for o in info["data_offsets"])
+    )
+    if not entry_ok:
+        raise MinislmError(f"{path}: corrupt safetensors header entry for '{name}' (needs dtype, a shape of "
+                           "integers >= 0 and two data_offsets)")
+    dtype_tag, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    if any(d > MAX_DIMENSION for d in shape):
+        raise MinislmError(f"{path}: tensor '{name}' has shape {list(shape)}, beyond any real tensor")
     if dtype_tag not in NUMPY_DTYPES:
-        raise MinislmError(f"{path}: tensor '{name}' has unsupported dtype {dtype_tag}")
+        raise MinislmError(f"{path}: tensor '{name}' has unsupported dtype {dtype_tag!r:.40}")
     dtype = np.dtype(NUMPY_DTYPES[dtype_tag])
-    expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python integers: a shape like [2**32, 2**32] must not wrap around in int64.
+    expected_bytes = math.prod(shape) * dtype.itemsize
     if end > data_size:
         raise MinislmError(
             f"{path}: truncated: tensor '{name}' ends at byte {end} of the data but the file holds {data_size}"
         )
-    if begin < 0 or end - begin != expected_bytes:
+    if end - begin != expected_bytes:
         raise MinislmError(f"{path}: tensor '{name}' has {end - begin} bytes, its shape {list(shape)} needs {expected_bytes}")
     if expected_bytes == 0:
-        return StoredTensor(dtype_tag, np.zeros(shape, dtype=dtype))
-    return StoredTensor(dtype_tag, data[begin:end].view(dtype).reshape(shape))
+        return StoredTensor(dtype_tag, np.zeros(shape, dtype=dtype)), (begin, end)
+    return StoredTensor(dtype_tag, data[begin:end].view(dtype).reshape(shape)), (begin, end)
 
 
 SAFETENSORS_TAGS = {np.dtype(v): k for k, v in NUMPY_DTYPES.items() if k != "BF16"}
@@ -183,7 +231,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
             raise MinislmError(f"{index_path}: no 'weight_map' in the index")
         files = []
         for shard in dict.fromkeys(weight_map.values()):
-            shard_path = model_dir / shard
+            shard_path = model_dir / shard_name(index_path, shard)
             if not shard_path.is_file():
                 raise MinislmError(f"{index_path}: names shard {shard}, which is not in {model_dir}")
             files.append(shard_path)
@@ -198,6 +246,22 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
             "which can run code. Use a safetensors checkpoint"
         )
     raise MinislmError(f"{model_dir}: no model.safetensors (or shards with {INDEX_FILE}) in this folder")
+
+
+def shard_name(index_path: Path, shard) -> str:
+    """A shard file named by the index: a plain relative path inside the model folder.
+
+    An absolute path, or one with "..", would make a downloaded index read any file
+    on the machine as weights. (Checked on the name, not the resolved path: the
+    Hugging Face cache links each file to a blob outside the snapshot folder.)
+    """
+    if not isinstance(shard, str) or not shard:
+        raise MinislmError(f"{index_path}: weight_map values must be file names, got {shard!r:.80}")
+    parts = shard.replace("\\", "/").split("/")
+    if shard.startswith(("/", "\\")) or Path(shard).is_absolute() or ":" in parts[0] or ".." in parts:
+        raise MinislmError(f"{index_path}: shard {shard!r:.120} is outside the model folder; shards must be "
+                           "file names relative to it")
+    return shard
 
 
 def read_checkpoint(model_dir: Path) -> dict[str, StoredTensor]:

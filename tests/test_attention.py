@@ -37,8 +37,8 @@ def test_model_attention_equals_plain_definition(kv_heads, group, head_dim, cach
     keys = rng.standard_normal((kv_heads, S + 5, head_dim), dtype=np.float32)
     values = rng.standard_normal((kv_heads, S + 5, head_dim), dtype=np.float32)
     scale = head_dim**-0.5
-    fast = attend_cached(q, keys, values, None, None, cached, window, scale)
     allowed = attention_mask(np.arange(cached, S), S, window)
+    fast = attend_cached(q, keys, values, None, None, allowed, scale)
     plain = plain_attention(q, keys[:, :S], values[:, :S], allowed, scale)
     assert fast.shape == (H, new, head_dim)
     assert np.abs(fast - plain).max() <= ATOL_SAME_MATH

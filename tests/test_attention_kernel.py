@@ -18,6 +18,7 @@ from minislm.cache import quantize_int8
 from minislm.kernels.attention import (
     EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_reference, exp_nonpositive,
 )
+from minislm.model import attention_mask
 
 ATOL_KERNEL = 2e-5
 
@@ -41,15 +42,21 @@ def storage(rng, kv_heads, capacity, head_dim, dtype, spread):
     slack=st.integers(0, 9),
     window=st.one_of(st.none(), st.integers(1, 40)),
     spread=st.sampled_from([1.0, 6.0]),  # 6: peaked softmax rows, many weights below TINY
+    holes=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_equals_twin(dtype, kv_heads, group, head_dim, cached, new, slack, window, spread, seed):
+def test_kernel_equals_twin(dtype, kv_heads, group, head_dim, cached, new, slack, window, spread, holes, seed):
+    """Causal and sliding-window masks, and (holes) masks with gaps inside a row's span."""
     rng = np.random.default_rng(seed)
     capacity = cached + new + slack
     keys, key_scales = storage(rng, kv_heads, capacity, head_dim, dtype, spread)
     values, value_scales = storage(rng, kv_heads, capacity, head_dim, dtype, 1.0)
     q = rng.standard_normal((kv_heads * group, new, head_dim), dtype=np.float32)
-    args = (q, keys, values, key_scales, value_scales, cached, window, head_dim**-0.5)
+    allowed = attention_mask(np.arange(cached, cached + new), cached + new, window)
+    if holes:
+        allowed &= rng.random(allowed.shape) < 0.7
+        allowed[np.arange(new), cached + np.arange(new)] = True  # every query still sees itself
+    args = (q, keys, values, key_scales, value_scales, allowed, head_dim**-0.5)
     fast, twin = attend_cached(*args), attend_cached_reference(*args)
     assert fast.shape == twin.shape == q.shape and fast.dtype == np.float32
     assert np.abs(fast - twin).max() <= ATOL_KERNEL
@@ -63,7 +70,7 @@ def test_long_cache_decode_equals_twin(dtype, window):
     keys, key_scales = storage(rng, 2, 5003, 96, dtype, 1.0)
     values, value_scales = storage(rng, 2, 5003, 96, dtype, 1.0)
     q = rng.standard_normal((4, 1, 96), dtype=np.float32) * 3
-    args = (q, keys, values, key_scales, value_scales, 5000, window, 96**-0.5)
+    args = (q, keys, values, key_scales, value_scales, attention_mask(np.array([5000]), 5001, window), 96**-0.5)
     assert np.abs(attend_cached(*args) - attend_cached_reference(*args)).max() <= ATOL_KERNEL
 
 
@@ -75,11 +82,17 @@ def test_keys_outside_the_window_and_the_future_are_never_read():
     keys[:, 10:20] = rng.standard_normal((1, 10, 8))
     values[:, 10:20] = rng.standard_normal((1, 10, 8))
     q = rng.standard_normal((2, 3, 8), dtype=np.float32)
-    # queries at positions 17, 18, 19 with window 8 see keys 10..19 at most
-    out = attend_cached(q, keys, values, None, None, 17, 8, 0.5)
+    allowed = attention_mask(np.arange(17, 20), 20, 8)  # queries at 17, 18, 19 see keys 10..19 at most
+    out = attend_cached(q, keys, values, None, None, allowed, 0.5)
     assert np.isfinite(out).all()
     keys, values = np.nan_to_num(keys), np.nan_to_num(values)  # the twin multiplies by masked keys too
-    assert np.abs(out - attend_cached_reference(q, keys, values, None, None, 17, 8, 0.5)).max() <= ATOL_KERNEL
+    assert np.abs(out - attend_cached_reference(q, keys, values, None, None, allowed, 0.5)).max() <= ATOL_KERNEL
+
+
+def test_a_query_that_sees_no_key_is_refused():
+    keys = np.zeros((1, 4, 8), np.float32)
+    with pytest.raises(ValueError, match="allows no key"):
+        attend_cached(np.zeros((1, 2, 8), np.float32), keys, keys, None, None, np.eye(2, 4, dtype=bool)[::-1] & False, 1.0)
 
 
 @njit(cache=True)

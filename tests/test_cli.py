@@ -13,7 +13,7 @@ MODEL = str(FIXTURES / "gqa")
 
 def minislm(*args, stdin=None):
     return subprocess.run(
-        [sys.executable, "-m", "minislm", *args], capture_output=True, text=True, input=stdin, timeout=300,
+        [sys.executable, "-m", "minislm", *args], capture_output=True, text=True, input=stdin or "", timeout=300,
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
 

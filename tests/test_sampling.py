@@ -90,11 +90,34 @@ def test_ids_beyond_the_tokenizer_are_never_sampled():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(min_p=2.0), dict(repetition_penalty=0.0)],
+    [
+        dict(temperature=-0.1), dict(temperature=float("inf")), dict(temperature=float("nan")),
+        dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1), dict(top_k=2.5),
+        dict(min_p=2.0), dict(repetition_penalty=0.0), dict(repetition_penalty=float("inf")),
+        dict(temperature="0.7"), dict(top_k=True),
+    ],
 )
 def test_invalid_settings_are_refused(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingSettings(**bad)
+
+
+def test_top_k_zero_means_off_as_in_transformers():
+    logits = np.arange(10, dtype=np.float32)
+    off, none = Sampler(SamplingSettings(temperature=1.0, top_k=0), seed=3), Sampler(SamplingSettings(temperature=1.0), seed=3)
+    assert [off(logits) for _ in range(50)] == [none(logits) for _ in range(50)]
+
+
+@pytest.mark.parametrize("seed", [-2, 1.5, "7"])
+def test_invalid_seeds_are_refused(seed):
+    with pytest.raises(ValueError, match="seed"):
+        Sampler(SamplingSettings(), seed=seed)
+
+
+def test_seed_minus_one_means_a_random_seed_as_in_llama_cpp():
+    logits = np.zeros(1000, dtype=np.float32)  # uniform: two random runs of 20 draws differ
+    runs = {tuple(Sampler(SamplingSettings(temperature=1.0), seed=-1)(logits) for _ in range(20)) for _ in range(2)}
+    assert len(runs) == 2
 
 
 def test_cli_flags_fall_back_to_generation_config_like_transformers():

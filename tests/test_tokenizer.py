@@ -1,4 +1,5 @@
-"""Tokenizer behaviour, with the real Phi-3 tokenizer from ../shared/phi3-tokenizer."""
+"""Tokenizer behaviour, with the real Phi-3 tokenizer in tests/fixtures/phi3-tokenizer
+(built from llama.cpp's vocabulary file by tools/make_phi3_tokenizer.py)."""
 
 import numpy as np
 import pytest
@@ -27,6 +28,15 @@ def test_all_47_vocab_vectors(phi3, phi3_tokenizer_dir):
     assert len(vectors) == 47
     for text, expected in vectors:
         assert phi3.encode(text, add_bos=False) == expected, repr(text)
+
+
+def test_chat_tokens_keep_the_newline_as_the_hub_file_does(phi3):
+    """The hub's tokenizer.json rstrips `<|assistant|>` but not `<|user|>`/`<|end|>`, so
+    "\n" after those stays ("▁", "<0x0A>"): the ids transformers 4.4x produced for
+    Microsoft's samples (../PHI3_FACTS.md). llama.cpp gives 1, 32010, 6324, 32007, 32001."""
+    text = "<s><|user|>\nHi<|end|>\n<|assistant|>\n"
+    assert phi3.encode(text, add_bos=False) == [1, 32010, 29871, 13, 18567, 32007, 29871, 13, 32001]
+    assert phi3.encode("<|assistant|>\n  x", add_bos=False) == phi3.encode("<|assistant|>x", add_bos=False)
 
 
 def test_bos_follows_tokenizer_config(phi3):

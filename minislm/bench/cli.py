@@ -36,6 +36,13 @@ def lengths(text: str) -> list[int]:
 
 
 def check_bench_flags(args) -> None:
+    from pathlib import Path
+
+    cache_dir = Path(args.cache_dir).expanduser()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise MinislmError(f"--cache-dir {args.cache_dir}: is a file, not a folder")
+    if not cache_dir.exists() and cache_dir.parent.exists() and not cache_dir.parent.is_dir():
+        raise MinislmError(f"--cache-dir {args.cache_dir}: {cache_dir.parent} is a file, not a folder")
     if args.new_tokens < 2:
         raise MinislmError(f"--new-tokens must be >= 2 (decode speed needs a token after the first), got {args.new_tokens}")
     if args.sweep_tokens < 1:

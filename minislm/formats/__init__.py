@@ -1,0 +1,1 @@
+"""Readers for checkpoint formats other than a Hugging Face folder (GGUF, ...)."""

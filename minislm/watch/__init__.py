@@ -1,0 +1,8 @@
+"""Windows into the forward pass, for learners: `python -m minislm tokenize | trace |
+lens | attention | rope | routing | explain`.
+
+Each command is one module here that asks the model's recorder (`minislm.trace`)
+for what it shows and prints it as text; `plots` draws the same as a picture when
+matplotlib is installed, and `explain` writes everything into one HTML page.
+Nothing here is imported by the forward pass.
+"""

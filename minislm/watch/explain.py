@@ -1,0 +1,120 @@
+"""`python -m minislm explain PROMPT --out explain.html`: one page to explore a forward pass.
+
+The page is a single file: the numbers inline as JSON, plain JavaScript drawing
+them on a canvas, nothing fetched from anywhere, so it opens offline and can be
+mailed or committed. A learner picks a layer and a head and sees that head's
+attention over the prompt's tokens, the logit lens, the next-token distribution
+at any position, the shape and statistics of every step, and (PhiMoE) the routing.
+
+What it embeds is bounded: at most MAX_PICTURE_TOKENS tokens, attention stored as
+16-bit fixed point for the causal lower triangle only, and at most
+MAX_ATTENTION_BYTES of it (choose layers with --layers past that).
+"""
+
+import base64
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MinislmError
+from ..trace import Recorder
+from .inputs import for_picture, model_and_prompt, parse_layers, pieces, write_text
+from .lens import lens_from_trace, probabilities
+from .steps import trace_prompt
+
+TEMPLATE = Path(__file__).with_name("explain.html")
+MAX_ATTENTION_BYTES = 16 << 20
+FIXED_POINT = 65535  # a probability p is stored as round(p * 65535): steps of 1.5e-5
+
+
+def lower_triangle_u16(p: np.ndarray) -> str:
+    """(T, T) probabilities -> base64 of uint16 little-endian: row t holds keys 0..t only
+    (the rest is 0 by the causal mask), so T(T+1)/2 numbers."""
+    rows, cols = np.tril_indices(p.shape[0])
+    fixed = np.round(np.clip(p[rows, cols], 0, 1) * FIXED_POINT).astype("<u2")
+    return base64.b64encode(fixed.tobytes()).decode("ascii")
+
+
+def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_from: int | None) -> dict:
+    config = model.config
+    T = len(ids)
+    attention_bytes = len(layers) * config.num_attention_heads * T * (T + 1)
+    if attention_bytes > MAX_ATTENTION_BYTES:
+        fit = max(1, MAX_ATTENTION_BYTES // (config.num_attention_heads * T * (T + 1)))
+        raise MinislmError(
+            f"the attention of {len(layers)} layers x {config.num_attention_heads} heads over {T} tokens would embed "
+            f"{attention_bytes / 2**20:.0f} MiB (the page takes {MAX_ATTENTION_BYTES >> 20}); "
+            f"choose at most {fit} layers with --layers, or a shorter prompt"
+        )
+    names = ("embed", "resid_post", "logits", "attn_probs", "experts", "expert_weights")
+    trace = Recorder(names=names)
+    model.logits(ids, trace)
+    lens = lens_from_trace(model, ids, trace)
+    final = probabilities(trace.get("logits"))  # (T, V)
+    best = np.argsort(-final, axis=-1, kind="stable")[:, :top_k]  # (T, k)
+    labels = pieces(model.tokenizer, ids)
+    summaries = trace_prompt(model, ids).summaries
+    data = {
+        "model": model.path.name if model.path else "model",
+        "model_type": config.model_type,
+        "quant": model.quant.describe() if model.quant is not None else "float32",
+        "config": {
+            "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+            "hidden": config.hidden_size, "vocab": config.vocab_size,
+        },
+        "tokens": [{"id": int(i), "piece": p} for i, p in zip(ids, labels)],
+        "truncated_from": truncated_from,
+        "attention": {
+            "layers": layers,
+            "fixed_point": FIXED_POINT,
+            "maps": [[lower_triangle_u16(p) for p in trace.get("attn_probs", layer)] for layer in layers],
+        },
+        "lens": {
+            "rows": lens.rows,
+            "top_pieces": lens.top_pieces,
+            "top_probs": np.round(lens.top_probs, 4).tolist(),
+            "next_ranks": lens.next_ranks.tolist(),
+        },
+        "next": [
+            [{"id": int(i), "piece": model.tokenizer.token_piece(int(i)), "p": round(float(final[t, i]), 5)} for i in row]
+            for t, row in enumerate(best)
+        ],
+        "steps": [
+            {"name": s.name, "layer": s.layer, "shape": list(s.shape), "dtype": s.dtype,
+             "mean": s.mean, "std": s.std, "min": s.min, "max": s.max}
+            for s in summaries
+        ],
+        "routing": None,
+    }
+    if config.model_type == "phimoe":
+        data["routing"] = {
+            "experts": np.stack(trace.per_layer("experts")).tolist(),  # (L, T, 2)
+            "weights": np.round(np.stack(trace.per_layer("expert_weights")), 4).tolist(),
+            "num_experts": config.num_local_experts,
+        }
+    return data
+
+
+def render(data: dict) -> str:
+    """The template with the data inline. Every '<' is written as \\u003c, which JSON
+    reads back as '<', so no token piece ('</script>', '<!--') can end or bend the script."""
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    return TEMPLATE.read_text(encoding="utf-8").replace("/*DATA*/null", payload)
+
+
+def run_explain(args) -> int:
+    model, ids = model_and_prompt(args)
+    shown = for_picture(ids, "the page")
+    truncated_from = len(ids) if len(shown) < len(ids) else None
+    ids = shown
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
+    if args.top_k < 1:
+        raise MinislmError(f"--top-k must be >= 1, got {args.top_k}")
+    html = render(page_data(model, ids, layers, args.top_k, truncated_from))
+    write_text(args.out, html, "--out")
+    print(f"wrote {args.out}: {len(ids)} tokens, {len(layers)} layers, {len(html) / 1024:.0f} KiB; open it in a browser",
+          file=sys.stderr)
+    return 0
