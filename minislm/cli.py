@@ -87,6 +87,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=["bf16", "int4"], help="keep matrices as bf16 or quantize them to int4 at load")
     add_group_flags(p)
+    p.add_argument("--kv-cache", choices=["float32", "float16", "int8"],
+                   help="KV cache dtype (default: float32 for float32 weights, float16 for bf16/int4)")
 
 
 def add_group_flags(p: argparse.ArgumentParser) -> None:

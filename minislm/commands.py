@@ -45,6 +45,7 @@ def load_model(args):
         quant=getattr(args, "quant", None),
         group_size=getattr(args, "group_size", None),
         symmetric=False if getattr(args, "asymmetric", False) else None,
+        kv_cache=getattr(args, "kv_cache", None),
     )
 
 
