@@ -38,6 +38,12 @@ from numba.extending import intrinsic, overload
 
 from .convert import half_to_f32
 
+# Below this many multiply-adds (query heads x queries x keys x head dim, ~0.2 ms
+# on one core) the kernel runs on the calling thread: waking the other threads
+# costs more than it saves, and when the matmuls around it run in another thread
+# pool (OpenBLAS, for float32 weights), each pool's threads spin after their
+# work and the other's wait for a core: measured 1-11 ms a call on 2 busy cores.
+PARALLEL_WORK = 1 << 19
 # Queries handled by one work item in a prefill (they share the item's pass over
 # its kv head's keys, which stay in L2). Decode (T = 1) is one item per kv head.
 QUERY_TILE = 16
@@ -185,31 +191,44 @@ def weighted_values(probs, values, value_scales, kv, lo, hi, acc):
         j += 1
 
 
+@njit(inline="always")
+def attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, item):
+    """Work item `item` = (kv head, tile of QUERY_TILE queries): its G query heads x
+    tile queries run one after the other over the same keys, which stay in L2."""
+    T = q.shape[1]
+    G = q.shape[0] // keys.shape[0]
+    n_tiles = (T + QUERY_TILE - 1) // QUERY_TILE
+    kv, t0 = item // n_tiles, (item % n_tiles) * QUERY_TILE
+    probs = np.empty(allowed.shape[1], np.float32)
+    for t in range(t0, min(T, t0 + QUERY_TILE)):
+        lo, hi = span(allowed[t])
+        row, mask = probs[: hi - lo], allowed[t, lo:hi]
+        for h in range(kv * G, kv * G + G):
+            scores_of(q[h, t], keys, key_scales, kv, lo, hi, scale, row)
+            for j in range(row.size):  # holes inside the span (none in causal or window masks)
+                if not mask[j]:
+                    row[j] = -np.inf
+            softmax_in_place(row)
+            weighted_values(row, values, value_scales, kv, lo, hi, out[h, t])
+
+
 @njit(parallel=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True)
 def attend_cached_kernel(q, keys, values, key_scales, value_scales, allowed, scale, out):
     """out (H, T, hd) = attention of q (H, T, hd) over keys/values (KV, capacity, hd)
     of one layer where allowed (T, S) says; key/value_scales (KV, capacity) float32
     for int8 storage, (KV, 0) otherwise. Every query row must allow some key.
+    Work items (`attend_item`) are shared among the threads."""
+    n_items = keys.shape[0] * ((q.shape[1] + QUERY_TILE - 1) // QUERY_TILE)
+    for item in prange(n_items):
+        attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, item)
 
-    Work item = (kv head, tile of QUERY_TILE queries): its G query heads x tile
-    queries run one after the other over the same keys, which stay in L2."""
-    H, T, hd = q.shape
-    KV = keys.shape[0]
-    G = H // KV
-    n_tiles = (T + QUERY_TILE - 1) // QUERY_TILE
-    for item in prange(KV * n_tiles):
-        kv, t0 = item // n_tiles, (item % n_tiles) * QUERY_TILE
-        probs = np.empty(allowed.shape[1], np.float32)
-        for t in range(t0, min(T, t0 + QUERY_TILE)):
-            lo, hi = span(allowed[t])
-            row, mask = probs[: hi - lo], allowed[t, lo:hi]
-            for h in range(kv * G, kv * G + G):
-                scores_of(q[h, t], keys, key_scales, kv, lo, hi, scale, row)
-                for j in range(row.size):  # holes inside the span (none in causal or window masks)
-                    if not mask[j]:
-                        row[j] = -np.inf
-                softmax_in_place(row)
-                weighted_values(row, values, value_scales, kv, lo, hi, out[h, t])
+
+@njit(fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True)
+def attend_cached_serial(q, keys, values, key_scales, value_scales, allowed, scale, out):
+    """`attend_cached_kernel` on the calling thread, for work too small to share."""
+    n_items = keys.shape[0] * ((q.shape[1] + QUERY_TILE - 1) // QUERY_TILE)
+    for item in range(n_items):
+        attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, item)
 
 
 NO_SCALES = np.zeros((0, 0), np.float32)
@@ -238,8 +257,9 @@ def attend_cached(q, keys, values, key_scales, value_scales, allowed, scale):
         raise ValueError("attend_cached: a query whose mask row allows no key")
     out = np.empty((H, T, hd), np.float32)
     k, v, ks, vs = kernel_arrays(keys, values, key_scales, value_scales)
-    attend_cached_kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, ks, vs,
-                         np.ascontiguousarray(allowed, dtype=np.bool_), np.float32(scale), out)
+    kernel = attend_cached_kernel if H * T * allowed.shape[1] * hd >= PARALLEL_WORK else attend_cached_serial
+    kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, ks, vs,
+           np.ascontiguousarray(allowed, dtype=np.bool_), np.float32(scale), out)
     return out
 
 

@@ -16,7 +16,8 @@ from numba import njit
 
 from minislm.cache import quantize_int8
 from minislm.kernels.attention import (
-    EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_reference, exp_nonpositive,
+    EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_kernel, attend_cached_reference, attend_cached_serial,
+    exp_nonpositive, kernel_arrays,
 )
 from minislm.model import attention_mask
 
@@ -114,3 +115,18 @@ def test_exp_is_zero_below_the_subnormal_cutoff():
     got = np.ones_like(x)
     exp_all(x, got)
     assert (got == 0).all()
+
+
+def test_parallel_and_serial_kernels_agree_bit_for_bit():
+    """attend_cached picks the serial kernel below PARALLEL_WORK; both run the same work items."""
+    rng = np.random.default_rng(3)
+    keys, _ = storage(rng, 3, 70, 17, "float16", 1.0)
+    values, _ = storage(rng, 3, 70, 17, "float16", 1.0)
+    q = rng.standard_normal((6, 40, 17), dtype=np.float32)
+    allowed = attention_mask(np.arange(25, 65), 65, 30)
+    outs = []
+    for kernel in (attend_cached_kernel, attend_cached_serial):
+        out = np.empty_like(q)
+        kernel(q, *kernel_arrays(keys, values, None, None), allowed, np.float32(0.25), out)
+        outs.append(out)
+    assert np.array_equal(*outs)
