@@ -25,6 +25,9 @@ class Engine:
     bytes_per_param: float  # to check RAM before starting it
     options: dict = field(default_factory=dict)  # passed to minislm.load
     decode_peer: str | None = None  # the row the issue compares our decode speed with
+    # minislm only: load the folder `minislm quantize` wrote (run.py makes it) instead
+    # of quantizing the f16 checkpoint at load: memory-mapped, nothing converted
+    prequantized: bool = False
 
 
 ENGINES = [
@@ -39,6 +42,9 @@ ENGINES = [
            {"quant": "int4", "group_size": 64}, decode_peer="llama.cpp-Q4_0"),
     Engine("minislm-int4-g128", "minislm", "int4", 0.5 + 2 / 128,
            {"quant": "int4", "group_size": 128}, decode_peer="llama.cpp-Q4_0"),
+    # the same weights from a `minislm quantize` folder: what loading costs when
+    # nothing is converted (issue 13, goal 4: first token in ~1 s, RSS ~1.04x the weights)
+    Engine("minislm-int4-g128-folder", "minislm", "int4", 0.5 + 2 / 128, prequantized=True),
     Engine("llama.cpp-F16", "llama.cpp", "F16", 2.0),
     Engine("llama.cpp-Q8_0", "llama.cpp", "Q8_0", 34 / 32),
     Engine("llama.cpp-Q4_0", "llama.cpp", "Q4_0", 18 / 32),

@@ -57,6 +57,8 @@ def run_bench(args, argv: list[str]) -> int:
 
     worker = Worker(threads, WORKER_TIMEOUT_S[args.small])
     reasons = prepare_ggufs(engines, checkpoint, cache_dir, worker, args.offline)
+    quantized, quantize_run = prepare_quantized(engines, checkpoint, cache_dir, worker)
+    reasons.update(quantize_run.pop("reasons", {}))
     gib = 0.5 if args.small else 2.0
     bandwidth_before = worker.run("bandwidth", "--gib", str(gib))
     rows = []
@@ -66,7 +68,7 @@ def run_bench(args, argv: list[str]) -> int:
         if reason:
             rows.append({"engine": engine.name, "status": "skipped", "reason": reason})
         else:
-            rows.append(run_engine(worker, engine, checkpoint, args))
+            rows.append(run_engine(worker, engine, quantized if engine.prequantized else checkpoint, args))
         progress(f"    {describe(rows[-1])}")
     sweeps = sweep_engines(worker, args, engines, rows, checkpoint)
     bandwidth_after = worker.run("bandwidth", "--gib", str(gib))
@@ -82,6 +84,7 @@ def run_bench(args, argv: list[str]) -> int:
         "bandwidth": {"before": bandwidth_before, "after": bandwidth_after,
                       "roofline_gbs": max((b.get("gbs") or 0) for b in (bandwidth_before, bandwidth_after)) or None},
         "engines": rows,
+        "quantize": quantize_run,
         "sweeps": sweeps,
         "profiles": profiles,
     }
@@ -252,6 +255,29 @@ def prepare_ggufs(engines, checkpoint: Path, cache_dir: Path, worker, offline: b
         if done.get("status") == "failed":
             reasons[engine.name] = f"quantizing to {engine.weights} failed: {done['reason']}"
     return reasons
+
+
+QUANTIZE_GROUP = 128  # the folder the prequantized row loads: int4 g128, symmetric
+
+
+def prepare_quantized(engines, checkpoint: Path, cache_dir: Path, worker) -> tuple[Path, dict]:
+    """`minislm quantize` of the checkpoint, timed in a worker (goal 4: <= 10 s, peak RSS
+    <= 2x the output), into a fresh folder the prequantized rows then load."""
+    folder = cache_dir / f"{checkpoint.name}-int4-g{QUANTIZE_GROUP}"
+    wanted = [e for e in engines if e.prequantized]
+    if not wanted:
+        return folder, {}
+    shutil.rmtree(folder, ignore_errors=True)
+    check_disk(cache_dir, (checkpoint / "model.safetensors").stat().st_size // 3, "the int4 folder")
+    progress(f"minislm quantize --group-size {QUANTIZE_GROUP} -> {folder}")
+    done = worker.run("minislm-quantize", "--checkpoint", str(checkpoint), "--output", str(folder),
+                      "--group-size", str(QUANTIZE_GROUP))
+    if done.get("status") == "failed":
+        done["reasons"] = {e.name: f"minislm quantize failed: {done['reason']}" for e in wanted}
+    else:
+        progress(f"    {done['seconds']:.1f} s, {done['output_bytes'] / 1e9:.2f} GB, "
+                 f"peak RSS {done['peak_rss_bytes'] / 1e9:.2f} GB")
+    return folder, done
 
 
 def is_stale(target: Path, source: Path) -> bool:

@@ -17,6 +17,7 @@ Jobs:
     profile    per-part time of a minislm engine's forward (profile.py)
     bandwidth  the streaming-read roofline (bandwidth.py)
     quantize   F16 GGUF -> Q8_0 / Q4_0 with llama.cpp's quantizer
+    minislm-quantize   `python -m minislm quantize` of the checkpoint, timed
 """
 
 import argparse
@@ -62,6 +63,7 @@ def run_engine(args) -> dict:
         "engine": engine.name,
         "status": "ok",
         "load_s": load_s,
+        "first_token_s": load_s + result["warmup_first_token_s"],  # load, then an 8-token prompt
         **result,
         "weight_bytes": sum(loaded.tensor_bytes.values()),
         "decode_bytes_per_token": decode_bytes(loaded.tensor_bytes, config["vocab_size"], experts_read),
@@ -108,6 +110,24 @@ def run_bandwidth(args) -> dict:
     return measure_bandwidth(gib=args.gib, threads=args.threads)
 
 
+def run_minislm_quantize(args) -> dict:
+    """`python -m minislm quantize` as a user runs it, timed from a warm page cache."""
+    from ..cli import main as cli_main
+    from ..commands import peak_memory_bytes
+
+    read_once(model_files(args.checkpoint, None))
+    start = time.perf_counter()
+    status = cli_main(["quantize", "--model", str(args.checkpoint), "--group-size", str(args.group_size),
+                       "--out", str(args.output), "--threads", str(args.threads)])
+    seconds = time.perf_counter() - start
+    if status != 0:
+        return {"status": "failed", "reason": f"minislm quantize exited with status {status}"}
+    return {"status": "ok", "seconds": seconds, "group_size": args.group_size,
+            "output_bytes": sum(p.stat().st_size for p in args.output.iterdir()),
+            "input_bytes": sum(p.stat().st_size for p in model_files(args.checkpoint, None)),
+            "peak_rss_bytes": peak_memory_bytes()}
+
+
 def run_quantize(args) -> dict:
     from .gguf_export import quantize
 
@@ -118,7 +138,7 @@ def run_quantize(args) -> dict:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m minislm.bench.worker")
-    p.add_argument("job", choices=["engine", "sweep", "profile", "bandwidth", "quantize"])
+    p.add_argument("job", choices=["engine", "sweep", "profile", "bandwidth", "quantize", "minislm-quantize"])
     p.add_argument("--engine")
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--model-file", type=Path, help="the engine's own file (a GGUF) when not the checkpoint")
@@ -130,6 +150,7 @@ def parse_args(argv):
     p.add_argument("--gib", type=float, default=2.0)
     p.add_argument("--output", type=Path)
     p.add_argument("--type")
+    p.add_argument("--group-size", type=int, default=128)
     return p.parse_args(argv)
 
 
@@ -139,7 +160,7 @@ def main(argv=None) -> int:
     stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     jobs = {"engine": run_engine, "sweep": run_sweep, "profile": run_profile, "bandwidth": run_bandwidth,
-            "quantize": run_quantize}
+            "quantize": run_quantize, "minislm-quantize": run_minislm_quantize}
     try:
         result, status = jobs[args.job](args), 0
     except Exception as e:  # reported as this engine's row, the bench goes on
