@@ -34,16 +34,21 @@ tests/test_attention_kernel.py holds them equal.
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .convert import half_to_f32
 
-# Below this many multiply-adds (query heads x queries x keys x head dim, ~0.2 ms
+# Below this many multiply-adds (query heads x queries x keys x head dim, ~20 us
 # on one core) the kernel runs on the calling thread: waking the other threads
 # costs more than it saves, and when the matmuls around it run in another thread
 # pool (OpenBLAS, for float32 weights), each pool's threads spin after their
 # work and the other's wait for a core: measured 1-11 ms a call on 2 busy cores.
-PARALLEL_WORK = 1 << 19
+PARALLEL_WORK = 1 << 16
+# How far ahead of the row being read to ask for memory. The hardware prefetcher
+# alone leaves one thread short of its streaming rate (as for the int4 GEMV,
+# docs/kernels.md); a few KB ahead is a few microseconds of work.
+PREFETCH_BYTES = 4096
 # Queries handled by one work item in a prefill (they share the item's pass over
 # its kv head's keys, which stay in L2). Decode (T = 1) is one item per kv head.
 QUERY_TILE = 16
@@ -53,6 +58,9 @@ QUERY_TILE = 16
 TINY = np.float32(np.finfo(np.float32).tiny)
 EXP_CUTOFF = np.float32(-87.33654)  # log(TINY)
 FORMATS = ("float32", "float16", "int8")
+# LLVM may reorder sums and fuse multiply-adds, but not assume "no NaN, no inf":
+# masked keys are -inf, and a NaN from a damaged weight must reach the logits.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
 # ---------------------------------------------------------------- scalar helpers
@@ -82,15 +90,43 @@ def _widen(x):
     return None
 
 
+@intrinsic
+def prefetch(typingctx, array, byte_offset):
+    """Ask the memory system for the cache line `byte_offset` bytes into `array`'s data
+    (LLVM's prefetch: a hint, never a fault, even past the end)."""
+    sig = types.void(array, byte_offset)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        where = builder.gep(builder.bitcast(data, i8p), [args[1]])
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(fn, [where, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def prefetch_rows(array, kv, j, n_rows):
+    """Prefetch rows [j + AHEAD, j + AHEAD + n_rows) of array[kv] (one hint per cache line)."""
+    row_bytes = array.shape[2] * array.itemsize
+    start = ((kv * array.shape[1] + j) * array.shape[2]) * array.itemsize + PREFETCH_BYTES
+    for b in range(0, n_rows * row_bytes, 64):
+        prefetch(array, start + b)
+
+
 @njit(inline="always")
 def exp_nonpositive(x):
-    """exp(x) for x <= 0 in float32, 0 below EXP_CUTOFF (and for -inf).
+    """exp(x) for x <= 0 in float32, 0 below EXP_CUTOFF (and for -inf), NaN for NaN.
 
     Cephes' expf: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
     polynomial, 2^n by writing the exponent bits. Within 2 ulp of libm; written
     without calls or branches so the softmax loop vectorises.
     """
-    xc = max(x, EXP_CUTOFF)
+    xc = EXP_CUTOFF if x <= EXP_CUTOFF else x  # a NaN stays NaN and poisons the sum, as in NumPy
     n = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))
     r = xc - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
     p = np.float32(1.9875691500e-4)
@@ -100,7 +136,7 @@ def exp_nonpositive(x):
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     e = (p * r * r + r + np.float32(1.0)) * bits_to_f32((np.int32(n) + np.int32(127)) << 23)
-    return e if x > EXP_CUTOFF else np.float32(0.0)
+    return np.float32(0.0) if x <= EXP_CUTOFF else e
 
 
 @njit(inline="always")
@@ -126,6 +162,7 @@ def scores_of(qrow, keys, key_scales, kv, lo, hi, scale, dest):
     hd = qrow.size
     j = lo
     while j + 4 <= hi:
+        prefetch_rows(keys, kv, j, 4)
         k0, k1, k2, k3 = keys[kv, j], keys[kv, j + 1], keys[kv, j + 2], keys[kv, j + 3]
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for d in range(hd):
@@ -150,7 +187,8 @@ def scores_of(qrow, keys, key_scales, kv, lo, hi, scale, dest):
 
 @njit(inline="always")
 def softmax_in_place(x):
-    """x <- softmax(x), weights below TINY set to 0."""
+    """x <- softmax(x), weights below TINY set to 0. NaN anywhere gives NaN everywhere,
+    as NumPy's softmax does, so a damaged weight is found downstream, not hidden."""
     top = np.float32(-np.inf)
     for j in range(x.size):
         top = max(top, x[j])
@@ -162,7 +200,7 @@ def softmax_in_place(x):
     inv = np.float32(1.0) / total
     for j in range(x.size):
         p = x[j] * inv
-        x[j] = p if p >= TINY else np.float32(0.0)
+        x[j] = np.float32(0.0) if p < TINY else p  # NaN stays NaN
 
 
 @njit(inline="always")
@@ -179,6 +217,7 @@ def weighted_values(probs, values, value_scales, kv, lo, hi, acc):
         if scaled:
             p0, p1 = p0 * value_scales[kv, j], p1 * value_scales[kv, j + 1]
             p2, p3 = p2 * value_scales[kv, j + 2], p3 * value_scales[kv, j + 3]
+        prefetch_rows(values, kv, j, 4)
         v0, v1, v2, v3 = values[kv, j], values[kv, j + 1], values[kv, j + 2], values[kv, j + 3]
         for d in range(hd):
             acc[d] += p0 * widen(v0[d]) + p1 * widen(v1[d]) + p2 * widen(v2[d]) + p3 * widen(v3[d])
@@ -212,7 +251,7 @@ def attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, 
             weighted_values(row, values, value_scales, kv, lo, hi, out[h, t])
 
 
-@njit(parallel=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def attend_cached_kernel(q, keys, values, key_scales, value_scales, allowed, scale, out):
     """out (H, T, hd) = attention of q (H, T, hd) over keys/values (KV, capacity, hd)
     of one layer where allowed (T, S) says; key/value_scales (KV, capacity) float32
@@ -223,7 +262,7 @@ def attend_cached_kernel(q, keys, values, key_scales, value_scales, allowed, sca
         attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, item)
 
 
-@njit(fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def attend_cached_serial(q, keys, values, key_scales, value_scales, allowed, scale, out):
     """`attend_cached_kernel` on the calling thread, for work too small to share."""
     n_items = keys.shape[0] * ((q.shape[1] + QUERY_TILE - 1) // QUERY_TILE)
