@@ -302,6 +302,100 @@ def attend_cached(q, keys, values, key_scales, value_scales, allowed, scale):
     return out
 
 
+# ---------------------------------------------------------------- writing the cache
+
+INT8_LEVELS = 127
+
+
+@intrinsic
+def f32_to_half_bits(typingctx, x):
+    """uint16 bits of the IEEE half nearest to float32 `x` (ties to even, as NumPy)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+def narrow(x, dst):
+    """float32 `x` as an element of the array `dst` (typed per storage format below)."""
+
+
+@overload(narrow, inline="always")
+def _narrow(x, dst):
+    if dst.dtype == types.uint16:  # float16 bits
+        return lambda x, dst: f32_to_half_bits(x)
+    if dst.dtype == types.float32:
+        return lambda x, dst: x
+    return None
+
+
+@njit(cache=True)
+def store_float_kernel(src, dst, start):
+    """dst[:, start:start+T] = src (KV, T, hd) float32, rounded to dst's format
+    (float32, or float16 as uint16 bits)."""
+    KV, T, hd = src.shape
+    for h in range(KV):
+        for t in range(T):
+            for d in range(hd):
+                dst[h, start + t, d] = narrow(src[h, t, d], dst)
+
+
+@njit(cache=True, error_model="numpy")
+def store_int8_kernel(src, dst, scales, start):
+    """dst[:, start:start+T] = int8 codes of src (KV, T, hd), scales[:, start:start+T]
+    = their row scales, exactly as `quantize_int8`. A row holding NaN gets a NaN
+    scale (and zero codes), so the NaN reaches the attention output."""
+    KV, T, hd = src.shape
+    for h in range(KV):
+        for t in range(T):
+            amax = np.float32(0.0)
+            nan = False
+            for d in range(hd):
+                a = abs(src[h, t, d])
+                nan |= a != a
+                amax = max(amax, a)
+            scale = np.float32(np.nan) if nan else amax / np.float32(INT8_LEVELS)
+            safe = scale if scale > 0 else np.float32(1.0)
+            for d in range(hd):
+                q = np.rint(src[h, t, d] / safe)
+                dst[h, start + t, d] = 0 if nan else np.int8(min(max(q, -INT8_LEVELS), INT8_LEVELS))
+            scales[h, start + t] = scale
+
+
+def quantize_int8(x):
+    """(KV, T, hd) float32 -> int8 codes and a scale per (head, position): x ~ q * s,
+    s = max|x| / 127 over the head dimension, round to nearest (even)."""
+    scales = np.abs(x).max(axis=-1) / np.float32(INT8_LEVELS)  # (KV, T)
+    safe = np.where(scales > 0, scales, np.float32(1.0))
+    codes = np.clip(np.rint(x / safe[..., None]), -INT8_LEVELS, INT8_LEVELS)
+    return np.where(np.isnan(codes), 0, codes).astype(np.int8), scales.astype(np.float32)
+
+
+def store_cached(src, stored, scales, start):
+    """Write src (KV, T, hd) float32 into one layer's keys or values `stored`
+    (KV, capacity, hd: float32, float16, or int8 with `scales` (KV, capacity)) at
+    positions [start, start + T). One compiled loop: NumPy's strided, converting
+    assignment costs ~25 us a call for a decode step's 3072 values."""
+    if start + src.shape[1] > stored.shape[1]:
+        raise ValueError(f"store_cached: positions up to {start + src.shape[1]}, capacity {stored.shape[1]}")
+    src = np.ascontiguousarray(src, dtype=np.float32)
+    if stored.dtype == np.int8:
+        store_int8_kernel(src, stored, scales, start)
+    else:
+        store_float_kernel(src, stored.view(np.uint16) if stored.dtype == np.float16 else stored, start)
+
+
+def store_cached_reference(src, stored, scales, start):
+    """`store_cached` in NumPy: a converting slice assignment (int8 via `quantize_int8`)."""
+    end = start + src.shape[1]
+    if stored.dtype == np.int8:
+        stored[:, start:end], scales[:, start:end] = quantize_int8(src)
+    else:
+        stored[:, start:end] = src  # rounds to nearest (even) for float16
+
+
 # ---------------------------------------------------------------- the twin
 
 

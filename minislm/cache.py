@@ -36,9 +36,9 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import MinislmError
+from .kernels.attention import store_cached
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
-INT8_LEVELS = 127
 
 
 class LayerStorage(NamedTuple):
@@ -49,15 +49,6 @@ class LayerStorage(NamedTuple):
     values: np.ndarray
     key_scales: np.ndarray | None
     value_scales: np.ndarray | None
-
-
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(KV, T, hd) float32 -> int8 codes and a scale per (head, position): x ~ q * s,
-    s = max|x| / 127 over the head dimension, round to nearest."""
-    scales = np.abs(x).max(axis=-1) / np.float32(INT8_LEVELS)  # (KV, T)
-    safe = np.where(scales > 0, scales, np.float32(1.0))
-    codes = np.clip(np.rint(x / safe[..., None]), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
-    return codes, scales.astype(np.float32)
 
 
 class KVCache:
@@ -106,13 +97,11 @@ class KVCache:
         end = self.length + keys.shape[1]
         if end > self.capacity:
             raise ValueError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
-        where = (layer, slice(None), slice(self.length, end))
-        if self.dtype == "int8":
-            self.keys[where], self.key_scales[where] = quantize_int8(keys)
-            self.values[where], self.value_scales[where] = quantize_int8(values)
-        else:
-            self.keys[where] = keys  # rounds to nearest when the cache is float16
-            self.values[where] = values
+        stored = self.layer(layer)
+        # What store_cached does, in NumPy: stored.keys[:, length:end] = keys (rounding to
+        # nearest for float16; int8: codes and scales from quantize_int8), values alike.
+        store_cached(keys, stored.keys, stored.key_scales, self.length)
+        store_cached(values, stored.values, stored.value_scales, self.length)
 
     def layer(self, layer: int) -> LayerStorage:
         """Views of one layer's storage, whole capacity, as the attention kernel reads it."""

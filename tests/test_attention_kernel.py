@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from minislm.cache import quantize_int8
+from minislm.kernels.attention import quantize_int8
 from minislm.kernels.attention import (
     EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_kernel, attend_cached_reference, attend_cached_serial,
-    exp_nonpositive, kernel_arrays,
+    exp_nonpositive, kernel_arrays, store_cached, store_cached_reference,
 )
 from minislm.model import attention_mask
 
@@ -142,7 +142,45 @@ def test_nan_in_a_query_comes_out_as_nan_like_the_twin():
     q[3, 0, 0] = np.inf
     allowed = attention_mask(np.arange(6, 9), 9, None)
     fast = attend_cached(q, keys, keys, None, None, allowed, 0.3)
-    twin = attend_cached_reference(q, keys, keys, None, None, allowed, 0.3)
+    with np.errstate(invalid="ignore"):  # the twin meets NaN - NaN on the way, as it should
+        twin = attend_cached_reference(q, keys, keys, None, None, allowed, 0.3)
     assert np.array_equal(np.isnan(fast), np.isnan(twin)) and np.isnan(fast[1, 2]).all()
     finite = ~np.isnan(twin)
     assert np.abs(fast[finite] - twin[finite]).max() <= ATOL_KERNEL
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from(["float32", "float16", "int8"]),
+    kv_heads=st.integers(1, 3),
+    new=st.integers(1, 20),
+    head_dim=st.sampled_from([1, 5, 96]),
+    start=st.integers(0, 10),
+    spread=st.sampled_from([1e-3, 1.0, 3e4]),  # 3e4: float16 rounds to its largest values
+    seed=st.integers(0, 2**16),
+)
+def test_store_kernel_equals_twin_bit_for_bit(dtype, kv_heads, new, head_dim, start, spread, seed):
+    rng = np.random.default_rng(seed)
+    src = rng.standard_normal((kv_heads, new, head_dim), dtype=np.float32) * np.float32(spread)
+    src[0, 0, 0] = 0.0 if head_dim > 1 else src[0, 0, 0]
+    capacity = start + new + 3
+    outs = []
+    for store in (store_cached, store_cached_reference):
+        stored = np.zeros((kv_heads, capacity, head_dim), dtype)
+        scales = np.zeros((kv_heads, capacity), np.float32) if dtype == "int8" else None
+        store(src, stored, scales, start)
+        outs.append((stored, scales))
+    (a, sa), (b, sb) = outs
+    assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert sa is None or np.array_equal(sa, sb)
+
+
+def test_store_keeps_nan_visible_in_every_format():
+    src = np.ones((1, 2, 4), np.float32)
+    src[0, 1, 2] = np.nan
+    for dtype in ("float32", "float16", "int8"):
+        stored = np.zeros((1, 3, 4), dtype)
+        scales = np.zeros((1, 3), np.float32) if dtype == "int8" else None
+        store_cached(src, stored, scales, 1)
+        widened = stored.astype(np.float32) * (1 if scales is None else scales[..., None])
+        assert np.isnan(widened[0, 2]).any() and np.isfinite(widened[0, 1]).all(), dtype

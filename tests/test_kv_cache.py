@@ -20,7 +20,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import minislm
-from minislm.cache import DTYPES, KVCache, quantize_int8
+from minislm.cache import DTYPES, KVCache
+from minislm.kernels.attention import quantize_int8
 from minislm.errors import MinislmError
 from conftest import ATOL_FP32_LOGITS, FIXTURES, VARIANTS
 

@@ -23,7 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minislm.bench.bandwidth import measure_bandwidth  # noqa: E402
-from minislm.cache import DTYPES, quantize_int8  # noqa: E402
+from minislm.cache import DTYPES  # noqa: E402
+from minislm.kernels.attention import quantize_int8  # noqa: E402
 from minislm.kernels import set_threads  # noqa: E402
 from minislm.kernels.attention import attend_cached  # noqa: E402
 from minislm.model import attention_mask  # noqa: E402
