@@ -243,6 +243,9 @@ def attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, 
         lo, hi = span(allowed[t])
         row, mask = probs[: hi - lo], allowed[t, lo:hi]
         for h in range(kv * G, kv * G + G):
+            if hi == lo:  # the mask allows no key: nothing to average
+                out[h, t] = 0.0
+                continue
             scores_of(q[h, t], keys, key_scales, kv, lo, hi, scale, row)
             for j in range(row.size):  # holes inside the span (none in causal or window masks)
                 if not mask[j]:
@@ -286,14 +289,13 @@ def attend_cached(q, keys, values, key_scales, value_scales, allowed, scale):
     """Attention of q (H, T, hd) float32 over one layer's cache keys/values
     (KV, capacity, hd) in float32, float16 or int8 (with key/value_scales
     (KV, capacity) float32 for int8, else None), query t reading the keys j with
-    allowed[t, j] (T, S), S <= capacity. -> (H, T, hd) float32."""
+    allowed[t, j] (T, S), S <= capacity. -> (H, T, hd) float32; a query whose row
+    allows no key gets zeros (the model's masks always allow the query's own key)."""
     H, T, hd = q.shape
     if allowed.shape[0] != T or allowed.shape[1] > keys.shape[1]:
         raise ValueError(f"attend_cached: mask {allowed.shape} for {T} queries and {keys.shape[1]} cached positions")
     if H % keys.shape[0]:
         raise ValueError(f"attend_cached: {H} query heads do not share {keys.shape[0]} kv heads evenly")
-    if T and not allowed.any(axis=1).all():
-        raise ValueError("attend_cached: a query whose mask row allows no key")
     out = np.empty((H, T, hd), np.float32)
     k, v, ks, vs = kernel_arrays(keys, values, key_scales, value_scales)
     kernel = attend_cached_kernel if H * T * allowed.shape[1] * hd >= PARALLEL_WORK else attend_cached_serial
@@ -416,4 +418,6 @@ def attend_cached_reference(q, keys, values, key_scales, value_scales, allowed, 
     scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = e / e.sum(axis=-1, keepdims=True)
-    return (probs @ v).astype(np.float32)  # (H, T, hd)
+    out = (probs @ v).astype(np.float32)  # (H, T, hd)
+    out[:, ~allowed.any(axis=1)] = 0.0  # a query that sees no key: zeros, by convention
+    return out

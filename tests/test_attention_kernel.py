@@ -90,10 +90,15 @@ def test_keys_outside_the_window_and_the_future_are_never_read():
     assert np.abs(out - attend_cached_reference(q, keys, values, None, None, allowed, 0.5)).max() <= ATOL_KERNEL
 
 
-def test_a_query_that_sees_no_key_is_refused():
-    keys = np.zeros((1, 4, 8), np.float32)
-    with pytest.raises(ValueError, match="allows no key"):
-        attend_cached(np.zeros((1, 2, 8), np.float32), keys, keys, None, None, np.eye(2, 4, dtype=bool)[::-1] & False, 1.0)
+def test_a_query_that_sees_no_key_gets_zeros_like_the_twin():
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((1, 4, 8), dtype=np.float32)
+    q = rng.standard_normal((2, 2, 8), dtype=np.float32)
+    allowed = np.array([[False, False, False, False], [True, True, False, False]])
+    out = attend_cached(q, keys, keys, None, None, allowed, 1.0)
+    with np.errstate(invalid="ignore"):
+        twin = attend_cached_reference(q, keys, keys, None, None, allowed, 1.0)
+    assert (out[:, 0] == 0).all() and np.abs(out - twin).max() <= ATOL_KERNEL
 
 
 @njit(cache=True)
@@ -156,7 +161,7 @@ def test_nan_in_a_query_comes_out_as_nan_like_the_twin():
     new=st.integers(1, 20),
     head_dim=st.sampled_from([1, 5, 96]),
     start=st.integers(0, 10),
-    spread=st.sampled_from([1e-3, 1.0, 3e4]),  # 3e4: float16 rounds to its largest values
+    spread=st.sampled_from([1e-3, 1.0, 3e4]),  # 3e4: float16's largest values, and overflow to inf
     seed=st.integers(0, 2**16),
 )
 def test_store_kernel_equals_twin_bit_for_bit(dtype, kv_heads, new, head_dim, start, spread, seed):
@@ -168,7 +173,8 @@ def test_store_kernel_equals_twin_bit_for_bit(dtype, kv_heads, new, head_dim, st
     for store in (store_cached, store_cached_reference):
         stored = np.zeros((kv_heads, capacity, head_dim), dtype)
         scales = np.zeros((kv_heads, capacity), np.float32) if dtype == "int8" else None
-        store(src, stored, scales, start)
+        with np.errstate(over="ignore"):
+            store(src, stored, scales, start)
         outs.append((stored, scales))
     (a, sa), (b, sb) = outs
     assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
