@@ -258,7 +258,7 @@ def attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, 
 def attend_cached_kernel(q, keys, values, key_scales, value_scales, allowed, scale, out):
     """out (H, T, hd) = attention of q (H, T, hd) over keys/values (KV, capacity, hd)
     of one layer where allowed (T, S) says; key/value_scales (KV, capacity) float32
-    for int8 storage, (KV, 0) otherwise. Every query row must allow some key.
+    for int8 storage, (0, 0) otherwise. Every query row must allow some key.
     Work items (`attend_item`) are shared among the threads."""
     n_items = keys.shape[0] * ((q.shape[1] + QUERY_TILE - 1) // QUERY_TILE)
     for item in prange(n_items):
@@ -273,15 +273,15 @@ def attend_cached_serial(q, keys, values, key_scales, value_scales, allowed, sca
         attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, item)
 
 
-NO_SCALES = np.zeros((0, 0), np.float32)
+NO_SCALES = np.zeros((0, 0), np.float32)  # what the kernel gets for "no scales" (shape[1] == 0)
 
 
 def kernel_arrays(keys, values, key_scales, value_scales):
-    """The storage as the kernel takes it: float16 as uint16 bits, absent scales as (KV, 0)."""
+    """The storage as the kernel takes it: float16 as uint16 bits, absent scales as (0, 0)."""
     if keys.dtype == np.float16:
         keys, values = keys.view(np.uint16), values.view(np.uint16)
     if key_scales is None:
-        key_scales = value_scales = np.zeros((keys.shape[0], 0), np.float32)
+        key_scales = value_scales = NO_SCALES
     return keys, values, key_scales, value_scales
 
 
