@@ -20,6 +20,7 @@ from numba import njit, prange
 
 from . import amx, cpu
 from .checks import as_row_ids, check_finite
+from .convert import count_nonfinite_bf16
 from .fp32 import OneArrayWeight, matmul_by_tiles
 from . import reference as ref
 from .reference import f32_to_bf16  # NumPy is fast enough for a once-per-load conversion
@@ -91,7 +92,7 @@ class Bf16Weight(OneArrayWeight):
         if w.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D (out, in) array, got shape {w.shape}")
         if w.dtype == np.uint16:
-            bad = int(np.count_nonzero((w & 0x7F80) == 0x7F80))
+            bad = count_nonfinite_bf16(np.ascontiguousarray(w))  # one parallel pass, no temporaries
             if bad:
                 raise ValueError(f"{name}: {bad} of {w.size} bf16 values are NaN or inf; "
                                  f"the checkpoint is damaged")

@@ -107,6 +107,8 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
                    help="keep matrices as bf16 or quantize them to int4 at load; float32: unpack a GGUF/AWQ/GPTQ/MLX "
                         "file's weights exactly to float32 instead of multiplying its codes")
     add_group_flags(p)
+    p.add_argument("--kv-cache", choices=["float32", "float16", "int8"],
+                   help="KV cache dtype (default: float32 for float32 weights, float16 for bf16/int4)")
 
 
 def add_group_flags(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import DTYPES as KV_DTYPES
 from .compile_notice import announce_compilation
 from .config import GenerationConfig, load_config, load_generation_config, read_json
 from .errors import MinislmError
@@ -27,6 +28,7 @@ from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
 from .model import Model
 from .quantize import QuantConfig, pack_weights, packable, read_packed_weights
+from .streaming import release, widen
 from .tokenizer import load_tokenizer
 from .weights import StoredTensor, check_tensors, expected_shapes, read_checkpoint, split_fused_experts
 
@@ -41,6 +43,7 @@ def load(
     group_size: int | None = None,
     symmetric: bool | None = None,
     output_bits: int | None = None,
+    kv_cache: str | None = None,
 ) -> Model:
     """Load a Phi-3 or PhiMoE checkpoint (local folder, Hugging Face repo id or GGUF
     file; by default the small Shakespeare model shipped inside the package).
@@ -52,7 +55,8 @@ def load(
     symmetric unless symmetric=False; the output layer at `output_bits` 8, the
     default, or 4). group_size/symmetric that contradict how a
     checkpoint is already quantized, or that ask for nothing (no int4), are refused
-    rather than ignored.
+    rather than ignored. kv_cache: the KV cache's dtype ("float32", "float16",
+    "int8"); by default float32 for float32 weights, float16 for packed ones.
 
     A GGUF file, or an AWQ/GPTQ/MLX folder, keeps its own codes and scales: each
     matrix becomes a packed weight holding exactly the format's weights, multiplied
@@ -61,11 +65,13 @@ def load(
     the exact path the tests use; "bf16"/"int4" re-quantize the unpacked weights
     (no longer the file's exact weights).
     """
+    if kv_cache is not None and kv_cache not in KV_DTYPES:
+        raise MinislmError(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_DTYPES)}")
     exact = quant == "float32"
     quant = None if exact else quant
     if model is not None and Path(model).expanduser().is_file():
         check_quant_request(Path(model), None, quant, group_size, symmetric, output_bits)
-        return load_gguf(Path(model).expanduser(), quant, group_size, symmetric, exact, output_bits)
+        return load_gguf(Path(model).expanduser(), quant, group_size, symmetric, exact, output_bits, kv_cache)
     model_dir = resolve_model_dir(bundled_model() if model is None else model, revision)
     config = load_config(model_dir)
     tensors = split_fused_experts(read_checkpoint(model_dir), config, model_dir)
@@ -94,11 +100,12 @@ def load(
         used = quant_config(quant, group_size, symmetric, output_bits)
         if used is None:
             # Only the tensors the forward reads (a tied checkpoint may carry a spare lm_head copy).
-            weights = {name: np.ascontiguousarray(tensors[name].float32()) for name in expected_shapes(config)}
+            weights = {name: widened(name, tensors[name]) for name in expected_shapes(config)}
         else:
             announce_compilation(used.format)  # packing compiles the quantizer
             weights = pack_weights(tensors, config, used, model_dir)
-    return Model(config, weights, tokenizer=tokenizer, generation_config=generation_config, path=Path(model_dir), quant=used)
+    return Model(config, weights, tokenizer=tokenizer, generation_config=generation_config, path=Path(model_dir), quant=used,
+                 kv_cache=kv_cache)
 
 
 def bundled_model() -> Path:
@@ -150,6 +157,15 @@ def check_small_tensors_finite(arrays: dict, config, where: Path) -> None:
             raise MinislmError(f"{where}: tensor '{name}' has {bad} NaN/Inf values of {w.size}; the checkpoint is damaged")
 
 
+def widened(name: str, tensor) -> np.ndarray:
+    """A float32 weight: F32 stays memory-mapped; F16/BF16 widen in one parallel pass,
+    after which the file's pages of that tensor leave our RSS (minislm.streaming)."""
+    values = np.ascontiguousarray(widen(name, tensor))
+    if tensor.dtype != "F32":
+        release(tensor.array)
+    return values
+
+
 def stored_quantization(model_dir: Path) -> QuantConfig | None:
     """The quantization_config a `minislm quantize` checkpoint records, if any."""
     path = Path(model_dir) / "config.json"
@@ -199,7 +215,7 @@ class UnpackedTensors(Mapping):
 
 
 def load_gguf(path: Path, quant: str | None, group_size: int | None, symmetric: bool | None, exact: bool,
-              output_bits: int | None = None) -> Model:
+              output_bits: int | None = None, kv_cache: str | None = None) -> Model:
     """A GGUF file: config from its metadata, weights unpacked under the hub's names."""
     from .formats.gguf import generation_stop_ids, load_gguf_tokenizer, open_gguf, weight_plan
 
@@ -216,4 +232,5 @@ def load_gguf(path: Path, quant: str | None, group_size: int | None, symmetric: 
         generation_config=GenerationConfig(eos_token_ids=generation_stop_ids(gg)),
         path=path,
         quant=used,
+        kv_cache=kv_cache,
     )

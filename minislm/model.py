@@ -52,6 +52,7 @@ import numpy as np
 from .cache import KVCache
 from .config import GenerationConfig, ModelConfig, RopeConfig
 from .errors import MinislmError
+from .kernels.attention import attend_cached
 from .moe import expert_prefix, group_by_expert, sparsemixer
 from .trace import NO_TRACE
 
@@ -68,10 +69,6 @@ class PackedWeight(Protocol):
 
 
 Weight = Union[np.ndarray, PackedWeight]
-
-# Queries are processed in blocks of this many so that the (heads, T, S) score
-# matrix of a long prompt never needs more than ~heads * 256 * S floats at once.
-QUERY_BLOCK = 256
 
 
 # ---------------------------------------------------------------- building blocks
@@ -226,31 +223,11 @@ def attention_probabilities(q: np.ndarray, keys: np.ndarray, allowed: np.ndarray
 
 def plain_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, allowed: np.ndarray, scale: float) -> np.ndarray:
     """The definition of attention, with nothing clever: probabilities (H, T, S) times
-    the values of each query head's kv head -> (H, T, hd). `grouped_query_attention`
-    computes the same (tests/test_attention.py checks them equal); it exists to read."""
+    the values of each query head's kv head -> (H, T, hd). The model runs
+    `attend_cached` (minislm.kernels.attention), which computes the same from the
+    cache's own storage; tests/test_attention.py checks them equal."""
     G = q.shape[0] // keys.shape[0]
     return attention_probabilities(q, keys, allowed, scale) @ np.repeat(values, G, axis=0)
-
-
-def grouped_query_attention(
-    q: np.ndarray, keys: np.ndarray, values: np.ndarray, allowed: np.ndarray, scale: float
-) -> np.ndarray:
-    """`plain_attention`, faster: q (H, T, hd); keys, values (KV, S, hd); allowed (T, S)
-    -> (H, T, hd).
-
-    Query heads h = kv * G + g all use kv head `kv` (transformers' repeat_kv), so
-    stacking a kv head's G query heads into one matrix lets one matmul serve them
-    all, without copying keys G times.
-    """
-    H, T, hd = q.shape
-    KV, S, _ = keys.shape
-    G = H // KV
-    q = q.reshape(KV, G * T, hd)
-    scores = (q @ keys.transpose(0, 2, 1)) * scale  # (KV, G*T, S)
-    scores = scores.reshape(KV, G, T, S)
-    scores = np.where(allowed, scores, -np.inf)
-    probs = softmax(scores, axis=-1).reshape(KV, G * T, S)
-    return (probs @ values).reshape(H, T, hd)  # (KV, G*T, hd) -> (H, T, hd)
 
 
 def project_qkv(config: ModelConfig, weights: dict, layer: str, x: np.ndarray):
@@ -269,7 +246,13 @@ def project_qkv(config: ModelConfig, weights: dict, layer: str, x: np.ndarray):
 def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, allowed, trace=NO_TRACE) -> np.ndarray:
     """Self-attention of one layer, reading and extending the cache: q (T, H*hd) and
     k, v (T, KV*hd) -> each query head's mix of values, side by side (T, H*hd).
-    `allowed` is the (T, S) mask of this forward."""
+
+    `allowed` is the (T, S) mask of this forward. `attend_cached` computes
+    `plain_attention` over the cache as it is stored (float32, float16 or int8),
+    one pass over the keys and one over the values per kv head, reading only the
+    keys between the first and the last that a query's mask row allows (with a
+    sliding window, the last w); the (H, T, S) scores are never formed.
+    """
     T = q.shape[0]
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = q.reshape(T, H, hd).transpose(1, 0, 2)  # (H, T, hd)
@@ -281,22 +264,21 @@ def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin
     trace.record("q", q, layer)
     trace.record("k", k, layer)
     trace.record("v", v, layer)
-    keys, values = cache.store(layer, k, v)  # (KV, S, hd) each
+    cache.store(layer, k, v)  # at positions [cache.length, cache.length + T)
 
-    out = np.empty((H, T, hd), dtype=np.float32)
-    for start in range(0, T, QUERY_BLOCK):  # bounds the (H, block, S) scores of a long prompt
-        block = slice(start, start + QUERY_BLOCK)
-        out[:, block] = grouped_query_attention(q[:, block], keys, values, allowed[block], hd**-0.5)
-    record_attention_probabilities(trace, layer, q, keys, allowed, hd**-0.5)
+    out = attend_cached(q, *cache.layer(layer), allowed, hd**-0.5)  # (H, T, hd)
+    record_attention_probabilities(trace, layer, q, cache, allowed, hd**-0.5)
     return out.transpose(1, 0, 2).reshape(T, H * hd)  # heads side by side again; o_proj follows
 
 
-def record_attention_probabilities(trace, layer: int, q, keys, allowed, scale) -> None:
+def record_attention_probabilities(trace, layer: int, q, cache: KVCache, allowed, scale) -> None:
     """For a recorder only: the probabilities of the heads it asks for, computed again by
-    the plain definition, so the attention that produced the output is left untouched."""
+    the plain definition from the cache, so the attention that produced the output is
+    left untouched and never has to form them."""
     heads = trace.attention_heads(layer, q.shape[0])
     if heads is None or not trace.wants("attn_probs", layer, nbytes=4 * len(heads) * allowed.size):
         return
+    keys, _ = cache.read(layer, allowed.shape[1])  # (KV, S, hd) float32
     G = q.shape[0] // keys.shape[0]
     trace.record("attn_probs", attention_probabilities(q[heads], keys[heads // G], allowed, scale), layer)
 
@@ -419,16 +401,23 @@ def crosses_rope_switch(config: ModelConfig, cache: KVCache, n_new: int) -> bool
 class Model:
     """A loaded checkpoint: config + weights + tokenizer (see `minislm.load`)."""
 
-    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, generation_config=None, path=None, quant=None):
+    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, generation_config=None, path=None, quant=None,
+                 kv_cache: str | None = None):
         self.config = config
         self.weights = weights
         self.quant = quant  # None (float32) or the QuantConfig of the packed matrices
+        # The KV cache's dtype: float32 keeps float32 weights verified against transformers;
+        # packed weights (ours, or a GGUF/AWQ/GPTQ/MLX file's codes) already trade exactness
+        # for bytes, and take a float16 cache too.
+        packed = quant is not None or any(not isinstance(w, np.ndarray) for w in weights.values())
+        self.kv_cache = kv_cache or ("float16" if packed else "float32")
         self.tokenizer = tokenizer
         self.generation_config = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids)
         self.path = path
 
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.config, capacity)
+    def new_cache(self, capacity: int, dtype: str | None = None) -> KVCache:
+        """An empty cache for `capacity` positions, in `dtype` or the model's `kv_cache`."""
+        return KVCache(self.config, capacity, dtype or self.kv_cache)
 
     def check_ids(self, token_ids, image_features=None) -> np.ndarray:
         """A 1-D sequence of integer ids as int64, each in [0, vocab_size) or, with

@@ -28,6 +28,7 @@ import numpy as np
 
 from .config import read_json
 from .errors import MinislmError
+from .streaming import Scratch, release, to_bf16_bits, widen
 from .vision.config import IMAGE_EMBED
 from .weights import SAFETENSORS_TAGS, StoredTensor, expected_shapes, write_safetensors
 
@@ -118,16 +119,27 @@ def module_name(name: str) -> str:
     return name.removesuffix(".weight")
 
 
-def pack(name: str, tensor: StoredTensor, quant: QuantConfig, is_output: bool = False):
-    """One packed weight from a stored tensor (bf16 words are used as they are). The image
-    encoder stays bf16 under int4: CLIP's features feed every image token; the output
-    layer is int8 unless `quant.output_bits` is 4."""
+def stays_bf16(name: str, quant: QuantConfig) -> bool:
+    """bf16 weights, and the image encoder's matrices under every format."""
+    return quant.format == "bf16" or name.startswith(IMAGE_EMBED)
+
+
+def pack(name: str, tensor: StoredTensor, quant: QuantConfig, scratch: Scratch, is_output: bool = False):
+    """One packed weight from a stored tensor. bf16 words are used as they are (still
+    mapped); f16 is rounded to bf16 in one pass; int4/int8 quantize float32 values
+    widened into the reusable `scratch` buffer. The image encoder stays bf16 under
+    int4: CLIP's features feed every image token; the output layer is int8 unless
+    `quant.output_bits` is 4."""
     from .kernels import Bf16Weight, Int4Weight, Int8Weight
 
-    values = tensor.array if tensor.dtype == "BF16" else tensor.float32()
     try:
-        if quant.format == "bf16" or name.startswith(IMAGE_EMBED):
-            return Bf16Weight(values, name=name)
+        if stays_bf16(name, quant):
+            if tensor.dtype == "BF16":
+                return Bf16Weight(tensor.array, name=name)
+            if tensor.dtype == "F16":
+                return Bf16Weight(to_bf16_bits(name, tensor), name=name)
+            return Bf16Weight(tensor.float32(), name=name)
+        values = widen(name, tensor, scratch.take(tensor.array.shape))
         if is_output and quant.output_bits == 8:
             return Int8Weight(values, group_size=quant.group_size, name=name)
         return Int4Weight(values, group_size=quant.group_size, symmetric=quant.symmetric, name=name)
@@ -136,16 +148,24 @@ def pack(name: str, tensor: StoredTensor, quant: QuantConfig, is_output: bool = 
 
 
 def pack_weights(tensors: dict[str, StoredTensor], config, quant: QuantConfig, where: Path) -> dict:
-    """The forward's weight dict with packed matrices, quantized now (with a progress bar)."""
+    """The forward's weight dict with packed matrices, made now, tensor by tensor (with a
+    progress bar). A converted tensor's file pages are released as soon as it is done,
+    so the peak RSS is the result plus one tensor, not the whole checkpoint."""
     from tqdm import tqdm
 
     shapes = expected_shapes(config)
+    scratch = Scratch()
     weights = {}
     for name in tqdm(shapes, desc=f"quantizing to {quant.describe()}", unit="tensor", disable=None, leave=False):
+        tensor = tensors[name]
         if packable(name, shapes[name]):
-            weights[name] = pack(name, tensors[name], quant, is_output=name == output_layer(config))
+            weights[name] = pack(name, tensor, quant, scratch, is_output=name == output_layer(config))
+            keeps_mapping = stays_bf16(name, quant) and tensor.dtype == "BF16"
         else:
-            weights[name] = np.ascontiguousarray(tensors[name].float32())
+            weights[name] = np.ascontiguousarray(tensor.float32())
+            keeps_mapping = tensor.dtype == "F32"
+        if not keeps_mapping:
+            release(tensor.array)
     return weights
 
 

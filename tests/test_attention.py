@@ -1,34 +1,21 @@
-"""The fast grouped-query attention against its plain twin, and the mask it reads.
+"""The model's attention against its definition, and the mask that definition reads.
 
 `plain_attention` is the definition (repeat each kv head for its query heads, full
-score matrix, mask, softmax, values); `grouped_query_attention` stacks query heads
-instead of copying keys, and the spine runs it in blocks of QUERY_BLOCK queries.
-Both are float32 NumPy matmuls that differ only in how BLAS sums, so they agree to
-float32 rounding: ATOL_SAME_MATH bounds that on unit-scale inputs.
+score matrix, mask, softmax, values). The model runs `attend_cached` over the
+cache's own storage instead; on a float32 cache both compute in float32 and differ
+only in summation order, so they agree to float32 rounding: ATOL_SAME_MATH bounds
+that on unit-scale inputs. (The kernel's other storage formats are checked against
+its NumPy twin in test_attention_kernel.py.)
 """
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minislm.model import (
-    QUERY_BLOCK,
-    attention_mask,
-    attention_probabilities,
-    grouped_query_attention,
-    plain_attention,
-)
+from minislm.kernels.attention import QUERY_TILE, attend_cached
+from minislm.model import attention_mask, attention_probabilities, plain_attention
 
 ATOL_SAME_MATH = 1e-5
-
-
-def blocked(q, keys, values, allowed, scale):
-    """What model.attention does with a long prompt: QUERY_BLOCK queries at a time."""
-    out = np.empty_like(q)
-    for start in range(0, q.shape[1], QUERY_BLOCK):
-        block = slice(start, start + QUERY_BLOCK)
-        out[:, block] = grouped_query_attention(q[:, block], keys, values, allowed[block], scale)
-    return out
 
 
 @settings(max_examples=25, deadline=None)
@@ -37,22 +24,22 @@ def blocked(q, keys, values, allowed, scale):
     group=st.integers(1, 3),
     head_dim=st.sampled_from([2, 8, 16]),
     cached=st.integers(0, 40),
-    new=st.one_of(st.integers(1, 12), st.integers(QUERY_BLOCK - 2, QUERY_BLOCK + 40)),
-    window=st.one_of(st.none(), st.integers(1, 300)),
+    new=st.one_of(st.integers(1, 12), st.integers(QUERY_TILE - 2, 3 * QUERY_TILE + 5)),
+    window=st.one_of(st.none(), st.integers(1, 60)),
     seed=st.integers(0, 2**16),
 )
-def test_grouped_attention_equals_plain_twin(kv_heads, group, head_dim, cached, new, window, seed):
-    """Including prompts longer than one query block (T > 256: the second block reads the
-    mask rows and keys of later queries) and sliding windows shorter than the prompt."""
+def test_model_attention_equals_plain_definition(kv_heads, group, head_dim, cached, new, window, seed):
+    """Including prompts spanning several query tiles and sliding windows shorter than
+    the prompt, over a float32 cache with unused capacity after the filled positions."""
     rng = np.random.default_rng(seed)
     H, S = kv_heads * group, cached + new
     q = rng.standard_normal((H, new, head_dim), dtype=np.float32)
-    keys = rng.standard_normal((kv_heads, S, head_dim), dtype=np.float32)
-    values = rng.standard_normal((kv_heads, S, head_dim), dtype=np.float32)
-    allowed = attention_mask(np.arange(cached, S), S, window)
+    keys = rng.standard_normal((kv_heads, S + 5, head_dim), dtype=np.float32)
+    values = rng.standard_normal((kv_heads, S + 5, head_dim), dtype=np.float32)
     scale = head_dim**-0.5
-    fast = blocked(q, keys, values, allowed, scale)
-    plain = plain_attention(q, keys, values, allowed, scale)
+    allowed = attention_mask(np.arange(cached, S), S, window)
+    fast = attend_cached(q, keys, values, None, None, allowed, scale)
+    plain = plain_attention(q, keys[:, :S], values[:, :S], allowed, scale)
     assert fast.shape == (H, new, head_dim)
     assert np.abs(fast - plain).max() <= ATOL_SAME_MATH
 

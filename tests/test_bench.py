@@ -20,7 +20,8 @@ from minislm.bench.engines import ENGINES
 from minislm.bench.measure import decode_bytes
 from minislm.bench.random_checkpoint import PHIMOE_TINY, write_random_checkpoint
 
-QUICK = ("--small", "--prompt-lengths", "16,48", "--new-tokens", "6")
+# --offline: the llama.cpp rows would otherwise fetch their vocabulary (no network in tests)
+QUICK = ("--small", "--prompt-lengths", "16,48", "--new-tokens", "6", "--offline")
 
 
 def bench(tmp_path, *args):
@@ -33,7 +34,7 @@ def bench(tmp_path, *args):
 
 
 def test_small_bench_gives_every_engine_a_row_and_writes_table_json_and_plot(tmp_path):
-    done, results = bench(tmp_path)
+    done, results = bench(tmp_path, "--contexts", "64,256", "--sweep-tokens", "3")
     assert [row["engine"] for row in results["engines"]] == [e.name for e in ENGINES]
     for row in results["engines"]:
         assert row["status"] in ("ok", "skipped"), row  # a missing peer is skipped, never failed
@@ -47,7 +48,13 @@ def test_small_bench_gives_every_engine_a_row_and_writes_table_json_and_plot(tmp
         assert ours[key] > 0, key
     assert ours["other_load"] >= 0  # cores other processes kept busy meanwhile (Linux /proc/stat)
     assert results["bandwidth"]["roofline_gbs"] > 0
-    assert results["settings"] == {"threads": 2, "prompt_lengths": [16, 48], "new_tokens": 6}
+    assert results["settings"] == {"threads": 2, "prompt_lengths": [16, 48], "new_tokens": 6,
+                                   "contexts": [64, 256], "sweep_tokens": 3}
+    # the default sweep: int4 g128 and both peers (llama.cpp skipped when it is not installed or --offline)
+    assert [row["engine"] for row in results["sweeps"]] == ["minislm-int4-g128", "llama.cpp-Q4_0", "transformers-bf16"]
+    for row in results["sweeps"]:
+        assert row["status"] in ("ok", "skipped"), row
+        assert row["status"] == "skipped" or [p["context"] for p in row["points"]] == [64, 256]
 
     table = done.stdout
     assert "| engine | load s | TTFT ms @16 | prefill tok/s @16 | prefill tok/s @48 | decode tok/s |" in table
@@ -73,6 +80,25 @@ def test_engines_flag_selects_rows_and_profile_adds_the_per_part_table(tmp_path)
     for timing in (profile["prefill"], profile["decode_per_token"]):
         assert all(seconds >= 0 for part, seconds in timing["parts_s"].items()), timing["parts_s"]
     assert "| part | prefill ms |" in done.stdout
+
+
+def test_context_sweep_reports_speed_and_kv_bytes_at_each_context(tmp_path):
+    done, results = bench(tmp_path, "--engines", "minislm-int4-g128", "--contexts", "32,200,5000", "--sweep-tokens", "3")
+    (sweep,) = results["sweeps"]
+    assert sweep["engine"] == "minislm-int4-g128" and sweep["status"] == "ok", sweep
+    assert sweep["info"]["kv_cache"] == "float16"  # the default for int4 weights
+    points = sweep["points"]
+    assert [p["context"] for p in points] == [32, 200, 5000]
+    assert points[-1]["measured_at"] == 4096 - 3  # lowered to what fits the model's 4096 positions
+    per_position = 2 * 2 * 256 * 2  # layers x (K, V) x kv heads x head dim x 2 bytes, phi3-tiny
+    for p in points:  # phi3-tiny keeps Phi-3-mini's window of 2047: no step reads more
+        assert p["decode_tok_s"] > 0 and p["fill_tok_s"] > 0
+        expected = [min(p["measured_at"] + i, 2047) * per_position for i in (1, 2, 3)]
+        assert p["kv_bytes_per_token"] == int(sum(expected) / 3)
+    assert "| minislm-int4-g128 | float16 | 200 |" in done.stdout
+    assert "weights + KV roofline at every context" in done.stdout
+    if results["sweep_plot"]:
+        assert (tmp_path / "out-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unknown_engine_is_a_one_line_error(tmp_path):

@@ -16,6 +16,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lengths", type=lengths, default=[128, 512], help="prefill prompts (default 128,512)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded after the first prompt (default 64)")
     p.add_argument("--profile", action="store_true", help="also time each layer part of the minislm engines")
+    p.add_argument("--offline", action="store_true",
+                   help="download nothing (llama.cpp's vocabulary); rows that need it are skipped")
+    p.add_argument("--contexts", type=lengths, default=[128, 1024, 2048, 4096],
+                   help="context sweep: decode speed with this many positions cached (default 128,1024,2048,4096)")
+    p.add_argument("--sweep-engines", help="engines of the context sweep, or 'none' (default: "
+                   "minislm-int4-g128, llama.cpp-Q4_0, transformers-bf16, those of them in --engines)")
+    p.add_argument("--sweep-tokens", type=int, default=16, help="decode steps timed at each context (default 16)")
 
 
 def lengths(text: str) -> list[int]:
@@ -38,5 +45,7 @@ def check_bench_flags(args) -> None:
         raise MinislmError(f"--cache-dir {args.cache_dir}: {cache_dir.parent} is a file, not a folder")
     if args.new_tokens < 2:
         raise MinislmError(f"--new-tokens must be >= 2 (decode speed needs a token after the first), got {args.new_tokens}")
+    if args.sweep_tokens < 1:
+        raise MinislmError(f"--sweep-tokens must be >= 1, got {args.sweep_tokens}")
     if max(args.prompt_lengths) + args.new_tokens > 4096:
         raise MinislmError("--prompt-lengths plus --new-tokens must fit Phi-3-mini's 4096-token context")

@@ -25,6 +25,9 @@ class Engine:
     bytes_per_param: float  # to check RAM before starting it
     options: dict = field(default_factory=dict)  # passed to minislm.load
     decode_peer: str | None = None  # the row the issue compares our decode speed with
+    # minislm only: load the folder `minislm quantize` wrote (run.py makes it) instead
+    # of quantizing the f16 checkpoint at load: memory-mapped, nothing converted
+    prequantized: bool = False
 
 
 ENGINES = [
@@ -39,6 +42,9 @@ ENGINES = [
            {"quant": "int4", "group_size": 64}, decode_peer="llama.cpp-Q4_0"),
     Engine("minislm-int4-g128", "minislm", "int4", 0.5 + 2 / 128,
            {"quant": "int4", "group_size": 128}, decode_peer="llama.cpp-Q4_0"),
+    # the same weights from a `minislm quantize` folder: what loading costs when
+    # nothing is converted (issue 13, goal 4: first token in ~1 s, RSS ~1.04x the weights)
+    Engine("minislm-int4-g128-folder", "minislm", "int4", 0.5 + 2 / 128, prequantized=True),
     Engine("llama.cpp-F16", "llama.cpp", "F16", 2.0),
     Engine("llama.cpp-Q8_0", "llama.cpp", "Q8_0", 34 / 32),
     Engine("llama.cpp-Q4_0", "llama.cpp", "Q4_0", 18 / 32),
@@ -110,10 +116,37 @@ def transformers_skip_reason(engine: Engine, config: dict) -> str | None:
 
 
 @dataclass
+class Decoder:
+    """An engine driven one forward at a time, for the context sweep (`sweep.py`).
+
+    reset() empties the engine's KV cache; extend(ids) runs the ids after those
+    already cached and returns the logits of the last one (one id: a decode step);
+    kv_bytes(n) is the bytes of KV cache the engine reads in a decode step that
+    leaves n positions cached, in its own cache format and attention window.
+    """
+
+    reset: object
+    extend: object
+    kv_bytes: object
+
+
+@dataclass
 class Loaded:
     generate: object  # (prompt_ids, n, stats) -> iterator of n token ids
     tensor_bytes: dict  # {tensor name: bytes as the engine stores it}
     info: dict = field(default_factory=dict)  # versions and settings worth printing
+    decoder: Decoder | None = None
+
+
+def kv_bytes_per_position(config: dict, bytes_per_value: float) -> float:
+    """Keys and values of one position in all layers (hub config.json keys)."""
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * bytes_per_value
+
+
+def attended(n_positions: int, window) -> int:
+    """Positions a query at the end of an n-position sequence attends to (window or all)."""
+    return min(n_positions, window) if window else n_positions
 
 
 def load_engine(engine: Engine, checkpoint: Path, model_file: Path, threads: int, n_ctx: int) -> Loaded:
@@ -138,6 +171,8 @@ def minislm_model(engine: Engine, checkpoint: Path, threads: int):
 
 
 def load_minislm(engine: Engine, checkpoint: Path, threads: int) -> Loaded:
+    import numpy as np
+
     import minislm.kernels as kernels
     from ..generate import generate_tokens
     from ..sampling import Sampler, SamplingSettings
@@ -148,12 +183,24 @@ def load_minislm(engine: Engine, checkpoint: Path, threads: int) -> Loaded:
     def generate(prompt, n, stats):
         return generate_tokens(model, prompt, n, greedy, stats=stats)
 
-    info = {"numpy": version("numpy"), "numba": version("numba")}
+    state = {}
+
+    def reset():
+        state["cache"] = model.new_cache(model.config.max_position_embeddings)
+
+    def extend(ids):
+        return model.lm_head(model.forward(np.asarray(ids), state["cache"])[-1:])[0]
+
+    def kv_bytes(n):
+        return attended(n, model.config.sliding_window) * model.new_cache(0).bytes_per_position
+
+    info = {"numpy": version("numpy"), "numba": version("numba"), "kv_cache": model.kv_cache}
     if hasattr(kernels, "threading_layer"):
         info["threading_layer"] = kernels.threading_layer()
     if hasattr(kernels, "kernel_paths"):  # which instructions ran: AMX, VNNI or portable
         info["kernel_paths"] = kernels.kernel_paths()
-    return Loaded(generate, {name: int(w.nbytes) for name, w in model.weights.items()}, info)
+    return Loaded(generate, {name: int(w.nbytes) for name, w in model.weights.items()}, info,
+                  Decoder(reset, extend, kv_bytes))
 
 
 def load_llama_cpp(model_file: Path, threads: int, n_ctx: int) -> Loaded:
@@ -186,12 +233,31 @@ def load_llama_cpp(model_file: Path, threads: int, n_ctx: int) -> Loaded:
     reader = gguf.GGUFReader(model_file)
     tensor_bytes = {t.name: int(t.n_bytes) for t in reader.tensors}
     types = sorted({t.tensor_type.name for t in reader.tensors})
+    config = gguf_config(reader)
+    per_position = kv_bytes_per_position(config, 2)  # the default K and V cache type is F16
+
+    def extend(ids):
+        llm.eval(list(ids))
+        return last_logits()
+
+    # llama.cpp (0.3.36) turns Phi-3's sliding window off when it loads the model
+    # ("Phi SWA is currently disabled"): every cached position is attended to.
+    decoder = Decoder(llm.reset, extend, lambda n: attended(n, None) * per_position)
     return Loaded(
         lambda prompt, n, stats: greedy_tokens(prefill, step, prompt, n, stats),
         tensor_bytes,
         {"llama_cpp_python": llama_cpp.__version__, "tensor_types": types,
          "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()},
+        decoder,
     )
+
+
+def gguf_config(reader) -> dict:
+    """The hub config.json keys kv_bytes_per_position needs, from a GGUF's metadata."""
+    arch = reader.fields["general.architecture"].contents()
+    key = {"hidden_size": "embedding_length", "num_attention_heads": "attention.head_count",
+           "num_key_value_heads": "attention.head_count_kv", "num_hidden_layers": "block_count"}
+    return {name: int(reader.fields[f"{arch}.{k}"].contents()) for name, k in key.items()}
 
 
 def load_transformers(checkpoint: Path, threads: int) -> Loaded:
@@ -223,10 +289,21 @@ def load_transformers(checkpoint: Path, threads: int) -> Loaded:
 
     from .measure import greedy_tokens
 
+    def reset():
+        state["past"] = None
+
+    def extend(ids):
+        return run(list(ids), state.get("past"))
+
+    config = model.config.to_dict()
+    per_position = kv_bytes_per_position(config, 2)  # bf16, the model's dtype
+    # DynamicCache keeps sliding_window - 1 positions of a sliding-window layer (Phi-3).
+    decoder = Decoder(reset, extend, lambda n: attended(n, config.get("sliding_window")) * per_position)
     tensor_bytes = {name: p.numel() * p.element_size() for name, p in model.named_parameters()}
     return Loaded(
         lambda prompt, n, stats: greedy_tokens(prefill, step, prompt, n, stats),
         tensor_bytes,
         {"torch": torch.__version__, "transformers": transformers.__version__,
          "attention": model.config._attn_implementation},
+        decoder,
     )

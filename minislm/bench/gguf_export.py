@@ -5,7 +5,8 @@ a real download. We write the file ourselves with the `gguf` package instead:
 the random safetensors checkpoint's tensors under llama.cpp's names, the
 hyper-parameters from config.json, and the tokenizer metadata copied from
 llama.cpp's Phi-3 vocabulary file `ggml-vocab-phi-3.gguf` (shipped in the
-llama-cpp-python source package under vendor/llama.cpp/models/). Q8_0 and
+llama-cpp-python source package under vendor/llama.cpp/models/; the bench
+downloads that package with pip into its cache the first time, `fetch_vocab`). Q8_0 and
 Q4_0 are then made from the F16 file by llama.cpp's own quantizer, with its
 default choices (e.g. it keeps `output.weight` at Q6_K for Q4_0), as a user's
 `llama-quantize` would.
@@ -193,24 +194,47 @@ def quantize(src: Path, dst: Path, kind: str, threads: int) -> None:
 
 def find_vocab(cache_dir: Path) -> Path | None:
     """llama.cpp's Phi-3 vocabulary: in the cache, or taken out of a llama-cpp-python
-    source package (`vocab_hint` says how to fetch one) lying in the cache."""
+    source package lying in the cache (`fetch_vocab` puts one there)."""
     cache_dir = Path(cache_dir)
     target = cache_dir / VOCAB_FILE
     if target.is_file():
         return target
     for sdist in sorted(cache_dir.glob("llama_cpp_python-*.tar.gz")):
         with tarfile.open(sdist) as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith("models/" + VOCAB_FILE)), None)
+            member = next((m for m in tar.getmembers() if m.name.endswith("models/" + VOCAB_FILE) and m.isfile()), None)
             if member is not None:
-                with tar.extractfile(member) as src, open(target, "wb") as dst:
+                partial = target.with_name(target.name + ".partial")
+                with tar.extractfile(member) as src, open(partial, "wb") as dst:
                     shutil.copyfileobj(src, dst)
+                partial.rename(target)
                 return target
     return None
+
+
+def fetch_vocab(cache_dir: Path) -> Path:
+    """Download the source package of the installed llama-cpp-python (~77 MB, with pip,
+    no build, no dependencies) into the cache and take the vocabulary out of it.
+    Raises MinislmError saying what to do when that fails (no network, no pip)."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    package = f"llama-cpp-python=={version('llama-cpp-python')}"
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                           package, "-d", str(cache_dir)], capture_output=True, text=True)
+    vocab = find_vocab(cache_dir)
+    if vocab is None:
+        last = (done.stderr.strip().splitlines() or ["no error printed"])[-1]
+        raise MinislmError(f"could not fetch {VOCAB_FILE} from the {package} source package ({last}); "
+                           f"{vocab_hint(cache_dir)}")
+    return vocab
 
 
 def vocab_hint(cache_dir: Path) -> str:
     from importlib.metadata import version
 
-    return (f"no {VOCAB_FILE} in {cache_dir}: fetch llama-cpp-python's source package there "
+    return (f"put {VOCAB_FILE} in {cache_dir}, or llama-cpp-python's source package "
             f"(pip download --no-deps --no-binary :all: llama-cpp-python=={version('llama-cpp-python')} "
-            f"-d {cache_dir}) and the bench takes the file out of it")
+            f"-d {cache_dir}), and the bench takes the file out of it")

@@ -5,8 +5,9 @@
     2. read bandwidth (the roofline), in a worker
     3. each engine in its own worker process, strictly one at a time
     4. read bandwidth again: a drop says something else took the machine
-    5. with --profile, where minislm's time goes, per layer part
-    6. the table on stdout, JSON and a PNG beside it
+    5. the context sweep: decode speed at growing contexts (sweep.py)
+    6. with --profile, where minislm's time goes, per layer part
+    7. the tables on stdout, JSON and PNGs beside it
 
 An engine that cannot run here (not installed, not merged yet, not enough
 RAM) is a "skipped" row with its reason; one that crashes is a "failed" row;
@@ -32,7 +33,7 @@ from .measure import decode_bytes, experts_fraction
 from .random_checkpoint import (
     PHI3_MINI_4K, PHI3_TINY, PHI35_MOE_2LAYERS, PHIMOE_TINY, checkpoint_shapes, write_random_checkpoint,
 )
-from .report import plot, summary
+from .report import plot, plot_sweep, summary
 
 # (--small, --moe) -> cache folder name and config.json
 MODELS = {
@@ -55,7 +56,9 @@ def run_bench(args, argv: list[str]) -> int:
     busy_before = busy_elsewhere(threads)
 
     worker = Worker(threads, WORKER_TIMEOUT_S[args.small])
-    reasons = prepare_ggufs(engines, checkpoint, cache_dir, worker)
+    reasons = prepare_ggufs(engines, checkpoint, cache_dir, worker, args.offline)
+    quantized, quantize_run = prepare_quantized(engines, checkpoint, cache_dir, worker)
+    reasons.update(quantize_run.pop("reasons", {}))
     gib = 0.5 if args.small else 2.0
     bandwidth_before = worker.run("bandwidth", "--gib", str(gib))
     rows = []
@@ -65,8 +68,9 @@ def run_bench(args, argv: list[str]) -> int:
         if reason:
             rows.append({"engine": engine.name, "status": "skipped", "reason": reason})
         else:
-            rows.append(run_engine(worker, engine, checkpoint, args))
+            rows.append(run_engine(worker, engine, quantized if engine.prequantized else checkpoint, args))
         progress(f"    {describe(rows[-1])}")
+    sweeps = sweep_engines(worker, args, engines, rows, checkpoint)
     bandwidth_after = worker.run("bandwidth", "--gib", str(gib))
     profiles = profile_engines(worker, rows, checkpoint, args) if args.profile else []
 
@@ -75,15 +79,52 @@ def run_bench(args, argv: list[str]) -> int:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {**machine(loadavg_before), "other_load_at_start": busy_before},
         "model": model,
-        "settings": {"threads": threads, "prompt_lengths": args.prompt_lengths, "new_tokens": args.new_tokens},
+        "settings": {"threads": threads, "prompt_lengths": args.prompt_lengths, "new_tokens": args.new_tokens,
+                     "contexts": args.contexts, "sweep_tokens": args.sweep_tokens},
         "bandwidth": {"before": bandwidth_before, "after": bandwidth_after,
                       "roofline_gbs": max((b.get("gbs") or 0) for b in (bandwidth_before, bandwidth_after)) or None},
         "engines": rows,
+        "quantize": quantize_run,
+        "sweeps": sweeps,
         "profiles": profiles,
     }
     json_path = Path(args.json) if args.json else cache_dir / f"bench-{name}.json"
     write_outputs(results, json_path, Path(args.plot) if args.plot else json_path.with_suffix(".png"))
     return 0
+
+
+DEFAULT_SWEEP = ["minislm-int4-g128", "llama.cpp-Q4_0", "transformers-bf16"]
+
+
+def sweep_engines(worker, args, engines, rows, checkpoint: Path) -> list[dict]:
+    """The context sweep of each chosen engine that ran in the table (one worker each)."""
+    from .gguf_export import gguf_path
+
+    if args.sweep_engines == "none":
+        return []
+    names = [e.name for e in selected_engines(args.sweep_engines)] if args.sweep_engines else \
+        [name for name in DEFAULT_SWEEP if name in {e.name for e in engines}]
+    ran = {row["engine"]: row for row in rows}
+    results = []
+    for name in names:
+        engine = engine_named(name)
+        if ran.get(name, {}).get("status") != "ok":
+            why = ran[name].get("reason", ran[name]["status"]) if name in ran else "not in --engines"
+            results.append({"engine": name, "status": "skipped", "reason": why})
+            continue
+        progress(f"context sweep {name}: {', '.join(map(str, args.contexts))}")
+        extra = ["--model-file", str(gguf_path(checkpoint, engine.weights))] if engine.family == "llama.cpp" else []
+        results.append({"engine": name, **worker.run(
+            "sweep", "--engine", name, "--checkpoint", str(checkpoint), *extra,
+            "--contexts", ",".join(map(str, args.contexts)), "--new-tokens", str(args.sweep_tokens))})
+        progress(f"    {describe_sweep(results[-1])}")
+    return results
+
+
+def describe_sweep(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row.get('reason', '')}"
+    return ", ".join(f"{p['measured_at']}: {p['decode_tok_s']:.2f} tok/s" for p in row["points"])
 
 
 def profile_engines(worker, rows, checkpoint: Path, args) -> list[dict]:
@@ -103,10 +144,15 @@ def write_outputs(results: dict, json_path: Path, plot_path: Path) -> None:
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     why_no_plot = plot(results, plot_path)
     results["plot"] = None if why_no_plot else str(plot_path)
+    sweep_path = plot_path.with_name(plot_path.stem + "-sweep" + plot_path.suffix)
+    why_no_sweep_plot = plot_sweep(results, sweep_path)
+    results["sweep_plot"] = None if why_no_sweep_plot else str(sweep_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results))
     print(f"\nJSON: {json_path}\n" + (f"plot: {plot_path}" if not why_no_plot else f"plot skipped: {why_no_plot}"))
+    if results.get("sweeps"):
+        print(f"sweep plot: {sweep_path}" if not why_no_sweep_plot else f"sweep plot skipped: {why_no_sweep_plot}")
 
 
 def busy_elsewhere(threads: int, seconds: float = 1.0) -> float | None:
@@ -176,16 +222,22 @@ def check_disk(folder: Path, nbytes: int, what: str) -> None:
         raise MinislmError(f"{folder}: {what} needs {nbytes / 1e9:.1f} GB, only {free / 1e9:.1f} GB free on that disk")
 
 
-def prepare_ggufs(engines, checkpoint: Path, cache_dir: Path, worker) -> dict:
+def prepare_ggufs(engines, checkpoint: Path, cache_dir: Path, worker, offline: bool = False) -> dict:
     """Make the GGUF files the llama.cpp rows need; {engine name: why it cannot run}."""
-    from .gguf_export import find_vocab, gguf_path, vocab_hint, write_gguf
+    from .gguf_export import fetch_vocab, find_vocab, gguf_path, vocab_hint, write_gguf
 
     wanted = [e for e in engines if e.family == "llama.cpp"]
     if not wanted or llama_cpp_skip_reason(wanted[0], {}):
         return {}  # nothing to do, or the rows will be skipped as not installed
     vocab = find_vocab(cache_dir)
+    if vocab is None and offline:
+        return {e.name: f"--offline: no vocabulary to fetch; {vocab_hint(cache_dir)}" for e in wanted}
     if vocab is None:
-        return {e.name: vocab_hint(cache_dir) for e in wanted}
+        progress("fetching llama.cpp's Phi-3 vocabulary (the llama-cpp-python source package, with pip)")
+        try:
+            vocab = fetch_vocab(cache_dir)
+        except MinislmError as e:
+            return {e_.name: str(e) for e_ in wanted}
     source = checkpoint / "model.safetensors"
     f16 = gguf_path(checkpoint, "F16")
     if is_stale(f16, source):
@@ -203,6 +255,29 @@ def prepare_ggufs(engines, checkpoint: Path, cache_dir: Path, worker) -> dict:
         if done.get("status") == "failed":
             reasons[engine.name] = f"quantizing to {engine.weights} failed: {done['reason']}"
     return reasons
+
+
+QUANTIZE_GROUP = 128  # the folder the prequantized row loads: int4 g128, symmetric
+
+
+def prepare_quantized(engines, checkpoint: Path, cache_dir: Path, worker) -> tuple[Path, dict]:
+    """`minislm quantize` of the checkpoint, timed in a worker (goal 4: <= 10 s, peak RSS
+    <= 2x the output), into a fresh folder the prequantized rows then load."""
+    folder = cache_dir / f"{checkpoint.name}-int4-g{QUANTIZE_GROUP}"
+    wanted = [e for e in engines if e.prequantized]
+    if not wanted:
+        return folder, {}
+    shutil.rmtree(folder, ignore_errors=True)
+    check_disk(cache_dir, (checkpoint / "model.safetensors").stat().st_size // 3, "the int4 folder")
+    progress(f"minislm quantize --group-size {QUANTIZE_GROUP} -> {folder}")
+    done = worker.run("minislm-quantize", "--checkpoint", str(checkpoint), "--output", str(folder),
+                      "--group-size", str(QUANTIZE_GROUP))
+    if done.get("status") == "failed":
+        done["reasons"] = {e.name: f"minislm quantize failed: {done['reason']}" for e in wanted}
+    else:
+        progress(f"    {done['seconds']:.1f} s, {done['output_bytes'] / 1e9:.2f} GB, "
+                 f"peak RSS {done['peak_rss_bytes'] / 1e9:.2f} GB")
+    return folder, done
 
 
 def is_stale(target: Path, source: Path) -> bool:
