@@ -13,6 +13,7 @@ import sys
 
 from .bench.cli import add_bench_arguments, check_bench_flags
 from .errors import MinislmError
+from .quantize import GROUP_SIZES
 from .watch.cli import WATCH_COMMANDS, add_watch_commands, run_watch_command
 
 EXIT_USAGE = 2
@@ -112,7 +113,7 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_group_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4: weights per scale (default 32)")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, help="int4: weights per scale (default 32)")
     p.add_argument("--asymmetric", action="store_true", help="int4: a zero point per group besides the scale")
 
 

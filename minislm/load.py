@@ -105,7 +105,14 @@ def load(
             announce_compilation(used.format)  # packing compiles the quantizer
             weights = pack_weights(tensors, config, used, model_dir)
     return Model(config, weights, tokenizer=tokenizer, generation_config=generation_config, path=Path(model_dir), quant=used,
-                 kv_cache=kv_cache)
+                 kv_cache=kv_cache or default_kv_cache(weights))
+
+
+def default_kv_cache(weights: dict) -> str:
+    """float32 when every weight is a float32 array (the path verified against
+    transformers); float16 when any is packed: ours, or a GGUF/AWQ/GPTQ/MLX file's
+    codes multiplied as they are, which already trade exactness for bytes."""
+    return "float32" if all(kernel_weights.is_float32(w) for w in weights.values()) else "float16"
 
 
 def bundled_model() -> Path:
@@ -232,5 +239,5 @@ def load_gguf(path: Path, quant: str | None, group_size: int | None, symmetric: 
         generation_config=GenerationConfig(eos_token_ids=generation_stop_ids(gg)),
         path=path,
         quant=used,
-        kv_cache=kv_cache,
+        kv_cache=kv_cache or default_kv_cache(weights),
     )

@@ -407,10 +407,8 @@ class Model:
         self.weights = weights
         self.quant = quant  # None (float32) or the QuantConfig of the packed matrices
         # The KV cache's dtype: float32 keeps float32 weights verified against transformers;
-        # packed weights (ours, or a GGUF/AWQ/GPTQ/MLX file's codes) already trade exactness
-        # for bytes, and take a float16 cache too.
-        packed = quant is not None or any(not isinstance(w, np.ndarray) for w in weights.values())
-        self.kv_cache = kv_cache or ("float16" if packed else "float32")
+        # packed weights already trade exactness for bytes, and take a float16 cache too.
+        self.kv_cache = kv_cache or ("float32" if quant is None else "float16")
         self.tokenizer = tokenizer
         self.generation_config = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids)
         self.path = path

@@ -161,3 +161,25 @@ def test_gguf_export_uses_llama_cpp_names_f32_norms_and_copies_the_vocabulary(tm
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == V
     assert reader.fields["phi3.block_count"].contents() == PHI3_TINY["num_hidden_layers"]
     assert np.isfinite(tensors["output.weight"].data).all()
+
+
+def test_minislm_runs_the_q4_0_gguf_llama_cpp_made_for_its_row(tmp_path):
+    """The minislm-gguf-Q4_0 row: the bench writes the F16 GGUF, llama.cpp's quantizer
+    makes Q4_0 of it (what a user downloads), and minislm runs that file's codes."""
+    if os.environ.get("MINISLM_REQUIRE_LLAMA_CPP") != "1":
+        pytest.importorskip("llama_cpp")
+    import shutil
+
+    from conftest import FIXTURES
+
+    (tmp_path / "cache").mkdir()
+    shutil.copy(FIXTURES / "phi3-tokenizer" / "ggml-vocab-phi-3.gguf", tmp_path / "cache")  # no download
+    done, results = bench(tmp_path, "--engines", "minislm-gguf-Q4_0", "--sweep-engines", "none")
+    (row,) = results["engines"]
+    assert row["engine"] == "minislm-gguf-Q4_0" and row["status"] == "ok", row
+    assert row["generated_tokens"] == 6 and row["decode_tok_s"] > 0
+    # Q4_0 codes and a Q6_K output layer, multiplied as they are: ~0.56-0.8 bytes a
+    # weight a step reads, not the 4 of float32 that unpacking would cost
+    params = results["model"]["params"]
+    assert row["decode_bytes_per_token"] < 1.0 * params
+    assert list((tmp_path / "cache").glob("*/ggml-model-Q4_0.gguf"))

@@ -88,6 +88,16 @@ def test_quantized_gguf_equals_the_reference_dequantization(tmp_path, kind, layo
     assert_matches_reference_dequantization(write_gguf(tmp_path / "m.gguf", FIXTURES / "gqa", layout, kind))
 
 
+@pytest.mark.parametrize("kind,cache", [("F16", "float32"), ("Q4_0", "float16"), ("Q8_0", "float16")])
+def test_a_files_codes_take_the_packed_weights_kv_cache(tmp_path, kind, cache):
+    """Codes multiplied as they are trade exactness for bytes, as our int4 does: float16
+    cache by default; the same file unpacked to float32 keeps the float32 cache."""
+    path = write_gguf(tmp_path / "m.gguf", FIXTURES / "gqa", "phi3", kind)
+    assert minislm.load(path).kv_cache == cache
+    assert minislm.load(path, quant="float32").kv_cache == "float32"
+    assert minislm.load(path, kv_cache="int8").kv_cache == "int8"
+
+
 def random_k_blocks(rng, rows: int, cols: int, kind: str) -> np.ndarray:
     """Random K-quant bytes whose fp16 super-block scales are small finite numbers
     (so the weights are of a sane size); every other bit random."""

@@ -28,6 +28,9 @@ class Engine:
     # minislm only: load the folder `minislm quantize` wrote (run.py makes it) instead
     # of quantizing the f16 checkpoint at load: memory-mapped, nothing converted
     prequantized: bool = False
+    # minislm only: run llama.cpp's GGUF of `weights` (the very file the llama.cpp row of
+    # that type runs) through minislm's GGUF reader, its codes multiplied as they are
+    gguf: bool = False
 
 
 ENGINES = [
@@ -45,6 +48,8 @@ ENGINES = [
     # the same weights from a `minislm quantize` folder: what loading costs when
     # nothing is converted (issue 13, goal 4: first token in ~1 s, RSS ~1.04x the weights)
     Engine("minislm-int4-g128-folder", "minislm", "int4", 0.5 + 2 / 128, prequantized=True),
+    # a user's GGUF (Q4_0, llama.cpp's quantizer: Q6_K output layer), run by minislm
+    Engine("minislm-gguf-Q4_0", "minislm", "Q4_0", 18 / 32, gguf=True, decode_peer="llama.cpp-Q4_0"),
     Engine("llama.cpp-F16", "llama.cpp", "F16", 2.0),
     Engine("llama.cpp-Q8_0", "llama.cpp", "Q8_0", 34 / 32),
     Engine("llama.cpp-Q4_0", "llama.cpp", "Q4_0", 18 / 32),
@@ -149,9 +154,14 @@ def attended(n_positions: int, window) -> int:
     return min(n_positions, window) if window else n_positions
 
 
+def uses_gguf(engine: Engine) -> bool:
+    """Does this engine run one of the GGUF files the bench makes with llama.cpp?"""
+    return engine.family == "llama.cpp" or engine.gguf
+
+
 def load_engine(engine: Engine, checkpoint: Path, model_file: Path, threads: int, n_ctx: int) -> Loaded:
     if engine.family == "minislm":
-        return load_minislm(engine, checkpoint, threads)
+        return load_minislm(engine, model_file if engine.gguf else checkpoint, threads)
     if engine.family == "llama.cpp":
         return load_llama_cpp(model_file, threads, n_ctx)
     return load_transformers(checkpoint, threads)

@@ -28,7 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..errors import MinislmError
-from .engines import ENGINES, GiB, engine_named, llama_cpp_skip_reason, skip_reason
+from .engines import ENGINES, GiB, engine_named, llama_cpp_skip_reason, skip_reason, uses_gguf
 from .measure import decode_bytes, experts_fraction
 from .random_checkpoint import (
     PHI3_MINI_4K, PHI3_TINY, PHI35_MOE_2LAYERS, PHIMOE_TINY, checkpoint_shapes, write_random_checkpoint,
@@ -98,8 +98,6 @@ DEFAULT_SWEEP = ["minislm-int4-g128", "llama.cpp-Q4_0", "transformers-bf16"]
 
 def sweep_engines(worker, args, engines, rows, checkpoint: Path) -> list[dict]:
     """The context sweep of each chosen engine that ran in the table (one worker each)."""
-    from .gguf_export import gguf_path
-
     if args.sweep_engines == "none":
         return []
     names = [e.name for e in selected_engines(args.sweep_engines)] if args.sweep_engines else \
@@ -113,7 +111,7 @@ def sweep_engines(worker, args, engines, rows, checkpoint: Path) -> list[dict]:
             results.append({"engine": name, "status": "skipped", "reason": why})
             continue
         progress(f"context sweep {name}: {', '.join(map(str, args.contexts))}")
-        extra = ["--model-file", str(gguf_path(checkpoint, engine.weights))] if engine.family == "llama.cpp" else []
+        extra = model_file_args(engine, checkpoint)
         results.append({"engine": name, **worker.run(
             "sweep", "--engine", name, "--checkpoint", str(checkpoint), *extra,
             "--contexts", ",".join(map(str, args.contexts)), "--new-tokens", str(args.sweep_tokens))})
@@ -226,9 +224,12 @@ def prepare_ggufs(engines, checkpoint: Path, cache_dir: Path, worker, offline: b
     """Make the GGUF files the llama.cpp rows need; {engine name: why it cannot run}."""
     from .gguf_export import fetch_vocab, find_vocab, gguf_path, vocab_hint, write_gguf
 
-    wanted = [e for e in engines if e.family == "llama.cpp"]
-    if not wanted or llama_cpp_skip_reason(wanted[0], {}):
-        return {}  # nothing to do, or the rows will be skipped as not installed
+    wanted = [e for e in engines if uses_gguf(e)]
+    if not wanted:
+        return {}
+    missing = llama_cpp_skip_reason(wanted[0], {})
+    if missing:  # llama.cpp's rows are skipped as not installed; minislm's GGUF rows lack their file
+        return {e.name: f"its GGUF is made by llama.cpp's quantizer: {missing}" for e in wanted if e.family == "minislm"}
     vocab = find_vocab(cache_dir)
     if vocab is None and offline:
         return {e.name: f"--offline: no vocabulary to fetch; {vocab_hint(cache_dir)}" for e in wanted}
@@ -284,10 +285,15 @@ def is_stale(target: Path, source: Path) -> bool:
     return not target.is_file() or target.stat().st_mtime < source.stat().st_mtime
 
 
-def run_engine(worker, engine, checkpoint: Path, args) -> dict:
+def model_file_args(engine, checkpoint: Path) -> list[str]:
+    """The worker's --model-file for an engine that runs a GGUF the bench made."""
     from .gguf_export import gguf_path
 
-    extra = ["--model-file", str(gguf_path(checkpoint, engine.weights))] if engine.family == "llama.cpp" else []
+    return ["--model-file", str(gguf_path(checkpoint, engine.weights))] if uses_gguf(engine) else []
+
+
+def run_engine(worker, engine, checkpoint: Path, args) -> dict:
+    extra = model_file_args(engine, checkpoint)
     n_ctx = max(args.prompt_lengths) + args.new_tokens + 16
     row = worker.run(
         "engine", "--engine", engine.name, "--checkpoint", str(checkpoint), *extra,

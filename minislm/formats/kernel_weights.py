@@ -56,6 +56,14 @@ def to_kernel_weight(stored, name: str = "weight"):
     return weight if q.input_order is None else GatheredInputs(weight, q.input_order)
 
 
+def is_float32(weight) -> bool:
+    """A float32 array, or a stack of them (a float GGUF's separate q/k/v): the weights
+    the float path multiplies exactly, as opposed to a file's codes."""
+    if isinstance(weight, StackedRows):
+        return all(is_float32(part) for part in weight.parts)
+    return isinstance(weight, np.ndarray)
+
+
 class GatheredInputs:
     """GPTQ act-order: the packed columns are the inputs in `order`; gather x the same way."""
 
