@@ -122,6 +122,26 @@ def test_chat_with_an_image(phi3_v_dir):
     assert "reused from the cache" in stats[1]  # the second turn reuses the image's positions
 
 
+def test_trace_with_an_image_shows_the_image_steps_and_where_its_tokens_sit(phi3_v_dir, model):
+    result = minislm_cli("trace", "--model", phi3_v_dir, "--image", LANDSCAPE, "--num-crops", 1, "--layers", "0",
+                         "What is shown?")
+    assert result.returncode == 0, result.stderr
+    prompt = model.image_prompt("What is shown?", [LANDSCAPE], num_crops=1, chat=False)
+    first, last = np.flatnonzero(prompt.ids == -1)[[0, -1]]
+    assert last - first + 1 == 313
+    assert f"image 1: 500x300 -> 336x336: 1x1 crops + global view -> 313 tokens, positions {first}..{last} of {len(prompt.ids)}" \
+        in result.stdout
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    assert rows["image_views"][2:6] == ["(2,", "3,", "336,", "336)"]  # the global view and one crop
+    assert rows["image_patches"][2:5] == ["(2,", "576,", "1024)"]  # a 24 x 24 patch grid per view
+    assert rows["image_tokens"][2] == "(313,"
+    assert rows["embed"][2] == f"({len(prompt.ids)},"  # the decoder runs over text and image tokens
+    # the image tokens' statistics are the API's own features
+    assert float(rows["image_tokens"][-4]) == pytest.approx(float(prompt.features.mean()), abs=1e-4)
+    assert_clean_error(minislm_cli("trace", "--model", FIXTURES / "gqa", "--image", LANDSCAPE, "x"), "--image", "phi3 model")
+    assert_clean_error(minislm_cli("trace", "--model", phi3_v_dir, "--num-crops", 2, "x"), "--num-crops", "--image")
+
+
 def test_bad_image_inputs_are_one_line_errors(phi3_v_dir, tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("hello")

@@ -12,7 +12,7 @@ WATCH_COMMANDS = ("tokenize", "trace", "lens", "attention", "rope", "routing", "
 
 def add_watch_commands(commands) -> None:
     """Add the subcommands to `minislm.cli`'s subparsers."""
-    from ..cli import add_model_flags, add_quant_flags
+    from ..cli import add_model_flags, add_num_crops_flag, add_quant_flags
 
     def model_command(name: str, summary: str, prompt: str = "required") -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=summary, description=summary)
@@ -34,6 +34,10 @@ def add_watch_commands(commands) -> None:
     trace = model_command("trace", "every step of one forward pass: name, layer, shape, dtype, mean, std, min, max")
     trace.add_argument("--layers", help="only these layers, e.g. 0,2-3 (default: all)")
     trace.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    trace.add_argument("--image", action="append", default=[], metavar="PATH",
+                       help="Phi-3-vision: an image for the prompt (repeatable; <|image_k|> tags place them, "
+                            "else they go first): its views, patches and tokens join the table")
+    add_num_crops_flag(trace)
 
     lens = model_command("lens", "the logit lens: what each layer's residual stream would predict")
     lens.add_argument("--last", type=int, default=8, metavar="N", help="positions in the text table (default: the last 8)")

@@ -3,11 +3,19 @@
 A `SummaryRecorder` keeps each step's shape, dtype and statistics, never the
 values, so the table costs the same for any prompt length; the recorder's budget
 bounds the one array made only for it, a layer's attention probabilities.
+
+With `--image` (Phi-3-vision) the same recorder also sees the image side: each
+image's views (the global view and the crops), the tower's patch features and the
+image tokens after the merge and projector, and the table says where each image's
+tokens sit in the sequence.
 """
 
 import json
 import math
 
+import numpy as np
+
+from ..errors import MinislmError
 from ..trace import SummaryRecorder
 from .inputs import model_and_prompt, parse_layers, pieces, shown_path, write_text
 
@@ -20,12 +28,13 @@ def trace_prompt(model, ids, layers=None) -> SummaryRecorder:
 
 
 def format_table(summaries) -> str:
-    lines = [f"{'step':<15}{'layer':>5}  {'shape':<16}{'dtype':<9}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}"]
-    for s in summaries:
+    shapes = ["(" + ", ".join(str(n) for n in s.shape) + ")" for s in summaries]
+    width = max([16] + [len(shape) + 2 for shape in shapes])  # an image's views are 4-D
+    lines = [f"{'step':<15}{'layer':>5}  {'shape':<{width}}{'dtype':<9}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}"]
+    for s, shape in zip(summaries, shapes):
         layer = "-" if s.layer is None else str(s.layer)
-        shape = "(" + ", ".join(str(n) for n in s.shape) + ")"
         lines.append(
-            f"{s.name:<15}{layer:>5}  {shape:<16}{s.dtype:<9}{number(s.mean)}{number(s.std)}{number(s.min)}{number(s.max)}"
+            f"{s.name:<15}{layer:>5}  {shape:<{width}}{s.dtype:<9}{number(s.mean)}{number(s.std)}{number(s.min)}{number(s.max)}"
         )
     return "\n".join(lines)
 
@@ -49,10 +58,41 @@ def as_json(model, ids, summaries) -> dict:
     }
 
 
+def trace_image_prompt(model, args, pictures, layers):
+    """Phi-3-vision: the prompt with its images; one recorder sees the images being
+    encoded and then the forward over text and image tokens."""
+    trace = SummaryRecorder(layers=layers)
+    prompt = model.image_prompt(args.prompt, pictures, args.num_crops, args.system, chat=args.chat, trace=trace)
+    model.logits(prompt.ids, trace, image_features=prompt.features)
+    return prompt, trace
+
+
+def image_lines(prompt) -> list[str]:
+    """Where each image went: its crops, its token count, the positions it fills."""
+    lines = []
+    for k, image in enumerate(prompt.images, 1):
+        positions = np.flatnonzero(prompt.ids == -k)
+        lines.append(f"image {k}: {image.describe()}, positions {positions[0]}..{positions[-1]} of {len(prompt.ids)}")
+    return lines
+
+
 def run_trace(args) -> int:
+    from ..commands import check_reads_images, open_images
+
+    pictures = open_images(args.image)  # before loading: a bad file fails at once
+    if args.num_crops is not None and not pictures:
+        raise MinislmError("--num-crops: applies to --image only")
+    if pictures and args.no_bos:
+        raise MinislmError("--no-bos: with --image every text chunk starts with BOS, as Phi-3-vision's processor does")
     model, ids = model_and_prompt(args)
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
-    trace = trace_prompt(model, ids, layers)
+    if pictures and model.config.vision is None:
+        check_reads_images(model, pictures)  # a one-line error: this model cannot read images
+    if pictures:
+        prompt, trace = trace_image_prompt(model, args, pictures, layers)
+        ids = prompt.ids
+    else:
+        trace = trace_prompt(model, ids, layers)
     config = model.config
     print(
         f"{shown_path(model.path)}: one forward over {len(ids)} tokens, {config.num_hidden_layers} layers"
@@ -61,6 +101,8 @@ def run_trace(args) -> int:
         f"KV = {config.num_key_value_heads} key/value heads, hd = {config.head_dim}"
         + (f", E = {config.num_local_experts} experts" if config.model_type == "phimoe" else f", F = {config.intermediate_size}")
     )
+    if pictures:
+        print("\n".join(image_lines(prompt)))
     print(format_table(trace.summaries))
     if args.json:
         write_text(args.json, json.dumps(as_json(model, ids, trace.summaries), ensure_ascii=False) + "\n", "--json")
