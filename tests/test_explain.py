@@ -145,3 +145,52 @@ def test_page_draws_the_chosen_head_and_redraws_when_the_layer_changes(browser, 
     first_candidate = browser.run("return document.querySelector('#next .bar .label').textContent")
     top = int(shipped.logits(ids)[-1].argmax())
     assert first_candidate == f"{shipped.tokenizer.token_piece(top)} ({top})"
+
+
+# ---------------------------------------------------------------- an image prompt (Phi-3-vision)
+
+
+@pytest.fixture(scope="module")
+def image_page(phi3_v_dir, tmp_path_factory):
+    from conftest import PHI3_V_FIXTURE
+
+    path = tmp_path_factory.mktemp("explain_image") / "image.html"
+    argv = ["explain", "--model", str(phi3_v_dir), "--image", str(PHI3_V_FIXTURE / "landscape.png"), "--num-crops", "1",
+            "What is shown?", "--out", str(path)]
+    assert main(argv) == 0
+    return path
+
+
+def test_image_page_embeds_the_views_and_the_forward_over_image_tokens(image_page, phi3_v_dir):
+    from conftest import PHI3_V_FIXTURE
+
+    model = minislm.load(phi3_v_dir)
+    prompt = model.image_prompt("What is shown?", [PHI3_V_FIXTURE / "landscape.png"], num_crops=1, chat=False)
+    data = page_json(image_page.read_text(encoding="utf-8"))
+    assert [t["id"] for t in data["tokens"]] == prompt.ids.tolist()  # 313 image positions hold -1
+    (image,) = data["images"]
+    positions = np.flatnonzero(prompt.ids == -1)
+    assert (image["first"], image["last"], image["tokens"]) == (positions[0], positions[-1], 313)
+    assert len(image["views"]) == 2 and image["grid"] == [1, 1]  # the global view and one crop
+    assert len(base64.b64decode(image["views"][0])) == 56 * 56 * 3
+    logits = model.logits(prompt.ids, image_features=prompt.features)  # the image tokens went in
+    assert data["next"][-1][0]["id"] == int(logits[-1].argmax())
+    assert data["lens"]["next_ranks"][0][positions[0] - 1] == 0  # no id to rank before an image token
+    steps = [s["name"] for s in data["steps"]]
+    assert steps[:3] == ["image_views", "image_patches", "image_tokens"] and steps[-1] == "logits"
+
+
+def test_image_page_shows_the_views_and_one_box_for_the_image_tokens(browser, image_page):
+    browser.open(image_page.as_uri())
+    browser.wait_for("return document.body.dataset.ready === '1'")
+    assert browser.run("return document.getElementById('images-section').hidden") is False
+    assert browser.run("return document.querySelectorAll('#images canvas').length") == 2
+    box = browser.run("const s = document.querySelector('#tokens .tok.img'); "
+                      "return [s.dataset.first, s.dataset.last, s.textContent];")
+    assert box[0] == "1" and box[1] == "313" and "\u00d7313" in box[2]
+    # the view is drawn: its canvas holds the picture's pixels, not a blank
+    blank = browser.run("const c = document.querySelector('#images canvas'); "
+                        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; "
+                        "let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + d[i+1] + d[i+2]; return s;")
+    assert blank > 0
+    assert drawn(browser)["drawn"] == "1"

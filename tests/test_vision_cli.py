@@ -122,7 +122,7 @@ def test_chat_with_an_image(phi3_v_dir):
     assert "reused from the cache" in stats[1]  # the second turn reuses the image's positions
 
 
-def test_trace_with_an_image_shows_the_image_steps_and_where_its_tokens_sit(phi3_v_dir, model):
+def test_trace_with_an_image_shows_the_image_steps_and_where_its_tokens_sit(phi3_v_dir, model, tmp_path):
     result = minislm_cli("trace", "--model", phi3_v_dir, "--image", LANDSCAPE, "--num-crops", 1, "--layers", "0",
                          "What is shown?")
     assert result.returncode == 0, result.stderr
@@ -140,6 +140,11 @@ def test_trace_with_an_image_shows_the_image_steps_and_where_its_tokens_sit(phi3
     assert float(rows["image_tokens"][-4]) == pytest.approx(float(prompt.features.mean()), abs=1e-4)
     assert_clean_error(minislm_cli("trace", "--model", FIXTURES / "gqa", "--image", LANDSCAPE, "x"), "--image", "phi3 model")
     assert_clean_error(minislm_cli("trace", "--model", phi3_v_dir, "--num-crops", 2, "x"), "--num-crops", "--image")
+    assert_clean_error(minislm_cli("trace", "--model", phi3_v_dir, "--image", LANDSCAPE, "--no-bos", "x"), "--no-bos")
+    out = tmp_path / "page.html"
+    assert_clean_error(minislm_cli("explain", "--model", FIXTURES / "gqa", "--image", LANDSCAPE, "x", "--out", out),
+                       "--image", "phi3 model")
+    assert not out.exists()  # nothing written half-way
 
 
 def test_bad_image_inputs_are_one_line_errors(phi3_v_dir, tmp_path):

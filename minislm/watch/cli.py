@@ -12,7 +12,7 @@ WATCH_COMMANDS = ("tokenize", "trace", "lens", "attention", "rope", "routing", "
 
 def add_watch_commands(commands) -> None:
     """Add the subcommands to `minislm.cli`'s subparsers."""
-    from ..cli import add_model_flags, add_num_crops_flag, add_quant_flags
+    from ..cli import add_model_flags, add_quant_flags
 
     def model_command(name: str, summary: str, prompt: str = "required") -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=summary, description=summary)
@@ -34,10 +34,7 @@ def add_watch_commands(commands) -> None:
     trace = model_command("trace", "every step of one forward pass: name, layer, shape, dtype, mean, std, min, max")
     trace.add_argument("--layers", help="only these layers, e.g. 0,2-3 (default: all)")
     trace.add_argument("--json", metavar="FILE", help="also write the table as JSON")
-    trace.add_argument("--image", action="append", default=[], metavar="PATH",
-                       help="Phi-3-vision: an image for the prompt (repeatable; <|image_k|> tags place them, "
-                            "else they go first): its views, patches and tokens join the table")
-    add_num_crops_flag(trace)
+    add_image_flags(trace)
 
     lens = model_command("lens", "the logit lens: what each layer's residual stream would predict")
     lens.add_argument("--last", type=int, default=8, metavar="N", help="positions in the text table (default: the last 8)")
@@ -65,6 +62,16 @@ def add_watch_commands(commands) -> None:
     explain.add_argument("--out", "-o", required=True, metavar="FILE", help="the HTML file to write")
     explain.add_argument("--layers", help="only these layers' attention, e.g. 0,2-3 (default: all)")
     explain.add_argument("--top-k", type=int, default=10, metavar="K", help="next-token candidates per position (default 10)")
+    add_image_flags(explain)
+
+
+def add_image_flags(p: argparse.ArgumentParser) -> None:
+    from ..cli import add_num_crops_flag
+
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="Phi-3-vision: an image for the prompt (repeatable; <|image_k|> tags place them, "
+                        "else they go first): its views and where its tokens sit")
+    add_num_crops_flag(p)
 
 
 def add_chat_flags(p: argparse.ArgumentParser) -> None:

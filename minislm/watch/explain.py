@@ -4,7 +4,8 @@ The page is a single file: the numbers inline as JSON, plain JavaScript drawing
 them on a canvas, nothing fetched from anywhere, so it opens offline and can be
 mailed or committed. A learner picks a layer and a head and sees that head's
 attention over the prompt's tokens, the logit lens, the next-token distribution
-at any position, the shape and statistics of every step, and (PhiMoE) the routing.
+at any position, the shape and statistics of every step, (PhiMoE) the routing, and
+(Phi-3-vision, `--image`) each image's views and the positions its tokens fill.
 
 What it embeds is bounded: at most MAX_PICTURE_TOKENS tokens, attention stored as
 16-bit fixed point for the causal lower triangle only, and at most
@@ -19,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MinislmError
-from ..trace import Recorder
-from .inputs import for_picture, model_and_prompt, parse_layers, pieces, write_text
+from ..trace import Recorder, SummaryRecorder
+from .inputs import (check_reads_images, for_image_page, for_picture, model_and_prompt, parse_layers, pieces,
+                     prompt_images, write_text)
 from .lens import lens_from_trace, probabilities
-from .steps import trace_prompt
 
 TEMPLATE = Path(__file__).with_name("explain.html")
 MAX_ATTENTION_BYTES = 16 << 20
@@ -37,7 +38,37 @@ def lower_triangle_u16(p: np.ndarray) -> str:
     return base64.b64encode(fixed.tobytes()).decode("ascii")
 
 
-def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_from: int | None) -> dict:
+def view_thumbnail(view: np.ndarray, step: int = 6) -> str:
+    """A (3, 336, 336) CLIP-normalised view -> base64 of (56, 56, 3) RGB bytes: every
+    6th pixel, the normalisation undone, for the page to draw."""
+    from ..vision.image import CLIP_MEAN, CLIP_STD
+
+    rgb = view[:, ::step, ::step] * CLIP_STD[:, None, None] + CLIP_MEAN[:, None, None]
+    pixels = np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)  # (h, w, 3)
+    return base64.b64encode(np.ascontiguousarray(pixels).tobytes()).decode("ascii")
+
+
+def image_data(ids: np.ndarray, images) -> list[dict]:
+    """Each image of the shown prompt: how it was cut, its views, where its tokens sit."""
+    out = []
+    for k, image in enumerate(images, 1):
+        positions = np.flatnonzero(ids == -k)
+        if not len(positions):
+            continue  # after the page's cut
+        views = [view_thumbnail(v) for v in image.pixel_values]
+        out.append({
+            "index": k, "describe": image.describe(), "grid": [int(n) for n in image.grid],
+            "tokens": int(len(positions)), "first": int(positions[0]), "last": int(positions[-1]),
+            "views": views, "view_size": int(round(image.pixel_values.shape[-1] / 6)),
+        })
+    return out
+
+
+def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_from: int | None,
+              image_features: np.ndarray | None = None, images=(), image_steps=()) -> dict:
+    """Everything the page shows, as JSON-ready data. With images (Phi-3-vision), `ids`
+    hold placeholders, `image_features` their tokens, `images` the processed pictures
+    and `image_steps` the recorder's summaries of their encoding."""
     config = model.config
     T = len(ids)
     attention_bytes = len(layers) * config.num_attention_heads * T * (T + 1)
@@ -50,12 +81,14 @@ def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_f
         )
     names = ("embed", "resid_post", "logits", "attn_probs", "experts", "expert_weights")
     trace = Recorder(names=names)
-    model.logits(ids, trace)
+    model.logits(ids, trace, image_features=image_features)
     lens = lens_from_trace(model, ids, trace)
     final = probabilities(trace.get("logits"))  # (T, V)
     best = np.argsort(-final, axis=-1, kind="stable")[:, :top_k]  # (T, k)
     labels = pieces(model.tokenizer, ids)
-    summaries = trace_prompt(model, ids).summaries
+    steps = SummaryRecorder()
+    model.logits(ids, steps, image_features=image_features)
+    summaries = list(image_steps) + steps.summaries
     data = {
         "model": model.path.name if model.path else "model",
         "model_type": config.model_type,
@@ -88,6 +121,7 @@ def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_f
             for s in summaries
         ],
         "routing": None,
+        "images": image_data(ids, images) or None,
     }
     if config.model_type == "phimoe":
         data["routing"] = {
@@ -106,14 +140,24 @@ def render(data: dict) -> str:
 
 
 def run_explain(args) -> int:
+    pictures = prompt_images(args)
     model, ids = model_and_prompt(args)
-    shown = for_picture(ids, "the page")
-    truncated_from = len(ids) if len(shown) < len(ids) else None
-    ids = shown
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     if args.top_k < 1:
         raise MinislmError(f"--top-k must be >= 1, got {args.top_k}")
-    html = render(page_data(model, ids, layers, args.top_k, truncated_from))
+    check_reads_images(model, pictures)
+    features, images, image_steps = None, (), ()
+    if pictures:
+        recorder = SummaryRecorder()  # the images' views, patches and tokens, for the steps table
+        prompt = model.image_prompt(args.prompt, pictures, args.num_crops, args.system, chat=args.chat, trace=recorder)
+        shown = for_image_page(prompt.ids)
+        features = prompt.features[: int(np.count_nonzero(shown < 0))]
+        ids, images, image_steps = prompt.ids, prompt.images, recorder.summaries
+    else:
+        shown = for_picture(ids, "the page")
+    truncated_from = len(ids) if len(shown) < len(ids) else None
+    ids = shown
+    html = render(page_data(model, ids, layers, args.top_k, truncated_from, features, images, image_steps))
     write_text(args.out, html, "--out")
     print(f"wrote {args.out}: {len(ids)} tokens, {len(layers)} layers, {len(html) / 1024:.0f} KiB; open it in a browser",
           file=sys.stderr)

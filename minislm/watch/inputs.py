@@ -31,6 +31,27 @@ def model_and_prompt(args):
     return model, ids
 
 
+def prompt_images(args) -> list:
+    """--image files, decoded before the model loads (a bad file fails at once), and
+    the flags that only make sense with them."""
+    from ..commands import open_images
+
+    pictures = open_images(args.image)
+    if args.num_crops is not None and not pictures:
+        raise MinislmError("--num-crops: applies to --image only")
+    if pictures and args.no_bos:
+        raise MinislmError("--no-bos: with --image every text chunk starts with BOS, as Phi-3-vision's processor does")
+    return pictures
+
+
+def check_reads_images(model, pictures) -> None:
+    """A one-line error when --image meets a model that cannot read images."""
+    if pictures and model.config.vision is None:
+        from ..commands import check_reads_images as refuse
+
+        refuse(model, pictures)
+
+
 def encode_prompt(tokenizer, args, folder) -> np.ndarray:
     """PROMPT as plain text (BOS as the tokenizer config says, none with --no-bos) or,
     with --chat, as a user turn of the chat template, exactly as `generate` feeds it."""
@@ -64,14 +85,27 @@ def chat_messages(args) -> list[dict]:
 
 
 def pieces(tokenizer, ids) -> list[str]:
-    """The vocabulary entry of each id, '▁' word starts and '<0xNN>' bytes as they are."""
-    return [tokenizer.token_piece(int(i)) for i in ids]
+    """The vocabulary entry of each id, '▁' word starts and '<0xNN>' bytes as they are;
+    an image placeholder (Phi-3-vision: image k's positions hold -k) as '<image_k>'."""
+    return [tokenizer.token_piece(int(i)) if i >= 0 else f"<image_{-int(i)}>" for i in ids]
 
 
 def for_picture(ids: np.ndarray, what: str) -> np.ndarray:
     """The first MAX_PICTURE_TOKENS ids, saying so when the prompt is longer. In a causal
     model the first n positions do not depend on what follows, so they are exact."""
     return ids[: picture_tokens(len(ids), what, "(what a causal model computes for them does not depend on the rest)")]
+
+
+def for_image_page(ids: np.ndarray) -> np.ndarray:
+    """An image prompt for the page: every image token, and text tokens up to
+    MAX_PICTURE_TOKENS (cut at a text token, so no image is cut in two)."""
+    text = np.flatnonzero(ids >= 0)
+    if len(text) <= MAX_PICTURE_TOKENS:
+        return ids
+    end = int(text[MAX_PICTURE_TOKENS])
+    print(f"minislm: note: the page shows the first {end} of {len(ids)} tokens ({MAX_PICTURE_TOKENS} text tokens "
+          "and the images among them)", file=sys.stderr)
+    return ids[:end]
 
 
 def picture_tokens(n: int, what: str, why: str = "") -> int:

@@ -38,7 +38,8 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 class Lens:
     """What each stream predicts. Rows: the embedding, then layers 0..L-1; columns:
     positions 0..T-1. `next_rank[r, t]` is where the actual next token ids[t + 1]
-    stands in row r's ranking at position t (1 = its top choice)."""
+    stands in row r's ranking at position t (1 = its top choice; 0 when ids[t + 1]
+    is an image placeholder, which no vocabulary entry predicts)."""
 
     rows: list[str]  # "embed", "layer 0", ...
     top_ids: np.ndarray  # (R, T) int64
@@ -64,6 +65,8 @@ def lens_from_trace(model, ids: np.ndarray, trace: Recorder) -> Lens:
     rows = ["embed"] + [f"layer {i}" for i in range(len(streams) - 1)]
     top_ids, top_probs, next_ranks, next_probs = [], [], [], []
     nxt = np.asarray(ids[1:])
+    known = nxt >= 0  # an image placeholder (Phi-3-vision) has no id to rank: rank 0, probability 0
+    nxt = np.where(known, nxt, 0)
     positions = np.arange(len(nxt))
     for stream in streams:
         row_logits = lens_logits(model, stream)  # (T, V)
@@ -72,8 +75,8 @@ def lens_from_trace(model, ids: np.ndarray, trace: Recorder) -> Lens:
         top_ids.append(top)
         top_probs.append(p[np.arange(len(ids)), top])
         actual = row_logits[positions, nxt][:, None]  # (T-1, 1)
-        next_ranks.append(1 + (row_logits[:-1] > actual).sum(axis=-1))
-        next_probs.append(p[positions, nxt])
+        next_ranks.append(np.where(known, 1 + (row_logits[:-1] > actual).sum(axis=-1), 0))
+        next_probs.append(np.where(known, p[positions, nxt], 0.0))
     top_pieces = [pieces(model.tokenizer, row) for row in top_ids]
     return Lens(
         rows, np.array(top_ids), np.array(top_probs), np.array(next_ranks), np.array(next_probs), top_pieces,

@@ -15,9 +15,8 @@ import math
 
 import numpy as np
 
-from ..errors import MinislmError
 from ..trace import SummaryRecorder
-from .inputs import model_and_prompt, parse_layers, pieces, shown_path, write_text
+from .inputs import check_reads_images, model_and_prompt, parse_layers, pieces, prompt_images, shown_path, write_text
 
 
 def trace_prompt(model, ids, layers=None) -> SummaryRecorder:
@@ -77,17 +76,10 @@ def image_lines(prompt) -> list[str]:
 
 
 def run_trace(args) -> int:
-    from ..commands import check_reads_images, open_images
-
-    pictures = open_images(args.image)  # before loading: a bad file fails at once
-    if args.num_crops is not None and not pictures:
-        raise MinislmError("--num-crops: applies to --image only")
-    if pictures and args.no_bos:
-        raise MinislmError("--no-bos: with --image every text chunk starts with BOS, as Phi-3-vision's processor does")
+    pictures = prompt_images(args)
     model, ids = model_and_prompt(args)
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
-    if pictures and model.config.vision is None:
-        check_reads_images(model, pictures)  # a one-line error: this model cannot read images
+    check_reads_images(model, pictures)
     if pictures:
         prompt, trace = trace_image_prompt(model, args, pictures, layers)
         ids = prompt.ids
