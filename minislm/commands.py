@@ -99,7 +99,7 @@ def make_sampler(model, settings: SamplingSettings, seed: int | None) -> Sampler
 
 def allowed_ids(model) -> int:
     """Ids the tokenizer can decode: Phi-3 pads 32011 real ids to 32064 embedding rows."""
-    return min(model.tokenizer.vocab_size, model.config.vocab_size)
+    return model.decodable_ids
 
 
 def stop_ids(model) -> set[int]:

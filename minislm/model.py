@@ -413,6 +413,14 @@ class Model:
         self.generation_config = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids)
         self.path = path
 
+    @property
+    def decodable_ids(self) -> int:
+        """Ids below this one can be generated: the tokenizer has a piece for each. Phi-3
+        pads its 32011 ids to 32064 embedding rows, and a padding id decodes to nothing."""
+        if self.tokenizer is None:
+            return self.config.vocab_size
+        return min(self.tokenizer.vocab_size, self.config.vocab_size)
+
     def new_cache(self, capacity: int, dtype: str | None = None) -> KVCache:
         """An empty cache for `capacity` positions, in `dtype` or the model's `kv_cache`."""
         return KVCache(self.config, capacity, dtype or self.kv_cache)
@@ -531,6 +539,9 @@ class Model:
         applies the repetition penalty that generation_config.json asks for (the shipped
         Shakespeare model asks for 1.2, hub Phi-3 models for none), so greedy here equals
         `generate(do_sample=False)` there; pass `repetition_penalty=1.0` for plain argmax.
+        Sampling (temperature > 0) never returns an id past the tokenizer's vocabulary
+        (`decodable_ids`), and a temperature so small that the logits overflow when divided
+        by it (1e-310) samples as greedy over those ids (minislm/sampling.py).
 
         Beam search (num_beams > 1) cannot stream, since the best sequence is known only
         when the search ends: it runs now, and the returned iterator holds the best
@@ -558,7 +569,9 @@ class Model:
         if length_penalty != 1.0 or early_stopping is not False:
             raise ValueError("length_penalty and early_stopping are for beam search (num_beams > 1)")
         settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-        sampler = Sampler(settings, seed=seed)
+        # Sampling never picks an id the tokenizer cannot decode; greedy stays transformers'
+        # argmax over every row (random test models do pick padding rows, and must match).
+        sampler = Sampler(settings, seed=seed, allowed_ids=self.decodable_ids if temperature else None)
         ids = self.check_ids(token_ids, image_features)
         if ids.size == 0:
             raise ValueError("generate() needs at least one token id")
