@@ -81,7 +81,6 @@ class Sampler:
         self.allowed_ids = allowed_ids
 
     def __call__(self, logits: np.ndarray, previous_ids=()) -> int:
-        s = self.settings
         logits = np.array(logits, dtype=np.float64)  # (V,), a copy we may edit
         if np.isnan(logits).any():
             raise MinislmError(f"the logits hold NaN at ids {np.flatnonzero(np.isnan(logits))[:8].tolist()}: "
@@ -90,12 +89,20 @@ class Sampler:
             logits[self.allowed_ids :] = -np.inf
         if not (logits > -np.inf).any():
             raise MinislmError("every id's logit is -inf (or beyond allowed_ids): there is nothing to sample")
-        with np.errstate(over="ignore"):  # an overflow is detected below, not warned about
-            if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
-                logits = repetition_penalty(logits, previous_ids, s.repetition_penalty)
-            if s.temperature == 0 or np.isposinf(logits).any():
+        with np.errstate(over="ignore"):  # overflows are handled here, not warned about
+            return self.pick(logits, previous_ids)
+
+    def pick(self, logits: np.ndarray, previous_ids) -> int:
+        """The steps in transformers' order, on logits already checked (no NaN) and masked."""
+        s = self.settings
+        if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
+            penalized = repetition_penalty(logits, previous_ids, s.repetition_penalty)
+            if not (penalized > -np.inf).any():  # every id overflowed to -inf: keep their order
                 return greedy(logits)
-            scaled = logits / s.temperature
+            logits = penalized
+        if s.temperature == 0 or np.isposinf(logits).any():
+            return greedy(logits)
+        scaled = logits / s.temperature
         if np.isinf(scaled[np.isfinite(logits)]).any():  # the temperature underflows: as cold as can be
             return greedy(logits)
         logits = scaled
