@@ -55,7 +55,6 @@ from .cache import KVCache
 from .config import GenerationConfig, ModelConfig, RopeConfig
 from .errors import MinislmError
 from .kernels.attention import attend_cached
-from .kernels.fp32 import gemv_f32
 from .moe import expert_prefix, group_by_expert, sparsemixer
 from .trace import NO_TRACE
 
@@ -82,11 +81,8 @@ def linear(x: np.ndarray, w: Weight, bias=None) -> np.ndarray:
     or a packed weight from minislm.kernels (bf16, int4) that multiplies itself."""
     if not isinstance(w, np.ndarray):
         y = w.matmul(x)
-    elif x.shape[0] == 1 and w.dtype == np.float32 and w.flags.c_contiguous:
-        # decode: a matrix-vector product, streamed on Numba's threads like the attention
-        # beside it, so BLAS's threads stay asleep (see `blas_threads`)
-        y = np.empty((1, w.shape[0]), np.float32)
-        gemv_f32(w, np.ascontiguousarray(x[0], dtype=np.float32), y[0])
+    elif x.shape[0] == 1:  # decode: matrix-vector is BLAS's fast streaming path (gemv)
+        y = (w @ x[0])[None, :]
     else:
         y = x @ w.T
     return y if bias is None else y + bias
@@ -413,12 +409,13 @@ def blas_threads(n_tokens: int):
     """BLAS on one thread for a short forward pass, its own count for a long one.
 
     Two thread pools share the cores: Numba's (the kernels, attention) and BLAS's (the
-    float32 matmuls). Each splits its work evenly over its threads and spins while it
-    waits for the slowest, so when a thread of one pool has lost its core (to the
+    float32 matmuls). Each splits a call's work evenly over its threads and spins while
+    it waits for the slowest, so when a thread of one pool has lost its core (to the
     other pool's spinning threads, the server's other requests, another program) the
-    whole call waits for it. A 20-token follow-up on a 400-token cache measured 300 ms
-    against 12 ms with BLAS on one thread, slower than a fresh 420-token prefill. A
-    long prefill's big matmuls still gain from BLAS's threads, so they keep them.
+    whole call waits for it. On the shipped model a 20-token follow-up on a 400-token
+    cache took 180-790 ms this way, often more than a fresh 420-token prefill, and
+    17-70 ms with BLAS on one thread; decode steps were no slower. A long prefill's big
+    matmuls gain from BLAS's threads, so they keep them (docs/serve.md has the figures).
     """
     if n_tokens >= BLAS_THREADS_FROM_TOKENS:
         yield
@@ -517,7 +514,8 @@ class Model:
             return forward(self.config, self.weights, ids, cache, trace, image_features)
 
     def lm_head(self, hidden: np.ndarray, trace=None) -> np.ndarray:
-        return lm_head(self.config, self.weights, hidden, NO_TRACE if trace is None else trace)
+        with blas_threads(len(hidden)):
+            return lm_head(self.config, self.weights, hidden, NO_TRACE if trace is None else trace)
 
     def logits(self, token_ids, trace=None, image_features=None) -> np.ndarray:
         """Full forward from an empty cache: float32 logits (T, vocab_size)."""
