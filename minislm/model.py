@@ -45,8 +45,6 @@ Without one, `NO_TRACE` ignores those lines and nothing extra is computed.
 """
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import cache
 from typing import Protocol, Union
 
 import numpy as np
@@ -55,6 +53,7 @@ from .cache import KVCache
 from .config import GenerationConfig, ModelConfig, RopeConfig
 from .errors import MinislmError
 from .kernels.attention import attend_cached
+from .kernels.threads import blas_threads
 from .moe import expert_prefix, group_by_expert, sparsemixer
 from .trace import NO_TRACE
 
@@ -395,44 +394,6 @@ def crosses_rope_switch(config: ModelConfig, cache: KVCache, n_new: int) -> bool
     """Whether appending n_new tokens moves the sequence to the other LongRoPE factor set
     than the cached tokens were computed with (see docs/architecture.md)."""
     return cache.length > 0 and use_long_factors(config.rope, cache.length + n_new) != cache.rope_long
-
-
-# ---------------------------------------------------------------- threads
-
-# A forward over fewer tokens than this (a decode step, a chat's new turn) runs BLAS on
-# the calling thread alone; a longer prefill gives BLAS all its threads.
-BLAS_THREADS_FROM_TOKENS = 64
-
-
-@contextmanager
-def blas_threads(n_tokens: int):
-    """BLAS on one thread for a short forward pass, its own count for a long one.
-
-    Two thread pools share the cores: Numba's (the kernels, attention) and BLAS's (the
-    float32 matmuls). Each splits a call's work evenly over its threads and spins while
-    it waits for the slowest, so when a thread of one pool has lost its core (to the
-    other pool's spinning threads, the server's other requests, another program) the
-    whole call waits for it. On the shipped model a 20-token follow-up on a 400-token
-    cache took 180-790 ms this way, often more than a fresh 420-token prefill, and
-    17-70 ms with BLAS on one thread; decode steps were no slower. A long prefill's big
-    matmuls gain from BLAS's threads, so they keep them (docs/serve.md has the figures).
-    """
-    if n_tokens >= BLAS_THREADS_FROM_TOKENS:
-        yield
-        return
-    limits = blas_libraries().limit(limits=1)
-    try:
-        yield
-    finally:
-        limits.restore_original_limits()
-
-
-@cache
-def blas_libraries():
-    """The BLAS libraries loaded in this process, found once (a scan of the loaded libraries)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController().select(user_api="blas")
 
 
 # ---------------------------------------------------------------- the loaded model

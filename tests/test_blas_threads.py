@@ -1,23 +1,21 @@
-"""The thread configuration a forward pass runs under (minislm.model.blas_threads).
+"""The thread configuration a forward pass runs under (minislm.kernels.threads.blas_threads).
 
 Numba's threads and BLAS's threads share the cores; both spin while they wait, so a
 pass that wakes both stalls whenever one thread has lost its core. The fix relies on
 this configuration: a short pass (a decode step, a chat's new turn, which is what the
-server's follow-up requests run) keeps BLAS on the calling thread, and a decode step
-does not call BLAS at all (its float32 matrix-vector products run on Numba's
-threads); a long prefill gives BLAS its threads back. What it buys is measured by
-tools/bench_serve.py (docs/serve.md), not here.
+server's follow-up requests run) keeps BLAS on the calling thread while Numba keeps
+all of its threads; a long prefill gives BLAS its threads back. What it buys is
+measured by tools/bench_serve.py (docs/serve.md), not here.
 """
 
 import numba
-import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
 import minislm
 from minislm.commands import BUNDLED_MODEL, make_sampler, sampling_settings, stop_ids
 from minislm.generate import generate_tokens
-from minislm.model import BLAS_THREADS_FROM_TOKENS, linear
+from minislm.kernels.threads import BLAS_THREADS_FROM_TOKENS
 from minislm.trace import NoRecorder
 
 
@@ -59,21 +57,3 @@ def test_short_passes_run_blas_on_one_thread_and_long_ones_on_all(model):
     assert all(blas == [1] * len(outside) for _, blas, _ in watch.passes[1:])  # follow-up, decode
     assert all(n == numba_threads for _, _, n in watch.passes)  # Numba keeps all its threads
     assert blas_threads_now() == outside  # restored after each pass
-
-
-def test_a_decode_step_calls_no_blas(monkeypatch):
-    """float32 matrix-vector products run on Numba's threads (the same pool as the
-    attention kernel), with the same result as BLAS's up to summation order."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((300, 200), dtype=np.float32)
-    x = rng.standard_normal((1, 200), dtype=np.float32)
-    expected = x @ w.T
-
-    class NoMatmul(np.ndarray):
-        def __matmul__(self, other):
-            raise AssertionError("BLAS was called")
-
-        __rmatmul__ = __matmul__
-
-    # float32 sums of 200 products of size ~1, added in another order: ~1e-6 apart
-    np.testing.assert_allclose(linear(x.view(NoMatmul), w), expected, rtol=1e-5, atol=1e-5)

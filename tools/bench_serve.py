@@ -138,17 +138,21 @@ def bench_decode(args, server: Server) -> None:
 # ---------------------------------------------------------------- stall
 
 
-def small_requests(server: Server) -> tuple[float, float]:
-    """Seconds for GET /v1/models, then for a one-token chat request (inf if it failed)."""
-    models = server.request("GET", "/models")[3]
-    status, _, _, chat = server.request("POST", "/chat/completions",
-                                        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
-    return models, chat if status == 200 else float("inf")
+def models_request(server: Server) -> float:
+    return server.request("GET", "/models")[3]
+
+
+def chat_request(server: Server) -> float:
+    """Seconds for a one-token chat request (inf if it failed)."""
+    status, _, _, seconds = server.request("POST", "/chat/completions",
+                                           {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+    return seconds if status == 200 else float("inf")
 
 
 def bench_stall(args, server: Server) -> None:
-    """Small requests one after another for as long as two big ones are in flight; the
-    slowest of them is what a user waiting behind the big ones would see. The big ones:
+    """While two big requests are in flight, one thread sends GET /v1/models after
+    GET /v1/models and another small chat request after small chat request; the
+    slowest of each is what a user queued behind the big ones would see. The big ones:
     7.9 MB completion prompts, then chat messages of 3.6M characters (whose template
     renders in a child process before the length check)."""
     bigs = {
@@ -156,13 +160,14 @@ def bench_stall(args, server: Server) -> None:
         "3.6M-character chat messages": ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 3_600_000}],
                                                                 "max_tokens": 1}),
     }
-    small_requests(server)
+    chat_request(server)
     for what, (path, body) in bigs.items():
         big = json.dumps(body).encode()
         alone, worst = [], []
         for n in range(args.rounds):
-            alone.append(small_requests(server))
+            alone.append((models_request(server), chat_request(server)))
             started, big_seconds, big_status = threading.Barrier(3), [], set()
+            during = {models_request: [], chat_request: []}
 
             def send_big():
                 started.wait()
@@ -170,19 +175,24 @@ def bench_stall(args, server: Server) -> None:
                 big_seconds.append(seconds)
                 big_status.add(status)
 
+            def keep_asking(ask):
+                while len(big_seconds) < 2:
+                    during[ask].append(ask(server))
+
             senders = [threading.Thread(target=send_big) for _ in range(2)]
             for t in senders:
                 t.start()
             started.wait()
-            during = []
-            while any(t.is_alive() for t in senders):
-                during.append(small_requests(server))
-            for t in senders:
+            askers = [threading.Thread(target=keep_asking, args=(ask,)) for ask in during]
+            for t in askers:
+                t.start()
+            for t in senders + askers:
                 t.join()
-            worst.append(tuple(max(column) for column in zip(*during)))
+            worst.append((max(during[models_request]), max(during[chat_request])))
             print(f"stall round {n + 1}: alone models {alone[-1][0]:.3f} s, chat {alone[-1][1]:.3f} s | while two "
                   f"{what} were in flight ({big_seconds[0]:.2f} and {big_seconds[1]:.2f} s, HTTP {sorted(big_status)}): "
-                  f"{len(during)} of each, slowest models {worst[-1][0]:.3f} s, chat {worst[-1][1]:.3f} s", flush=True)
+                  f"slowest of {len(during[models_request])} models {worst[-1][0]:.3f} s, of "
+                  f"{len(during[chat_request])} chat {worst[-1][1]:.3f} s", flush=True)
         a = [statistics.median(c) for c in zip(*alone)]
         b = [statistics.median(c) for c in zip(*worst)]
         print(f"stall median, two {what}: slowest GET /v1/models {b[0]:.3f} s (goal < 0.2 s; alone {a[0]:.3f} s) | "
