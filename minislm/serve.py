@@ -382,7 +382,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_api(self, method: str) -> None:
         path = unquote(self.path.split("?", 1)[0]).rstrip("/")
-        record = RequestLog(method, path)
+        record = RequestLog(method, path or "/")
         self.headers_sent = self.probed = False
         try:
             try:
@@ -567,9 +567,10 @@ class Handler(BaseHTTPRequestHandler):
         End of file on the socket does not tell: a client may shut down its sending side
         once the request is out (a half-close) and still read the answer. The difference
         shows only when we write: a client that closed its socket answers data with a
-        reset. A streamed answer writes all the time; before anything else is written the
-        server sends one `100 Continue` (an interim response that clients read past), and
-        a reset arrives within a round trip: `wait` seconds are spent waiting for it.
+        reset. A streamed answer writes all the time. When end of file comes before any of
+        the answer is out, the server writes one `100 Continue` (an interim response that
+        HTTP/1.1 clients read past); a reset comes back within a round trip, and `wait`
+        seconds are spent waiting for it.
         """
         events = self.poller.poll(0)  # [(fd, mask)] or []
         mask = events[0][1] if events else 0
@@ -581,6 +582,8 @@ class Handler(BaseHTTPRequestHandler):
             if self.connection.recv(1, socket.MSG_PEEK):
                 return False  # the next request, pipelined
         except OSError:
+            return True
+        if self.request_version != "HTTP/1.1":  # HTTP/1.0 has no interim responses to probe with
             return True
         if self.headers_sent or self.probed:  # the next write, or the reset it brings, will tell
             return False
