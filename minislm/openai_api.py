@@ -211,8 +211,8 @@ def parse_messages(messages) -> tuple[dict, ...]:
         if role not in MESSAGE_ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}, got {role!r:.40}",
                            param=f"{where}.role")
-        content = message_text(message.get("content"), role, f"{where}.content")
-        parsed.append({"role": "system" if role == "developer" else role, "content": unicode_text(content, f"{where}.content")})
+        content = unicode_text(message_text(message.get("content"), role, f"{where}.content"), f"{where}.content")
+        parsed.append({"role": "system" if role == "developer" else role, "content": content})
     return tuple(parsed)
 
 

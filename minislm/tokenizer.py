@@ -84,10 +84,12 @@ class Tokenizer:
         """(L, the first characters of the added tokens that swallow whitespace), or (0, "")
         where `fewest_tokens` promises nothing. Reads tokenizer.json once (~0.1 s for Phi-3)."""
         spec = json.loads(self.backend.to_str())
-        every_byte = (spec.get("model") or {}).get("byte_fallback") or "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
-        if not (every_byte and keeps_text(spec.get("normalizer")) and keeps_text(spec.get("pre_tokenizer"))):
+        steps = pipeline_steps(spec.get("normalizer")) + pipeline_steps(spec.get("pre_tokenizer"))
+        # without a piece for every byte (byte fallback, or byte-level BPE), an unknown word could be one <unk>
+        every_byte = (spec.get("model") or {}).get("byte_fallback") or any(s.get("type") == "ByteLevel" for s in steps)
+        if not (every_byte and all(keeps_text(step) for step in steps)):
             return 0, ""
-        longest = max(len(piece.encode("utf-8")) for piece in self.backend.get_vocab(with_added_tokens=True))
+        longest = max((len(piece.encode("utf-8")) for piece in self.backend.get_vocab(with_added_tokens=True)), default=0)
         strip_starts = {t["content"][0] for t in spec.get("added_tokens", []) if t.get("content")
                         and (t.get("lstrip") or t.get("rstrip"))}
         return longest, "".join(sorted(strip_starts))
@@ -121,16 +123,20 @@ class Tokenizer:
         return self.encode(self.render_chat(messages), add_bos=False)
 
 
-def keeps_text(step: dict | None) -> bool:
-    """Whether a normalizer or pre-tokenizer of tokenizer.json never shrinks or drops text
-    (the steps Phi-3's and byte-level BPE's tokenizers use; anything else is not assumed).
-    Without every byte having a piece (byte fallback, or byte-level BPE) an unknown word
-    could also become one <unk>: the caller checks that."""
+def pipeline_steps(step: dict | None) -> list[dict]:
+    """The steps of a tokenizer.json normalizer or pre-tokenizer, Sequences flattened."""
     if step is None:
-        return True
+        return []
+    if step.get("type") == "Sequence":
+        inner = step.get("normalizers") or step.get("pretokenizers") or []
+        return [leaf for s in inner for leaf in pipeline_steps(s)]
+    return [step]
+
+
+def keeps_text(step: dict) -> bool:
+    """Whether a normalizer or pre-tokenizer step never shrinks or drops text: the steps
+    Phi-3's and byte-level BPE's tokenizers use. Anything else is not assumed to."""
     kind = step.get("type")
-    if kind == "Sequence":
-        return all(keeps_text(s) for s in step.get("normalizers") or step.get("pretokenizers") or [])
     if kind == "Replace":
         pattern = (step.get("pattern") or {}).get("String")
         return pattern is not None and len(step.get("content", "").encode()) >= len(pattern.encode())

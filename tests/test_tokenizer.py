@@ -172,3 +172,22 @@ def test_fewest_tokens_counts_bytes_over_the_longest_piece(phi3):
     assert strip_starts == "<"  # Phi-3's </s>, <|assistant|>, <|end|> ... are rstrip
     assert phi3.fewest_tokens("x" * (10 * longest)) == 10
     assert phi3.fewest_tokens("</s>" + " " * (10 * longest)) == 1
+
+
+def test_fewest_tokens_promises_nothing_for_pipelines_that_can_shrink_text():
+    """BERT-style whitespace splitting drops the spaces, NFKC turns "ﬁ" (3 bytes) into
+    "fi" (2), and without byte fallback a whole unknown word may be one <unk>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    from minislm.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2}
+    drops_spaces = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    drops_spaces.pre_tokenizer = pre_tokenizers.Whitespace()
+    nfkc = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    nfkc.normalizer = normalizers.NFKC()
+    no_fallback = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", fuse_unk=True))
+    for backend in (drops_spaces, nfkc, no_fallback):
+        tokenizer = Tokenizer(backend, {}, False, None)
+        assert tokenizer.piece_bound == (0, "") and tokenizer.fewest_tokens("a " * 1000) == 0
