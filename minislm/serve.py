@@ -79,7 +79,7 @@ LINGER_BYTES = 2**20
 # How long to wait, when a waiting request's turn comes, to tell a client that only
 # half-closed its connection from one that left (see Handler.client_gone).
 PROBE_WAIT_S = 0.2
-# The one thing HTTP lets a server send before the status of its answer: an interim
+# The one thing HTTP lets a server send before the final status of its answer: an interim
 # response, which every HTTP/1.1 client must read past.
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 STOP_DISCONNECTED = "client disconnected"
