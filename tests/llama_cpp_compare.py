@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from optional import require_module
+
 
 def _quiet(level, text, user_data):
     pass
 
 
 def quiet_callback():
-    import llama_cpp as L
+    L = require_module("llama_cpp")
 
     return L.llama_log_callback(_quiet)
 
@@ -40,7 +42,7 @@ def llama_cpp_logits(path: Path, ids, n_ctx: int = 256, one_at_a_time: bool = Fa
     GGML_NATIVE on a CPU that reports AMX, it otherwise moves quantized matrices to
     its AMX buffer type, whose tile instructions die with SIGILL on the VMs we test on.
     """
-    import llama_cpp as L
+    L = require_module("llama_cpp")
 
     global QUIET
     QUIET = QUIET or quiet_callback()  # kept alive: llama.cpp calls it later
@@ -82,7 +84,7 @@ def llama_cpp_tokenize(path: Path, texts: list[str], parse_special: bool = False
     """llama.cpp's own tokenizer on a GGUF file's vocabulary (loaded vocab-only), no BOS added."""
     import ctypes
 
-    import llama_cpp as L
+    L = require_module("llama_cpp")
 
     global QUIET
     QUIET = QUIET or quiet_callback()
