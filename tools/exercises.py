@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 import minislm
 import minislm.model
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.generate import generate_tokens
 from minislm.perplexity import log_softmax, score_text
 from minislm.sampling import Sampler, SamplingSettings
