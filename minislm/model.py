@@ -259,8 +259,9 @@ def project_qkv(config: ModelConfig, weights: dict, layer: str, x: np.ndarray):
     attn = layer + "self_attn."
     if config.model_type == "phimoe":
         return tuple(linear(x, weights[f"{attn}{p}_proj.weight"], weights.get(f"{attn}{p}_proj.bias")) for p in "qkv")
+    q_size, kv_size = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     qkv = linear(x, weights[attn + "qkv_proj.weight"])  # (T, q_size + 2 * kv_size)
-    return np.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    return np.split(qkv, [q_size, q_size + kv_size], axis=-1)
 
 
 def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, allowed, trace=NO_TRACE) -> np.ndarray:
