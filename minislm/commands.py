@@ -461,6 +461,7 @@ def print_stats(stats: GenerationStats, model, reused: int | None = None) -> Non
         parts[0] += f" ({reused} reused from the cache)"
     parts.append(f"generated {token_count(stats.generated_tokens)}{decode_rate(stats)}")
     parts.append(f"stop: {stats.stop_reason or 'none'}")
+    parts.append(f"weights {model.weights_format.describe()}")
     parts.append(f"peak memory {peak_memory_bytes() / 2**30:.2f} GiB")
     print("[" + " | ".join(parts) + "]", file=sys.stderr)
 

@@ -60,7 +60,7 @@ class WeightsFormat:
             if getattr(w, "ndim", 2) != 2:
                 continue  # norm gains and biases: always float32 vectors
             kind = matrix_kind(w)
-            sizes[kind] = sizes.get(kind, 0) + int(w.nbytes)
+            sizes[kind] = sizes.get(kind, 0) + int(getattr(w, "nbytes", 0))
             counts[kind] = counts.get(kind, 0) + 1
         kinds = tuple((k, counts[k]) for k in sorted(sizes, key=lambda k: -sizes[k]))
         main = kinds[0][0] if kinds else "float32"

@@ -18,7 +18,7 @@ from minislm.errors import MinislmError
 from minislm.kernels import Bf16Weight, Int4Weight, Int8Weight
 from minislm.kernels import reference as ref
 from minislm.quantize import OLD_LAYOUT, QuantConfig, output_layer, save_quantized
-from conftest import ATOL_FP32_LOGITS, FIXTURES
+from conftest import ATOL_FP32_LOGITS, FIXTURES, decoder_greedy
 
 
 def test_bf16_checkpoint_is_mapped_not_copied_and_matches_transformers():
@@ -29,7 +29,7 @@ def test_bf16_checkpoint_is_mapped_not_copied_and_matches_transformers():
     reference = load_file(FIXTURES / "sharded_bf16" / "reference.safetensors")
     got = model.logits(reference["case.seq.input_ids"])
     assert np.abs(got - reference["case.seq.logits"]).max() <= ATOL_FP32_LOGITS
-    assert list(model.generate(reference["greedy.prompt"], 20)) == reference["greedy.tokens"].tolist()
+    assert decoder_greedy(model, reference["greedy.prompt"], 20) == reference["greedy.tokens"].tolist()
 
 
 def test_norms_biases_and_the_router_stay_float32():

@@ -205,7 +205,8 @@ def load_minislm(engine: Engine, checkpoint: Path, threads: int) -> Loaded:
     def kv_bytes(n):
         return attended(n, model.config.sliding_window) * model.new_cache(0).bytes_per_position
 
-    info = {"numpy": version("numpy"), "numba": version("numba"), "kv_cache": model.kv_cache}
+    info = {"numpy": version("numpy"), "numba": version("numba"), "kv_cache": model.kv_cache,
+            "weights": model.weights_format.describe()}
     if hasattr(kernels, "threading_layer"):
         info["threading_layer"] = kernels.threading_layer()
     if hasattr(kernels, "kernel_paths"):  # which instructions ran: AMX, VNNI or portable
