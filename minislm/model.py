@@ -42,19 +42,19 @@ multiplies itself; `linear` and `embed` are the only places that tell them apart
 `trace` is an optional `minislm.trace.Recorder`: each `trace.record(...)` line below
 names an intermediate value a learner can look at (`python -m minislm trace`).
 Without one, `NO_TRACE` ignores those lines and nothing extra is computed.
+
+This file is the math and nothing else: the loaded model that calls it, with its
+checks and its generation policy, is minislm/runtime.py.
 """
 
-from collections.abc import Iterator
 from typing import Protocol, Union
 
 import numpy as np
 
 from .cache import KVCache
-from .config import GenerationConfig, ModelConfig, RopeConfig
-from .errors import MinislmError
+from .config import ModelConfig, RopeConfig
 from .kernels.attention import attend_cached
 from .moe import expert_prefix, group_by_expert, sparsemixer
-from .trace import NO_TRACE
 
 
 class PackedWeight(Protocol):
@@ -69,6 +69,26 @@ class PackedWeight(Protocol):
 
 
 Weight = Union[np.ndarray, PackedWeight]
+
+
+class NoRecorder:
+    """What the forward pass records into when nobody watches: nothing, so the spine
+    needs no `if trace` lines. minislm.trace.Recorder keeps what it is asked for."""
+
+    def begin(self, positions) -> None:
+        pass
+
+    def wants(self, name, layer=None, nbytes=0) -> bool:
+        return False
+
+    def record(self, name, value, layer=None) -> None:
+        pass
+
+    def attention_heads(self, layer, n_heads):
+        return None
+
+
+NO_TRACE = NoRecorder()
 
 
 # ---------------------------------------------------------------- building blocks
@@ -239,8 +259,9 @@ def project_qkv(config: ModelConfig, weights: dict, layer: str, x: np.ndarray):
     attn = layer + "self_attn."
     if config.model_type == "phimoe":
         return tuple(linear(x, weights[f"{attn}{p}_proj.weight"], weights.get(f"{attn}{p}_proj.bias")) for p in "qkv")
+    q_size, kv_size = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     qkv = linear(x, weights[attn + "qkv_proj.weight"])  # (T, q_size + 2 * kv_size)
-    return np.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    return np.split(qkv, [q_size, q_size + kv_size], axis=-1)
 
 
 def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, allowed, trace=NO_TRACE) -> np.ndarray:
@@ -393,200 +414,3 @@ def crosses_rope_switch(config: ModelConfig, cache: KVCache, n_new: int) -> bool
     """Whether appending n_new tokens moves the sequence to the other LongRoPE factor set
     than the cached tokens were computed with (see docs/architecture.md)."""
     return cache.length > 0 and use_long_factors(config.rope, cache.length + n_new) != cache.rope_long
-
-
-# ---------------------------------------------------------------- the loaded model
-
-
-class Model:
-    """A loaded checkpoint: config + weights + tokenizer (see `minislm.load`)."""
-
-    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, generation_config=None, path=None, quant=None,
-                 kv_cache: str | None = None):
-        self.config = config
-        self.weights = weights
-        self.quant = quant  # None (float32) or the QuantConfig of the packed matrices
-        # The KV cache's dtype: float32 keeps float32 weights verified against transformers;
-        # packed weights already trade exactness for bytes, and take a float16 cache too.
-        self.kv_cache = kv_cache or ("float32" if quant is None else "float16")
-        self.tokenizer = tokenizer
-        self.generation_config = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids)
-        self.path = path
-
-    def new_cache(self, capacity: int, dtype: str | None = None) -> KVCache:
-        """An empty cache for `capacity` positions, in `dtype` or the model's `kv_cache`."""
-        return KVCache(self.config, capacity, dtype or self.kv_cache)
-
-    def check_ids(self, token_ids, image_features=None) -> np.ndarray:
-        """A 1-D sequence of integer ids as int64, each in [0, vocab_size) or, with
-        Phi-3-vision, negative (an image placeholder) with one row of `image_features`
-        each. Anything else is refused, not coerced: 2-D ids would be flattened, floats
-        truncated, bools read as ids 0 and 1."""
-        ids = np.asarray(token_ids)
-        if ids.ndim != 1:
-            raise ValueError(f"token ids must be a 1-D sequence, got an array of shape {ids.shape}")
-        if ids.size == 0:
-            return ids.astype(np.int64)
-        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got {ids.dtype}")
-        placeholders = int(np.count_nonzero(ids < 0))
-        if ids.max() >= self.config.vocab_size or (placeholders and image_features is None):
-            raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
-        if image_features is not None:
-            shape = (placeholders, self.config.hidden_size)
-            if self.config.vision is None:
-                raise MinislmError(f"{self.path}: a {self.config.model_type} model has no image encoder")
-            if np.shape(image_features) != shape:
-                raise MinislmError(f"image_features of shape {np.shape(image_features)} for {placeholders} placeholders; expected {shape}")
-        return ids.astype(np.int64)
-
-    def forward(self, token_ids, cache: KVCache, trace=None, image_features=None) -> np.ndarray:
-        """Hidden states (T, D) of new tokens appended to `cache`; `trace` an optional
-        `minislm.trace.Recorder`. Phi-3-vision: `image_features` (k, D) for the k image
-        placeholders (negative ids) among the tokens (see `image_prompt`).
-
-        The cache's owner decides what to do when the sequence crosses LongRoPE's switch
-        point: a full forward then rotates *every* position with the other factor set,
-        so the cached keys are stale. Re-rotating them is not enough: from layer 1 on,
-        the cached keys and values of earlier tokens were computed from attention
-        outputs that used the old rotation, and those change too. The only way to get
-        what a full forward gives is to run one, once, over all cached tokens plus the
-        new ones. transformers' generate() does the same (it drops its cache).
-        """
-        ids = self.check_ids(token_ids, image_features)
-        trace = NO_TRACE if trace is None else trace
-        if crosses_rope_switch(self.config, cache, len(ids)):
-            # the images of the cached tokens go in again, at the same positions
-            everything = np.concatenate([cache.tokens[: cache.length], ids])
-            features = cache.cached_image_features(image_features)
-            cache.truncate(0)
-            return forward(self.config, self.weights, everything, cache, trace, features)[-len(ids) :]
-        return forward(self.config, self.weights, ids, cache, trace, image_features)
-
-    def lm_head(self, hidden: np.ndarray, trace=None) -> np.ndarray:
-        return lm_head(self.config, self.weights, hidden, NO_TRACE if trace is None else trace)
-
-    def logits(self, token_ids, trace=None, image_features=None) -> np.ndarray:
-        """Full forward from an empty cache: float32 logits (T, vocab_size)."""
-        from .finite import check_logits
-
-        ids = self.check_ids(token_ids, image_features)
-        if ids.size == 0:
-            raise ValueError("logits() needs at least one token id")
-        if len(ids) > self.config.max_position_embeddings:
-            raise MinislmError(
-                f"logits() got {len(ids)} token ids; the model's context is {self.config.max_position_embeddings} "
-                "(max_position_embeddings)"
-            )
-        cache = self.new_cache(len(ids))
-        hidden = self.forward(ids, cache, trace, image_features)
-        logits = np.ascontiguousarray(self.lm_head(hidden, trace), dtype=np.float32)
-        check_logits(self, logits, ids)
-        return logits
-
-    def image_prompt(
-        self, prompt: str, images, num_crops: int | None = None, system: str | None = None, chat: bool = True, trace=None
-    ):
-        """Phi-3-vision: a prompt and its images (paths or Pillow images) -> a
-        `minislm.vision.prompt.ImagePrompt` (ids with placeholders + encoded images):
-
-            p = model.image_prompt("What is shown?", ["photo.png"])
-            for token in model.generate(p.ids, 100, image_features=p.features): ...
-
-        `<|image_k|>` tags mark where each image goes; without any, they all go first.
-        With `chat` the prompt is one user turn in the model's chat template.
-        `num_crops` (1..16) defaults to preprocessor_config.json's; a `trace` recorder
-        gets each image's views, patch features and tokens.
-        """
-        from .vision.prompt import build_image_prompt, with_image_tags
-
-        text = with_image_tags(prompt, len(images))
-        if chat and self.tokenizer.chat_template:
-            turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            text = self.tokenizer.render_chat(turns)
-        return build_image_prompt(self, text, list(images), num_crops, trace)
-
-    def generate(
-        self,
-        token_ids,
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k=None,
-        top_p=None,
-        seed=None,
-        repetition_penalty: float | None = None,
-        image_features=None,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        early_stopping: bool | str = False,
-    ) -> Iterator[int]:
-        """New token ids after `token_ids`: greedy at temperature 0, sampled above it, or
-        the best of `num_beams` beams. Arguments are checked here, when called: a bad one
-        raises now, not at the first `next()`.
-
-        Greedy and sampled ids stream: the returned iterator runs one cached forward per
-        id as you read it (one prefill first). It stops after an end-of-sequence id from
-        generation_config.json, as transformers does. Like transformers' `generate`, it
-        applies the repetition penalty that generation_config.json asks for (the shipped
-        Shakespeare model asks for 1.2, hub Phi-3 models for none), so greedy here equals
-        `generate(do_sample=False)` there; pass `repetition_penalty=1.0` for plain argmax.
-
-        Beam search (num_beams > 1) cannot stream, since the best sequence is known only
-        when the search ends: it runs now, and the returned iterator holds the best
-        hypothesis's ids. `beam_search` returns several, with their scores.
-        Phi-3-vision: `image_features` for the prompt's image placeholders (`image_prompt`;
-        greedy and sampling only).
-        """
-        from .generate import check_context, generate_tokens
-        from .sampling import Sampler, SamplingSettings
-
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-            raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if repetition_penalty is None:
-            repetition_penalty = self.generation_config.repetition_penalty
-        if num_beams != 1:
-            if temperature != 0 or top_k is not None or top_p is not None or seed is not None:
-                raise ValueError("beam search is deterministic: temperature, top_k, top_p and seed are for sampling")
-            if image_features is not None:
-                raise ValueError("beam search does not take images yet: use greedy or sampling with image_features")
-            best = self.beam_search(token_ids, max_new_tokens, num_beams, length_penalty=length_penalty,
-                                    early_stopping=early_stopping, repetition_penalty=repetition_penalty)[0]
-            return iter(best.ids)
-        if length_penalty != 1.0 or early_stopping is not False:
-            raise ValueError("length_penalty and early_stopping are for beam search (num_beams > 1)")
-        settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-        sampler = Sampler(settings, seed=seed)
-        ids = self.check_ids(token_ids, image_features)
-        if ids.size == 0:
-            raise ValueError("generate() needs at least one token id")
-        check_context(len(ids), 0, self.config.max_position_embeddings)
-        return generate_tokens(
-            self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids, image_features=image_features
-        )
-
-    def beam_search(
-        self,
-        token_ids,
-        max_new_tokens: int,
-        num_beams: int,
-        *,
-        length_penalty: float = 1.0,
-        early_stopping: bool | str = False,
-        num_return_sequences: int = 1,
-        repetition_penalty: float | None = None,
-    ) -> list:
-        """The `num_return_sequences` best hypotheses (`minislm.beam.Hypothesis`: ids and
-        score), best first, exactly as transformers' `generate(num_beams=num_beams,
-        do_sample=False)` ranks them; see minislm/beam.py for the rules."""
-        from .beam import beam_search
-
-        if repetition_penalty is None:
-            repetition_penalty = self.generation_config.repetition_penalty
-        return beam_search(
-            self, token_ids, max_new_tokens, num_beams, self.generation_config.eos_token_ids,
-            length_penalty=length_penalty, early_stopping=early_stopping,
-            num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty or 1.0,
-        )

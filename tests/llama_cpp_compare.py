@@ -175,7 +175,7 @@ def with_llama_cpp_activations(model, path: Path):
     import gguf
 
     from minislm.formats.gguf import open_gguf, weight_plan
-    from minislm.model import Model
+    from minislm.runtime import Model
 
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     weights = dict(model.weights)
@@ -186,7 +186,7 @@ def with_llama_cpp_activations(model, path: Path):
         if len(parts) == 1:
             parts = [(planned.shape[0], parts[0][1])]  # (one expert of a stacked tensor)
         weights[name] = RoundedActivations(model.weights[name], parts)
-    return Model(model.config, weights)
+    return Model(model.config, weights, kv_cache=model.kv_cache)
 
 
 def metrics(ours: np.ndarray, theirs: np.ndarray) -> dict:

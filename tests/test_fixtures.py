@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import minislm
-from conftest import ATOL_FP32_LOGITS, FIXTURES, VARIANTS
+from conftest import ATOL_FP32_LOGITS, FIXTURES, VARIANTS, decoder_greedy
 from minislm.trace import Recorder
 
 # Routing weights are softmax values of router logits that differ by ~1e-6 between
@@ -55,7 +55,7 @@ def test_logits_match_transformers(variant):
 
 def test_greedy_continuation_matches_transformers(variant):
     name, model, reference = variant
-    tokens = list(model.generate(reference["greedy.prompt"], max_new_tokens=20))
+    tokens = decoder_greedy(model, reference["greedy.prompt"], 20)
     assert tokens == reference["greedy.tokens"].tolist(), name
 
 
