@@ -348,7 +348,11 @@ def randomize(model, generator) -> None:
     embedding (also the tied output layer) at std 2 / mup_embedding_multiplier (2 without
     one): large enough that the logits, divided by mup_width_multiplier, spread over a
     unit or more (argmax ties are rare), small enough that the scaled embedding does not
-    drown what attention adds to the residual stream (and so the sparse pattern's effect)."""
+    drown what attention adds to the residual stream (and so the sparse pattern's effect).
+    The two projections back into the residual stream (dense, down_proj) are 16x larger:
+    with a tied output layer, a residual stream dominated by the token's own embedding
+    makes the model predict that token again and again, and a greedy continuation
+    that repeats one token tests little."""
     import torch
 
     with torch.no_grad():
@@ -362,7 +366,8 @@ def randomize(model, generator) -> None:
                 std = 2.0 / multiplier if multiplier is not None and multiplier > 0 else 2.0
                 p.copy_(std * torch.randn(p.shape, generator=generator))
             else:
-                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
+                gain = 16.0 if name.endswith(("self_attn.dense.weight", "mlp.down_proj.weight")) else 1.0
+                p.copy_(gain * torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
 
 
 def run_reference(work: Path) -> None:
@@ -424,6 +429,7 @@ def run_reference(work: Path) -> None:
     tensors["greedy.tokens"] = greedy_full_forward(model, prompt, new_tokens, stop)
     tensors["greedy.cached_tokens"] = greedy_cached(model, prompt, len(tensors["greedy.tokens"]))
     agree = (tensors["greedy.tokens"] == tensors["greedy.cached_tokens"]).all()
+    print(f"{job['name']}: greedy {tensors['greedy.tokens'].tolist()}")
     print(f"{job['name']}: greedy {prompt_len}+{len(tensors['greedy.tokens'])}, remote cached decoding "
           f"{'agrees' if agree else 'DIFFERS'} with full forwards")
 
