@@ -48,6 +48,10 @@ Each fixture folder (tests/fixtures/phi3small, tests/fixtures/phi3small_longrope
                                            state_dict: its tensor names, lm_head left out
                                            (tied), rotary inv_freq buffers kept
     reference_phi3small.safetensors:
+        pattern.blocks         (H, n, n)   uint8    the remote's `_get_sparse_attn_mask` block mask for
+                                                    this config ((n, n) with homo_head)
+        pattern.real_8k_packed             uint8    (phi3small only) the same for the real 8k config:
+                                                    np.packbits of (32, 128, 128)
         case.<c>.input_ids     (T,)        int64
         case.<c>.logit_rows    (k,)        int64    rows kept (every 8th and the last 4)
         case.<c>.logits        (k, V)      float32  the remote model, sparse layers as designed
@@ -403,9 +407,13 @@ def run_reference(work: Path) -> None:
     sparse_layers = [i for i, layer in enumerate(model.model.layers) if layer.self_attn.blocksparse]
     assert sparse_layers and not any(layer.self_attn.blocksparse for layer in dense.model.layers)
 
+    tensors = {"pattern.blocks": block_pattern(config)}
+    if job["name"] == "phi3small":  # the real model's pattern, from the real config.json's settings
+        real = configuration.Phi3SmallConfig(**{k: v for k, v in REAL_CONFIG.items() if k not in ("auto_map",)})
+        tensors["pattern.real_8k_packed"] = np.packbits(block_pattern(real))
+
     rng = np.random.default_rng(job["seed"])
     vocab = job["sample_ids"]  # ids the character tokenizer knows, special tokens aside
-    tensors = {}
     for case, length in job["cases"].items():
         ids = rng.integers(0, vocab, length).astype(np.int64)
         rows = sorted(set(range(0, length, 8)) | set(range(length - 4, length)))
@@ -447,6 +455,22 @@ def run_reference(work: Path) -> None:
     save_numpy(tensors, folder / REFERENCE_FILE, metadata=metadata)
     for written in (folder / "model.safetensors", folder / REFERENCE_FILE):
         written.chmod(0o644)  # safetensors writes through a private temporary file
+
+
+def block_pattern(config):
+    """The remote code's own block pattern for `config`: `_get_sparse_attn_mask`'s block mask
+    over max_position_embeddings, (H, blocks, blocks) uint8 (homo_head: one head's, (blocks, blocks))."""
+    import sys
+
+    import numpy as np
+    import torch
+
+    kernel = sys.modules["phi3small_reference.triton_flash_blocksparse_attn"]
+    _, pattern, _ = kernel._get_sparse_attn_mask(
+        config.num_attention_heads, config.max_position_embeddings, config.max_position_embeddings, torch.float32, "cpu",
+        BLOCK=config.blocksparse_block_size, local_blocks=config.blocksparse_num_local_blocks,
+        vert_stride=config.blocksparse_vert_stride, homo_head=config.blocksparse_homo_head_pattern)
+    return pattern.numpy().astype(np.uint8)
 
 
 def greedy_full_forward(model, prompt, n: int, stop: set):
