@@ -17,6 +17,10 @@ blocks cut into 16-token kernel tiles, one local block, every 3rd block for all 
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -284,3 +288,87 @@ def test_a_missing_size_is_named():
     del raw["num_key_value_heads"]
     with pytest.raises(MinislmError, match="missing required key 'num_key_value_heads'"):
         parse_config(raw, "config.json")
+
+
+# ---------------------------------------------------------------- everything else works with it
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "minislm", *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=cwd)
+
+
+def test_bf16_weights_match_the_remote_code():
+    """The fixture's weights are bf16: kept as bf16 words (--quant bf16), with a float32 KV
+    cache, the logits are the float32 path's, summed in another order."""
+    model = minislm.load(FIXTURES / "phi3small_longrope", quant="bf16", kv_cache="float32")
+    reference = load_file(FIXTURES / "phi3small_longrope" / REFERENCE)
+    got = model.logits(reference["case.above.input_ids"])[reference["case.above.logit_rows"]]
+    assert np.abs(got - reference["case.above.logits"]).max() <= ATOL_FP32_LOGITS
+
+
+def test_int4_folder_from_quantize_loads_and_equals_int4_in_memory(tmp_path):
+    """`minislm quantize` packs query_key_value, dense, up/down_proj and the tied embedding
+    (the output layer, 8-bit); biases and LayerNorms stay float32; the folder reloads
+    bit for bit. (On random weights int4 moves these logits a lot: no bar against the reference.)"""
+    result = cli("quantize", "--model", str(FIXTURES / "phi3small"), "--out", str(tmp_path / "q"))
+    assert result.returncode == 0, result.stderr
+    reloaded = minislm.load(tmp_path / "q")
+    in_memory = minislm.load(FIXTURES / "phi3small", quant="int4")
+    assert isinstance(reloaded.weights["model.layers.0.self_attn.query_key_value.bias"], np.ndarray)
+    assert not isinstance(reloaded.weights["model.layers.0.self_attn.query_key_value.weight"], np.ndarray)
+    ids = load_file(FIXTURES / "phi3small" / REFERENCE)["case.long.input_ids"]
+    logits = reloaded.logits(ids)
+    assert np.isfinite(logits).all() and np.array_equal(logits, in_memory.logits(ids))
+    tokens = list(reloaded.generate(ids[:40], max_new_tokens=5))
+    assert len(tokens) == 5
+
+
+def test_cli_generate_on_the_fixture_with_plain_text():
+    result = cli("generate", "--model", str(FIXTURES / "phi3small"), "--no-chat-template", "-n", "12",
+                 "a prompt longer than the local window of thirty-two tokens, so the sparse layers skip blocks")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "tok/s" in result.stderr
+
+
+def test_cli_refuses_a_block_size_the_kernel_cannot_take(tmp_path):
+    folder = tmp_path / "bad"
+    shutil.copytree(FIXTURES / "phi3small", folder)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(raw, blocksparse_triton_kernel_block_size=12)))
+    result = cli("generate", "--model", str(folder), "-n", "2", "hi")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "config.json" in result.stderr
+    assert "'blocksparse_triton_kernel_block_size' is 12" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_trace_records_each_heads_block_pattern():
+    """A sparse layer's recorded probabilities are 0 exactly where the head's pattern skips
+    keys, and rows sum to 1; the dense layer after it reads every earlier key."""
+    model = minislm.load(FIXTURES / "phi3small")
+    ids = load_file(FIXTURES / "phi3small" / REFERENCE)["case.long.input_ids"][:100]
+    trace = Recorder(names=("attn_probs",), layers=[0, 1])
+    model.logits(ids, trace)
+    sparse, dense = trace.get("attn_probs", 0), trace.get("attn_probs", 1)
+    mask = token_mask(model.config, np.arange(100), 100)
+    assert np.allclose(sparse.sum(-1), 1, atol=1e-5) and (sparse[~mask] == 0).all() and (sparse[mask] > 0).all()
+    assert (dense[:, np.tril(np.ones((100, 100), bool))] > 0).all()
+    result = cli("trace", "--model", str(FIXTURES / "phi3small"), "--layers", "0", "hello there")
+    assert result.returncode == 0, result.stderr
+    assert "attn_probs" in result.stdout
+
+
+def test_attention_picture_shades_the_blocks_each_head_skips(tmp_path):
+    from minislm.watch.attention import skipped_blocks
+
+    model = minislm.load(FIXTURES / "phi3small")
+    skipped = skipped_blocks(model, 100, 0, [0, 3])
+    assert skipped.shape == (2, 100, 100)
+    # head 3 reads block 1 (keys 16-31) from any query block; head 0 does not
+    assert not skipped[1, 99, 16:32].any() and skipped[0, 99, 16:32].all()
+    assert skipped_blocks(model, 100, 1, [0]) is None  # layer 1 is dense
+    png = tmp_path / "attention.png"
+    result = cli("attention", "--model", str(FIXTURES / "phi3small"), "--layer", "0", "--png", str(png),
+                 "a prompt longer than the local window of thirty-two tokens, so the sparse layers skip blocks")
+    assert result.returncode == 0, result.stderr
+    assert png.stat().st_size > 0 and "layer 0 is block-sparse" in result.stdout
