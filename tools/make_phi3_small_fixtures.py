@@ -11,6 +11,10 @@ repository (microsoft/Phi-3-small-8k-instruct), run with `trust_remote_code`:
 
 Pass a folder holding them (a clone of the hub repo or a public mirror); they are
 read at run time, never committed, and their SHA-256 go into the fixture's metadata.
+The committed fixtures were made from transcriptions of the stored files that leave
+out what inference never runs (long docstrings, the Triton backward kernels and unit
+tests, Phi3SmallForSequenceClassification, the tokenizer's tiktoken encoder); the
+recorded hashes are theirs.
 They run in a separate virtual environment this tool creates (default
 /work/venvs/i23-small-ref, outside the repo) with REFERENCE_PACKAGES.
 
