@@ -3,11 +3,15 @@
     tokens -> embed -> N x [ x += attention(norm(x)); x += feed_forward(norm(x)) ]
            -> norm -> lm_head -> logits
 
-Two members of the family share this spine and differ in three places, each an
-`if config.model_type == "phimoe"` you can see:
+Three members of the family share this spine and differ in a few places, each an
+`if config.model_type == ...` you can see:
 
     Phi-3 ("phi3")           norm = RMSNorm,  one fused qkv_proj,     feed-forward = one SwiGLU MLP
     Phi-3.5-MoE ("phimoe")   norm = LayerNorm, q/k/v/o_proj + biases, feed-forward = 2 of E experts
+    Phi-3-small ("phi3small") norm = LayerNorm, query_key_value grouped per kv head + biases,
+                             block-sparse attention in every other layer (minislm/blocksparse.py),
+                             feed-forward = GEGELU MLP with biases, muP multipliers
+                             (embeddings x10, attention scale 1/hd, logits / 8)
 
 `forward()` is the spine; everything it calls is a small pure function named
 after the paper's term. Weights are a dict keyed by the checkpoint's own tensor
@@ -35,6 +39,10 @@ this list), llama2.c's `TransformerWeights` written as a table:
     lm_head.weight                             (V, D)           absent when tied to the embedding
     lm_head.bias                               (V,)             PhiMoE with lm_head_bias
 
+Phi-3-small names its tensors its own way (`weights.phi3small_shapes`): every Linear and
+LayerNorm has a bias; self_attn.query_key_value ((H + 2*KV)*hd, D), self_attn.dense (D, H*hd),
+mlp.up_proj (2F, D), mlp.down_proj (D, F), model.final_layernorm; the embedding is the lm_head.
+
 Norm gains and biases are always float32 arrays. A matrix is a `Weight`: either a
 float32 array or a packed weight from minislm.kernels (bf16 words, int4 tiles) that
 multiplies itself; `linear` and `embed` are the only places that tell them apart.
@@ -51,9 +59,11 @@ from typing import Protocol, Union
 
 import numpy as np
 
+from .blocksparse import forward_layout, is_dense_layer, token_mask
 from .cache import KVCache
 from .config import ModelConfig, RopeConfig
 from .kernels.attention import attend_cached
+from .kernels.blocksparse import attend_blocksparse
 from .moe import expert_prefix, group_by_expert, sparsemixer
 
 
@@ -138,10 +148,16 @@ def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
 
 def norm(config: ModelConfig, weights: dict, name: str, x: np.ndarray) -> np.ndarray:
     """The norm `name` (e.g. "model.norm"): RMSNorm in Phi-3, LayerNorm with a bias in
-    PhiMoE. Both take their eps from config.json's `rms_norm_eps`."""
-    if config.model_type == "phimoe":
+    PhiMoE and Phi-3-small. The eps is config.json's `rms_norm_eps` (Phi-3-small's
+    `layer_norm_epsilon`)."""
+    if config.model_type in ("phimoe", "phi3small"):
         return layer_norm(x, weights[name + ".weight"], weights[name + ".bias"], config.rms_norm_eps)
     return rms_norm(x, weights[name + ".weight"], config.rms_norm_eps)
+
+
+def final_norm_name(config: ModelConfig) -> str:
+    """The norm after the last layer: "model.final_layernorm" in Phi-3-small, else "model.norm"."""
+    return "model.final_layernorm" if config.model_type == "phi3small" else "model.norm"
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -189,7 +205,8 @@ def use_long_factors(rope: RopeConfig, seq_len: int) -> bool:
 def rope_angles(rope: RopeConfig, positions: np.ndarray, long: bool) -> np.ndarray:
     """(T,) positions -> (T, rotary_dim) angles; each frequency appears twice because
     rotate-half pairs dim i with dim i + d/2."""
-    freqs = positions.astype(np.float32)[:, None] * rope_inv_freq(rope, long)[None, :]  # (T, d/2)
+    scaled = positions.astype(np.float32) * np.float32(rope.position_scale)  # Phi-3-small's rope_position_scale
+    freqs = scaled[:, None] * rope_inv_freq(rope, long)[None, :]  # (T, d/2)
     return np.concatenate([freqs, freqs], axis=-1)  # (T, d)
 
 
@@ -255,16 +272,33 @@ def project_qkv(config: ModelConfig, weights: dict, layer: str, x: np.ndarray):
 
     Phi-3 stores the three projections as one matrix `qkv_proj`, rows [q | k | v];
     PhiMoE as `q_proj`, `k_proj`, `v_proj`, each with a bias when attention_bias.
+    Phi-3-small as one biased `query_key_value` whose rows come in KV groups, one per kv
+    head: [G query heads | its key | its value], G = H / KV (so query head h sits in
+    group h // G, which is also the kv head it reads).
     """
     attn = layer + "self_attn."
     if config.model_type == "phimoe":
         return tuple(linear(x, weights[f"{attn}{p}_proj.weight"], weights.get(f"{attn}{p}_proj.bias")) for p in "qkv")
     q_size, kv_size = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    if config.model_type == "phi3small":
+        T, KV, hd = x.shape[0], config.num_key_value_heads, config.head_dim
+        G = config.num_attention_heads // KV
+        qkv = linear(x, weights[attn + "query_key_value.weight"], weights[attn + "query_key_value.bias"])
+        groups = qkv.reshape(T, KV, G + 2, hd)  # per kv head: G queries, 1 key, 1 value
+        q = groups[:, :, :G].reshape(T, q_size)  # (T, H*hd), head h = group h // G, slot h % G
+        return q, groups[:, :, G].reshape(T, kv_size), groups[:, :, G + 1].reshape(T, kv_size)
     qkv = linear(x, weights[attn + "qkv_proj.weight"])  # (T, q_size + 2 * kv_size)
     return np.split(qkv, [q_size, q_size + kv_size], axis=-1)
 
 
-def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, allowed, trace=NO_TRACE) -> np.ndarray:
+def attention_scale(config: ModelConfig) -> float:
+    """What q.k is multiplied by before the softmax: 1/sqrt(hd), except in Phi-3-small,
+    whose muP scaling makes it mup_attn_multiplier / hd (1/128 for the real model)."""
+    return config.phi3small.attention_scale if config.phi3small else config.head_dim**-0.5
+
+
+def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, allowed, trace=NO_TRACE,
+              sparse=None) -> np.ndarray:
     """Self-attention of one layer, reading and extending the cache: q (T, H*hd) and
     k, v (T, KV*hd) -> each query head's mix of values, side by side (T, H*hd).
 
@@ -273,6 +307,10 @@ def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin
     one pass over the keys and one over the values per kv head, reading only the
     keys between the first and the last that a query's mask row allows (with a
     sliding window, the last w); the (H, T, S) scores are never formed.
+
+    Phi-3-small's sparse layers pass `sparse` = (layout (H, n, KB), first block) from
+    `blocksparse.forward_layout`: `attend_blocksparse` then reads only the key blocks
+    the layout allows each head (kernels/blocksparse.py).
     """
     T = q.shape[0]
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -287,20 +325,30 @@ def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin
     trace.record("v", v, layer)
     cache.store(layer, k, v)  # at positions [cache.length, cache.length + T)
 
-    out = attend_cached(q, *cache.layer(layer), allowed, hd**-0.5)  # (H, T, hd)
-    record_attention_probabilities(trace, layer, q, cache, allowed, hd**-0.5)
+    scale = attention_scale(config)
+    if sparse is None:
+        out = attend_cached(q, *cache.layer(layer), allowed, scale)  # (H, T, hd)
+    else:
+        layout, first_block = sparse
+        positions = np.arange(cache.length, cache.length + T)
+        out = attend_blocksparse(q, *cache.layer(layer), positions, layout, first_block, config.phi3small.block_size, scale)
+    record_attention_probabilities(trace, layer, q, cache, allowed, scale, config if sparse is not None else None)
     return out.transpose(1, 0, 2).reshape(T, H * hd)  # heads side by side again; o_proj follows
 
 
-def record_attention_probabilities(trace, layer: int, q, cache: KVCache, allowed, scale) -> None:
+def record_attention_probabilities(trace, layer: int, q, cache: KVCache, allowed, scale, sparse_config=None) -> None:
     """For a recorder only: the probabilities of the heads it asks for, computed again by
     the plain definition from the cache, so the attention that produced the output is
-    left untouched and never has to form them."""
+    left untouched and never has to form them. In a Phi-3-small sparse layer
+    (`sparse_config` given) each head's mask is its own block pattern (`token_mask`)."""
     heads = trace.attention_heads(layer, q.shape[0])
     if heads is None or not trace.wants("attn_probs", layer, nbytes=4 * len(heads) * allowed.size):
         return
-    keys, _ = cache.read(layer, allowed.shape[1])  # (KV, S, hd) float32
+    T, S = allowed.shape
+    keys, _ = cache.read(layer, S)  # (KV, S, hd) float32
     G = q.shape[0] // keys.shape[0]
+    if sparse_config is not None:
+        allowed = token_mask(sparse_config, np.arange(S - T, S), S)[heads]  # (h, T, S)
     trace.record("attn_probs", attention_probabilities(q[heads], keys[heads // G], allowed, scale), layer)
 
 
@@ -317,6 +365,33 @@ def mlp(x: np.ndarray, gate_up_proj: Weight, down_proj: Weight, trace=NO_TRACE, 
     trace.record("gate", gate, layer)
     trace.record("up", up, layer)
     return linear(silu(gate) * up, down_proj)  # (T, D)
+
+
+def gegelu(u: np.ndarray, limit: float | None) -> np.ndarray:
+    """Phi-3-small's activation: (T, 2F) -> (T, F).
+
+    The columns of u are INTERLEAVED, not halves: even columns feed the gate, odd ones
+    the linear part. Both are clamped at `limit` (the gate from above only, the linear
+    part on both sides; infinities pass untouched), then
+
+        quick_gelu(gate) * (linear + 1),   quick_gelu(g) = g * sigmoid(1.702 g)
+
+    (the "+ 1" means a zero linear part lets the gate through unchanged).
+    """
+    gate, linear_part = u[:, 0::2], u[:, 1::2]  # (T, F) each
+    if limit is not None:
+        gate = np.where(np.isinf(gate), gate, np.minimum(gate, np.float32(limit)))
+        linear_part = np.where(np.isinf(linear_part), linear_part, np.clip(linear_part, -np.float32(limit), np.float32(limit)))
+    sigmoid = 0.5 + 0.5 * np.tanh(np.float32(0.5 * 1.702) * gate)  # sigmoid(1.702 g) without overflow
+    return gate * sigmoid * (linear_part + 1)
+
+
+def gegelu_mlp(x: np.ndarray, weights: dict, layer: str, limit: float | None, trace=NO_TRACE, index=None) -> np.ndarray:
+    """Phi-3-small's feed-forward: down_proj(gegelu(up_proj(x))), both with biases."""
+    u = linear(x, weights[layer + "mlp.up_proj.weight"], weights[layer + "mlp.up_proj.bias"])  # (T, 2F)
+    trace.record("gate", u[:, 0::2], index)
+    trace.record("up", u[:, 1::2], index)
+    return linear(gegelu(u, limit), weights[layer + "mlp.down_proj.weight"], weights[layer + "mlp.down_proj.bias"])  # (T, D)
 
 
 def expert_mlp(x: np.ndarray, w1: Weight, w3: Weight, w2: Weight) -> np.ndarray:
@@ -368,20 +443,26 @@ def forward(
         raise ValueError("the cached keys use the other LongRoPE factor set; run the whole sequence again")
     cos, sin = rope_tables(config.rope, positions, long)  # (T, rotary_dim) each
     allowed = attention_mask(positions, cache.length + T, config.sliding_window)  # (T, S)
+    small = config.phi3small  # Phi-3-small's settings, None for the other models
+    sparse = forward_layout(config, positions) if small else None  # its block pattern for these queries
     trace.begin(positions)
 
     x = embed(w["model.embed_tokens.weight"], token_ids, image_features)  # (T, D)
+    if small and small.embedding_multiplier:
+        x = x * np.float32(small.embedding_multiplier)  # muP: embeddings x10 in Phi-3-small
     if image_features is not None:
         trace.record("image_positions", positions[token_ids < 0])
     trace.record("embed", x)
+    out_proj = "self_attn.dense" if config.model_type == "phi3small" else "self_attn.o_proj"
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
         h = norm(config, w, layer + "input_layernorm", x)
         trace.record("attn_norm", h, i)
         q, k, v = project_qkv(config, w, layer, h)  # (T, H*hd), (T, KV*hd), (T, KV*hd)
-        heads = attention(q, k, v, config, cache, i, cos, sin, allowed, trace)  # (T, H*hd)
+        layer_sparse = sparse if small and not is_dense_layer(config, i) else None
+        heads = attention(q, k, v, config, cache, i, cos, sin, allowed, trace, layer_sparse)  # (T, H*hd)
         trace.record("attn_heads", heads, i)
-        a = linear(heads, w[layer + "self_attn.o_proj.weight"], w.get(layer + "self_attn.o_proj.bias"))  # (T, D)
+        a = linear(heads, w[layer + out_proj + ".weight"], w.get(layer + out_proj + ".bias"))  # (T, D)
         trace.record("attn_out", a, i)
         x = x + a
         trace.record("resid_mid", x, i)
@@ -390,22 +471,31 @@ def forward(
         trace.record("ffn_norm", h, i)
         if config.model_type == "phimoe":
             f = moe(h, w, layer, config, trace, i)
+        elif config.model_type == "phi3small":
+            f = gegelu_mlp(h, w, layer, small.gegelu_limit, trace, i)
         else:
             f = mlp(h, w[layer + "mlp.gate_up_proj.weight"], w[layer + "mlp.down_proj.weight"], trace, i)
         trace.record("ffn_out", f, i)
         x = x + f
         trace.record("resid_post", x, i)
     cache.advance(token_ids, long, image_features)
-    x = norm(config, w, "model.norm", x)  # (T, D)
+    x = norm(config, w, final_norm_name(config), x)  # (T, D)
     trace.record("final_norm", x)
     return x
 
 
 def lm_head(config: ModelConfig, weights: dict, hidden: np.ndarray, trace=NO_TRACE) -> np.ndarray:
-    """(T, D) -> (T, V) logits. Tied models (Phi-4-mini) reuse the embedding matrix;
-    PhiMoE adds a bias (lm_head_bias)."""
+    """(T, D) -> (T, V) logits. Tied models (Phi-4-mini, Phi-3-small) reuse the embedding
+    matrix; PhiMoE adds a bias (lm_head_bias). Phi-3-small divides by muP's width
+    multiplier (8) and sets the ids its tokenizer never produces to float32's lowest
+    value, as its remote code does (finite, unlike -inf: log-probs stay numbers)."""
     name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     logits = linear(hidden, weights[name], weights.get("lm_head.bias"))
+    small = config.phi3small
+    if small and small.width_multiplier:
+        logits = logits / np.float32(small.width_multiplier)
+    if small and small.masked_token_ids:
+        logits[:, list(small.masked_token_ids)] = np.finfo(np.float32).min
     trace.record("logits", logits)
     return logits
 
