@@ -23,12 +23,13 @@ from minislm.trace import Recorder
 # Routing weights are softmax values of router logits that differ by ~1e-6 between
 # BLAS and torch; the weights move by less than that.
 ATOL_ROUTING_WEIGHT = 1e-5
-MOE_VARIANTS = [v for v in VARIANTS if v.startswith("moe")]
+MOE_VARIANTS = [v for v in VARIANTS if v.startswith("moe") or v == "slimmoe"]
 
 
 def test_every_variant_has_a_fixture():
     assert set(VARIANTS) == {
         "mha", "gqa", "longrope", "sliding", "partial_tied", "sharded_bf16", "moe", "moe_longrope", "moe_sharded_bf16",
+        "phi4", "phi4_mini", "slimmoe",
     }
 
 

@@ -16,7 +16,7 @@ LAYERS = [
     ("foundation", ["minislm.errors", "minislm.config", "minislm.phi3small_config", "minislm.vision.config", "minislm.sampling", "minislm.trace",
                     "minislm.hub", "minislm.text_input", "minislm.compile_notice", "minislm.chat_sandbox"]),
     ("storage and kernels", ["minislm.kernels", "minislm.weights", "minislm.streaming", "minislm.cache",
-                             "minislm.tokenizer", "minislm.formats"]),
+                             "minislm.tokenizer", "minislm.tiktoken_bpe", "minislm.formats"]),
     ("model math", ["minislm.model", "minislm.moe", "minislm.blocksparse"]),
     ("vision", ["minislm.vision"]),
     ("runtime", ["minislm.finite", "minislm.generate", "minislm.beam", "minislm.policy",
