@@ -18,6 +18,7 @@ from .quantize import save_quantized
 from .runtime import beam_search, generate_ids, make_sampler, reuse_cached_prefix, sampling_settings
 from .sampling import Sampler
 from .text_input import check_utf8, read_prompt
+from .tokenizer import PHI3_SMALL_RANK_FILE, load_tokenizer
 from .trace import Recorder
 
 
@@ -56,8 +57,8 @@ def load_model(args):
             raise MinislmError(f"{source}: this GGUF file has no tokenizer (no tokenizer.ggml.* metadata)")
         return model
     model_dir = resolve_model_dir(source, args.revision)
-    if not (model_dir / "tokenizer.json").is_file() and (model_dir / "config.json").is_file():
-        raise MinislmError(f"{model_dir}: no tokenizer.json in the model folder")
+    if (model_dir / "config.json").is_file() and load_tokenizer(model_dir) is None:  # before loading gigabytes
+        raise MinislmError(f"{model_dir}: no tokenizer.json (nor Phi-3-small's {PHI3_SMALL_RANK_FILE}) in the model folder")
     return load(model_dir, **flags)
 
 

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import minislm
-from conftest import ATOL_FP32_LOGITS, FIXTURES
+from conftest import ATOL_FP32_LOGITS, FIXTURES, decoder_greedy
 from minislm.blocksparse import block_allowed, block_layout, is_dense_layer, token_mask
 from minislm.config import parse_config
 from minislm.errors import MinislmError
@@ -70,7 +70,8 @@ def all_dense(model):
     """The same weights with every layer dense (dense_attention_every_n_layers = 1)."""
     config = model.config
     dense = dataclasses.replace(config, phi3small=dataclasses.replace(config.phi3small, dense_every=1))
-    return minislm.model.Model(dense, model.weights, model.tokenizer, model.generation_config, model.path)
+    return minislm.Model(dense, model.weights, kv_cache=model.kv_cache, tokenizer=model.tokenizer,
+                         generation_config=model.generation_config, path=model.path)
 
 
 # ---------------------------------------------------------------- against the remote code
@@ -125,7 +126,7 @@ def test_greedy_continuation_matches_the_remote_code(small):
     """Through the KV cache, token for token with the remote model's full forwards (with
     LongRoPE the continuation crosses the switch; minislm then runs the sequence again)."""
     name, model, reference = small
-    tokens = list(model.generate(reference["greedy.prompt"], max_new_tokens=len(reference["greedy.tokens"])))
+    tokens = decoder_greedy(model, reference["greedy.prompt"], len(reference["greedy.tokens"]))
     assert tokens == reference["greedy.tokens"].tolist(), name
 
 
