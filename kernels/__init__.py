@@ -36,14 +36,53 @@ layouts are drawn in docs/formats.md, the measurements in docs/kernels.md.
 `cpu.py` picks the instructions (VNNI, AMX, portable) at run time.
 Importing compiles nothing: kernels compile on first call and are cached
 on disk (numba cache=True).
+
+Imported as `kernels` rather than `minislm.kernels` (from the repository's root,
+where `python -m` puts this folder on sys.path), it hands the import over to the
+PyPI package of that name: see `hand_over_to_the_pypi_kernels`.
 """
 
-from .threads import get_threads, set_threads, threading_layer  # noqa: F401  (sets the layer)
-from .bf16 import Bf16Weight
-from . import cpu
-from .cpu import kernel_paths
-from .fp32 import Fp32Weight
-from .packed import Int4Weight, Int8Weight
+
+def hand_over_to_the_pypi_kernels() -> None:
+    """This folder imported as a top-level `kernels`: pass the import to the package
+    that really has that name, or fail as if this folder were not there.
+
+    The folder sits in the repository's root, which `python -m ...` run from a clone
+    puts first on sys.path, so `import kernels` finds it before site-packages. The
+    name belongs to the PyPI package `kernels` (Hugging Face's hub kernels), which
+    transformers 5 imports. Python returns whatever `sys.modules["kernels"]` holds
+    once this file has run, so putting the real package there is a complete answer.
+    """
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+    if spec is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ folder is minislm.kernels)",
+                                  name="kernels")
+    real = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = real
+    try:
+        spec.loader.exec_module(real)
+    except BaseException:
+        del sys.modules["kernels"]
+        raise
+
+
+if __name__ == "kernels":
+    hand_over_to_the_pypi_kernels()
+else:
+    from .threads import get_threads, set_threads, threading_layer  # noqa: F401  (sets the layer)
+    from .bf16 import Bf16Weight
+    from . import cpu
+    from .cpu import kernel_paths
+    from .fp32 import Fp32Weight
+    from .packed import Int4Weight, Int8Weight
 
 __all__ = ["Fp32Weight", "Bf16Weight", "Int4Weight", "Int8Weight",
            "set_threads", "get_threads", "threading_layer", "kernel_paths", "kernels_for"]

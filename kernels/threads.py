@@ -1,5 +1,4 @@
-"""Threads: how many, which threading layer runs Numba's `prange`, and when BLAS
-gets threads of its own (`blas_threads`).
+"""Threads: how many, and which threading layer runs Numba's `prange`.
 
 A decode step makes a few hundred parallel kernel calls. Numba's `omp`
 layer (GNU OpenMP) starts a parallel region in ~1.2 us on the project
@@ -10,8 +9,6 @@ first parallel call; `threading_layer()` reports the one that loaded.
 """
 
 import os
-from contextlib import contextmanager
-from functools import cache
 
 import numba
 import numpy as np
@@ -32,42 +29,6 @@ def set_threads(n):
     numba.set_num_threads(n)
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=n, user_api="blas")
-
-
-# A forward pass over fewer tokens than this (a decode step, a chat's new turn) runs
-# BLAS on the calling thread alone; a longer prefill gives BLAS all its threads.
-BLAS_THREADS_FROM_TOKENS = 64
-
-
-@contextmanager
-def blas_threads(n_tokens):
-    """BLAS on one thread for a short forward pass, its own count for a long one.
-
-    Two thread pools share the cores: Numba's (the kernels, attention) and BLAS's (the
-    float32 matmuls). Each splits a call's work evenly over its threads and spins while
-    it waits for the slowest, so when a thread of one pool has lost its core (to the
-    other pool's spinning threads, a server's other requests, another program) the
-    whole call waits for it. On the shipped model a 20-token follow-up on a 400-token
-    cache took 180-790 ms this way, often more than a fresh 420-token prefill, and
-    17-70 ms with BLAS on one thread; decode steps were no slower. A long prefill's big
-    matmuls gain from BLAS's threads, so they keep them (docs/serve.md has the figures).
-    """
-    if n_tokens >= BLAS_THREADS_FROM_TOKENS:
-        yield
-        return
-    limits = blas_libraries().limit(limits=1)
-    try:
-        yield
-    finally:
-        limits.restore_original_limits()
-
-
-@cache
-def blas_libraries():
-    """The BLAS libraries loaded in this process, found once (a scan of the loaded libraries)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController().select(user_api="blas")
 
 
 def get_threads():

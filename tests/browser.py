@@ -7,7 +7,6 @@ GPU, and no background connections (which a closed network refuses, slowly).
 """
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -110,8 +109,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def browser_required() -> bool:
-    """CI sets MINISLM_REQUIRE_BROWSER=1: there a missing Chromium fails instead of skipping."""
-    return os.environ.get("MINISLM_REQUIRE_BROWSER") == "1"

@@ -4,10 +4,13 @@ Nothing here touches the network: models come from tests/fixtures/ (made by
 tools/make_fixtures.py) or are built by the tests themselves.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from optional import SKIP_PREFIX, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -28,20 +31,9 @@ def phi3_tokenizer_dir() -> Path:
 
 
 def import_reference():
-    """torch and transformers for the live differential tests.
-
-    Locally they are optional (the tests skip without them); CI sets
-    MINISLM_REQUIRE_REFERENCE=1, and then a missing import fails the run instead.
-    """
-    import os
-
-    if os.environ.get("MINISLM_REQUIRE_REFERENCE") == "1":
-        import torch
-        import transformers
-    else:
-        torch = pytest.importorskip("torch")
-        transformers = pytest.importorskip("transformers")
-    return torch, transformers
+    """torch and transformers for the live differential tests: skipped without them,
+    except in CI, which sets MINISLM_REQUIRE_REFERENCE=1 (tests/optional.py)."""
+    return require_module("torch"), require_module("transformers")
 
 
 def save_random_model(model, folder: Path, seed: int):
@@ -72,6 +64,20 @@ def assert_cached_last_token_matches(ours, ids, expected_last, atol: float) -> N
         ours.forward(ids[:-1], cache)
         last = ours.lm_head(ours.forward(ids[-1:], cache))[0]
         assert np.abs(last - expected_last).max() <= atol
+
+
+def decoder_greedy(model, prompt, max_new_tokens: int) -> list[int]:
+    """The decoder's own greedy tokens through the KV cache, stopping on
+    generation_config.json's ids: what transformers' greedy decoding computes. The
+    policy's extra rules (runtime.py: never an id the tokenizer has no piece for, stop on
+    the tokenizer's end token too) are left out because transformers has neither, and
+    the fixtures' random weights do pick padding ids; tests/test_runtime.py tests them."""
+    from minislm.generate import generate_tokens
+    from minislm.sampling import Sampler, SamplingSettings
+
+    greedy = Sampler(SamplingSettings(repetition_penalty=model.generation_config.repetition_penalty))
+    return list(generate_tokens(model, model.check_ids(prompt), max_new_tokens, greedy,
+                                model.generation_config.eos_token_ids))
 
 
 def assert_greedy_matches(ours, reference, prompt, max_new_tokens: int) -> None:
@@ -126,3 +132,27 @@ def phi3_v_dir(tmp_path_factory) -> Path:
     sha = write_hashed_checkpoint(folder, json.loads((folder / "config.json").read_text()), int(metadata["seed"]))
     assert sha == metadata["checkpoint_sha256"], "the rebuilt checkpoint is not the one the reference ran on"
     return folder
+
+
+# ---------------------------------------------------------------- CI's two phases
+
+
+def pytest_collectreport(report):
+    record_optional_skip(report)
+
+
+def pytest_runtest_logreport(report):
+    record_optional_skip(report)
+
+
+def record_optional_skip(report) -> None:
+    """With MINISLM_SKIPPED_LOG set (CI's first phase), append the node id of every test
+    or module skipped for a missing optional package, one per line: the list of tests
+    CI runs again once it has installed them."""
+    log = os.environ.get("MINISLM_SKIPPED_LOG")
+    if not log or not report.skipped or not isinstance(report.longrepr, tuple):
+        return
+    reason = report.longrepr[2].removeprefix("Skipped: ")
+    if reason.startswith(SKIP_PREFIX + ":"):
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(report.nodeid + "\n")

@@ -20,6 +20,7 @@ from minislm.formats import awq
 from minislm.formats.awq import unpack_columns
 from minislm.formats.grouped import dequantize
 from minislm.weights import StoredTensor, read_checkpoint, save_safetensors
+from optional import require_module, skip_or_fail
 from quantized_folders import known_integers, set_quantization, write_folders
 
 GROUP = 32
@@ -97,11 +98,10 @@ def test_awq_phimoe(tmp_path, fixture, router_packed):
 def load_autoawq_packing_utils():
     """AutoAWQ's unpacker, from its one plain-torch file (the package's __init__ wants
     its GPU dependency stack, so the file is loaded alone)."""
+    require_module("torch")
     spec = importlib.util.find_spec("awq")
     if spec is None:
-        assert os.environ.get("MINISLM_REQUIRE_FORMAT_REFERENCES") != "1", "CI installs AutoAWQ (.ci/run)"
-        pytest.skip("AutoAWQ is not installed (pip install --no-deps autoawq==0.2.9)")
-    pytest.importorskip("torch")
+        skip_or_fail("AutoAWQ is not installed (pip install --no-deps autoawq==0.2.9)", "MINISLM_REQUIRE_FORMAT_REFERENCES")
     path = spec.submodule_search_locations[0] + "/utils/packing_utils.py"
     module_spec = importlib.util.spec_from_file_location("awq_packing_utils", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -113,9 +113,8 @@ def test_unpacking_equals_autoawq(tmp_path):
     """AutoAWQ's dequantize_gemm on the same words, with the scales given as float32 so
     that it evaluates (q - z) * s in float32 as we do. (On its own it uses the fp16
     scales and rounds each weight to fp16.)"""
-    import torch
-
     packing = load_autoawq_packing_utils()
+    torch = require_module("torch")
     rng = np.random.default_rng(3)
     out, n = 48, 128
     codes, zeros, scales = known_integers(rng, (out, n), GROUP, symmetric=False)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import import_reference
+from optional import require_module
 from minislm.bench.engines import ENGINES
 from minislm.bench.measure import decode_bytes
 from minislm.bench.random_checkpoint import PHIMOE_TINY, write_random_checkpoint
@@ -166,8 +167,7 @@ def test_gguf_export_uses_llama_cpp_names_f32_norms_and_copies_the_vocabulary(tm
 def test_minislm_runs_the_q4_0_gguf_llama_cpp_made_for_its_row(tmp_path):
     """The minislm-gguf-Q4_0 row: the bench writes the F16 GGUF, llama.cpp's quantizer
     makes Q4_0 of it (what a user downloads), and minislm runs that file's codes."""
-    if os.environ.get("MINISLM_REQUIRE_LLAMA_CPP") != "1":
-        pytest.importorskip("llama_cpp")
+    require_module("llama_cpp")
     import shutil
 
     from conftest import FIXTURES

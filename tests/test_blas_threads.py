@@ -1,4 +1,4 @@
-"""The thread configuration a forward pass runs under (minislm.kernels.threads.blas_threads).
+"""The thread configuration a forward pass runs under (minislm.runtime.blas_threads).
 
 Numba's threads and BLAS's threads share the cores; both spin while they wait, so a
 pass that wakes both stalls whenever one thread has lost its core. The fix relies on
@@ -13,10 +13,9 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import minislm
-from minislm.commands import BUNDLED_MODEL, make_sampler, sampling_settings, stop_ids
-from minislm.generate import generate_tokens
-from minislm.kernels.threads import BLAS_THREADS_FROM_TOKENS
-from minislm.trace import NoRecorder
+from minislm.load import BUNDLED_MODEL
+from minislm.runtime import BLAS_THREADS_FROM_TOKENS, generate_ids, make_sampler, sampling_settings
+from minislm.model import NoRecorder
 
 
 def blas_threads_now() -> list[int]:
@@ -50,7 +49,7 @@ def test_short_passes_run_blas_on_one_thread_and_long_ones_on_all(model):
     model.forward(ids, cache, watch)  # a fresh prefill
     model.forward(model.tokenizer.encode(" And then, good sir?", add_bos=False), cache, watch)  # a follow-up turn
     sampler = make_sampler(model, sampling_settings(model), seed=0)
-    list(generate_tokens(model, [ids[0]], 5, sampler, stop_ids(model), cache=cache, history=ids, trace=watch))
+    list(generate_ids(model, [ids[0]], 5, sampler, cache=cache, history=ids, trace=watch))
     tokens = [n for n, _, _ in watch.passes]
     assert tokens[0] == len(ids) and 1 < tokens[1] < BLAS_THREADS_FROM_TOKENS and tokens[3:] == [1] * 4
     assert watch.passes[0][1] == outside  # the long prefill: BLAS's own thread count

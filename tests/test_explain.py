@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 
 import minislm
-from browser import Browser, browser_required, find_programs
+from browser import Browser, find_programs
 from conftest import FIXTURES
 from minislm.cli import main
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.watch.attention import attention_maps
 from minislm.watch.explain import FIXED_POINT, MAX_ATTENTION_BYTES, page_data
 from minislm.watch.inputs import MAX_PICTURE_TOKENS
+from optional import BROWSER_VARIABLE, skip_or_fail
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks?"
 # The page stores probabilities as 16-bit fixed point: half a step of rounding.
@@ -102,10 +103,7 @@ def browser():
     chromium, chromedriver = find_programs()
     if chromium is None or chromedriver is None:
         missing = " and ".join(n for n, p in (("chromium", chromium), ("chromedriver", chromedriver)) if p is None)
-        reason = f"{missing} not found (apt-get install chromium chromium-driver)"
-        if browser_required():
-            pytest.fail(f"MINISLM_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
+        skip_or_fail(f"{missing} not found (apt-get install chromium chromium-driver)", BROWSER_VARIABLE)
     with Browser(chromium, chromedriver) as b:
         yield b
 

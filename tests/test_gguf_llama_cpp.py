@@ -29,7 +29,6 @@ PhiMoE is not compared: llama.cpp runs its PhiMoE GGUFs with RMSNorm and softmax
 top-2 routing, not PhiMoE's LayerNorm and sparsemixer (docs/formats.md).
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -39,11 +38,9 @@ from conftest import FIXTURES
 from gguf_files import reference_weights, wide_checkpoint, write_gguf
 from llama_cpp_compare import (llama_cpp_logits, metrics, prompt_ids, quantize_with_llama_cpp,
                                with_llama_cpp_activations)
+from optional import require_module
 
-if os.environ.get("MINISLM_REQUIRE_LLAMA_CPP") == "1":
-    import llama_cpp  # noqa: F401
-else:
-    pytest.importorskip("llama_cpp")
+require_module("llama_cpp")  # CI builds it (.ci/run)
 
 CASES = [
     ("mha", "llama", "F32"),

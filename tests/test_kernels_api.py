@@ -1,8 +1,10 @@
 """The minislm.kernels surface the model relies on: import cost, threads, and every
 weight class going through the model's `linear()`."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,28 @@ def test_import_compiles_nothing():
             "           *packed.GEMV.values(), *packed.GEMM.values()]\n"
             "assert not any(k.signatures for k in kernels), [k for k in kernels if k.signatures]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_repository_root_does_not_shadow_the_pypi_kernels_package(tmp_path):
+    """From the clone's root, `python -m ...` puts the kernels/ folder first on sys.path;
+    `import kernels` must still give the PyPI package (transformers 5 imports it), or no
+    package at all where it is not installed, never this folder."""
+    root = Path(K.__file__).resolve().parent.parent
+    if not (root / "kernels" / "__init__.py").is_file():
+        pytest.skip("minislm.kernels is installed, not run from a clone: there is no root to shadow anything")
+    code = "import kernels; print(kernels.__file__)"
+    alone = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if alone.returncode == 0:  # the PyPI package is installed (transformers >= 5.25 depends on it)
+        assert Path(alone.stdout.strip()).resolve().parent != root / "kernels"
+    else:
+        assert "ModuleNotFoundError: No module named 'kernels'" in alone.stderr, alone.stderr
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'the PyPI package'\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    code = "from kernels import CUDAProperties; import kernels; print(CUDAProperties, kernels.__file__)"
+    found = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == f"the PyPI package {tmp_path / 'kernels' / '__init__.py'}"
 
 
 def test_threading_layer_is_reported_and_preferred_in_order():

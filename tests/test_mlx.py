@@ -8,7 +8,6 @@ Where MLX itself installs (`pip install "mlx[cpu]"` on Linux), mx.quantize and
 mx.dequantize are the second reference.
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from minislm.cli import main
 from minislm.formats import mlx
 from minislm.formats.grouped import dequantize
 from minislm.weights import StoredTensor, float32_to_bf16
+from optional import require_module
 from quantized_folders import set_quantization, write_folders
 
 GROUP = 32
@@ -96,10 +96,7 @@ def test_mlx_phimoe_switch_mlp(tmp_path):
 
 
 def test_unpacking_equals_mlx():
-    if os.environ.get("MINISLM_REQUIRE_FORMAT_REFERENCES") == "1":
-        import mlx.core as mx  # CI installs mlx[cpu] (.ci/run)
-    else:
-        mx = pytest.importorskip("mlx.core")
+    mx = require_module("mlx.core")  # CI installs mlx[cpu] (.ci/run)
     rng = np.random.default_rng(7)
     w = rng.standard_normal((24, 256)).astype(np.float32)
     for group in (32, 64, 128):

@@ -18,7 +18,7 @@ import pytest
 
 import minislm
 from minislm.cli import main as minislm_main
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.serve import ServeSettings, Turnstile
 from minislm.openai_api import ApiError
 from served import CHAT, client, raw, running, wait_for_log

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minislm
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from served import CHAT, client, connect, final_response, post_bytes, raw, read_all, running, wait_for_log
 
 
