@@ -150,7 +150,7 @@ TRICKY = st.lists(st.sampled_from(["x", "é", "🦙", " ", "  ", "\u3000", "\n",
                                    "<|end|>", "<s>", "therefore,", "the", "<0x41>", "<"]), max_size=60).map("".join)
 
 
-@pytest.fixture(scope="module", params=["phi3-tokenizer", "shakespeare"])
+@pytest.fixture(scope="module", params=["phi3-tokenizer", "phi4", "shakespeare"])
 def tokenizer(request):
     from minislm.load import bundled_model
 
@@ -162,7 +162,7 @@ def tokenizer(request):
 def test_fewest_tokens_is_never_more_than_the_tokens(tokenizer, text):
     """The bound the server refuses over-long prompts by: any text, the added tokens that
     swallow whitespace beside them (Phi-3's "</s>" + 10,000 spaces is one token) included."""
-    assert tokenizer.piece_bound[0] > 0  # both pipelines keep text: the bound applies
+    assert tokenizer.piece_bound[0] > 0  # Phi-3 SentencePiece-style, Phi-4 byte-level: the bound applies
     assert tokenizer.fewest_tokens(text) <= len(tokenizer.encode(text, add_bos=False))
 
 
