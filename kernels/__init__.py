@@ -93,10 +93,10 @@ def kernels_for(weight_format):
     (decode, embedding rows, quantizing): the ones whose first compilation the
     user waits for. Prefill kernels compile on the first prompt long enough to
     use them (a few seconds more)."""
-    from . import activations, bf16, packed
+    from . import activations, bf16, fp32, packed
 
     if weight_format == "bf16":
-        return [bf16.gemv_bf16, bf16.widen_bf16_rows]
+        return [fp32.gemv, bf16.widen_bf16_rows]
     path = cpu.int8_dot_path()
     return [packed.GEMV[4, path], packed.GEMV[8, path], packed.dequantize_rows, packed.group_scales,
             packed.search_scales, packed.quantize_codes, activations.quantize_activations,

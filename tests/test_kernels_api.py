@@ -17,7 +17,7 @@ from minislm.kernels.threads import LAYER_PREFERENCE
 def test_import_compiles_nothing():
     code = ("import minislm.kernels as K\n"
             "from minislm.kernels import bf16, fp32, packed, threads\n"
-            "kernels = [fp32.gemv_f32, fp32.gemm_f32, bf16.gemv_bf16, bf16.widen_bf16_rows,\n"
+            "kernels = [fp32.gemv, fp32.gemm_f32, bf16.widen_bf16_rows, bf16.widen_bf16_block,\n"
             "           packed.group_scales, packed.quantize_codes, packed.quantize_activations,\n"
             "           packed.dequantize_rows, threads._touch,\n"
             "           *packed.GEMV.values(), *packed.GEMM.values()]\n"
