@@ -1,4 +1,4 @@
-"""Fast paths for minislm (Numba), each beside a plain-NumPy reference.
+"""Fast paths for minislm (Numba), each with a plain-NumPy twin in reference.py.
 
     Fp32Weight(w)           fp32 (out, in): Numba GEMV, BLAS GEMM
     Bf16Weight(w)           bf16 kept as uint16 words, widened in the kernels
@@ -31,9 +31,17 @@ Q4_K codes q, d*sc, 32, zero=0, offsets=-(dmin*m); AWQ/GPTQ codes q, s, G,
 zero=z (per group); MLX codes q, scales, 64, zero=0, offsets=biases;
 Q6_K (Int8Weight) codes q, d*sc, 16, zero=32.
 
-`reference.py` is the plain-NumPy specification of every kernel; the
-layouts are drawn in docs/formats.md, the measurements in docs/kernels.md.
-`cpu.py` picks the instructions (VNNI, AMX, portable) at run time.
+Where things are. The rule for twins: every kernel's plain-NumPy twin is in
+`reference.py`, one section per kernel file, under the kernel's own name where
+that names an operation (`packed.search_scales` / `reference.search_scales`,
+`attention.attend_cached` / `reference.attend_cached`); no kernel file holds a
+twin. `reference.py` imports only NumPy and is where bfloat16 is defined
+(`bf16_to_f32`, `f32_to_bf16`; minislm/weights.py imports them from it), so the
+kernels import nothing from the rest of minislm. `scalars.py` holds the one-number
+conversions every kernel inlines (bf16 and half widening, bit-casts), `simd.py`
+the hand-written LLVM IR of the packed dot products, `cpu.py` picks the
+instructions (VNNI, AMX, portable) at run time. The layouts are drawn in
+docs/formats.md, the measurements in docs/kernels.md.
 Importing compiles nothing: kernels compile on first call and are cached
 on disk (numba cache=True).
 

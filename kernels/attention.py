@@ -239,7 +239,9 @@ def attend_cached_kernel(q, keys, values, key_scales, value_scales, allowed, sca
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def attend_cached_serial(q, keys, values, key_scales, value_scales, allowed, scale, out):
-    """`attend_cached_kernel` on the calling thread, for work too small to share."""
+    """`attend_cached_kernel` on the calling thread, for work too small to share. A
+    second entry point because Numba fixes `parallel=True` per compiled function;
+    both run the same `attend_item`."""
     n_items = keys.shape[0] * ((q.shape[1] + QUERY_TILE - 1) // QUERY_TILE)
     for item in range(n_items):
         attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, item)

@@ -66,8 +66,11 @@ _int8_gemm_portable = packed_block_kernel(GEMM_TOKENS, 8, "portable")
 
 
 # ---------------------------------------------------------------- GEMV and GEMM, per path
-# The same few lines for each (bits, path): Numba compiles a function only when it is
-# first called, so a CPU never compiles (or meets) an instruction it lacks.
+# The same few lines for each (bits, path), kept as separate entry points on purpose:
+# Numba compiles a function whole, on its first call, so one function holding both
+# the VNNI and the portable block would make LLVM select `vpdpbusd` on a CPU without
+# it and fail; one function per path compiles only the paths this CPU calls. They are
+# written out rather than made by a factory so that each reads as a plain kernel.
 
 
 @njit(parallel=True, cache=True)
