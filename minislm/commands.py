@@ -479,13 +479,29 @@ def peak_memory_bytes() -> int:
 
 
 def print_stats(stats: GenerationStats, model, reused: int | None = None) -> None:
-    parts = [f"prompt {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_second:.1f} tok/s"]
+    parts = [f"prompt {token_count(stats.prompt_tokens)}"]
+    if stats.prefill_seconds:  # none with -n 0: nothing ran
+        parts[0] += f", {stats.prefill_tokens_per_second:.1f} tok/s"
     if reused:
         parts[0] += f" ({reused} reused from the cache)"
-    parts.append(f"generated {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.2f} tok/s")
+    parts.append(f"generated {token_count(stats.generated_tokens)}{decode_rate(stats)}")
     parts.append(f"stop: {stats.stop_reason or 'none'}")
     parts.append(f"peak memory {peak_memory_bytes() / 2**30:.2f} GiB")
     print("[" + " | ".join(parts) + "]", file=sys.stderr)
+
+
+def token_count(n: int) -> str:
+    return f"{n} token" + "s" * (n != 1)
+
+
+def decode_rate(stats: GenerationStats) -> str:
+    """", N tok/s" over the decode steps. The first token comes from the prefill's
+    logits, so with one token (or none) there is no decode step and no rate to give."""
+    if stats.generated_tokens == 1:
+        return ", decode rate n/a (the one token came from the prefill)"
+    if stats.generated_tokens == 0:
+        return ""
+    return f", {stats.decode_tokens_per_second:.2f} tok/s"
 
 
 def warn(message: str) -> None:

@@ -1,36 +1,51 @@
-"""Say so when Numba is about to compile the kernels, instead of sitting silent.
+"""Say so when Numba starts compiling minislm's kernels, instead of sitting silent.
 
-The bf16 and int4 kernels compile on first use and are cached on disk
-(`cache=True`), so the first run of a path pays ~10 s that later runs do not.
-Numba has no public "is this compiled already?" question; each kernel's cache
-knows the file it would load (an index next to the compiled code), so we
-look for those files: missing, or older than the kernel's source file, means
-Numba will compile. Nothing is compiled or loaded to find out.
+The kernels compile on first use and are cached on disk (`cache=True`), so the first
+run of a path waits for Numba (a few seconds for float32, ~20 s for int4 on a busy
+2-core machine) and later runs do not. Guessing beforehand from cache files gets it
+wrong both ways, so we ask Numba itself: it announces every real compilation as a
+"numba:compile" event (`numba.core.event`, the start of the event comes before the
+slow part) and sends none when a kernel comes from its on-disk cache. One listener
+per process prints the notice when the first of minislm's kernels starts compiling,
+and never again.
 """
 
-import importlib
-import os
 import sys
+import threading
 
-NOTICE = "minislm: compiling kernels, first run only (about 10 s)"
+from numba.core import event
 
-
-def kernels_need_compiling(weight_format: str) -> bool:
-    """True if some kernel of `weight_format` ("bf16" or "int4") has no fresh on-disk cache.
-    False when the answer is unknown (another Numba version, caching off)."""
-    try:
-        kernels = importlib.import_module("minislm.kernels")
-        for kernel in kernels.kernels_for(weight_format):   # the ones this CPU's paths call
-            index = kernel._cache._cache_file._index_path  # Numba's own bookkeeping; may move
-            source = kernel.py_func.__code__.co_filename
-            if not os.path.exists(index) or os.path.getmtime(index) < os.path.getmtime(source):
-                return True
-    except (ImportError, AttributeError, OSError):
-        return False
-    return False
+NOTICE = "minislm: compiling kernels, first run only (seconds to a minute)"
+PACKAGE = "minislm."  # the kernels/ folder is installed as minislm.kernels
 
 
-def announce_compilation(weight_format: str | None) -> None:
-    """Print the notice on stderr when this run's kernels will compile."""
-    if weight_format in ("bf16", "int4") and kernels_need_compiling(weight_format):
-        print(NOTICE, file=sys.stderr, flush=True)
+def is_ours(dispatcher) -> bool:
+    """True for a kernel of this package; a user's own Numba code stays unannounced."""
+    module = getattr(getattr(dispatcher, "py_func", None), "__module__", None) or ""
+    return module.startswith(PACKAGE)
+
+
+class CompileNotice(event.Listener):
+    """Writes NOTICE to `stream` (stderr by default) when one of our kernels starts
+    compiling: once in the listener's life, whichever thread compiles."""
+
+    def __init__(self, stream=None):
+        self.stream, self.said = stream, False
+
+    def on_start(self, e):
+        if not self.said and is_ours(e.data.get("dispatcher")):
+            self.said = True  # Numba compiles under its global lock: no race here
+            print(NOTICE, file=self.stream or sys.stderr, flush=True)
+
+    def on_end(self, e):
+        pass
+
+
+_first_call = threading.Lock()  # taken for good by the first call: one listener per process
+
+
+def announce_compilation() -> None:
+    """From now on, say NOTICE (once in this process) when a minislm kernel compiles.
+    Every load() calls this; only the first call registers the listener."""
+    if _first_call.acquire(blocking=False):
+        event.register("numba:compile", CompileNotice())

@@ -67,6 +67,7 @@ def load(
     """
     if kv_cache is not None and kv_cache not in KV_DTYPES:
         raise MinislmError(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_DTYPES)}")
+    announce_compilation()  # says so, once per process, if a kernel really compiles
     exact = quant == "float32"
     quant = None if exact else quant
     if model is not None and Path(model).expanduser().is_file():
@@ -92,7 +93,6 @@ def load(
         weights = read_packed_weights(tensors, config, stored, model_dir)
         check_small_tensors_finite(weights, config, model_dir)
         used = stored
-        announce_compilation(used.format)  # the first matmul compiles
     else:
         check_tensors(tensors, config, model_dir)
         small = {name: tensors[name].float32() for name, shape in expected_shapes(config).items() if not packable(name, shape)}
@@ -102,7 +102,6 @@ def load(
             # Only the tensors the forward reads (a tied checkpoint may carry a spare lm_head copy).
             weights = {name: widened(name, tensors[name]) for name in expected_shapes(config)}
         else:
-            announce_compilation(used.format)  # packing compiles the quantizer
             weights = pack_weights(tensors, config, used, model_dir)
     return Model(config, weights, tokenizer=tokenizer, generation_config=generation_config, path=Path(model_dir), quant=used,
                  kv_cache=kv_cache or default_kv_cache(weights))
@@ -191,7 +190,6 @@ def unpack_weights(plan: dict, config, quant: QuantConfig | None, exact: bool, w
     or unpacked to float32 (`exact`, or no such kernels), or unpacked and re-packed by
     `pack_weights` when `quant` asks for bf16/int4. PhiMoE's router stays float32."""
     if quant is not None:
-        announce_compilation(quant.format)  # packing compiles the quantizer
         return pack_weights(UnpackedTensors(plan), config, quant, where)
     native = not exact and kernel_weights.available()
     weights = {}

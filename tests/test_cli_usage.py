@@ -1,6 +1,6 @@
 """What a user expects around the commands (issue 11, section 3): prompts from files
-and pipes, a chat REPL that survives Ctrl-C and says what it did, a word before
-Numba compiles, a README example that runs as written, a command list."""
+and pipes, a chat REPL that survives Ctrl-C and says what it did, a README example
+that runs as written, a command list. (The word before Numba compiles: test_compile_notice.py.)"""
 
 import json
 import os
@@ -17,7 +17,6 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from minislm.cli import main
-from minislm.compile_notice import NOTICE
 from conftest import FIXTURES, ROOT
 
 GQA = FIXTURES / "gqa"
@@ -215,39 +214,6 @@ def test_sigint_during_a_reply_then_again_at_the_prompt(endless_model):
     finally:
         chat.kill()
         chat.wait()
-
-
-# ---------------------------------------------------------------- first-run compile notice
-
-
-def test_a_cold_kernel_cache_is_detected_without_compiling(tmp_path):
-    """An empty Numba cache folder means the bf16/int4 kernels will compile; asking
-    compiles nothing (the child would take ~10 s otherwise)."""
-    probe = "from minislm.compile_notice import kernels_need_compiling as k; print(k('bf16'), k('int4'))"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "empty")))
-    assert result.stdout.split() == ["True", "True"], result.stderr
-    assert not any((tmp_path / "empty").rglob("*.nbc"))
-
-
-def test_a_warm_kernel_cache_is_silent(capsys):
-    """After one bf16 run (prefill, decode, embedding rows: every bf16 kernel), the next
-    run finds them all cached and says nothing."""
-    from minislm.compile_notice import kernels_need_compiling
-
-    assert cli(capsys, "generate", *GREEDY, "--quant", "bf16", "hello")[0] == 0  # compiles, or loads the cache
-    assert not kernels_need_compiling("bf16")
-    code, out, err = cli(capsys, "generate", *GREEDY, "--quant", "bf16", "hello")
-    assert code == 0 and NOTICE not in err
-
-
-def test_the_notice_comes_before_the_slow_part_on_packed_paths_only(capsys, monkeypatch):
-    asked = []
-    monkeypatch.setattr("minislm.compile_notice.kernels_need_compiling", lambda fmt: asked.append(fmt) or True)
-    code, _, err = cli(capsys, "generate", *GREEDY, "hello")  # float32: no kernels, no notice
-    assert code == 0 and NOTICE not in err and asked == []
-    code, _, err = cli(capsys, "generate", *GREEDY, "--quant", "int4", "hello")
-    assert code == 0 and err.splitlines()[0] == NOTICE and asked == ["int4"]
 
 
 # ---------------------------------------------------------------- the README and the command list

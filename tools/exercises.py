@@ -15,15 +15,18 @@ Macbeth excerpt in tests/data, offline, in about a minute.
 
 import argparse
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
 import minislm
+import minislm.commands
 import minislm.model
 from minislm.commands import BUNDLED_MODEL
 from minislm.generate import generate_tokens
@@ -70,22 +73,58 @@ def show(model, ids) -> str:
     return repr(model.tokenizer.decode(ids)[:70])
 
 
+# ---------------------------------------------------------------- the broken twins
+
+
+def apply_rope_adjacent(x, cos, sin):
+    """model.apply_rope with llama2.c's pairs (2i, 2i+1) instead of (i, i + d/2)."""
+    d = cos.shape[-1]
+    x_rot, x_pass = x[..., :d], x[..., d:]
+    c, s = cos[:, : d // 2], sin[:, : d // 2]  # frequency i turns pair i
+    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+    out = np.empty_like(x_rot)
+    out[..., 0::2] = even * c - odd * s
+    out[..., 1::2] = even * s + odd * c
+    return np.concatenate([out, x_pass], axis=-1)
+
+
+def attention_mask_without_causality(q_positions, n_keys, sliding_window):
+    """model.attention_mask that lets every query read every key."""
+    return np.ones((len(q_positions), n_keys), dtype=bool)
+
+
+def reuse_cached_prefix_keeping_stale(cache, ids, image_features=None):
+    """commands.reuse_cached_prefix without its `cache.truncate(keep)`."""
+    return min(cache.shared_prefix(ids, image_features), len(ids) - 1)
+
+
+def mixtral_top2(scores, jitter_eps):
+    """moe.sparsemixer replaced by Mixtral's router: the two best experts, softmax over their scores."""
+    experts = np.argsort(-scores, axis=-1, kind="stable")[:, :2]  # (T, 2)
+    top = np.take_along_axis(scores, experts, axis=-1)
+    weights = np.exp(top - top[:, :1])
+    return experts, (weights / weights.sum(-1, keepdims=True)).astype(np.float32)
+
+
+@contextmanager
+def knocked_out(model, layer: int):
+    """Layer `layer` adds nothing to the residual stream: its o_proj and down_proj are zero."""
+    weights = model.weights
+    ablated = dict(weights)
+    for name in (f"model.layers.{layer}.self_attn.o_proj.weight", f"model.layers.{layer}.mlp.down_proj.weight"):
+        ablated[name] = np.zeros_like(weights[name])
+    model.weights = ablated
+    try:
+        yield
+    finally:
+        model.weights = weights
+
+
 # ---------------------------------------------------------------- the exercises
 
 
 def rope_pairs():
     """Pair RoPE's dimensions as (2i, 2i+1), llama2.c's convention, instead of (i, i + d/2)."""
-
-    def apply_rope_adjacent(x, cos, sin):
-        d = cos.shape[-1]
-        x_rot, x_pass = x[..., :d], x[..., d:]
-        c, s = cos[:, : d // 2], sin[:, : d // 2]  # frequency i turns pair i
-        even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
-        out = np.empty_like(x_rot)
-        out[..., 0::2] = even * c - odd * s
-        out[..., 1::2] = even * s + odd * c
-        return np.concatenate([out, x_pass], axis=-1)
-
     model, text = shipped(), excerpt()
     base = score_text(model, text).nats_per_char
     right = greedy(model, "ROMEO:", 40)
@@ -100,10 +139,6 @@ def rope_pairs():
 
 def no_causal_mask():
     """Let every position attend to every other, the future included."""
-
-    def attention_mask_without_causality(q_positions, n_keys, sliding_window):
-        return np.ones((len(q_positions), n_keys), dtype=bool)
-
     model, text = shipped(), excerpt()
     ids = model.tokenizer.encode("ROMEO: But soft, what light through yonder window breaks?")
 
@@ -122,29 +157,26 @@ def no_causal_mask():
 
 
 def stale_cache():
-    """Forget to empty the KV cache between two prompts (the chat REPL's /clear without truncate)."""
+    """Keep cached tokens the next prompt does not share (reuse_cached_prefix without its truncate)."""
     model = shipped()
     a = model.tokenizer.encode("ROMEO: But soft, what light through yonder window breaks?")
     b = model.tokenizer.encode("JULIET: O Romeo, Romeo, wherefore art thou Romeo?")
-    fresh = model.logits(b)
     cache = model.new_cache(len(a) + len(b))
     model.forward(a, cache)
-    stale = model.lm_head(model.forward(b, cache))  # b after a's keys and values, at positions 17..
-    nll = lambda logits: -float(log_softmax(logits[:-1])[np.arange(len(b) - 1), b[1:]].mean())  # noqa: E731
-    print(f"  max |logit difference| over JULIET's {len(b)} positions: {np.abs(stale - fresh).max():.2f}")
-    print(f"  top-1 prediction differs at {(stale.argmax(-1) != fresh.argmax(-1)).sum()} of {len(b)} positions")
+    keep = reuse_cached_prefix_keeping_stale(cache, b)  # the two share <s> only
+    stale = model.lm_head(model.forward(b[keep:], cache))  # after all of ROMEO's line, at positions 17..
+    fresh = model.logits(b)[keep:]
+    new = b[keep:]
+    nll = lambda logits: -float(log_softmax(logits[:-1])[np.arange(len(new) - 1), new[1:]].mean())  # noqa: E731
+    print(f"  JULIET's line shares {keep} token (<s>) with the cache; its other {len(new)} tokens go after all "
+          f"{cache.length - len(new)} cached ones instead of after the first")
+    print(f"  max |logit difference| over those {len(new)} positions: {np.abs(stale - fresh).max():.2f}")
+    print(f"  top-1 prediction differs at {(stale.argmax(-1) != fresh.argmax(-1)).sum()} of {len(new)} positions")
     print(f"  nats per token of JULIET's line: fresh cache {nll(fresh):.3f}, stale cache {nll(stale):.3f}")
 
 
 def top2_softmax():
     """Route PhiMoE with Mixtral's top-2 softmax instead of sparsemixer (the `moe` fixture, eps 0.01)."""
-
-    def mixtral_top2(scores, jitter_eps):
-        experts = np.argsort(-scores, axis=-1, kind="stable")[:, :2]  # (T, 2)
-        top = np.take_along_axis(scores, experts, axis=-1)
-        weights = np.exp(top - top[:, :1])
-        return experts, (weights / weights.sum(-1, keepdims=True)).astype(np.float32)
-
     model = minislm.load(MOE_FIXTURE)
     reference = load_file(MOE_FIXTURE / "reference.safetensors")  # transformers' own outputs
     ids, expected = reference["case.seq.input_ids"], reference["case.seq.logits"]
@@ -225,14 +257,96 @@ def knock_out_a_layer():
     model, text = shipped(), excerpt()
     base = score_text(model, text).nats_per_char
     print(f"  all layers: {base:.3f} nats/char")
-    weights = model.weights
     for i in range(model.config.num_hidden_layers):
-        ablated = dict(weights)
-        for name in (f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"):
-            ablated[name] = np.zeros_like(weights[name])
-        model.weights = ablated
-        print(f"  without layer {i}: {score_text(model, text).nats_per_char:.3f} nats/char")
-    model.weights = weights
+        with knocked_out(model, i):
+            print(f"  without layer {i}: {score_text(model, text).nats_per_char:.3f} nats/char")
+
+
+# ---------------------------------------------------------------- the hand edits of docs/exercises.md
+#
+# An exercise that changes code shows the change as a ```diff block: `--- path`, then
+# lines kept (" "), removed ("-") and added ("+"). tests/test_exercises.py applies each
+# to a copy of the package, runs one forward pass through the edited code (`probe`), and
+# checks it gives what this script's broken twin gives: the figures above are then the
+# figures of the edit a reader makes.
+
+
+@dataclass(frozen=True)
+class HandEdit:
+    exercise: str  # the name this script gives it, e.g. "no-causal-mask"
+    path: str  # relative to the repository, e.g. "minislm/model.py"
+    before: str
+    after: str
+
+
+def hand_edits(markdown: str) -> list[HandEdit]:
+    """Every ```diff block of docs/exercises.md, with the exercise whose section holds it
+    (named by the section's `python tools/exercises.py NAME`)."""
+    edits = []
+    for section in re.split(r"\n## ", markdown)[1:]:
+        name = re.search(r"python tools/exercises\.py ([\w-]+)", section)
+        for block in re.findall(r"```diff\n(.*?)```", section, re.S):
+            lines = block.splitlines()
+            if not name or not lines[0].startswith("--- "):
+                raise ValueError(f"docs/exercises.md: a diff block without its exercise or `--- path`: {block[:60]!r}")
+            body = [line for line in lines[1:] if not line.startswith("+++ ")]
+            before = [line[1:] for line in body if line[:1] in (" ", "-")]
+            after = [line[1:] for line in body if line[:1] in (" ", "+")]
+            edits.append(HandEdit(name.group(1), lines[0][4:].strip(), "\n".join(before) + "\n", "\n".join(after) + "\n"))
+    return edits
+
+
+def edited_copy(edit: HandEdit, dest: Path) -> Path:
+    """dest/minislm: a copy of the package with `edit` applied, importable with dest first
+    on sys.path. The shipped model and kernels/ are linked, not copied: no exercise edits
+    them, and the kernels then find the Numba cache they already have."""
+    package = dest / "minislm"
+    shutil.copytree(ROOT / "minislm", package, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    (package / "assets").symlink_to(ROOT / "minislm" / "assets")
+    (package / "kernels").symlink_to(ROOT / "kernels")
+    target = dest / edit.path
+    source = target.read_text(encoding="utf-8")
+    if source.count(edit.before) != 1:
+        raise ValueError(f"{edit.exercise}: the lines to change occur {source.count(edit.before)} times "
+                         f"in {edit.path}, not once:\n{edit.before}")
+    target.write_text(source.replace(edit.before, edit.after), encoding="utf-8")
+    return package
+
+
+PROBE_LAYER = 2  # the layer exercise 8 skips
+
+
+def probe_model(exercise: str):
+    return minislm.load(MOE_FIXTURE) if exercise == "top2-softmax" else shipped()
+
+
+def probe(exercise: str, model) -> np.ndarray:
+    """Logits of one forward pass through the code `exercise` edits: the PhiMoE fixture's
+    reference ids for the router, a second prompt after a first for the cache reuse,
+    ROMEO's line otherwise."""
+    if exercise == "top2-softmax":
+        return model.logits(load_file(MOE_FIXTURE / "reference.safetensors")["case.seq.input_ids"])
+    a = model.tokenizer.encode("ROMEO: But soft, what light through yonder window breaks?")
+    if exercise != "stale-cache":
+        return model.logits(a)
+    b = model.tokenizer.encode("JULIET: O Romeo, Romeo, wherefore art thou Romeo?")
+    cache = model.new_cache(len(a) + len(b))
+    model.forward(a, cache)
+    keep = minislm.commands.reuse_cached_prefix(cache, b)
+    return model.lm_head(model.forward(b[keep:], cache))
+
+
+def broken_twin(exercise: str, model):
+    """This script's version of the exercise's edit, as a context manager."""
+    if exercise == "knock-out-a-layer":
+        return knocked_out(model, PROBE_LAYER)
+    module, name, twin = {
+        "rope-pairs": (minislm.model, "apply_rope", apply_rope_adjacent),
+        "no-causal-mask": (minislm.model, "attention_mask", attention_mask_without_causality),
+        "stale-cache": (minislm.commands, "reuse_cached_prefix", reuse_cached_prefix_keeping_stale),
+        "top2-softmax": (minislm.model, "sparsemixer", mixtral_top2),
+    }[exercise]
+    return replaced(module, name, twin)
 
 
 EXERCISES: list[tuple[str, Callable]] = [
