@@ -6,7 +6,7 @@
                             4-bit codes, a scale per group (llama.cpp Q4_0's rule)
     Int8Weight(w, group_size=32)
                             8-bit codes, a scale per group (Q8_0's rule)
-    set_threads(n), threading_layer(), kernel_paths(), kernels_for(format)
+    set_threads(n), threading_layer(), kernel_paths()
 
 Every weight class has .matmul(x) -> (T, out), .rows(ids) -> (len, in),
 .shape, .nbytes, .tensors(prefix) and the classmethod .from_tensors(...).
@@ -93,19 +93,4 @@ else:
     from .packed import Int4Weight, Int8Weight
 
 __all__ = ["Fp32Weight", "Bf16Weight", "Int4Weight", "Int8Weight",
-           "set_threads", "get_threads", "threading_layer", "kernel_paths", "kernels_for"]
-
-
-def kernels_for(weight_format):
-    """The Numba kernels every run of a "bf16" or "int4" model calls on this CPU
-    (decode, embedding rows, quantizing): the ones whose first compilation the
-    user waits for. Prefill kernels compile on the first prompt long enough to
-    use them (a few seconds more)."""
-    from . import activations, bf16, fp32, packed
-
-    if weight_format == "bf16":
-        return [fp32.gemv, bf16.widen_bf16_rows]
-    path = cpu.int8_dot_path()
-    return [packed.GEMV[4, path], packed.GEMV[8, path], packed.dequantize_rows, packed.group_scales,
-            packed.search_scales, packed.quantize_codes, activations.quantize_activations,
-            activations.prepare_token]
+           "set_threads", "get_threads", "threading_layer", "kernel_paths"]
