@@ -87,7 +87,6 @@ if __name__ == "kernels":
 else:
     from .threads import get_threads, set_threads, threading_layer  # noqa: F401  (sets the layer)
     from .bf16 import Bf16Weight
-    from . import cpu
     from .cpu import kernel_paths
     from .fp32 import Fp32Weight
     from .packed import Int4Weight, Int8Weight

@@ -4,12 +4,13 @@ The rule: every Numba kernel in this folder has its twin here, in this one
 file, under the kernel's own name where that names an operation
 (`search_scales`, `quantize_activations`, `attend_cached`, `widen_f16`, ...),
 taking the kernel's inputs (less its output buffer) and returning what the
-kernel writes there. One section per kernel file: `fp32.py`, `bf16.py`, `packed.py` (int4 and
-int8, with `activations.py`), `amx.py`, `convert.py`, `attention.py`.
-`tests/test_kernels_*.py` and `tests/test_attention_kernel.py` check each kernel
-equal to its twin on random and awkward inputs. Read this file to
-learn the formats; read the kernel files to learn how they are made fast.
-Layouts are drawn in `docs/formats.md`.
+kernel writes there. One section per kernel file: `fp32.py`, `bf16.py`,
+`packed.py` (int4 and int8, with `activations.py`), `amx.py`, `convert.py`,
+`attention.py`, `blocksparse.py`. `tests/test_kernels_*.py`,
+`tests/test_attention_kernel.py` and `tests/test_blocksparse.py` check each
+kernel equal to its twin on random and awkward inputs. Read this file to learn
+the formats; read the kernel files to learn how they are made fast. Layouts are
+drawn in `docs/formats.md`.
 
 This file imports nothing but NumPy: the loader (`minislm/weights.py`) takes its
 bf16 conversions from here, so the kernels never reach up into the loader.
@@ -438,3 +439,24 @@ def attend_cached(q, keys, values, key_scales, value_scales, allowed, scale):
     out = (probs @ v).astype(np.float32)  # (H, T, hd)
     out[:, ~allowed.any(axis=1)] = 0.0  # a query that sees no key: zeros, by convention
     return out
+
+
+# --- block-sparse attention over the KV cache (blocksparse.py, Phi-3-small) ---
+
+
+def attend_blocksparse(q, keys, values, key_scales, value_scales, positions, layout, first_block, block_size, scale):
+    """`blocksparse.attend_blocksparse`, written plainly: expand the layout to a (H, T, S)
+    token mask (each allowed block's keys, cut at the query), widen the cache, repeat
+    each kv head for its query heads, masked softmax, weighted values."""
+    H = q.shape[0]
+    positions = np.asarray(positions)
+    S = int(positions[-1]) + 1
+    key_ids = np.arange(S)
+    rows = layout[:, positions // block_size - first_block]  # (H, T, KB)
+    allowed = rows[:, :, key_ids // block_size] & (key_ids[None, None, :] <= positions[None, :, None])  # (H, T, S)
+    k = dequantize_cache(keys[:, :S], None if key_scales is None else key_scales[:, :S])
+    v = dequantize_cache(values[:, :S], None if value_scales is None else value_scales[:, :S])
+    k, v = np.repeat(k, H // keys.shape[0], axis=0), np.repeat(v, H // keys.shape[0], axis=0)  # (H, S, hd)
+    scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return ((e / e.sum(axis=-1, keepdims=True)) @ v).astype(np.float32)  # (H, T, hd)

@@ -9,7 +9,7 @@
 
 from .errors import MinislmError
 from .load import load
-from .model import Model
+from .runtime import Model
 
 __all__ = ["load", "Model", "MinislmError"]
 __version__ = "0.1.0"

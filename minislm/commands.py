@@ -1,6 +1,7 @@
-"""What `generate` and `chat` do once their flags are parsed and checked."""
+"""What `generate`, `chat` and `quantize` do once their flags are parsed and checked."""
 
 import json
+import os
 import resource
 import sys
 import time
@@ -8,13 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .beam import BeamStats, beam_search
+from .beam import BeamStats
 from .errors import MinislmError
-from .generate import GenerationStats, generate_text, generate_tokens
-from .load import BUNDLED_MODEL, bundled_model  # noqa: F401  (BUNDLED_MODEL: for tests and tools)
+from .generate import GenerationStats, generate_text
+from .load import bundled_model, load
 from .moe import routing_per_token
-from .sampling import Sampler, SamplingSettings
+from .quantize import save_quantized
+from .runtime import beam_search, generate_ids, make_sampler, reuse_cached_prefix, sampling_settings
+from .sampling import Sampler
 from .text_input import check_utf8, read_prompt
+from .tokenizer import PHI3_SMALL_RANK_FILE, load_tokenizer
 from .trace import Recorder
 
 
@@ -38,7 +42,6 @@ def set_threads(threads: int | None) -> None:
 
 def load_model(args):
     from .hub import resolve_model_dir
-    from .load import load
 
     set_threads(args.threads)
     source = model_argument(args)
@@ -54,8 +57,8 @@ def load_model(args):
             raise MinislmError(f"{source}: this GGUF file has no tokenizer (no tokenizer.ggml.* metadata)")
         return model
     model_dir = resolve_model_dir(source, args.revision)
-    if not (model_dir / "tokenizer.json").is_file() and (model_dir / "config.json").is_file():
-        raise MinislmError(f"{model_dir}: no tokenizer.json in the model folder")
+    if (model_dir / "config.json").is_file() and load_tokenizer(model_dir) is None:  # before loading gigabytes
+        raise MinislmError(f"{model_dir}: no tokenizer.json (nor Phi-3-small's {PHI3_SMALL_RANK_FILE}) in the model folder")
     return load(model_dir, **flags)
 
 
@@ -66,49 +69,6 @@ def sampler_for(args, model) -> Sampler:
         repetition_penalty=args.repeat_penalty,
     )
     return make_sampler(model, settings, seed=args.seed)
-
-
-def sampling_settings(
-    model, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None
-) -> SamplingSettings:
-    """Values given (not None) first, then generation_config.json's defaults when it asks
-    for sampling, else greedy: what transformers' generate() does with the same files.
-    `top_k=0` means off. Shared by the CLI's flags and the server's request fields."""
-    defaults = model.generation_config
-    sampled = defaults.do_sample
-
-    def pick(value, default, neutral):
-        if value is not None:
-            return value
-        return default if (sampled and default is not None) else neutral
-
-    return SamplingSettings(
-        temperature=pick(temperature, defaults.temperature if defaults.temperature is not None else 1.0, 0.0),
-        top_k=pick(top_k, defaults.top_k, 0) or None,
-        top_p=pick(top_p, defaults.top_p, 1.0),
-        min_p=pick(min_p, defaults.min_p, 0.0),
-        # a logits processor in transformers, so it applies to greedy decoding too
-        repetition_penalty=repetition_penalty if repetition_penalty is not None else (defaults.repetition_penalty or 1.0),
-    )
-
-
-def make_sampler(model, settings: SamplingSettings, seed: int | None) -> Sampler:
-    """A sampler that never picks the padding ids past the tokenizer's vocabulary."""
-    return Sampler(settings, seed=seed, allowed_ids=allowed_ids(model))
-
-
-def allowed_ids(model) -> int:
-    """Ids the tokenizer can decode: Phi-3 pads 32011 real ids to 32064 embedding rows."""
-    return min(model.tokenizer.vocab_size, model.config.vocab_size)
-
-
-def stop_ids(model) -> set[int]:
-    """generation_config.json's ids plus the tokenizer's own end-of-sequence token."""
-    ids = set(model.generation_config.eos_token_ids)
-    eos = model.tokenizer.special.get("eos_token")
-    if eos and model.tokenizer.token_id(eos) is not None:
-        ids.add(model.tokenizer.token_id(eos))
-    return ids
 
 
 def prompt_ids(model, prompt: str, system: str | None, use_template: bool) -> list[int]:
@@ -145,10 +105,8 @@ def run_generate(args) -> int:
         return run_beam_search(args, model, ids)
     stats = GenerationStats()
     generated = []
-    tokens = generate_tokens(
-        model, ids, args.max_tokens, sampler_for(args, model), stop_ids(model), stats=stats, trace=trace,
-        image_features=features,
-    )
+    tokens = generate_ids(model, ids, args.max_tokens, sampler_for(args, model), stats=stats, trace=trace,
+                          image_features=features)
     for piece in generate_text(model.tokenizer, recording(tokens, generated), args.stop, stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -197,12 +155,11 @@ def run_beam_search(args, model, ids) -> int:
     """generate --num-beams: the search runs to its end, then the best hypotheses print
     (one: its text alone; several: each under a header with its score)."""
     stats = BeamStats()
-    penalty = sampling_settings(model, repetition_penalty=args.repeat_penalty).repetition_penalty
     try:
         hypotheses = beam_search(
-            model, ids, args.max_tokens, args.num_beams, stop_ids(model), length_penalty=args.length_penalty,
+            model, ids, args.max_tokens, args.num_beams, length_penalty=args.length_penalty,
             early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences,
-            repetition_penalty=penalty, allowed_ids=allowed_ids(model), stats=stats,
+            repetition_penalty=args.repeat_penalty, stats=stats,
         )
     except MinislmError:
         raise
@@ -385,10 +342,8 @@ def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: i
     trace = routing_recorder() if args.show_experts else None
     reply, generated = [], []
     try:
-        tokens = generate_tokens(
-            model, ids[keep:], max_new, sampler, stop_ids(model), cache=cache, history=ids[:keep], stats=stats,
-            trace=trace, image_features=new_features,
-        )
+        tokens = generate_ids(model, ids[keep:], max_new, sampler, cache=cache, history=ids[:keep], stats=stats,
+                              trace=trace, image_features=new_features)
         for piece in generate_text(model.tokenizer, recording(tokens, generated), (), stats):
             reply.append(piece)
             sys.stdout.write(piece)
@@ -460,17 +415,38 @@ class ChatImages:
         return ids, np.concatenate(self.features) if self.features else np.zeros((0, D), np.float32)
 
 
-def reuse_cached_prefix(cache, ids, image_features=None) -> int:
-    """Keep the cached positions that begin `ids`, forget the rest; return how many were kept.
+def run_quantize(args) -> int:
+    """`python -m minislm quantize`: load with --quant int4, write the folder that
+    later loads without quantizing again (minislm/quantize.py's `save_quantized`)."""
+    out_dir = Path(args.out)
+    if out_dir.exists():  # refuse before spending minutes on quantization
+        raise MinislmError(f"--out {out_dir}: already exists; choose a new folder")
+    if not out_dir.parent.is_dir():
+        raise MinislmError(f"--out {out_dir}: the folder {out_dir.parent} does not exist")
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+        raise MinislmError(f"--out {out_dir}: cannot write in {out_dir.parent} (permission denied)")
+    set_threads(args.threads)
+    start = time.perf_counter()
+    model = load(
+        model_argument(args), revision=args.revision, quant="int4",
+        group_size=args.group_size, symmetric=False if args.asymmetric else None,
+    )
+    quant = model.packing
+    if model.config.vision is not None:
+        raise MinislmError(f"quantize: {model.path} is a phi3_v model; saving those as int4 is not supported yet (use --quant int4 when loading)")
+    if Path(model.path).is_file():  # a GGUF file: its metadata becomes config.json and the tokenizer files
+        import tempfile
 
-    A chat turn (or a server request) that extends the previous conversation then feeds
-    only what is new, mostly the latest user message, through the model. At image
-    placeholders the images must be the same too (`KVCache.shared_prefix`). At least one
-    id is always left to feed, since the next token's logits come from its forward.
-    """
-    keep = min(cache.shared_prefix(ids, image_features), len(ids) - 1)
-    cache.truncate(keep)
-    return keep
+        from .formats.gguf import write_hub_files
+
+        with tempfile.TemporaryDirectory() as source:
+            write_hub_files(Path(model.path), Path(source))
+            save_quantized(Path(source), out_dir, model.weights, quant)
+    else:
+        save_quantized(model.path, out_dir, model.weights, quant)
+    size = sum(p.stat().st_size for p in out_dir.iterdir())
+    print(f"{out_dir}: {quant.describe()}, {size / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def peak_memory_bytes() -> int:
@@ -486,6 +462,7 @@ def print_stats(stats: GenerationStats, model, reused: int | None = None) -> Non
         parts[0] += f" ({reused} reused from the cache)"
     parts.append(f"generated {token_count(stats.generated_tokens)}{decode_rate(stats)}")
     parts.append(f"stop: {stats.stop_reason or 'none'}")
+    parts.append(f"weights {model.weights_format.describe()}")
     parts.append(f"peak memory {peak_memory_bytes() / 2**30:.2f} GiB")
     print("[" + " | ".join(parts) + "]", file=sys.stderr)
 

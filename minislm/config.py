@@ -11,11 +11,12 @@ Phi-3 config files exist in two layouts in the wild, and we read both:
 Where both say something, we resolve it the way transformers' `Phi3Config` does,
 because transformers is the reference our logits are checked against.
 
-Three model types: "phi3" (Phi-3/3.5-mini, medium, Phi-4-mini), "phimoe"
+Four model types: "phi3" (Phi-3/3.5-mini, medium, Phi-4-mini), "phimoe"
 (Phi-3.5-MoE), whose extra keys — experts, biases, LongRoPE's `short_mscale` and
-`long_mscale` — are read by `parse_moe` and `parse_rope`, and "phi3_v"
+`long_mscale` — are read by `parse_moe` and `parse_rope`, "phi3_v"
 (Phi-3-vision, Phi-3.5-vision): a phi3 decoder plus an image encoder, whose keys
-`minislm.vision.config.parse_vision` reads.
+`minislm.vision.config.parse_vision` reads, and "phi3small" (Phi-3-small, hub remote
+code), whose config.json names its keys its own way (minislm/phi3small_config.py).
 """
 
 import json
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MinislmError
+from .phi3small_config import Phi3SmallConfig, parse_phi3small, phi3small_rope, phi3small_sizes
 from .vision.config import VisionConfig, parse_vision
 
-SUPPORTED_MODEL_TYPES = ("phi3", "phimoe", "phi3_v")
+SUPPORTED_MODEL_TYPES = ("phi3", "phimoe", "phi3_v", "phi3small")
 SUPPORTED_ROPE_TYPES = ("default", "longrope")
 # Older hub files call LongRoPE "su"; transformers' Phi3Config also maps "yarn" to it.
 ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}
@@ -54,6 +56,7 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
     short_scale: float = 1.0
     long_scale: float = 1.0
+    position_scale: float = 1.0  # multiplies positions (Phi-3-small's rope_position_scale)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class ModelConfig:
     router_jitter_noise: float = 0.0  # sparsemixer's eps: experts within 2*eps of the best compete
     # phi3_v only: the image encoder (None for text-only models).
     vision: VisionConfig | None = None
+    # phi3small only: muP multipliers, GEGELU's limit, the block-sparse attention pattern.
+    phi3small: Phi3SmallConfig | None = None
 
     @property
     def q_size(self) -> int:
@@ -195,6 +200,8 @@ def parse_config(raw: dict, source: str = "config.json", preprocessor: dict | No
     if model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
         raise MinislmError(f"{source}: model_type {model_type!r:.80} is not supported (supported: {supported})")
+    if model_type == "phi3small":
+        return parse_phi3small_config(raw, source)
     hidden_act = raw.get("hidden_act", "silu")
     if hidden_act != "silu":
         raise MinislmError(f"{source}: hidden_act {hidden_act!r:.80} is not supported (only 'silu')")
@@ -246,6 +253,29 @@ def parse_config(raw: dict, source: str = "config.json", preprocessor: dict | No
         eos_token_ids=as_id_tuple(raw.get("eos_token_id"), f"{source}: 'eos_token_id'"),
         **(parse_moe(raw, source) if model_type == "phimoe" else {}),
         vision=parse_vision(raw, source, preprocessor) if model_type == "phi3_v" else None,
+    )
+
+
+def parse_phi3small_config(raw: dict, source: str) -> ModelConfig:
+    """Phi-3-small: its own key names (layer_norm_epsilon, ff_intermediate_size,
+    rope_embedding_base ...), read by minislm/phi3small_config.py."""
+    sizes = phi3small_sizes(raw, source)
+    if sizes["num_hidden_layers"] > MAX_LAYERS:
+        raise MinislmError(f"{source}: num_hidden_layers is {sizes['num_hidden_layers']}, more than any real model "
+                           f"(at most {MAX_LAYERS})")
+    if sizes["max_position_embeddings"] > MAX_POSITIONS:
+        raise MinislmError(f"{source}: max_position_embeddings is {sizes['max_position_embeddings']}, beyond any context")
+    bos = raw.get("bos_token_id", 100257)
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
+        raise MinislmError(f"{source}: 'bos_token_id' must be a token id (an integer >= 0) or null, got {bos!r:.80}")
+    rope = RopeConfig(**phi3small_rope(raw, sizes["head_dim"], sizes["max_position_embeddings"], source))
+    return ModelConfig(
+        model_type="phi3small",
+        **sizes,
+        rope=rope,
+        bos_token_id=bos,
+        eos_token_ids=as_id_tuple(raw.get("eos_token_id", 100257), f"{source}: 'eos_token_id'"),
+        phi3small=parse_phi3small(raw, source, sizes["hidden_size"], sizes["num_attention_heads"], sizes["vocab_size"]),
     )
 
 

@@ -15,7 +15,7 @@ The forward pass itself gains no per-layer checks.
 import numpy as np
 
 from .errors import MinislmError
-from .trace import NoRecorder
+from .model import NoRecorder
 
 
 def check_logits(model, logits: np.ndarray, token_ids) -> None:

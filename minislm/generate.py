@@ -1,6 +1,7 @@
 """The generation loop: prefill the prompt once, then one cached forward per token.
 
-Two layers: `generate_tokens` yields ids (this is what `Model.generate` exposes),
+Two layers: `generate_tokens` yields ids (`minislm.runtime.generate_ids` checks the
+arguments and calls it, for `Model.generate`, the CLI and the server alike),
 `generate_text` turns them into streamed text and handles stop strings. Timing
 lives here too, measured around the forwards only: prefill and decode separately,
 and decode speed counts generated tokens only.
@@ -59,10 +60,11 @@ def generate_tokens(
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids following `prompt_ids`.
 
-    With a `cache`, `prompt_ids` are the tokens *after* those already cached (the
-    chat REPL keeps one cache across turns); `history` holds every id of the
-    sequence so far, for the repetition penalty. A stop id is yielded, then the
-    loop ends. Generation also ends at the model's context length.
+    The arguments come checked (`minislm.runtime.generate_ids` is the way in). With a
+    `cache`, `prompt_ids` are the tokens *after* those already cached (the chat REPL
+    and the server keep one cache across turns); `history` holds every id of the
+    sequence so far, for the repetition penalty. A stop id is yielded, then the loop
+    ends. Generation also ends at the model's context length.
 
     `trace` (a `minislm.trace.Recorder`) sees every forward pass: pass n produced the
     logits that generated token n was sampled from (pass 0 is the prefill), so the
@@ -71,15 +73,10 @@ def generate_tokens(
     Phi-3-vision: `image_features` fill the prompt's image placeholders (negative ids);
     placeholders are positions, not tokens, so the repetition penalty never sees them.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    prompt = model.check_ids(prompt_ids, image_features)
-    if prompt.size == 0:
-        raise ValueError("the prompt needs at least one token id")
+    prompt = np.asarray(prompt_ids, dtype=np.int64)
     context = model.config.max_position_embeddings
     if cache is None:
         cache = model.new_cache(min(context, len(prompt) + max_new_tokens))
-    check_context(len(prompt), cache.length, context)
     if cache.length + len(prompt) > cache.capacity:
         raise ValueError(f"KV cache holds {cache.capacity} positions, {cache.length + len(prompt)} needed")
     stats = stats if stats is not None else GenerationStats()
@@ -94,7 +91,8 @@ def generate_tokens(
     start = time.perf_counter()
     logits = model.lm_head(model.forward(prompt, cache, trace, image_features)[-1:], trace)[0]  # (V,) for the last position
     stats.prefill_seconds = time.perf_counter() - start
-    check_logits(model, logits, history)
+    if not np.isfinite(logits).all():  # a damaged checkpoint: say where (minislm/finite.py)
+        check_logits(model, logits, history)
 
     limit = min(context, cache.capacity)
     for n in range(max_new_tokens):
@@ -114,7 +112,8 @@ def generate_tokens(
         start = time.perf_counter()
         logits = model.lm_head(model.forward(np.array([token]), cache, trace), trace)[0]
         stats.decode_seconds += time.perf_counter() - start
-        check_logits(model, logits, history)
+        if not np.isfinite(logits).all():
+            check_logits(model, logits, history)
 
 
 def generate_text(tokenizer, token_stream: Iterator[int], stop_strings=(), stats: GenerationStats | None = None):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import MinislmError
 
-ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.tiktoken"]
 
 
 def resolve_model_dir(model: str | os.PathLike, revision: str | None = None) -> Path:

@@ -26,8 +26,8 @@ from .formats import kernel_weights
 from .formats.grouped import GroupedCodes, RowStack, to_float32
 from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
-from .model import Model
 from .quantize import QuantConfig, pack_weights, packable, read_packed_weights
+from .runtime import Model
 from .streaming import release, widen
 from .tokenizer import load_tokenizer
 from .weights import StoredTensor, check_tensors, expected_shapes, read_checkpoint, split_fused_experts
@@ -103,8 +103,8 @@ def load(
             weights = {name: widened(name, tensors[name]) for name in expected_shapes(config)}
         else:
             weights = pack_weights(tensors, config, used, model_dir)
-    return Model(config, weights, tokenizer=tokenizer, generation_config=generation_config, path=Path(model_dir), quant=used,
-                 kv_cache=kv_cache or default_kv_cache(weights))
+    return Model(config, weights, tokenizer=tokenizer, generation_config=generation_config, path=Path(model_dir),
+                 kv_cache=kv_cache or default_kv_cache(weights), packing=used)
 
 
 def default_kv_cache(weights: dict) -> str:
@@ -236,6 +236,6 @@ def load_gguf(path: Path, quant: str | None, group_size: int | None, symmetric: 
         tokenizer=tokenizer,
         generation_config=GenerationConfig(eos_token_ids=generation_stop_ids(gg)),
         path=path,
-        quant=used,
         kv_cache=kv_cache or default_kv_cache(weights),
+        packing=used,
     )

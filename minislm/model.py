@@ -3,11 +3,15 @@
     tokens -> embed -> N x [ x += attention(norm(x)); x += feed_forward(norm(x)) ]
            -> norm -> lm_head -> logits
 
-Two members of the family share this spine and differ in three places, each an
-`if config.model_type == "phimoe"` you can see:
+Three members of the family share this spine and differ in a few places, each an
+`if config.model_type == ...` you can see:
 
     Phi-3 ("phi3")           norm = RMSNorm,  one fused qkv_proj,     feed-forward = one SwiGLU MLP
     Phi-3.5-MoE ("phimoe")   norm = LayerNorm, q/k/v/o_proj + biases, feed-forward = 2 of E experts
+    Phi-3-small ("phi3small") norm = LayerNorm, query_key_value grouped per kv head + biases,
+                             block-sparse attention in every other layer (minislm/blocksparse.py),
+                             feed-forward = GEGELU MLP with biases, muP multipliers
+                             (embeddings x10, attention scale 1/hd, logits / 8)
 
 `forward()` is the spine; everything it calls is a small pure function named
 after the paper's term. Weights are a dict keyed by the checkpoint's own tensor
@@ -35,6 +39,10 @@ this list), llama2.c's `TransformerWeights` written as a table:
     lm_head.weight                             (V, D)           absent when tied to the embedding
     lm_head.bias                               (V,)             PhiMoE with lm_head_bias
 
+Phi-3-small names its tensors its own way (`weights.phi3small_shapes`): every Linear and
+LayerNorm has a bias; self_attn.query_key_value ((H + 2*KV)*hd, D), self_attn.dense (D, H*hd),
+mlp.up_proj (2F, D), mlp.down_proj (D, F), model.final_layernorm; the embedding is the lm_head.
+
 Norm gains and biases are always float32 arrays. A matrix is a `Weight`: either a
 float32 array or a packed weight from minislm.kernels (bf16 words, int4 tiles) that
 multiplies itself; `linear` and `embed` are the only places that tell them apart.
@@ -42,19 +50,21 @@ multiplies itself; `linear` and `embed` are the only places that tell them apart
 `trace` is an optional `minislm.trace.Recorder`: each `trace.record(...)` line below
 names an intermediate value a learner can look at (`python -m minislm trace`).
 Without one, `NO_TRACE` ignores those lines and nothing extra is computed.
+
+This file is the math and nothing else: the loaded model that calls it, with its
+checks and its generation policy, is minislm/runtime.py.
 """
 
-from collections.abc import Iterator
 from typing import Protocol, Union
 
 import numpy as np
 
+from .blocksparse import forward_layout, is_dense_layer, token_mask
 from .cache import KVCache
-from .config import GenerationConfig, ModelConfig, RopeConfig
-from .errors import MinislmError
+from .config import ModelConfig, RopeConfig
 from .kernels.attention import attend_cached
+from .kernels.blocksparse import attend_blocksparse
 from .moe import expert_prefix, group_by_expert, sparsemixer
-from .trace import NO_TRACE
 
 
 class PackedWeight(Protocol):
@@ -69,6 +79,26 @@ class PackedWeight(Protocol):
 
 
 Weight = Union[np.ndarray, PackedWeight]
+
+
+class NoRecorder:
+    """What the forward pass records into when nobody watches: nothing, so the spine
+    needs no `if trace` lines. minislm.trace.Recorder keeps what it is asked for."""
+
+    def begin(self, positions) -> None:
+        pass
+
+    def wants(self, name, layer=None, nbytes=0) -> bool:
+        return False
+
+    def record(self, name, value, layer=None) -> None:
+        pass
+
+    def attention_heads(self, layer, n_heads):
+        return None
+
+
+NO_TRACE = NoRecorder()
 
 
 # ---------------------------------------------------------------- building blocks
@@ -118,10 +148,16 @@ def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
 
 def norm(config: ModelConfig, weights: dict, name: str, x: np.ndarray) -> np.ndarray:
     """The norm `name` (e.g. "model.norm"): RMSNorm in Phi-3, LayerNorm with a bias in
-    PhiMoE. Both take their eps from config.json's `rms_norm_eps`."""
-    if config.model_type == "phimoe":
+    PhiMoE and Phi-3-small. The eps is config.json's `rms_norm_eps` (Phi-3-small's
+    `layer_norm_epsilon`)."""
+    if config.model_type in ("phimoe", "phi3small"):
         return layer_norm(x, weights[name + ".weight"], weights[name + ".bias"], config.rms_norm_eps)
     return rms_norm(x, weights[name + ".weight"], config.rms_norm_eps)
+
+
+def final_norm_name(config: ModelConfig) -> str:
+    """The norm after the last layer: "model.final_layernorm" in Phi-3-small, else "model.norm"."""
+    return "model.final_layernorm" if config.model_type == "phi3small" else "model.norm"
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -169,7 +205,8 @@ def use_long_factors(rope: RopeConfig, seq_len: int) -> bool:
 def rope_angles(rope: RopeConfig, positions: np.ndarray, long: bool) -> np.ndarray:
     """(T,) positions -> (T, rotary_dim) angles; each frequency appears twice because
     rotate-half pairs dim i with dim i + d/2."""
-    freqs = positions.astype(np.float32)[:, None] * rope_inv_freq(rope, long)[None, :]  # (T, d/2)
+    scaled = positions.astype(np.float32) * np.float32(rope.position_scale)  # Phi-3-small's rope_position_scale
+    freqs = scaled[:, None] * rope_inv_freq(rope, long)[None, :]  # (T, d/2)
     return np.concatenate([freqs, freqs], axis=-1)  # (T, d)
 
 
@@ -235,15 +272,33 @@ def project_qkv(config: ModelConfig, weights: dict, layer: str, x: np.ndarray):
 
     Phi-3 stores the three projections as one matrix `qkv_proj`, rows [q | k | v];
     PhiMoE as `q_proj`, `k_proj`, `v_proj`, each with a bias when attention_bias.
+    Phi-3-small as one biased `query_key_value` whose rows come in KV groups, one per kv
+    head: [G query heads | its key | its value], G = H / KV (so query head h sits in
+    group h // G, which is also the kv head it reads).
     """
     attn = layer + "self_attn."
     if config.model_type == "phimoe":
         return tuple(linear(x, weights[f"{attn}{p}_proj.weight"], weights.get(f"{attn}{p}_proj.bias")) for p in "qkv")
+    q_size, kv_size = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    if config.model_type == "phi3small":
+        T, KV, hd = x.shape[0], config.num_key_value_heads, config.head_dim
+        G = config.num_attention_heads // KV
+        qkv = linear(x, weights[attn + "query_key_value.weight"], weights[attn + "query_key_value.bias"])
+        groups = qkv.reshape(T, KV, G + 2, hd)  # per kv head: G queries, 1 key, 1 value
+        q = groups[:, :, :G].reshape(T, q_size)  # (T, H*hd), head h = group h // G, slot h % G
+        return q, groups[:, :, G].reshape(T, kv_size), groups[:, :, G + 1].reshape(T, kv_size)
     qkv = linear(x, weights[attn + "qkv_proj.weight"])  # (T, q_size + 2 * kv_size)
-    return np.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    return np.split(qkv, [q_size, q_size + kv_size], axis=-1)
 
 
-def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, allowed, trace=NO_TRACE) -> np.ndarray:
+def attention_scale(config: ModelConfig) -> float:
+    """What q.k is multiplied by before the softmax: 1/sqrt(hd), except in Phi-3-small,
+    whose muP scaling makes it mup_attn_multiplier / hd (1/128 for the real model)."""
+    return config.phi3small.attention_scale if config.phi3small else config.head_dim**-0.5
+
+
+def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin, allowed, trace=NO_TRACE,
+              sparse=None) -> np.ndarray:
     """Self-attention of one layer, reading and extending the cache: q (T, H*hd) and
     k, v (T, KV*hd) -> each query head's mix of values, side by side (T, H*hd).
 
@@ -252,6 +307,10 @@ def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin
     one pass over the keys and one over the values per kv head, reading only the
     keys between the first and the last that a query's mask row allows (with a
     sliding window, the last w); the (H, T, S) scores are never formed.
+
+    Phi-3-small's sparse layers pass `sparse` = (layout (H, n, KB), first block) from
+    `blocksparse.forward_layout`: `attend_blocksparse` then reads only the key blocks
+    the layout allows each head (kernels/blocksparse.py).
     """
     T = q.shape[0]
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -266,20 +325,30 @@ def attention(q, k, v, config: ModelConfig, cache: KVCache, layer: int, cos, sin
     trace.record("v", v, layer)
     cache.store(layer, k, v)  # at positions [cache.length, cache.length + T)
 
-    out = attend_cached(q, *cache.layer(layer), allowed, hd**-0.5)  # (H, T, hd)
-    record_attention_probabilities(trace, layer, q, cache, allowed, hd**-0.5)
+    scale = attention_scale(config)
+    if sparse is None:
+        out = attend_cached(q, *cache.layer(layer), allowed, scale)  # (H, T, hd)
+    else:
+        layout, first_block = sparse
+        positions = np.arange(cache.length, cache.length + T)
+        out = attend_blocksparse(q, *cache.layer(layer), positions, layout, first_block, config.phi3small.block_size, scale)
+    record_attention_probabilities(trace, layer, q, cache, allowed, scale, config if sparse is not None else None)
     return out.transpose(1, 0, 2).reshape(T, H * hd)  # heads side by side again; o_proj follows
 
 
-def record_attention_probabilities(trace, layer: int, q, cache: KVCache, allowed, scale) -> None:
+def record_attention_probabilities(trace, layer: int, q, cache: KVCache, allowed, scale, sparse_config=None) -> None:
     """For a recorder only: the probabilities of the heads it asks for, computed again by
     the plain definition from the cache, so the attention that produced the output is
-    left untouched and never has to form them."""
+    left untouched and never has to form them. In a Phi-3-small sparse layer
+    (`sparse_config` given) each head's mask is its own block pattern (`token_mask`)."""
     heads = trace.attention_heads(layer, q.shape[0])
     if heads is None or not trace.wants("attn_probs", layer, nbytes=4 * len(heads) * allowed.size):
         return
-    keys, _ = cache.read(layer, allowed.shape[1])  # (KV, S, hd) float32
+    T, S = allowed.shape
+    keys, _ = cache.read(layer, S)  # (KV, S, hd) float32
     G = q.shape[0] // keys.shape[0]
+    if sparse_config is not None:
+        allowed = token_mask(sparse_config, np.arange(S - T, S), S)[heads]  # (h, T, S)
     trace.record("attn_probs", attention_probabilities(q[heads], keys[heads // G], allowed, scale), layer)
 
 
@@ -296,6 +365,33 @@ def mlp(x: np.ndarray, gate_up_proj: Weight, down_proj: Weight, trace=NO_TRACE, 
     trace.record("gate", gate, layer)
     trace.record("up", up, layer)
     return linear(silu(gate) * up, down_proj)  # (T, D)
+
+
+def gegelu(u: np.ndarray, limit: float | None) -> np.ndarray:
+    """Phi-3-small's activation: (T, 2F) -> (T, F).
+
+    The columns of u are INTERLEAVED, not halves: even columns feed the gate, odd ones
+    the linear part. Both are clamped at `limit` (the gate from above only, the linear
+    part on both sides; infinities pass untouched), then
+
+        quick_gelu(gate) * (linear + 1),   quick_gelu(g) = g * sigmoid(1.702 g)
+
+    (the "+ 1" means a zero linear part lets the gate through unchanged).
+    """
+    gate, linear_part = u[:, 0::2], u[:, 1::2]  # (T, F) each
+    if limit is not None:
+        gate = np.where(np.isinf(gate), gate, np.minimum(gate, np.float32(limit)))
+        linear_part = np.where(np.isinf(linear_part), linear_part, np.clip(linear_part, -np.float32(limit), np.float32(limit)))
+    sigmoid = 0.5 + 0.5 * np.tanh(np.float32(0.5 * 1.702) * gate)  # sigmoid(1.702 g) without overflow
+    return gate * sigmoid * (linear_part + 1)
+
+
+def gegelu_mlp(x: np.ndarray, weights: dict, layer: str, limit: float | None, trace=NO_TRACE, index=None) -> np.ndarray:
+    """Phi-3-small's feed-forward: down_proj(gegelu(up_proj(x))), both with biases."""
+    u = linear(x, weights[layer + "mlp.up_proj.weight"], weights[layer + "mlp.up_proj.bias"])  # (T, 2F)
+    trace.record("gate", u[:, 0::2], index)
+    trace.record("up", u[:, 1::2], index)
+    return linear(gegelu(u, limit), weights[layer + "mlp.down_proj.weight"], weights[layer + "mlp.down_proj.bias"])  # (T, D)
 
 
 def expert_mlp(x: np.ndarray, w1: Weight, w3: Weight, w2: Weight) -> np.ndarray:
@@ -347,20 +443,26 @@ def forward(
         raise ValueError("the cached keys use the other LongRoPE factor set; run the whole sequence again")
     cos, sin = rope_tables(config.rope, positions, long)  # (T, rotary_dim) each
     allowed = attention_mask(positions, cache.length + T, config.sliding_window)  # (T, S)
+    small = config.phi3small  # Phi-3-small's settings, None for the other models
+    sparse = forward_layout(config, positions) if small else None  # its block pattern for these queries
     trace.begin(positions)
 
     x = embed(w["model.embed_tokens.weight"], token_ids, image_features)  # (T, D)
+    if small and small.embedding_multiplier:
+        x = x * np.float32(small.embedding_multiplier)  # muP: embeddings x10 in Phi-3-small
     if image_features is not None:
         trace.record("image_positions", positions[token_ids < 0])
     trace.record("embed", x)
+    out_proj = "self_attn.dense" if config.model_type == "phi3small" else "self_attn.o_proj"
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
         h = norm(config, w, layer + "input_layernorm", x)
         trace.record("attn_norm", h, i)
         q, k, v = project_qkv(config, w, layer, h)  # (T, H*hd), (T, KV*hd), (T, KV*hd)
-        heads = attention(q, k, v, config, cache, i, cos, sin, allowed, trace)  # (T, H*hd)
+        layer_sparse = sparse if small and not is_dense_layer(config, i) else None
+        heads = attention(q, k, v, config, cache, i, cos, sin, allowed, trace, layer_sparse)  # (T, H*hd)
         trace.record("attn_heads", heads, i)
-        a = linear(heads, w[layer + "self_attn.o_proj.weight"], w.get(layer + "self_attn.o_proj.bias"))  # (T, D)
+        a = linear(heads, w[layer + out_proj + ".weight"], w.get(layer + out_proj + ".bias"))  # (T, D)
         trace.record("attn_out", a, i)
         x = x + a
         trace.record("resid_mid", x, i)
@@ -369,22 +471,31 @@ def forward(
         trace.record("ffn_norm", h, i)
         if config.model_type == "phimoe":
             f = moe(h, w, layer, config, trace, i)
+        elif config.model_type == "phi3small":
+            f = gegelu_mlp(h, w, layer, small.gegelu_limit, trace, i)
         else:
             f = mlp(h, w[layer + "mlp.gate_up_proj.weight"], w[layer + "mlp.down_proj.weight"], trace, i)
         trace.record("ffn_out", f, i)
         x = x + f
         trace.record("resid_post", x, i)
     cache.advance(token_ids, long, image_features)
-    x = norm(config, w, "model.norm", x)  # (T, D)
+    x = norm(config, w, final_norm_name(config), x)  # (T, D)
     trace.record("final_norm", x)
     return x
 
 
 def lm_head(config: ModelConfig, weights: dict, hidden: np.ndarray, trace=NO_TRACE) -> np.ndarray:
-    """(T, D) -> (T, V) logits. Tied models (Phi-4-mini) reuse the embedding matrix;
-    PhiMoE adds a bias (lm_head_bias)."""
+    """(T, D) -> (T, V) logits. Tied models (Phi-4-mini, Phi-3-small) reuse the embedding
+    matrix; PhiMoE adds a bias (lm_head_bias). Phi-3-small divides by muP's width
+    multiplier (8) and sets the ids its tokenizer never produces to float32's lowest
+    value, as its remote code does (finite, unlike -inf: log-probs stay numbers)."""
     name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     logits = linear(hidden, weights[name], weights.get("lm_head.bias"))
+    small = config.phi3small
+    if small and small.width_multiplier:
+        logits = logits / np.float32(small.width_multiplier)
+    if small and small.masked_token_ids:
+        logits[:, list(small.masked_token_ids)] = np.finfo(np.float32).min
     trace.record("logits", logits)
     return logits
 
@@ -393,200 +504,3 @@ def crosses_rope_switch(config: ModelConfig, cache: KVCache, n_new: int) -> bool
     """Whether appending n_new tokens moves the sequence to the other LongRoPE factor set
     than the cached tokens were computed with (see docs/architecture.md)."""
     return cache.length > 0 and use_long_factors(config.rope, cache.length + n_new) != cache.rope_long
-
-
-# ---------------------------------------------------------------- the loaded model
-
-
-class Model:
-    """A loaded checkpoint: config + weights + tokenizer (see `minislm.load`)."""
-
-    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, generation_config=None, path=None, quant=None,
-                 kv_cache: str | None = None):
-        self.config = config
-        self.weights = weights
-        self.quant = quant  # None (float32) or the QuantConfig of the packed matrices
-        # The KV cache's dtype: float32 keeps float32 weights verified against transformers;
-        # packed weights already trade exactness for bytes, and take a float16 cache too.
-        self.kv_cache = kv_cache or ("float32" if quant is None else "float16")
-        self.tokenizer = tokenizer
-        self.generation_config = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids)
-        self.path = path
-
-    def new_cache(self, capacity: int, dtype: str | None = None) -> KVCache:
-        """An empty cache for `capacity` positions, in `dtype` or the model's `kv_cache`."""
-        return KVCache(self.config, capacity, dtype or self.kv_cache)
-
-    def check_ids(self, token_ids, image_features=None) -> np.ndarray:
-        """A 1-D sequence of integer ids as int64, each in [0, vocab_size) or, with
-        Phi-3-vision, negative (an image placeholder) with one row of `image_features`
-        each. Anything else is refused, not coerced: 2-D ids would be flattened, floats
-        truncated, bools read as ids 0 and 1."""
-        ids = np.asarray(token_ids)
-        if ids.ndim != 1:
-            raise ValueError(f"token ids must be a 1-D sequence, got an array of shape {ids.shape}")
-        if ids.size == 0:
-            return ids.astype(np.int64)
-        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got {ids.dtype}")
-        placeholders = int(np.count_nonzero(ids < 0))
-        if ids.max() >= self.config.vocab_size or (placeholders and image_features is None):
-            raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
-        if image_features is not None:
-            shape = (placeholders, self.config.hidden_size)
-            if self.config.vision is None:
-                raise MinislmError(f"{self.path}: a {self.config.model_type} model has no image encoder")
-            if np.shape(image_features) != shape:
-                raise MinislmError(f"image_features of shape {np.shape(image_features)} for {placeholders} placeholders; expected {shape}")
-        return ids.astype(np.int64)
-
-    def forward(self, token_ids, cache: KVCache, trace=None, image_features=None) -> np.ndarray:
-        """Hidden states (T, D) of new tokens appended to `cache`; `trace` an optional
-        `minislm.trace.Recorder`. Phi-3-vision: `image_features` (k, D) for the k image
-        placeholders (negative ids) among the tokens (see `image_prompt`).
-
-        The cache's owner decides what to do when the sequence crosses LongRoPE's switch
-        point: a full forward then rotates *every* position with the other factor set,
-        so the cached keys are stale. Re-rotating them is not enough: from layer 1 on,
-        the cached keys and values of earlier tokens were computed from attention
-        outputs that used the old rotation, and those change too. The only way to get
-        what a full forward gives is to run one, once, over all cached tokens plus the
-        new ones. transformers' generate() does the same (it drops its cache).
-        """
-        ids = self.check_ids(token_ids, image_features)
-        trace = NO_TRACE if trace is None else trace
-        if crosses_rope_switch(self.config, cache, len(ids)):
-            # the images of the cached tokens go in again, at the same positions
-            everything = np.concatenate([cache.tokens[: cache.length], ids])
-            features = cache.cached_image_features(image_features)
-            cache.truncate(0)
-            return forward(self.config, self.weights, everything, cache, trace, features)[-len(ids) :]
-        return forward(self.config, self.weights, ids, cache, trace, image_features)
-
-    def lm_head(self, hidden: np.ndarray, trace=None) -> np.ndarray:
-        return lm_head(self.config, self.weights, hidden, NO_TRACE if trace is None else trace)
-
-    def logits(self, token_ids, trace=None, image_features=None) -> np.ndarray:
-        """Full forward from an empty cache: float32 logits (T, vocab_size)."""
-        from .finite import check_logits
-
-        ids = self.check_ids(token_ids, image_features)
-        if ids.size == 0:
-            raise ValueError("logits() needs at least one token id")
-        if len(ids) > self.config.max_position_embeddings:
-            raise MinislmError(
-                f"logits() got {len(ids)} token ids; the model's context is {self.config.max_position_embeddings} "
-                "(max_position_embeddings)"
-            )
-        cache = self.new_cache(len(ids))
-        hidden = self.forward(ids, cache, trace, image_features)
-        logits = np.ascontiguousarray(self.lm_head(hidden, trace), dtype=np.float32)
-        check_logits(self, logits, ids)
-        return logits
-
-    def image_prompt(
-        self, prompt: str, images, num_crops: int | None = None, system: str | None = None, chat: bool = True, trace=None
-    ):
-        """Phi-3-vision: a prompt and its images (paths or Pillow images) -> a
-        `minislm.vision.prompt.ImagePrompt` (ids with placeholders + encoded images):
-
-            p = model.image_prompt("What is shown?", ["photo.png"])
-            for token in model.generate(p.ids, 100, image_features=p.features): ...
-
-        `<|image_k|>` tags mark where each image goes; without any, they all go first.
-        With `chat` the prompt is one user turn in the model's chat template.
-        `num_crops` (1..16) defaults to preprocessor_config.json's; a `trace` recorder
-        gets each image's views, patch features and tokens.
-        """
-        from .vision.prompt import build_image_prompt, with_image_tags
-
-        text = with_image_tags(prompt, len(images))
-        if chat and self.tokenizer.chat_template:
-            turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            text = self.tokenizer.render_chat(turns)
-        return build_image_prompt(self, text, list(images), num_crops, trace)
-
-    def generate(
-        self,
-        token_ids,
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k=None,
-        top_p=None,
-        seed=None,
-        repetition_penalty: float | None = None,
-        image_features=None,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        early_stopping: bool | str = False,
-    ) -> Iterator[int]:
-        """New token ids after `token_ids`: greedy at temperature 0, sampled above it, or
-        the best of `num_beams` beams. Arguments are checked here, when called: a bad one
-        raises now, not at the first `next()`.
-
-        Greedy and sampled ids stream: the returned iterator runs one cached forward per
-        id as you read it (one prefill first). It stops after an end-of-sequence id from
-        generation_config.json, as transformers does. Like transformers' `generate`, it
-        applies the repetition penalty that generation_config.json asks for (the shipped
-        Shakespeare model asks for 1.2, hub Phi-3 models for none), so greedy here equals
-        `generate(do_sample=False)` there; pass `repetition_penalty=1.0` for plain argmax.
-
-        Beam search (num_beams > 1) cannot stream, since the best sequence is known only
-        when the search ends: it runs now, and the returned iterator holds the best
-        hypothesis's ids. `beam_search` returns several, with their scores.
-        Phi-3-vision: `image_features` for the prompt's image placeholders (`image_prompt`;
-        greedy and sampling only).
-        """
-        from .generate import check_context, generate_tokens
-        from .sampling import Sampler, SamplingSettings
-
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-            raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if repetition_penalty is None:
-            repetition_penalty = self.generation_config.repetition_penalty
-        if num_beams != 1:
-            if temperature != 0 or top_k is not None or top_p is not None or seed is not None:
-                raise ValueError("beam search is deterministic: temperature, top_k, top_p and seed are for sampling")
-            if image_features is not None:
-                raise ValueError("beam search does not take images yet: use greedy or sampling with image_features")
-            best = self.beam_search(token_ids, max_new_tokens, num_beams, length_penalty=length_penalty,
-                                    early_stopping=early_stopping, repetition_penalty=repetition_penalty)[0]
-            return iter(best.ids)
-        if length_penalty != 1.0 or early_stopping is not False:
-            raise ValueError("length_penalty and early_stopping are for beam search (num_beams > 1)")
-        settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-        sampler = Sampler(settings, seed=seed)
-        ids = self.check_ids(token_ids, image_features)
-        if ids.size == 0:
-            raise ValueError("generate() needs at least one token id")
-        check_context(len(ids), 0, self.config.max_position_embeddings)
-        return generate_tokens(
-            self, ids, max_new_tokens, sampler, stop_ids=self.generation_config.eos_token_ids, image_features=image_features
-        )
-
-    def beam_search(
-        self,
-        token_ids,
-        max_new_tokens: int,
-        num_beams: int,
-        *,
-        length_penalty: float = 1.0,
-        early_stopping: bool | str = False,
-        num_return_sequences: int = 1,
-        repetition_penalty: float | None = None,
-    ) -> list:
-        """The `num_return_sequences` best hypotheses (`minislm.beam.Hypothesis`: ids and
-        score), best first, exactly as transformers' `generate(num_beams=num_beams,
-        do_sample=False)` ranks them; see minislm/beam.py for the rules."""
-        from .beam import beam_search
-
-        if repetition_penalty is None:
-            repetition_penalty = self.generation_config.repetition_penalty
-        return beam_search(
-            self, token_ids, max_new_tokens, num_beams, self.generation_config.eos_token_ids,
-            length_penalty=length_penalty, early_stopping=early_stopping,
-            num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty or 1.0,
-        )

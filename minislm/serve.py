@@ -36,11 +36,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from . import openai_api as api
-from .commands import (
-    BUNDLED_MODEL, load_model, make_sampler, model_argument, reuse_cached_prefix, sampling_settings, stop_ids,
-)
+from .commands import load_model, model_argument
 from .errors import MinislmError
-from .generate import GenerationStats, generate_text, generate_tokens
+from .generate import GenerationStats, generate_text
+from .load import BUNDLED_MODEL
+from .runtime import generate_ids, make_sampler, reuse_cached_prefix, sampling_settings
 from .openai_api import ApiError, ApiRequest
 
 # A request body larger than this is refused (413). 8 MiB holds a 128k-token prompt
@@ -127,7 +127,6 @@ class ServedModel:
         self.capacity = min(settings.ctx_size, model.config.max_position_embeddings)
         self.cache = model.new_cache(self.capacity)
         self.turnstile = Turnstile(settings.max_waiting)
-        self.stop_ids = stop_ids(model)
 
     def prepare(self, request: ApiRequest) -> Job:
         """Tokenize and check a request against the context; needs no turn (only the
@@ -175,10 +174,8 @@ class ServedModel:
         """
         job.reused = reuse_cached_prefix(self.cache, job.ids)
         sampler = make_sampler(self.model, job.settings, job.request.seed)
-        tokens = generate_tokens(
-            self.model, job.ids[job.reused:], job.max_new_tokens, sampler, self.stop_ids,
-            cache=self.cache, history=job.ids[:job.reused], stats=job.stats,
-        )
+        tokens = generate_ids(self.model, job.ids[job.reused:], job.max_new_tokens, sampler, cache=self.cache,
+                              history=job.ids[:job.reused], stats=job.stats)
         return generate_text(self.model.tokenizer, until_gone(tokens, client_gone, job.stats), job.request.stop,
                              job.stats)
 

@@ -1,7 +1,8 @@
 """Text <-> token ids, chat templates, and streaming detokenization.
 
 The BPE itself is the `tokenizers` library reading the model's tokenizer.json:
-plumbing, not the lesson. What is worth reading here is the streaming decoder:
+plumbing, not the lesson. Phi-3-small ships no tokenizer.json, only tiktoken's rank
+file `cl100k_base.tiktoken`; minislm.tiktoken_bpe builds the same tokenizer from it. What is worth reading here is the streaming decoder:
 Phi-3's SentencePiece vocabulary marks a word's leading space with "▁", and
 characters outside ASCII may be split across several `<0xNN>` byte tokens, so
 decoding one token at a time drops spaces and prints broken characters.
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from .chat_sandbox import TIMEOUT_SECONDS, TemplateRenderError, render_bounded
 from .config import read_json
 from .errors import MinislmError
+from .tiktoken_bpe import PHI3_SMALL_RANK_FILE, phi3_small_tokenizer
 
 
 class Tokenizer:
@@ -71,9 +73,14 @@ class Tokenizer:
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer | None:
-    """The tokenizer of a model folder, or None if it has no tokenizer.json."""
+    """The tokenizer of a model folder (tokenizer.json, or Phi-3-small's
+    cl100k_base.tiktoken), or None if it has neither."""
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
+    config_path = model_dir / "tokenizer_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    if not path.is_file() and (model_dir / PHI3_SMALL_RANK_FILE).is_file():
+        return phi3_small_folder_tokenizer(model_dir, config)
     if not path.is_file():
         return None
     try:
@@ -81,8 +88,6 @@ def load_tokenizer(model_dir: Path) -> Tokenizer | None:
     except Exception as e:  # the Rust side raises a bare Exception for malformed files
         raise MinislmError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0][:200]})") from None
 
-    config_path = model_dir / "tokenizer_config.json"
-    config = read_json(config_path) if config_path.is_file() else {}
     special = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = config.get(key)
@@ -94,6 +99,17 @@ def load_tokenizer(model_dir: Path) -> Tokenizer | None:
     return Tokenizer(
         backend, special, bos_policy(backend, config, special), chat_template(model_dir, config), str(model_dir / template_file)
     )
+
+
+def phi3_small_folder_tokenizer(model_dir: Path, config: dict) -> Tokenizer:
+    """Phi-3-small: cl100k_base plus its specials. Its tokenizer class (hub remote code,
+    never run here) names `<|endoftext|>` as both BOS and EOS, adds neither when
+    encoding, and lets special-token text in the input become special ids
+    (tiktoken's allowed_special="all"); the chat template supplies the BOS."""
+    backend = phi3_small_tokenizer(model_dir)
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    template_file = "chat_template.jinja" if not isinstance(config.get("chat_template"), (str, list)) else "tokenizer_config.json"
+    return Tokenizer(backend, special, False, chat_template(model_dir, config), str(model_dir / template_file))
 
 
 def bos_policy(backend: HFTokenizer, config: dict, special: dict) -> bool:

@@ -3,8 +3,8 @@
 `model.forward(..., trace=Recorder())` keeps a copy of every intermediate value the
 decoder computes, named after the step of the recipe it belongs to, in the order
 they happen. Without a recorder the forward pass records nothing and does no extra
-work: every `trace.record(...)` line in the spine then calls `NO_TRACE`, whose
-methods return at once, and values that exist only for a learner (attention
+work: every `trace.record(...)` line in the spine then calls `minislm.model.NO_TRACE`,
+whose methods return at once, and values that exist only for a learner (attention
 probabilities, which the fast path never needs in full) are computed only when a
 recorder asks for them.
 
@@ -212,22 +212,3 @@ class SummaryRecorder(Recorder):
 class RecordingTooLarge(MinislmError):
     """A recording that would not fit the recorder's budget (or asks for a head that
     does not exist): one line saying what to narrow."""
-
-
-class NoRecorder:
-    """Records nothing: the default, so the forward pass needs no `if trace` lines."""
-
-    def begin(self, positions) -> None:
-        pass
-
-    def wants(self, name, layer=None, nbytes=0) -> bool:
-        return False
-
-    def record(self, name, value, layer=None) -> None:
-        pass
-
-    def attention_heads(self, layer, n_heads):
-        return None
-
-
-NO_TRACE = NoRecorder()

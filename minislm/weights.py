@@ -272,6 +272,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint must hold, with its shape (hub names, (out, in) layout)."""
     D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     q_size, kv_size = config.q_size, config.kv_size
+    if config.model_type == "phi3small":
+        return phi3small_shapes(config)
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
@@ -292,6 +294,31 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.bias"] = (V,)
     if config.vision is not None:  # phi3_v: the CLIP tower, separators and projector
         shapes.update(vision_shapes(config.vision, D))
+    return shapes
+
+
+def phi3small_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Phi-3-small (the hub's remote code): LayerNorms with biases, a biased fused
+    `query_key_value` whose rows are grouped per kv head ([q x G | k | v] for each of the
+    KV groups, not [all q | all k | all v]), a biased `dense` output projection, a
+    biased `up_proj` of 2F rows (GEGELU's two halves, interleaved), `final_layernorm`,
+    and no lm_head: the output layer is the embedding (tied)."""
+    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv_rows = config.q_size + 2 * config.kv_size
+    shapes = {"model.embed_tokens.weight": (V, D)}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for name, shape in (
+            ("input_layernorm", (D,)), ("post_attention_layernorm", (D,)),
+            ("self_attn.query_key_value", (qkv_rows, D)), ("self_attn.dense", (D, config.q_size)),
+            ("mlp.up_proj", (2 * F, D)), ("mlp.down_proj", (D, F)),
+        ):
+            shapes[layer + name + ".weight"] = shape
+            shapes[layer + name + ".bias"] = shape[:1]
+    shapes["model.final_layernorm.weight"] = (D,)
+    shapes["model.final_layernorm.bias"] = (D,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, D)
     return shapes
 
 

@@ -66,6 +66,20 @@ def assert_cached_last_token_matches(ours, ids, expected_last, atol: float) -> N
         assert np.abs(last - expected_last).max() <= atol
 
 
+def decoder_greedy(model, prompt, max_new_tokens: int) -> list[int]:
+    """The decoder's own greedy tokens through the KV cache, stopping on
+    generation_config.json's ids: what transformers' greedy decoding computes. The
+    policy's extra rules (runtime.py: never an id the tokenizer has no piece for, stop on
+    the tokenizer's end token too) are left out because transformers has neither, and
+    the fixtures' random weights do pick padding ids; tests/test_runtime.py tests them."""
+    from minislm.generate import generate_tokens
+    from minislm.sampling import Sampler, SamplingSettings
+
+    greedy = Sampler(SamplingSettings(repetition_penalty=model.generation_config.repetition_penalty))
+    return list(generate_tokens(model, model.check_ids(prompt), max_new_tokens, greedy,
+                                model.generation_config.eos_token_ids))
+
+
 def assert_greedy_matches(ours, reference, prompt, max_new_tokens: int) -> None:
     """minislm's cached greedy tokens equal transformers' full-forward ones. Generation
     stops when prompt + tokens fill the context (max_position_embeddings)."""

@@ -214,3 +214,51 @@ def reference_weights(path, config) -> dict:
             weights[layer + "self_attn.qkv_proj.weight"] = np.concatenate([q, k, raw[blk + "attn_v.weight"]])
             weights[layer + "mlp.gate_up_proj.weight"] = np.concatenate([raw[blk + "ffn_gate.weight"], raw[blk + "ffn_up.weight"]])
     return weights
+
+
+def gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's bytes_to_unicode, written out again from its definition: printable
+    Latin-1 bytes stand for themselves, the other 68 take U+0100.. in byte order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
+
+
+def write_gpt2_vocab(writer, ranks: dict, special: dict, pre: str, vocab_size: int, bos: int, eos: int,
+                     chat_template: str | None = None) -> None:
+    """A byte-level BPE vocabulary as convert_hf_to_gguf's _set_vocab_gpt2 writes one from a
+    hub tokenizer: every embedding row named ("[PAD{i}]" UNUSED where no token is), the
+    `<|...|>` tokens CONTROL, merges as "left right" (every split of each token, ranked by
+    the token: what transformers' TikTokenConverter puts in a tokenizer.json)."""
+    alphabet = gpt2_byte_alphabet()
+    text = {rank: "".join(alphabet[b] for b in token) for token, rank in ranks.items()}
+    by_id = {**text, **{i: s for s, i in special.items()}}
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    types = [gguf.TokenType.NORMAL if i in text else gguf.TokenType.CONTROL if i in by_id else gguf.TokenType.UNUSED
+             for i in range(vocab_size)]
+    merges = []
+    for token, _ in sorted(ranks.items(), key=lambda item: item[1]):
+        merges += [f"{text[ranks[token[:c]]]} {text[ranks[token[c:]]]}" for c in range(1, len(token))
+                   if token[:c] in ranks and token[c:] in ranks]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    writer.add_add_bos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+
+def write_vocab_only(path: Path, arch: str = "phi3", **vocab) -> Path:
+    """A metadata-only GGUF (no tensors), as llama.cpp's own ggml-vocab-*.gguf files are."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("vocab only")
+    write_gpt2_vocab(writer, **vocab)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

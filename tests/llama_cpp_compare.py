@@ -12,6 +12,8 @@ measured and stated where it is used, while the weights themselves are checked
 bit for bit against `gguf.quants.dequantize`.
 """
 
+import ctypes
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +82,9 @@ def llama_cpp_logits(path: Path, ids, n_ctx: int = 256, one_at_a_time: bool = Fa
         L.llama_model_free(model)
 
 
-def llama_cpp_tokenize(path: Path, texts: list[str], parse_special: bool = False) -> list[list[int]]:
-    """llama.cpp's own tokenizer on a GGUF file's vocabulary (loaded vocab-only), no BOS added."""
-    import ctypes
-
+@contextmanager
+def llama_cpp_vocab(path: Path):
+    """(llama_cpp, vocab) of a GGUF file loaded vocab-only by llama.cpp's C API."""
     L = require_module("llama_cpp")
 
     global QUIET
@@ -96,7 +97,14 @@ def llama_cpp_tokenize(path: Path, texts: list[str], parse_special: bool = False
     if not model:
         raise RuntimeError(f"llama.cpp could not load the vocabulary of {path}")
     try:
-        vocab = L.llama_model_get_vocab(model)
+        yield L, L.llama_model_get_vocab(model)
+    finally:
+        L.llama_model_free(model)
+
+
+def llama_cpp_tokenize(path: Path, texts: list[str], parse_special: bool = False) -> list[list[int]]:
+    """llama.cpp's own tokenizer on a GGUF file's vocabulary (loaded vocab-only), no BOS added."""
+    with llama_cpp_vocab(path) as (L, vocab):
         result = []
         for text in texts:
             data = text.encode("utf-8")
@@ -104,8 +112,23 @@ def llama_cpp_tokenize(path: Path, texts: list[str], parse_special: bool = False
             n = L.llama_tokenize(vocab, data, len(data), room, len(room), False, parse_special)
             result.append(list(room[:n]))
         return result
-    finally:
-        L.llama_model_free(model)
+
+
+def llama_cpp_detokenize(path: Path, id_lists: list[list[int]]) -> list[str]:
+    """llama.cpp's bytes for each id list, decoded as UTF-8 with U+FFFD for broken
+    characters. We call llama_token_to_piece with room for any piece: the Python
+    wrapper's Llama.detokenize gives each token only 32 bytes and returns nothing
+    for longer ones (cl100k has an 82-byte comment-rule token)."""
+    with llama_cpp_vocab(path) as (L, vocab):
+        texts = []
+        for ids in id_lists:
+            data = b""
+            for token in ids:
+                room = ctypes.create_string_buffer(1024)
+                n = L.llama_token_to_piece(vocab, token, room, len(room), 0, True)
+                data += room.raw[:n]
+            texts.append(data.decode("utf-8", errors="replace"))
+        return texts
 
 
 def quantize_with_llama_cpp(src: Path, dst: Path, kind: str) -> Path:
@@ -175,7 +198,7 @@ def with_llama_cpp_activations(model, path: Path):
     import gguf
 
     from minislm.formats.gguf import open_gguf, weight_plan
-    from minislm.model import Model
+    from minislm.runtime import Model
 
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     weights = dict(model.weights)
@@ -186,7 +209,7 @@ def with_llama_cpp_activations(model, path: Path):
         if len(parts) == 1:
             parts = [(planned.shape[0], parts[0][1])]  # (one expert of a stacked tensor)
         weights[name] = RoundedActivations(model.weights[name], parts)
-    return Model(model.config, weights)
+    return Model(model.config, weights, kv_cache=model.kv_cache)
 
 
 def metrics(ours: np.ndarray, theirs: np.ndarray) -> dict:

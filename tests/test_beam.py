@@ -11,7 +11,7 @@ import pytest
 import minislm
 from minislm.beam import BeamStats, beam_search, shared_positions
 from minislm.cli import main as minislm_main
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from conftest import ATOL_FP32_LOGITS, FIXTURES, ROOT, VARIANTS
 
 SHIPPED_REFERENCE = ROOT / "tests" / "data" / "shakespeare_beam_reference.json"

@@ -23,7 +23,7 @@ def test_generate_prints_text_to_stdout_and_stats_to_stderr():
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n") and len(result.stdout) > 1
     stats = result.stderr.strip().splitlines()[-1]
-    for item in ("prompt", "tok/s", "generated", "peak memory"):
+    for item in ("prompt", "tok/s", "generated", "weights float32, KV cache float32", "peak memory"):
         assert item in stats
 
 

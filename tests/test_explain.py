@@ -20,7 +20,7 @@ import minislm
 from browser import Browser, find_programs
 from conftest import FIXTURES
 from minislm.cli import main
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.watch.attention import attention_maps
 from minislm.watch.explain import FIXED_POINT, MAX_ATTENTION_BYTES, page_data
 from minislm.watch.inputs import MAX_PICTURE_TOKENS

@@ -17,18 +17,19 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import minislm
-from conftest import ATOL_FP32_LOGITS, FIXTURES, VARIANTS
+from conftest import ATOL_FP32_LOGITS, FIXTURES, VARIANTS, decoder_greedy
 from minislm.trace import Recorder
 
 # Routing weights are softmax values of router logits that differ by ~1e-6 between
 # BLAS and torch; the weights move by less than that.
 ATOL_ROUTING_WEIGHT = 1e-5
-MOE_VARIANTS = [v for v in VARIANTS if v.startswith("moe")]
+MOE_VARIANTS = [v for v in VARIANTS if v.startswith("moe") or v == "slimmoe"]
 
 
 def test_every_variant_has_a_fixture():
     assert set(VARIANTS) == {
         "mha", "gqa", "longrope", "sliding", "partial_tied", "sharded_bf16", "moe", "moe_longrope", "moe_sharded_bf16",
+        "phi4", "phi4_mini", "slimmoe",
     }
 
 
@@ -55,7 +56,7 @@ def test_logits_match_transformers(variant):
 
 def test_greedy_continuation_matches_transformers(variant):
     name, model, reference = variant
-    tokens = list(model.generate(reference["greedy.prompt"], max_new_tokens=20))
+    tokens = decoder_greedy(model, reference["greedy.prompt"], 20)
     assert tokens == reference["greedy.tokens"].tolist(), name
 
 

@@ -103,13 +103,13 @@ class KernelRoundingTwin:
 
 
 def packed_vs_twin(path):
-    from minislm.model import Model
+    from minislm.runtime import Model
 
     packed = minislm.load(path, kv_cache="float32")  # the weights' path alone: both sides keep a float32 cache
     assert packed.kv_cache == "float32" and minislm.load(path).kv_cache == "float16"  # a file's codes default to float16
     assert any(not isinstance(w, np.ndarray) for w in packed.weights.values()), "nothing was packed"
     twin = Model(packed.config, {name: w if isinstance(w, np.ndarray) else KernelRoundingTwin(w)
-                                 for name, w in packed.weights.items()})
+                                 for name, w in packed.weights.items()}, kv_cache="float32")
     ids = np.arange(0, packed.config.vocab_size, max(1, packed.config.vocab_size // 24))
     err = np.abs(packed.logits(ids) - twin.logits(ids)).max(-1)
     assert (err[:SAME_PREFIX] <= ATOL_TWIN).all(), err

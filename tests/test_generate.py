@@ -5,7 +5,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import minislm
-from minislm.commands import reuse_cached_prefix
+from minislm.runtime import generate_ids, make_sampler, reuse_cached_prefix
 from minislm.errors import MinislmError
 from minislm.generate import GenerationStats, generate_text, generate_tokens, split_at_stop
 from minislm.sampling import Sampler, SamplingSettings
@@ -51,9 +51,10 @@ def test_generation_ends_when_the_context_is_full(model):
 
 
 def test_a_prompt_that_fills_the_context_is_refused(model):
+    """Checked at the boundary (runtime.generate_ids), before any forward."""
     context = model.config.max_position_embeddings
     with pytest.raises(MinislmError, match="context"):
-        run(model, np.arange(context) % 300, 5)
+        generate_ids(model, np.arange(context) % 300, 5, make_sampler(model, GREEDY, None))
 
 
 def test_same_seed_same_tokens(model):

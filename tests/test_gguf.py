@@ -22,7 +22,7 @@ from conftest import ATOL_FP32_LOGITS, FIXTURES
 from gguf_files import llama_cpp_permute, reference_weights, wide_checkpoint, write_gguf
 from minislm.cli import main
 from minislm.formats import gguf as gguf_format
-from minislm.model import Model
+from minislm.runtime import Model
 from minislm.weights import save_safetensors
 
 FLOAT_CASES = [("mha", "llama"), ("gqa", "phi3"), ("gqa", "llama"), ("longrope", "phi3"),
@@ -77,7 +77,7 @@ def assert_matches_reference_dequantization(path):
     assert set(expected) == set(model.weights)
     for name, w in model.weights.items():
         assert_same_bits(w, expected[name])
-    float_model = Model(model.config, expected)
+    float_model = Model(model.config, expected, kv_cache="float32")
     ids = np.arange(model.config.vocab_size)[:: max(1, model.config.vocab_size // 12)]
     assert np.abs(model.logits(ids) - float_model.logits(ids)).max() <= ATOL_FP32_LOGITS
 

@@ -96,7 +96,8 @@ def test_a_gguf_tokenizer_loads_like_a_hub_folder(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(model="gpt2"), "tokenizer.ggml.model is 'gpt2'"),
+        (dict(model="bert"), "tokenizer.ggml.model is 'bert'"),
+        (dict(model="gpt2"), "tokenizer.ggml.pre is None"),
         (dict(scores=[0.0] * 3), "tokenizer arrays disagree"),
         (dict(bos=99), "bos_token_id = 99 is outside the vocabulary"),
     ],

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minislm
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.verify import phimoe_longrope_as_designed
 from conftest import import_reference, save_random_model
 from test_live_phimoe import phimoe_configs

@@ -67,9 +67,9 @@ def test_release_leaves_ordinary_arrays_alone():
 def test_prequantized_folder_costs_its_weight_bytes_of_rss(tmp_path):
     write_random_checkpoint(tmp_path / "f16", MIDSIZE)
     quantized = minislm.load(tmp_path / "f16", quant="int4")
-    save_quantized(tmp_path / "f16", tmp_path / "int4", quantized.weights, quantized.quant)
+    save_quantized(tmp_path / "f16", tmp_path / "int4", quantized.weights, quantized.packing)
     small = minislm.load(FIXTURES / "gqa", quant="int4")
-    save_quantized(FIXTURES / "gqa", tmp_path / "small", small.weights, small.quant)
+    save_quantized(FIXTURES / "gqa", tmp_path / "small", small.weights, small.packing)
     # A fresh process: warm the kernels on another int4 folder (compiling is not the
     # model's memory), then load the folder and produce one token.
     script = textwrap.dedent(f"""

@@ -18,7 +18,7 @@ from minislm.errors import MinislmError
 from minislm.kernels import Bf16Weight, Int4Weight, Int8Weight
 from minislm.kernels import reference as ref
 from minislm.quantize import OLD_LAYOUT, QuantConfig, output_layer, save_quantized
-from conftest import ATOL_FP32_LOGITS, FIXTURES
+from conftest import ATOL_FP32_LOGITS, FIXTURES, decoder_greedy
 
 
 def test_bf16_checkpoint_is_mapped_not_copied_and_matches_transformers():
@@ -29,7 +29,7 @@ def test_bf16_checkpoint_is_mapped_not_copied_and_matches_transformers():
     reference = load_file(FIXTURES / "sharded_bf16" / "reference.safetensors")
     got = model.logits(reference["case.seq.input_ids"])
     assert np.abs(got - reference["case.seq.logits"]).max() <= ATOL_FP32_LOGITS
-    assert list(model.generate(reference["greedy.prompt"], 20)) == reference["greedy.tokens"].tolist()
+    assert decoder_greedy(model, reference["greedy.prompt"], 20) == reference["greedy.tokens"].tolist()
 
 
 def test_norms_biases_and_the_router_stay_float32():
@@ -56,13 +56,13 @@ def test_the_output_layer_is_8_bit_unless_asked_and_a_tied_embedding_is_the_outp
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_checkpoint_round_trip_is_bit_identical_and_memory_mapped(tmp_path, variant, symmetric):
     quantized = minislm.load(FIXTURES / variant, quant="int4", group_size=32, symmetric=symmetric)
-    save_quantized(FIXTURES / variant, tmp_path / "q", quantized.weights, quantized.quant)
+    save_quantized(FIXTURES / variant, tmp_path / "q", quantized.weights, quantized.packing)
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["group_size"] == 32
     assert config["quantization_config"]["symmetric"] is symmetric
 
     reloaded = minislm.load(tmp_path / "q")
-    assert reloaded.quant == quantized.quant
+    assert reloaded.packing == quantized.packing
     for name, w in quantized.weights.items():
         r = reloaded.weights[name]
         if isinstance(w, (Int4Weight, Int8Weight)):
@@ -123,7 +123,7 @@ def test_a_version_1_int4_folder_loads_converted_exactly(tmp_path):
     quantized = minislm.load(FIXTURES / "gqa", quant="int4", output_bits=4)
     version_1_folder(FIXTURES / "gqa", tmp_path / "v1", quantized.weights)
     old = minislm.load(tmp_path / "v1")
-    assert old.quant.layout == OLD_LAYOUT and old.quant.output_bits == 4
+    assert old.packing.layout == OLD_LAYOUT and old.packing.output_bits == 4
     for name, w in quantized.weights.items():
         if isinstance(w, Int4Weight):
             s = ref.bf16_to_f32(ref.f32_to_bf16(ref.scale_values(ref.by_row(w.scales))))
@@ -133,7 +133,7 @@ def test_a_version_1_int4_folder_loads_converted_exactly(tmp_path):
 
 def test_an_unknown_int4_layout_is_refused_clearly(tmp_path):
     quantized = minislm.load(FIXTURES / "gqa", quant="int4")
-    save_quantized(FIXTURES / "gqa", tmp_path / "q", quantized.weights, quantized.quant)
+    save_quantized(FIXTURES / "gqa", tmp_path / "q", quantized.weights, quantized.packing)
     raw = json.loads((tmp_path / "q" / "config.json").read_text())
     raw["quantization_config"]["layout"] = "tiles-32x8"
     (tmp_path / "q" / "config.json").write_text(json.dumps(raw))
@@ -143,7 +143,7 @@ def test_an_unknown_int4_layout_is_refused_clearly(tmp_path):
 
 def test_an_int4_checkpoint_cannot_be_loaded_as_bf16(tmp_path):
     quantized = minislm.load(FIXTURES / "gqa", quant="int4")
-    save_quantized(FIXTURES / "gqa", tmp_path / "q", quantized.weights, quantized.quant)
+    save_quantized(FIXTURES / "gqa", tmp_path / "q", quantized.weights, quantized.packing)
     with pytest.raises(MinislmError, match="already quantized"):
         minislm.load(tmp_path / "q", quant="bf16")
 
@@ -152,7 +152,7 @@ def test_save_refuses_an_existing_folder_and_leaves_nothing_behind(tmp_path):
     (tmp_path / "q").mkdir()
     quantized = minislm.load(FIXTURES / "gqa", quant="int4")
     with pytest.raises(MinislmError, match="already exists"):
-        save_quantized(FIXTURES / "gqa", tmp_path / "q", quantized.weights, quantized.quant)
+        save_quantized(FIXTURES / "gqa", tmp_path / "q", quantized.weights, quantized.packing)
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 

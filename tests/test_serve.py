@@ -19,7 +19,7 @@ import pytest
 
 import minislm
 from minislm.cli import main as minislm_main
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.serve import Server, ServeSettings, Turnstile
 from minislm.openai_api import ApiError
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import minislm
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.perplexity import score_text
 from conftest import ATOL_FP32_LOGITS, ROOT, import_reference
 

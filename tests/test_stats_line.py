@@ -7,14 +7,18 @@ has no decode step to time: the line says so instead of printing 0.00 tok/s.
 
 import re
 
+import minislm
 from minislm.cli import main
 from minislm.commands import print_stats
 from minislm.generate import GenerationStats
 from conftest import FIXTURES
 
 
+MODEL = minislm.load(FIXTURES / "gqa")
+
+
 def stats_line(capsys, stats: GenerationStats) -> str:
-    print_stats(stats, model=None)
+    print_stats(stats, MODEL)
     return capsys.readouterr().err
 
 

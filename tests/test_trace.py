@@ -10,7 +10,7 @@ import pytest
 
 import minislm
 from conftest import FIXTURES
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.moe import sparsemixer
 from minislm.trace import LAYER_STEPS, STEPS, Recorder, RecordingTooLarge
 

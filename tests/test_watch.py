@@ -18,7 +18,7 @@ import pytest
 import minislm
 from conftest import FIXTURES
 from minislm.cli import main
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.moe import sparsemixer
 from minislm.trace import Recorder, SummaryRecorder
 from minislm.watch.attention import attention_maps

@@ -16,7 +16,7 @@ import numpy as np
 
 import minislm
 from minislm.beam import BeamStats, beam_search
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 
 
 def log_prob_of(model, prompt: list[int], ids: list[int]) -> float:

@@ -26,9 +26,9 @@ import numpy as np
 from safetensors.numpy import load_file
 
 import minislm
-import minislm.commands
+import minislm.runtime
 import minislm.model
-from minislm.commands import BUNDLED_MODEL
+from minislm.load import BUNDLED_MODEL
 from minislm.generate import generate_tokens
 from minislm.perplexity import log_softmax, score_text
 from minislm.sampling import Sampler, SamplingSettings
@@ -94,7 +94,7 @@ def attention_mask_without_causality(q_positions, n_keys, sliding_window):
 
 
 def reuse_cached_prefix_keeping_stale(cache, ids, image_features=None):
-    """commands.reuse_cached_prefix without its `cache.truncate(keep)`."""
+    """runtime.reuse_cached_prefix without its `cache.truncate(keep)`."""
     return min(cache.shared_prefix(ids, image_features), len(ids) - 1)
 
 
@@ -332,7 +332,7 @@ def probe(exercise: str, model) -> np.ndarray:
     b = model.tokenizer.encode("JULIET: O Romeo, Romeo, wherefore art thou Romeo?")
     cache = model.new_cache(len(a) + len(b))
     model.forward(a, cache)
-    keep = minislm.commands.reuse_cached_prefix(cache, b)
+    keep = minislm.runtime.reuse_cached_prefix(cache, b)
     return model.lm_head(model.forward(b[keep:], cache))
 
 
@@ -343,7 +343,7 @@ def broken_twin(exercise: str, model):
     module, name, twin = {
         "rope-pairs": (minislm.model, "apply_rope", apply_rope_adjacent),
         "no-causal-mask": (minislm.model, "attention_mask", attention_mask_without_causality),
-        "stale-cache": (minislm.commands, "reuse_cached_prefix", reuse_cached_prefix_keeping_stale),
+        "stale-cache": (minislm.runtime, "reuse_cached_prefix", reuse_cached_prefix_keeping_stale),
         "top2-softmax": (minislm.model, "sparsemixer", mixtral_top2),
     }[exercise]
     return replaced(module, name, twin)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import minislm  # noqa: E402
 from minislm.cache import DTYPES  # noqa: E402
-from minislm.commands import BUNDLED_MODEL  # noqa: E402
+from minislm.load import BUNDLED_MODEL  # noqa: E402
 from minislm.kernels import set_threads  # noqa: E402
 from minislm.perplexity import log_softmax, score_text  # noqa: E402
 

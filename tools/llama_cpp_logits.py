@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the GGUF writer and llama.cpp helpers the tests use
 
 import minislm  # noqa: E402
-from minislm.commands import BUNDLED_MODEL  # noqa: E402
+from minislm.load import BUNDLED_MODEL  # noqa: E402
 
 HELDOUT = ROOT / "tests" / "data" / "shakespeare_heldout.txt"
 

@@ -12,6 +12,11 @@ early_stopping, num_return_sequences), each run through transformers'
 * with `use_cache=False`: every step is then a full forward over each beam's whole
   sequence, i.e. beam search over full-forward logits, by transformers' own code.
 
+Both run under minislm's generation policy (minislm/runtime.py), which every
+beam search of minislm's applies: the ids the tokenizer has no piece for are
+suppressed (`suppress_tokens`, -inf after the log-softmax, as minislm masks them),
+and the stop ids are generation_config.json's plus the tokenizer's own end token.
+
 Where the two agree, the file records that answer ("reference": "generate"). Where
 they disagree, it is the cache that is wrong (tests/conftest.py lists the known
 cases: a window of 1, the LongRoPE switch), and the file records the full-forward
@@ -33,7 +38,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from minislm.commands import BUNDLED_MODEL
+import minislm
+from minislm.load import BUNDLED_MODEL
+from minislm.runtime import allowed_ids, stop_ids
 from minislm.tokenizer import load_tokenizer
 from minislm.verify import phimoe_longrope_as_designed
 
@@ -52,7 +59,14 @@ SETTINGS = [
 ]
 
 
-def transformers_beams(ref, prompt: list[int], max_new_tokens: int, setting, use_cache: bool) -> dict:
+def policy(folder: Path) -> dict:
+    """minislm's stop ids and the ids it never chooses, as transformers' generate() arguments."""
+    model = minislm.load(folder)
+    return {"eos_token_id": sorted(stop_ids(model)),
+            "suppress_tokens": list(range(allowed_ids(model), model.config.vocab_size))}
+
+
+def transformers_beams(ref, rules: dict, prompt: list[int], max_new_tokens: int, setting, use_cache: bool) -> dict:
     """transformers' returned hypotheses: generated ids (padding cut off) and scores."""
     num_beams, length_penalty, early_stopping, num_return = setting
     with torch.no_grad():
@@ -60,19 +74,19 @@ def transformers_beams(ref, prompt: list[int], max_new_tokens: int, setting, use
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams, length_penalty=length_penalty,
             early_stopping=early_stopping, num_return_sequences=num_return, use_cache=use_cache,
-            return_dict_in_generate=True, output_scores=True,
+            return_dict_in_generate=True, output_scores=True, **rules,
         )
     lengths = (out.beam_indices != -1).sum(dim=1).tolist()  # generated tokens of each hypothesis
     sequences = [out.sequences[i, len(prompt) : len(prompt) + n].tolist() for i, n in enumerate(lengths)]
     return {"sequences": sequences, "scores": [float(s) for s in out.sequences_scores]}
 
 
-def cases_for(ref, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
+def cases_for(ref, rules: dict, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
     cases = []
     for prompt in prompts:
         for setting in SETTINGS:
-            cached = transformers_beams(ref, prompt, max_new_tokens, setting, use_cache=True)
-            full = transformers_beams(ref, prompt, max_new_tokens, setting, use_cache=False)
+            cached = transformers_beams(ref, rules, prompt, max_new_tokens, setting, use_cache=True)
+            full = transformers_beams(ref, rules, prompt, max_new_tokens, setting, use_cache=False)
             num_beams, length_penalty, early_stopping, num_return = setting
             case = {
                 "prompt": prompt, "max_new_tokens": max_new_tokens, "num_beams": num_beams,
@@ -116,18 +130,19 @@ def main() -> None:
         folder = FIXTURES / name
         ref, patched = load_reference(folder)
         greedy_prompt = load_file(folder / "reference.safetensors")["greedy.prompt"].tolist()
+        rules = policy(folder)
         vocab = load_tokenizer(folder).vocab_size  # ids the tokenizer knows, as make_fixtures samples them
         short_prompt = np.random.default_rng(args.seed + i).integers(0, vocab, 7).tolist()
         note = "rotary embedding switched by length (phimoe_longrope_as_designed)" if patched else ""
-        write(folder / "beam_reference.json", f"tests/fixtures/{name}", cases_for(ref, [greedy_prompt, short_prompt], 20),
-              note)
+        write(folder / "beam_reference.json", f"tests/fixtures/{name}",
+              cases_for(ref, rules, [greedy_prompt, short_prompt], 20), note)
 
     if args.only and "shipped" not in args.only:
         return
     ref, _ = load_reference(BUNDLED_MODEL)
-    tokenizer = load_tokenizer(BUNDLED_MODEL)
+    tokenizer = minislm.load(BUNDLED_MODEL).tokenizer
     prompts = [tokenizer.encode("ROMEO:"), tokenizer.encode_chat([{"role": "user", "content": "Speak, Juliet."}])]
-    write(SHIPPED_REFERENCE, "minislm/assets/shakespeare", cases_for(ref, prompts, 30),
+    write(SHIPPED_REFERENCE, "minislm/assets/shakespeare", cases_for(ref, policy(BUNDLED_MODEL), prompts, 30),
           "generation_config.json's repetition_penalty (1.2) applies, as in generate()")
 
 

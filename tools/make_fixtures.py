@@ -120,6 +120,25 @@ VARIANTS = {
         (24, 20),
         "hub",
     ),
+    # Phi-4 (and -reasoning/-plus, same architecture): 4:1 GQA, RoPE base 250000, no window, untied.
+    "phi4": (dict(num_attention_heads=8, num_key_value_heads=2, rope_theta=250000.0), {"seq": 48}, (24, 20), "transformers5"),
+    # Phi-4-mini (and -reasoning): 3:1 GQA, partial rotary 0.75, tied embeddings, LongRoPE.
+    "phi4_mini": (
+        dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, partial_rotary_factor=0.75,
+             tie_word_embeddings=True, max_position_embeddings=256, original_max_position_embeddings=64,
+             rope_scaling={"type": "longrope", "short_factor": "ramp:1:1.5", "long_factor": "ramp:1:6"}),
+        {"below": 40, "above": 100},
+        (56, 20),
+        "hub",
+    ),
+    # Phi-tiny-MoE (SlimMoE): heads x head_dim narrower than hidden, a window, biases, RoPE base 10000.
+    "slimmoe": (
+        dict(model_type="phimoe", num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=4,
+             attention_bias=True, lm_head_bias=True, router_jitter_noise=0.01, sliding_window=6, rope_theta=10000.0),
+        {"seq": 40},
+        (24, 20),
+        "hub",
+    ),
 }
 BASE = dict(
     vocab_size=VOCAB_SIZE,
@@ -296,11 +315,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="make these variants only (same seeds)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     tok = build_tokenizer()
     for i, name in enumerate(VARIANTS):
-        make_variant(name, args.out, tok, args.seed + i)
+        if args.only is None or name in args.only:
+            make_variant(name, args.out, tok, args.seed + i)
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"total {total / 2**20:.2f} MiB in {args.out}")
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minislm  # noqa: E402
-from minislm.commands import BUNDLED_MODEL  # noqa: E402
+from minislm.load import BUNDLED_MODEL  # noqa: E402
 from minislm.kernels import set_threads  # noqa: E402
 from minislm.perplexity import log_softmax, score_text  # noqa: E402
 

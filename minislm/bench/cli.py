@@ -49,3 +49,11 @@ def check_bench_flags(args) -> None:
         raise MinislmError(f"--sweep-tokens must be >= 1, got {args.sweep_tokens}")
     if max(args.prompt_lengths) + args.new_tokens > 4096:
         raise MinislmError("--prompt-lengths plus --new-tokens must fit Phi-3-mini's 4096-token context")
+
+
+def run_bench_command(args) -> int:
+    """`python -m minislm bench`: check the flags, then run (minislm/bench/run.py)."""
+    from .run import run_bench
+
+    check_bench_flags(args)
+    return run_bench(args, args.argv)

@@ -174,15 +174,11 @@ def load_engine(engine: Engine, checkpoint: Path, model_file: Path, threads: int
 
 def minislm_model(engine: Engine, checkpoint: Path, threads: int):
     """minislm.load with the engine's options, BLAS and Numba limited to `threads`."""
-    from threadpoolctl import threadpool_limits
+    from ..kernels import set_threads
+    from ..load import load
 
-    import minislm
-    import minislm.kernels as kernels
-
-    threadpool_limits(limits=threads)  # BLAS, for the fp32 matmuls
-    if hasattr(kernels, "set_threads"):  # Numba, once the kernels are merged
-        kernels.set_threads(threads)
-    return minislm.load(checkpoint, **engine.options)
+    set_threads(threads)  # Numba's kernels and BLAS (the fp32 matmuls)
+    return load(checkpoint, **engine.options)
 
 
 def load_minislm(engine: Engine, checkpoint: Path, threads: int) -> Loaded:
@@ -209,7 +205,8 @@ def load_minislm(engine: Engine, checkpoint: Path, threads: int) -> Loaded:
     def kv_bytes(n):
         return attended(n, model.config.sliding_window) * model.new_cache(0).bytes_per_position
 
-    info = {"numpy": version("numpy"), "numba": version("numba"), "kv_cache": model.kv_cache}
+    info = {"numpy": version("numpy"), "numba": version("numba"), "kv_cache": model.kv_cache,
+            "weights": model.weights_format.describe()}
     if hasattr(kernels, "threading_layer"):
         info["threading_layer"] = kernels.threading_layer()
     if hasattr(kernels, "kernel_paths"):  # which instructions ran: AMX, VNNI or portable

@@ -294,6 +294,12 @@ def plot_sweep(results: dict, path) -> str | None:
     return None
 
 
+def weights_lines(results: dict) -> list[str]:
+    """What each minislm row's weights really were (`Model.weights_format`)."""
+    return [f"- {row['engine']}: {row['info']['weights']}" for row in results["engines"]
+            if row["status"] == "ok" and (row.get("info") or {}).get("weights")]
+
+
 def llama_cpp_lines(results: dict) -> list[str]:
     """llama.cpp's build and the CPU features it uses, as its own system-info line says."""
     for row in results["engines"]:
@@ -345,6 +351,7 @@ def summary(results: dict) -> str:
         "- other load: cores kept busy by other processes (and the hypervisor) while that row ran; "
         "well above 0 means the row measured contention, not the engine",
         *llama_cpp_lines(results),
+        *weights_lines(results),
         "",
         engine_table(results),
         "",

@@ -3,9 +3,12 @@
 A GGUF file (llama.cpp's format) carries no tokenizer.json. It stores the
 vocabulary as metadata arrays instead:
 
-    tokenizer.ggml.model       "llama" for SentencePiece vocabularies (Phi-3, Llama-2)
+    tokenizer.ggml.model       "llama" for SentencePiece vocabularies (Phi-3, Llama-2),
+                               "gpt2" for byte-level BPE (Phi-4, Phi-4-mini)
+    tokenizer.ggml.pre         gpt2 only: which split pattern ("gpt-4o", "dbrx", ...)
     tokenizer.ggml.tokens      the pieces, in id order ("▁the", "<0x0A>", "<|user|>", ...)
     tokenizer.ggml.scores      one float per piece: SentencePiece's merge priority
+    tokenizer.ggml.merges      gpt2 only: the BPE merges, "left right", first merged first
     tokenizer.ggml.token_type  one int per piece (GGUF_TOKEN_TYPE below)
     tokenizer.ggml.bos_token_id / eos_token_id / unknown_token_id / padding_token_id
     tokenizer.ggml.add_bos_token / add_eos_token
@@ -41,6 +44,17 @@ The config dict names no `tokenizer_class`: given none, transformers 5 reads
 tokenizer.json as written (given "LlamaTokenizer" it rebuilds the normalizer
 and drops the "▁" after special tokens; see docs/training.md).
 
+A "gpt2" vocabulary is the byte-level BPE of minislm.tiktoken_bpe: tokens in
+GPT-2's byte alphabet ("Ġthe"), the file's merge list, and a split pattern named
+by `tokenizer.ggml.pre`. llama.cpp's converter picks that name by hashing how the
+hub tokenizer splits a test text (convert_hf_to_gguf.py, get_vocab_base_pre):
+Phi-4-mini's o200k vocabulary hashes as "gpt-4o"; Phi-4's cl100k vocabulary hashes
+exactly as DBRX's (both are cl100k_base without a BOS), so Phi-4 files say "dbrx".
+Those are the two we read (`GPT2_PRE_PATTERNS`); any other name is refused, named.
+CONTROL pieces (`<|end|>`, `<|im_end|>`) are special tokens matched whole; pieces
+marked UNUSED are the converter's "[PAD123]" fillers for embedding rows no token
+names, kept so that every id keeps its number.
+
 Only the reader's `fields` are used, so any object shaped like
 `gguf.GGUFReader` works; the `gguf` package itself is not imported here.
 """
@@ -48,6 +62,7 @@ Only the reader's `fields` are used, so any object shaped like
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
 from ..errors import MinislmError
+from ..tiktoken_bpe import CL100K_PATTERN, O200K_PATTERN, byte_level_tokenizer
 
 # llama.cpp's token types (enum llama_token_type / gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -63,6 +78,9 @@ HUB_RSTRIP = frozenset(
 
 SPACE_MARK = "▁"  # SentencePiece's word-start mark, U+2581
 
+# tokenizer.ggml.pre -> the split pattern of the hub tokenizer that name stands for.
+GPT2_PRE_PATTERNS = {"gpt-4o": O200K_PATTERN, "dbrx": CL100K_PATTERN}
+
 
 def tokenizer_from_gguf(reader) -> tuple[Tokenizer, dict]:
     """The tokenizer a GGUF file describes, and the tokenizer_config.json it implies.
@@ -74,10 +92,12 @@ def tokenizer_from_gguf(reader) -> tuple[Tokenizer, dict]:
     tokenizer model other than "llama" or for missing/inconsistent metadata.
     """
     kind = field(reader, "tokenizer.ggml.model")
-    if kind != "llama":
+    if kind not in ("llama", "gpt2"):
         raise MinislmError(
-            f"GGUF tokenizer.ggml.model is {kind!r}; minislm rebuilds only 'llama' (SentencePiece) vocabularies"
+            f"GGUF tokenizer.ggml.model is {kind!r}; minislm reads 'llama' (SentencePiece) and 'gpt2' (byte-level BPE) vocabularies"
         )
+    if kind == "gpt2":
+        return gpt2_tokenizer_from_gguf(reader)
     pieces = field(reader, "tokenizer.ggml.tokens")
     scores = field(reader, "tokenizer.ggml.scores")
     types = field(reader, "tokenizer.ggml.token_type")
@@ -87,6 +107,40 @@ def tokenizer_from_gguf(reader) -> tuple[Tokenizer, dict]:
         )
     config = tokenizer_config(reader, pieces)
     tokenizer = sentencepiece_bpe(pieces, scores, types)
+    if config["add_bos_token"] or config["add_eos_token"]:
+        tokenizer.post_processor = special_token_template(config, pieces)
+    return tokenizer, config
+
+
+def gpt2_tokenizer_from_gguf(reader) -> tuple[Tokenizer, dict]:
+    """A "gpt2" vocabulary: byte-level BPE with the pattern `tokenizer.ggml.pre` names."""
+    pre = field(reader, "tokenizer.ggml.pre", None)
+    if pre not in GPT2_PRE_PATTERNS:
+        raise MinislmError(
+            f"GGUF tokenizer.ggml.pre is {pre!r}; minislm reads the gpt2 vocabularies of Phi models only "
+            f"({', '.join(repr(p) for p in GPT2_PRE_PATTERNS)})"
+        )
+    pieces = field(reader, "tokenizer.ggml.tokens")
+    types = field(reader, "tokenizer.ggml.token_type")
+    merges = field(reader, "tokenizer.ggml.merges")
+    if len(pieces) != len(types):
+        raise MinislmError(f"GGUF tokenizer arrays disagree: {len(pieces)} tokens, {len(types)} token types")
+    pairs = []
+    for merge in merges:
+        left, space, right = merge.partition(" ")
+        if not space or not left or not right:
+            raise MinislmError(f"GGUF tokenizer.ggml.merges holds {merge[:40]!r}, not 'left right'")
+        pairs.append((left, right))
+    vocab = {}
+    for i, piece in enumerate(pieces):
+        vocab.setdefault(piece, i)
+    if len(vocab) != len(pieces):
+        raise MinislmError(f"GGUF tokenizer.ggml.tokens repeats {len(pieces) - len(vocab)} pieces; ids would shift")
+    config = tokenizer_config(reader, pieces)
+    tokenizer = byte_level_tokenizer(vocab, pairs, GPT2_PRE_PATTERNS[pre])
+    specials = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
+    tokenizer.add_tokens([added_token(pieces[i], types[i], rstrip=False) for i in specials])
+    config["clean_up_tokenization_spaces"] = False
     if config["add_bos_token"] or config["add_eos_token"]:
         tokenizer.post_processor = special_token_template(config, pieces)
     return tokenizer, config
@@ -136,7 +190,7 @@ def sentencepiece_merges(pieces: list[str], scores: list[float], types: list[int
     return [(left, right) for *_, left, right in candidates]
 
 
-def added_token(piece: str, token_type: int) -> AddedToken:
+def added_token(piece: str, token_type: int, rstrip: bool | None = None) -> AddedToken:
     """A piece matched whole in raw text, before the normalizer and BPE see it.
 
     CONTROL pieces (`<s>`, `<|end|>`) are special: `decode(skip_special_tokens=True)`
@@ -147,7 +201,7 @@ def added_token(piece: str, token_type: int) -> AddedToken:
         piece,
         special=token_type == CONTROL,
         normalized=False,
-        rstrip=piece in HUB_RSTRIP,
+        rstrip=piece in HUB_RSTRIP if rstrip is None else rstrip,
         lstrip=False,
         single_word=False,
     )
@@ -166,7 +220,7 @@ def tokenizer_config(reader, pieces: list[str]) -> dict:
 
     arch = field(reader, "general.architecture", None)
     config = {
-        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", True)),
+        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", field(reader, "tokenizer.ggml.model") == "llama")),
         "add_eos_token": bool(field(reader, "tokenizer.ggml.add_eos_token", False)),
         "bos_token": token("tokenizer.ggml.bos_token_id"),
         "eos_token": token("tokenizer.ggml.eos_token_id"),

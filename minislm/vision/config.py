@@ -21,7 +21,13 @@ do. preprocessor_config.json gives the default `num_crops`.
 from dataclasses import dataclass
 
 from ..errors import MinislmError
-from .image import CROP_SIZE, DEFAULT_NUM_CROPS, MAX_NUM_CROPS, TOKENS_PER_CROP
+
+# The crops' geometry, fixed by CLIP ViT-L/14-336 and the projector (minislm/vision/image.py cuts them).
+CROP_SIZE = 336  # CLIP ViT-L/14-336's input: 24 x 24 patches of 14 x 14 pixels
+TOKENS_PER_CROP = 144  # 24 x 24 patches merged 2 x 2 -> 12 x 12
+CELLS_PER_SIDE = 12  # each row of 12 merged cells ends with a separator token
+MAX_NUM_CROPS = 16
+DEFAULT_NUM_CROPS = 16  # Phi-3-vision's preprocessor_config.json; Phi-3.5-vision asks for 4 or 16
 
 CLIP_MODEL_NAME = "openai/clip-vit-large-patch14-336"
 # What the reference code accepts; anything else it refuses too.

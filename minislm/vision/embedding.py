@@ -20,8 +20,7 @@ import math
 import numpy as np
 from numba import vectorize
 
-from ..model import linear
-from ..trace import NO_TRACE
+from ..model import NO_TRACE, linear
 from .config import IMAGE_EMBED, VisionConfig
 from .image import CELLS_PER_SIDE, ProcessedImage
 from .tower import vision_tower

@@ -30,15 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MinislmError
+from .config import CELLS_PER_SIDE, CROP_SIZE, DEFAULT_NUM_CROPS, MAX_NUM_CROPS, TOKENS_PER_CROP  # noqa: F401
 
-CROP_SIZE = 336  # CLIP ViT-L/14-336's input: 24 x 24 patches of 14 x 14 pixels
 # OpenAI CLIP's per-channel statistics (R, G, B) of its training images.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-TOKENS_PER_CROP = 144  # 24 x 24 patches merged 2 x 2 -> 12 x 12
-CELLS_PER_SIDE = 12  # each row of 12 merged cells ends with a separator token
-MAX_NUM_CROPS = 16
-DEFAULT_NUM_CROPS = 16  # Phi-3-vision's preprocessor_config.json; Phi-3.5-vision asks for 4 or 16
 PADDING_COLOR = 255  # white
 BICUBIC_A = -0.75  # the cubic convolution kernel's free parameter, as in PyTorch (Keys uses -0.5)
 

@@ -88,7 +88,7 @@ def as_picture(image):
 def build_image_prompt(model, text: str, images, num_crops: int | None = None, trace=None) -> ImagePrompt:
     """Final prompt text (chat template already applied) and images (paths or Pillow
     images) -> ids with placeholders and the encoded images, in tag order."""
-    from ..trace import NO_TRACE
+    from ..model import NO_TRACE
     from .embedding import encode_image
     from .image import check_num_crops, process_image
 

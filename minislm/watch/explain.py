@@ -92,7 +92,7 @@ def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_f
     data = {
         "model": model.path.name if model.path else "model",
         "model_type": config.model_type,
-        "quant": model.quant.describe() if model.quant is not None else "float32",
+        "quant": model.weights_format.describe(),
         "config": {
             "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
             "kv_heads": config.num_key_value_heads, "head_dim": config.head_dim,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..model import norm
+from ..model import final_norm_name, norm
 from ..trace import Recorder
 from .inputs import for_picture, model_and_prompt, pieces, shown_path
 
@@ -24,7 +24,7 @@ from .inputs import for_picture, model_and_prompt, pieces, shown_path
 def lens_logits(model, stream: np.ndarray) -> np.ndarray:
     """(T, D) residual stream -> (T, V) logits: the model's final norm and lm_head,
     the same two functions its last layer's output goes through."""
-    return model.lm_head(norm(model.config, model.weights, "model.norm", stream))
+    return model.lm_head(norm(model.config, model.weights, final_norm_name(model.config), stream))
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:

@@ -74,9 +74,11 @@ def lens_figure(lens, labels: list[str]):
     return fig
 
 
-def attention_figure(probs: np.ndarray, heads: list[int], labels: list[str], layer: int):
+def attention_figure(probs: np.ndarray, heads: list[int], labels: list[str], layer: int, skipped=None):
     """One heatmap per head: row = query position, column = key position; the future
-    (right of the diagonal), which the causal mask hides, in grey."""
+    (right of the diagonal), which the causal mask hides, in grey. `skipped` (h, T, T):
+    keys a block-sparse layer (Phi-3-small) leaves out although they are in the past,
+    in orange; the title says how many there are."""
     n = len(heads)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -88,9 +90,16 @@ def attention_figure(probs: np.ndarray, heads: list[int], labels: list[str], lay
 
     cmap = colormaps["Blues"].with_extremes(bad="#e6e6e6")  # grey: keys after the query, masked
     future = np.triu(np.ones((T, T), dtype=bool), k=1)  # masked: after the query and exactly 0
-    for ax, head, p in zip(axes, heads, probs):
+    for n_head, (ax, head, p) in enumerate(zip(axes, heads, probs)):
         image = ax.imshow(np.ma.masked_array(p, future & (p == 0)), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"head {head}", fontsize=9)
+        title = f"head {head}"
+        if skipped is not None:
+            cells = skipped[n_head] & (p == 0)  # skipped, and so exactly 0
+            overlay = np.zeros((T, T, 4))
+            overlay[cells] = (1.0, 0.55, 0.1, 0.85)  # orange: left out by the block pattern
+            ax.imshow(overlay, interpolation="nearest")
+            title += f" ({int(cells.sum())} keys skipped)"
+        ax.set_title(title, fontsize=9)
         if n == 1 or T <= 24:
             label_tokens(ax, labels, "x")
             label_tokens(ax, labels, "y")
@@ -100,7 +109,8 @@ def attention_figure(probs: np.ndarray, heads: list[int], labels: list[str], lay
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.colorbar(image, ax=list(axes[:n]), label="attention probability", shrink=0.8)
-    fig.suptitle(f"layer {layer}: attention of each query (row) over the keys (columns)")
+    fig.suptitle(f"layer {layer}: attention of each query (row) over the keys (columns)"
+                 + ("; orange: keys the block-sparse pattern skips" if skipped is not None else ""))
     return fig
 
 

@@ -1,0 +1,386 @@
+"""The loaded model, and the one way it generates.
+
+`minislm.load(...)` returns a `Model`: the config, the weights, the tokenizer and
+generation_config.json, plus what the weights really are and the KV cache dtype
+that `load` chose for them. Its methods are the library's API: `logits`,
+`forward` through a cache, `generate`, `beam_search`, `image_prompt`. Every
+argument is checked here, once, at that boundary; minislm/model.py below it is the
+math and nothing else.
+
+The generation policy is the second half of this file, and the only one: the
+Python API, `python -m minislm generate` / `chat` and the server all call it, so the
+same ids with the same settings give the same tokens everywhere:
+
+    sampling_settings   the call's values first, then generation_config.json's when it
+                        asks for sampling (do_sample), else greedy; as transformers does
+    make_sampler        never picks an id the tokenizer has no piece for
+    stop_ids            generation_config.json's ids plus the tokenizer's own end token
+    generate_ids        the checked entry into the loop of minislm/generate.py
+    beam_search         the same ids and stops for minislm/beam.py
+    reuse_cached_prefix a cache that already holds the start of the prompt feeds only the rest
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .beam import BeamStats, Hypothesis
+from .beam import beam_search as run_beam_search
+from .cache import KVCache
+from .config import GenerationConfig, ModelConfig
+from .errors import MinislmError
+from .finite import check_logits
+from .generate import GenerationStats, check_context, generate_tokens
+from .kernels import Bf16Weight, Fp32Weight, Int4Weight, Int8Weight
+from .model import NO_TRACE, crosses_rope_switch, forward, lm_head
+from .sampling import Sampler, SamplingSettings
+
+
+@dataclass(frozen=True)
+class WeightsFormat:
+    """What a model's matrices really are, read from the weights themselves (a GGUF
+    Q4_K_M file is int4 g32 with an int8 g16 output layer, whatever was asked for).
+
+    `kinds` counts the matrices of each kind ("float32", "bf16", "int4 g32", ...),
+    most bytes first; `format`, `bits` and `group_size` describe the kind that holds
+    the most bytes.
+    """
+
+    kinds: tuple[tuple[str, int], ...]
+    format: str  # "float32", "bf16", "int4" or "int8"
+    bits: int
+    group_size: int | None
+    kv_cache: str
+
+    @classmethod
+    def of(cls, weights: dict, kv_cache: str) -> "WeightsFormat":
+        sizes, counts = {}, {}
+        for w in weights.values():
+            if getattr(w, "ndim", 2) != 2:
+                continue  # norm gains and biases: always float32 vectors
+            kind = matrix_kind(w)
+            sizes[kind] = sizes.get(kind, 0) + int(getattr(w, "nbytes", 0))
+            counts[kind] = counts.get(kind, 0) + 1
+        kinds = tuple((k, counts[k]) for k in sorted(sizes, key=lambda k: -sizes[k]))
+        main = kinds[0][0] if kinds else "float32"
+        name, _, group = main.partition(" g")
+        bits = {"float32": 32, "bf16": 16}.get(name) or (int(name[3:]) if name.startswith("int") else 0)
+        return cls(kinds, name, bits, int(group) if group else None, kv_cache)
+
+    def describe(self) -> str:
+        """e.g. 'int4 g32 (1 matrix int8 g32), KV cache float16'."""
+        main, rest = self.kinds[0][0] if self.kinds else "float32", self.kinds[1:]
+        others = ", ".join(f"{n} {'matrix' if n == 1 else 'matrices'} {k}" for k, n in rest)
+        return f"{main}{f' ({others})' if others else ''}, KV cache {self.kv_cache}"
+
+
+def matrix_kind(w) -> str:
+    """'float32', 'bf16', or 'int4 g32' / 'int8 g16' for minislm.kernels' packed weights;
+    any other object that multiplies itself is named by its class."""
+    if isinstance(w, (np.ndarray, Fp32Weight)):
+        return "float32"
+    if isinstance(w, Bf16Weight):
+        return "bf16"
+    if isinstance(w, (Int4Weight, Int8Weight)):
+        return f"int{w.BITS} g{w.group_size}"
+    return type(w).__name__
+
+
+class Model:
+    """A loaded checkpoint: config + weights + tokenizer (see `minislm.load`).
+
+    `kv_cache` is the cache dtype `load` decided for these weights (cache.DTYPES);
+    `weights_format` says what the weights are. `packing` is the QuantConfig minislm
+    packed them with (at load, or in the int4 folder it read), which `quantize` writes
+    down again; None for float weights and for files quantized by other tools.
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict, *, kv_cache: str, tokenizer=None,
+                 generation_config: GenerationConfig | None = None, path=None, packing=None):
+        self.config = config
+        self.weights = weights
+        self.kv_cache = kv_cache
+        self.weights_format = WeightsFormat.of(weights, kv_cache)
+        self.packing = packing
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids)
+        self.path = path
+
+    def new_cache(self, capacity: int, dtype: str | None = None) -> KVCache:
+        """An empty cache for `capacity` positions, in `dtype` or the model's `kv_cache`."""
+        return KVCache(self.config, capacity, dtype or self.kv_cache)
+
+    def check_ids(self, token_ids, image_features=None) -> np.ndarray:
+        """A 1-D sequence of integer ids as int64, each in [0, vocab_size) or, with
+        Phi-3-vision, negative (an image placeholder) with one row of `image_features`
+        each. Anything else is refused, not coerced: 2-D ids would be flattened, floats
+        truncated, bools read as ids 0 and 1."""
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1:
+            raise ValueError(f"token ids must be a 1-D sequence, got an array of shape {ids.shape}")
+        if ids.size == 0:
+            return ids.astype(np.int64)
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"token ids must be integers, got {ids.dtype}")
+        placeholders = int(np.count_nonzero(ids < 0))
+        if ids.max() >= self.config.vocab_size or (placeholders and image_features is None):
+            raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
+        if image_features is not None:
+            shape = (placeholders, self.config.hidden_size)
+            if self.config.vision is None:
+                raise MinislmError(f"{self.path}: a {self.config.model_type} model has no image encoder")
+            if np.shape(image_features) != shape:
+                raise MinislmError(f"image_features of shape {np.shape(image_features)} for {placeholders} placeholders; expected {shape}")
+        return ids.astype(np.int64)
+
+    def forward(self, token_ids, cache: KVCache, trace=None, image_features=None) -> np.ndarray:
+        """Hidden states (T, D) of new tokens appended to `cache`; `trace` an optional
+        `minislm.trace.Recorder`. Phi-3-vision: `image_features` (k, D) for the k image
+        placeholders (negative ids) among the tokens (see `image_prompt`).
+
+        The cache's owner decides what to do when the sequence crosses LongRoPE's switch
+        point: a full forward then rotates *every* position with the other factor set,
+        so the cached keys are stale. Re-rotating them is not enough: from layer 1 on,
+        the cached keys and values of earlier tokens were computed from attention
+        outputs that used the old rotation, and those change too. The only way to get
+        what a full forward gives is to run one, once, over all cached tokens plus the
+        new ones. transformers' generate() does the same (it drops its cache).
+        """
+        ids = self.check_ids(token_ids, image_features)
+        trace = NO_TRACE if trace is None else trace
+        if crosses_rope_switch(self.config, cache, len(ids)):
+            # the images of the cached tokens go in again, at the same positions
+            everything = np.concatenate([cache.tokens[: cache.length], ids])
+            features = cache.cached_image_features(image_features)
+            cache.truncate(0)
+            return forward(self.config, self.weights, everything, cache, trace, features)[-len(ids) :]
+        return forward(self.config, self.weights, ids, cache, trace, image_features)
+
+    def lm_head(self, hidden: np.ndarray, trace=None) -> np.ndarray:
+        return lm_head(self.config, self.weights, hidden, NO_TRACE if trace is None else trace)
+
+    def logits(self, token_ids, trace=None, image_features=None) -> np.ndarray:
+        """Full forward from an empty cache: float32 logits (T, vocab_size)."""
+        ids = self.check_ids(token_ids, image_features)
+        if ids.size == 0:
+            raise ValueError("logits() needs at least one token id")
+        if len(ids) > self.config.max_position_embeddings:
+            raise MinislmError(
+                f"logits() got {len(ids)} token ids; the model's context is {self.config.max_position_embeddings} "
+                "(max_position_embeddings)"
+            )
+        cache = self.new_cache(len(ids))
+        hidden = self.forward(ids, cache, trace, image_features)
+        logits = np.ascontiguousarray(self.lm_head(hidden, trace), dtype=np.float32)
+        check_logits(self, logits, ids)
+        return logits
+
+    def image_prompt(
+        self, prompt: str, images, num_crops: int | None = None, system: str | None = None, chat: bool = True, trace=None
+    ):
+        """Phi-3-vision: a prompt and its images (paths or Pillow images) -> a
+        `minislm.vision.prompt.ImagePrompt` (ids with placeholders + encoded images):
+
+            p = model.image_prompt("What is shown?", ["photo.png"])
+            for token in model.generate(p.ids, 100, image_features=p.features): ...
+
+        `<|image_k|>` tags mark where each image goes; without any, they all go first.
+        With `chat` the prompt is one user turn in the model's chat template.
+        `num_crops` (1..16) defaults to preprocessor_config.json's; a `trace` recorder
+        gets each image's views, patch features and tokens.
+        """
+        from .vision.prompt import build_image_prompt, with_image_tags
+
+        text = with_image_tags(prompt, len(images))
+        if chat and self.tokenizer.chat_template:
+            turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            text = self.tokenizer.render_chat(turns)
+        return build_image_prompt(self, text, list(images), num_crops, trace)
+
+    def generate(
+        self,
+        token_ids,
+        max_new_tokens: int,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        image_features=None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+    ) -> Iterator[int]:
+        """New token ids after `token_ids`, decided exactly as `python -m minislm generate`
+        and the server decide them (`generate_ids`): settings you leave out come from
+        generation_config.json when it asks for sampling (do_sample), else greedy; the
+        repetition penalty it asks for applies to greedy decoding too, as in transformers
+        (the shipped Shakespeare model asks for 1.2; pass repetition_penalty=1.0 for plain
+        argmax); ids the tokenizer cannot decode are never chosen; generation stops after
+        an end-of-sequence id of generation_config.json or the tokenizer.
+
+        Arguments are checked here, when called: a bad one raises now, not at the first
+        `next()`. Greedy and sampled ids stream: the iterator runs one cached forward
+        per id as you read it (one prefill first). Beam search (num_beams > 1) cannot
+        stream, since the best sequence is known only when the search ends: it runs
+        now, and the iterator holds the best hypothesis's ids (`beam_search` returns
+        several, with their scores). Phi-3-vision: `image_features` for the prompt's
+        image placeholders (`image_prompt`; greedy and sampling only).
+        """
+        if num_beams != 1:
+            if temperature not in (None, 0) or any(v is not None for v in (top_k, top_p, min_p, seed)):
+                raise ValueError("beam search is deterministic: temperature, top_k, top_p, min_p and seed are for sampling")
+            if image_features is not None:
+                raise ValueError("beam search does not take images yet: use greedy or sampling with image_features")
+            best = self.beam_search(token_ids, max_new_tokens, num_beams, length_penalty=length_penalty,
+                                    early_stopping=early_stopping, repetition_penalty=repetition_penalty)[0]
+            return iter(best.ids)
+        if length_penalty != 1.0 or early_stopping is not False:
+            raise ValueError("length_penalty and early_stopping are for beam search (num_beams > 1)")
+        settings = sampling_settings(self, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                     repetition_penalty=repetition_penalty)
+        return generate_ids(self, token_ids, max_new_tokens, make_sampler(self, settings, seed),
+                            image_features=image_features)
+
+    def beam_search(
+        self,
+        token_ids,
+        max_new_tokens: int,
+        num_beams: int,
+        *,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
+        repetition_penalty: float | None = None,
+    ) -> list[Hypothesis]:
+        """The `num_return_sequences` best hypotheses (`minislm.beam.Hypothesis`: ids and
+        score), best first, exactly as transformers' `generate(num_beams=num_beams,
+        do_sample=False)` ranks them; see minislm/beam.py for the rules."""
+        return beam_search(self, token_ids, max_new_tokens, num_beams, length_penalty=length_penalty,
+                           early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+                           repetition_penalty=repetition_penalty)
+
+
+# ---------------------------------------------------------------- the generation policy
+
+
+def sampling_settings(
+    model, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None
+) -> SamplingSettings:
+    """Values given (not None) first, then generation_config.json's defaults when it asks
+    for sampling, else greedy: what transformers' generate() does with the same files.
+    `top_k=0` means off. Each value is checked here (SamplingSettings), once."""
+    defaults = model.generation_config
+    sampled = defaults.do_sample
+
+    def pick(value, default, neutral):
+        if value is not None:
+            return value
+        return default if (sampled and default is not None) else neutral
+
+    return SamplingSettings(
+        temperature=pick(temperature, defaults.temperature if defaults.temperature is not None else 1.0, 0.0),
+        top_k=pick(top_k, defaults.top_k, 0) or None,
+        top_p=pick(top_p, defaults.top_p, 1.0),
+        min_p=pick(min_p, defaults.min_p, 0.0),
+        # a logits processor in transformers, so it applies to greedy decoding too
+        repetition_penalty=repetition_penalty if repetition_penalty is not None else (defaults.repetition_penalty or 1.0),
+    )
+
+
+def allowed_ids(model) -> int | None:
+    """Ids below this are ones the tokenizer can decode: Phi-3 pads its 32,011 real ids
+    to 32,064 embedding rows. None (every id) for a model loaded without a tokenizer."""
+    if model.tokenizer is None:
+        return None
+    return min(model.tokenizer.vocab_size, model.config.vocab_size)
+
+
+def make_sampler(model, settings: SamplingSettings, seed: int | None) -> Sampler:
+    """A sampler that never picks the padding ids past the tokenizer's vocabulary."""
+    return Sampler(settings, seed=seed, allowed_ids=allowed_ids(model))
+
+
+def stop_ids(model) -> set[int]:
+    """generation_config.json's ids plus the tokenizer's own end-of-sequence token."""
+    ids = set(model.generation_config.eos_token_ids)
+    if model.tokenizer is not None:
+        eos = model.tokenizer.special.get("eos_token")
+        if eos and model.tokenizer.token_id(eos) is not None:
+            ids.add(model.tokenizer.token_id(eos))
+    return ids
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def generate_ids(
+    model,
+    prompt_ids,
+    max_new_tokens: int,
+    sampler: Sampler,
+    *,
+    cache: KVCache | None = None,
+    history=None,
+    stats: GenerationStats | None = None,
+    trace=None,
+    image_features=None,
+) -> Iterator[int]:
+    """Up to `max_new_tokens` ids after `prompt_ids`, chosen by `sampler` (from
+    `make_sampler`); this is the one entry into the loop (minislm/generate.py) for the
+    library, the CLI and the server. A chat keeps one sampler, and so one random
+    generator, for all its turns.
+
+    With a `cache`, `prompt_ids` are the tokens after those it holds (`history`: all ids
+    so far, for the repetition penalty). Everything is checked now, before the
+    first forward.
+    """
+    check_max_new_tokens(max_new_tokens)
+    ids = model.check_ids(prompt_ids, image_features)
+    if ids.size == 0:
+        raise ValueError("generate() needs at least one token id")
+    check_context(len(ids), 0 if cache is None else cache.length, model.config.max_position_embeddings)
+    return generate_tokens(model, ids, max_new_tokens, sampler, stop_ids(model), cache=cache, history=history,
+                           stats=stats, trace=trace, image_features=image_features)
+
+
+def beam_search(
+    model,
+    token_ids,
+    max_new_tokens: int,
+    num_beams: int,
+    *,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    repetition_penalty: float | None = None,
+    stats: BeamStats | None = None,
+) -> list[Hypothesis]:
+    """minislm/beam.py with the policy's stop ids, allowed ids and repetition penalty."""
+    check_max_new_tokens(max_new_tokens)
+    penalty = sampling_settings(model, repetition_penalty=repetition_penalty).repetition_penalty
+    return run_beam_search(
+        model, token_ids, max_new_tokens, num_beams, stop_ids(model), length_penalty=length_penalty,
+        early_stopping=early_stopping, num_return_sequences=num_return_sequences, repetition_penalty=penalty,
+        allowed_ids=allowed_ids(model), stats=stats,
+    )
+
+
+def reuse_cached_prefix(cache: KVCache, ids, image_features=None) -> int:
+    """Keep the cached positions that begin `ids`, forget the rest; return how many were kept.
+
+    A chat turn (or a server request) that extends the previous conversation then feeds
+    only what is new, mostly the latest user message, through the model. At image
+    placeholders the images must be the same too (`KVCache.shared_prefix`). At least one
+    id is always left to feed, since the next token's logits come from its forward.
+    """
+    keep = min(cache.shared_prefix(ids, image_features), len(ids) - 1)
+    cache.truncate(keep)
+    return keep
