@@ -4,6 +4,15 @@ The order is transformers' order: repetition penalty, then temperature, then the
 filters top-k, top-p and min-p, then one draw. Temperature 0 means greedy
 (argmax), with no randomness at all. All randomness comes from one
 `numpy.random.Generator` made from the seed: same seed, same tokens.
+
+What the sampler promises whatever the numbers: it returns an id below
+`allowed_ids` (one the tokenizer can decode) whose probability is a real number
+above zero, or it raises. Floating point tries to break that twice. A tiny
+temperature (1e-310) or repetition penalty turns finite logits into infinities
+when divided, and inf - inf is NaN: such a setting is as cold as a temperature
+can be, so it acts as greedy, which is what the distribution tends to as the
+temperature goes to 0. And NaN logits (a damaged model) have no argmax and no
+softmax: they are refused rather than read as some id.
 """
 
 import math
@@ -72,15 +81,31 @@ class Sampler:
         self.allowed_ids = allowed_ids
 
     def __call__(self, logits: np.ndarray, previous_ids=()) -> int:
-        s = self.settings
         logits = np.array(logits, dtype=np.float64)  # (V,), a copy we may edit
+        if np.isnan(logits).any():
+            raise MinislmError(f"the logits hold NaN at ids {np.flatnonzero(np.isnan(logits))[:8].tolist()}: "
+                               "the model's weights or inputs are damaged")
         if self.allowed_ids is not None:
             logits[self.allowed_ids :] = -np.inf
+        if not (logits > -np.inf).any():
+            raise MinislmError("every id's logit is -inf (or beyond allowed_ids): there is nothing to sample")
+        with np.errstate(over="ignore"):  # overflows are handled here, not warned about
+            return self.pick(logits, previous_ids)
+
+    def pick(self, logits: np.ndarray, previous_ids) -> int:
+        """The steps in transformers' order, on logits already checked (no NaN) and masked."""
+        s = self.settings
         if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
-            logits = repetition_penalty(logits, previous_ids, s.repetition_penalty)
-        if s.temperature == 0:
-            return int(np.argmax(logits))
-        logits = logits / s.temperature
+            penalized = repetition_penalty(logits, previous_ids, s.repetition_penalty)
+            if not (penalized > -np.inf).any():  # every id overflowed to -inf: keep their order
+                return greedy(logits)
+            logits = penalized
+        if s.temperature == 0 or np.isposinf(logits).any():
+            return greedy(logits)
+        scaled = logits / s.temperature
+        if np.isinf(scaled[np.isfinite(logits)]).any():  # the temperature underflows: as cold as can be
+            return greedy(logits)
+        logits = scaled
         if s.top_k:
             logits = top_k_filter(logits, s.top_k)
         if s.top_p is not None and s.top_p < 1.0:
@@ -88,6 +113,12 @@ class Sampler:
         if s.min_p is not None and s.min_p > 0:
             logits = min_p_filter(logits, s.min_p)
         return draw(probabilities(logits), self.rng)
+
+
+def greedy(logits: np.ndarray) -> int:
+    """The most likely id; with several +inf logits (a repetition penalty near 0 can make
+    them), the first of those."""
+    return int(np.argmax(logits))
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -132,7 +163,16 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Inverse-CDF sampling: one uniform number, one search."""
+    """Inverse-CDF sampling: one uniform number, one search.
+
+    The id found is one whose probability is above zero: the search lands where the
+    cumulative sum steps up. Rounding can put the uniform number at the very end of
+    the sum; then the last id that has any probability is taken, never a zero one
+    past it (such as a padding id)."""
+    if not (np.isfinite(probs).all() and (probs >= 0).all() and probs.sum() > 0):
+        raise MinislmError("the sampler's probabilities are not a distribution (NaN, inf, negative or all zero)")
     cumulative = np.cumsum(probs)
     index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
-    return min(index, probs.size - 1)
+    if index >= probs.size or probs[index] == 0:
+        index = int(np.flatnonzero(probs)[-1])
+    return index

@@ -2,7 +2,10 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from minislm.errors import MinislmError
 from minislm.sampling import (
     Sampler,
     SamplingSettings,
@@ -143,3 +146,83 @@ def test_cli_flags_fall_back_to_generation_config_like_transformers():
     model.generation_config = replace(model.generation_config, do_sample=False)
     s = sampler_for(unset, model).settings
     assert (s.temperature, s.top_k, s.repetition_penalty) == (0.0, None, 1.1)
+
+
+# ---------------------------------------------------------------- floating point at the edges
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-300])
+def test_a_temperature_that_underflows_acts_as_greedy(temperature):
+    """logits / 1e-310 are infinities, and inf - inf is NaN: such a temperature is the
+    coldest there is, so it returns the argmax (1e-300 still divides finitely, into a
+    distribution with all its mass on the argmax)."""
+    logits = 5 * np.random.default_rng(0).normal(size=100)
+    logits[90:] = 50.0  # padding rows past the tokenizer, more likely than any real id
+    for seed in range(20):
+        sampler = Sampler(SamplingSettings(temperature=temperature, top_p=0.9), seed=seed, allowed_ids=90)
+        assert sampler(logits) == int(np.argmax(logits[:90]))
+
+
+def test_nan_logits_are_refused_greedy_or_sampled():
+    logits = np.zeros(10)
+    logits[3] = np.nan  # np.argmax would pick it, and the softmax would be NaN everywhere
+    for temperature in (0.0, 1.0):
+        with pytest.raises(MinislmError, match="NaN"):
+            Sampler(SamplingSettings(temperature=temperature), seed=0)(logits)
+
+
+def test_a_repetition_penalty_that_overflows_yields_no_nan():
+    """Dividing a positive logit by 1e-310 gives +inf; several +inf logits have no softmax,
+    so the first of them is the greedy choice. Multiplying negative ones by 1e308 gives
+    -inf for all: their order from before the penalty decides."""
+    logits = np.array([1.0, 2.0, -1.0, 0.5])
+    tiny = Sampler(SamplingSettings(temperature=1.0, repetition_penalty=1e-310), seed=0)
+    assert tiny(logits, previous_ids=[3, 0]) == 0
+    huge = Sampler(SamplingSettings(temperature=1.0, repetition_penalty=1e308), seed=0)
+    assert huge(-np.abs(logits), previous_ids=[0, 1, 2, 3]) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    logits=st.lists(st.floats(allow_nan=False), min_size=1, max_size=12),
+    allowed=st.integers(1, 12),
+    temperature=st.one_of(st.just(0.0), st.floats(5e-324, 1e300)),
+    penalty=st.one_of(st.none(), st.floats(5e-324, 1e308)),
+    top_k=st.integers(0, 5), top_p=st.floats(1e-9, 1.0), min_p=st.floats(0.0, 1.0), seed=st.integers(0, 100),
+    previous=st.lists(st.integers(0, 11), max_size=4),
+)
+def test_the_sampler_returns_an_allowed_id_that_had_a_chance_or_refuses(logits, allowed, temperature, penalty,
+                                                                     top_k, top_p, min_p, seed, previous):
+    """Whatever the numbers (infinities, huge and subnormal values, extreme settings):
+    an id below allowed_ids whose logit was not -inf; or, when no allowed id has one, a
+    one-line error."""
+    logits = np.array(logits)
+    previous = [i for i in previous if i < logits.size]
+    sampler = Sampler(SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repetition_penalty=penalty), seed=seed, allowed_ids=allowed)
+    if not (logits[:allowed] > -np.inf).any():
+        with pytest.raises(MinislmError, match="nothing to sample"):
+            sampler(logits, previous)
+        return
+    token = sampler(logits, previous)
+    assert 0 <= token < min(allowed, logits.size) and logits[token] > -np.inf
+
+
+def test_the_library_and_the_cli_sample_no_padding_at_a_tiny_temperature(capsys):
+    """Model.generate and `minislm generate` at temperature 1e-310 give the greedy text; before,
+    NaN probabilities made them pick the shipped model's last padding id, 4159, forever."""
+    import minislm
+    from minislm.cli import main
+    from minislm.load import BUNDLED_MODEL
+    from minislm.runtime import allowed_ids
+
+    model = minislm.load(BUNDLED_MODEL)
+    ids = model.tokenizer.encode("ROMEO:")
+    cold = [list(model.generate(ids, 12, temperature=1e-310, seed=seed)) for seed in (0, 1)]
+    assert cold[0] == cold[1] == list(model.generate(ids, 12))
+    assert max(cold[0]) < allowed_ids(model)
+    texts = []
+    for temp in ("1e-310", "0"):
+        assert main(["generate", "--no-chat-template", "-n", "12", "--temp", temp, "--seed", "5", "ROMEO:"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
