@@ -58,7 +58,6 @@ QUERY_TILE = 16
 # sum ~60x slower on x86.
 TINY = np.float32(np.finfo(np.float32).tiny)
 EXP_CUTOFF = np.float32(-87.33654)  # log(TINY)
-FORMATS = ("float32", "float16", "int8")
 # LLVM may reorder sums and fuse multiply-adds, but not assume "no NaN, no inf":
 # masked keys are -inf, and a NaN from a damaged weight must reach the logits.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
