@@ -15,6 +15,10 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
+from optional import BROWSER_VARIABLE, skip_or_fail
+
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -103,6 +107,18 @@ class Browser:
                 return value
             time.sleep(0.05)
         raise TimeoutError(f"page never satisfied: {script}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium for a test module, or a skip that says what to install (a
+    failure where CI sets MINISLM_REQUIRE_BROWSER=1). Import it into a test module."""
+    chromium, chromedriver = find_programs()
+    if chromium is None or chromedriver is None:
+        missing = " and ".join(n for n, p in (("chromium", chromium), ("chromedriver", chromedriver)) if p is None)
+        skip_or_fail(f"{missing} not found (apt-get install chromium chromium-driver)", BROWSER_VARIABLE)
+    with Browser(chromium, chromedriver) as b:
+        yield b
 
 
 def free_port() -> int:

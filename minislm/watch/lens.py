@@ -29,9 +29,15 @@ def lens_logits(model, stream: np.ndarray) -> np.ndarray:
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
     """softmax over the vocabulary in float64 (T, V)."""
+    return np.exp(log_probabilities(logits))
+
+
+def log_probabilities(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the vocabulary in float64 (T, V): exact where a probability
+    underflows, so entropies and KL divergences stay finite."""
     x = logits.astype(np.float64)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 @dataclass
@@ -49,6 +55,8 @@ class Lens:
     top_pieces: list[list[str]]  # (R, T) the tokenizer's piece of each top id
     logits: np.ndarray  # (T, V) the model's own logits (= the last row's)
     last_logits: np.ndarray  # (T, V) what the lens computed from the last layer's stream
+    entropy: np.ndarray  # (R, T) nats: how unsure each row's distribution is
+    kl_to_final: np.ndarray  # (R, T) nats: KL(final || row), what the row still lacks of the model's answer
 
 
 def logit_lens(model, ids: np.ndarray) -> Lens:
@@ -63,24 +71,29 @@ def lens_from_trace(model, ids: np.ndarray, trace: Recorder) -> Lens:
     logits = trace.get("logits")
     streams = [trace.get("embed")] + trace.per_layer("resid_post")
     rows = ["embed"] + [f"layer {i}" for i in range(len(streams) - 1)]
-    top_ids, top_probs, next_ranks, next_probs = [], [], [], []
+    top_ids, top_probs, next_ranks, next_probs, entropy, kl = [], [], [], [], [], []
     nxt = np.asarray(ids[1:])
     known = nxt >= 0  # an image placeholder (Phi-3-vision) has no id to rank: rank 0, probability 0
     nxt = np.where(known, nxt, 0)
     positions = np.arange(len(nxt))
+    final = log_probabilities(logits)  # (T, V)
     for stream in streams:
         row_logits = lens_logits(model, stream)  # (T, V)
-        p = probabilities(row_logits)
+        log_p = log_probabilities(row_logits)
+        p = np.exp(log_p)
         top = p.argmax(axis=-1)
         top_ids.append(top)
         top_probs.append(p[np.arange(len(ids)), top])
         actual = row_logits[positions, nxt][:, None]  # (T-1, 1)
         next_ranks.append(np.where(known, 1 + (row_logits[:-1] > actual).sum(axis=-1), 0))
         next_probs.append(np.where(known, p[positions, nxt], 0.0))
+        entropy.append(-(p * log_p).sum(axis=-1))
+        kl.append((np.exp(final) * (final - log_p)).sum(axis=-1))
     top_pieces = [pieces(model.tokenizer, row) for row in top_ids]
+    kl = np.maximum(np.array(kl), 0.0)  # >= 0 by definition; float64 sums may land at -1e-17 for equal rows
     return Lens(
         rows, np.array(top_ids), np.array(top_probs), np.array(next_ranks), np.array(next_probs), top_pieces,
-        logits, row_logits,
+        logits, row_logits, np.array(entropy), kl,
     )
 
 
