@@ -96,6 +96,21 @@ class Browser:
         """A real click through the browser's input pipeline (on an <option>, it selects it)."""
         self.call("POST", f"/session/{self.session}/element/{self.find(css)}/click", {})
 
+    def type(self, css: str, text: str, clear: bool = False) -> None:
+        """Keys typed into an element, as a user types them (WebDriver's Element Send Keys;
+        "\ue014" is the right arrow, which moves a focused slider one step)."""
+        element = self.find(css)
+        if clear:
+            self.call("POST", f"/session/{self.session}/element/{element}/clear", {})
+        self.call("POST", f"/session/{self.session}/element/{element}/value", {"text": text})
+
+    def screenshot(self, path) -> None:
+        """The visible part of the page, as a PNG file."""
+        import base64
+
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.call("GET", f"/session/{self.session}/screenshot")))
+
     def attribute(self, css: str, name: str) -> str | None:
         return self.call("GET", f"/session/{self.session}/element/{self.find(css)}/attribute/{name}")
 

@@ -71,30 +71,36 @@ def lens_from_trace(model, ids: np.ndarray, trace: Recorder) -> Lens:
     logits = trace.get("logits")
     streams = [trace.get("embed")] + trace.per_layer("resid_post")
     rows = ["embed"] + [f"layer {i}" for i in range(len(streams) - 1)]
-    top_ids, top_probs, next_ranks, next_probs, entropy, kl = [], [], [], [], [], []
-    nxt = np.asarray(ids[1:])
-    known = nxt >= 0  # an image placeholder (Phi-3-vision) has no id to rank: rank 0, probability 0
-    nxt = np.where(known, nxt, 0)
-    positions = np.arange(len(nxt))
+    nxt = np.append(np.asarray(ids[1:]), -1)  # the last position's next token is not known
     final = log_probabilities(logits)  # (T, V)
+    measured = []
     for stream in streams:
-        row_logits = lens_logits(model, stream)  # (T, V)
-        log_p = log_probabilities(row_logits)
-        p = np.exp(log_p)
-        top = p.argmax(axis=-1)
-        top_ids.append(top)
-        top_probs.append(p[np.arange(len(ids)), top])
-        actual = row_logits[positions, nxt][:, None]  # (T-1, 1)
-        next_ranks.append(np.where(known, 1 + (row_logits[:-1] > actual).sum(axis=-1), 0))
-        next_probs.append(np.where(known, p[positions, nxt], 0.0))
-        entropy.append(-(p * log_p).sum(axis=-1))
-        kl.append((np.exp(final) * (final - log_p)).sum(axis=-1))
+        row_logits = lens_logits(model, stream)  # (T, V); after the loop, the last layer's
+        measured.append(measures(log_probabilities(row_logits), final, nxt))
+    top_ids, top_probs, entropy, kl, next_ranks, next_probs = (np.array(m) for m in zip(*measured))
     top_pieces = [pieces(model.tokenizer, row) for row in top_ids]
-    kl = np.maximum(np.array(kl), 0.0)  # >= 0 by definition; float64 sums may land at -1e-17 for equal rows
     return Lens(
-        rows, np.array(top_ids), np.array(top_probs), np.array(next_ranks), np.array(next_probs), top_pieces,
-        logits, row_logits, np.array(entropy), kl,
+        rows, top_ids, top_probs, next_ranks[:, :-1], next_probs[:, :-1], top_pieces, logits, row_logits, entropy, kl,
     )
+
+
+def measures(log_p: np.ndarray, final: np.ndarray, next_ids: np.ndarray):
+    """What one lens row says at each position, from its log-probabilities (T, V) and the
+    model's own (final, (T, V)): the top id and its probability, the entropy (nats), the
+    KL divergence KL(final || row) (nats), and the rank (1 = top) and probability of
+    `next_ids` (T,), the token that really came next (rank 0 and probability 0 where it
+    is not known, -1, or is an image placeholder, < 0)."""
+    T = len(log_p)
+    p = np.exp(log_p)
+    top = p.argmax(axis=-1)
+    known = next_ids >= 0
+    nxt = np.where(known, next_ids, 0)
+    actual = log_p[np.arange(T), nxt][:, None]  # (T, 1); log-softmax keeps the logits' order
+    ranks = np.where(known, 1 + (log_p > actual).sum(axis=-1), 0)
+    entropy = -(p * log_p).sum(axis=-1, where=p > 0)
+    kl = (np.exp(final) * (final - log_p)).sum(axis=-1, where=final > -np.inf)
+    kl = np.maximum(kl, 0.0)  # >= 0 by definition; float64 sums may land at -1e-17 for equal rows
+    return top, p[np.arange(T), top], entropy, kl, ranks, np.where(known, p[np.arange(T), nxt], 0.0)
 
 
 def top_k(logits_row: np.ndarray, k: int) -> list[tuple[int, float]]:

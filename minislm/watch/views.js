@@ -204,13 +204,23 @@ function tokenList(box, tokens, pos, onPick) {
 // ---- the logit lens, with its measures
 
 const LENS_MEASURES = {
-  top: {title: "top token and its probability", value: (lens, r, t) => lens.top_probs[r][t], digits: 2},
-  entropy: {title: "entropy of the distribution (nats)", value: (lens, r, t) => lens.entropy[r][t], digits: 2},
-  kl: {title: "KL(final || this row), nats: what this row still lacks of the model's answer",
+  top: {name: "the top token", title: "top token and its probability", value: (lens, r, t) => lens.top_probs[r][t], digits: 2},
+  entropy: {name: "entropy", title: "entropy of the distribution (nats)", value: (lens, r, t) => lens.entropy[r][t], digits: 2},
+  kl: {name: "KL to the final distribution", title: "KL(final || this row), nats: what this row still lacks of the model's answer",
        value: (lens, r, t) => lens.kl_to_final[r][t], digits: 2},
-  rank: {title: "rank of the token that really comes next (1 = top)",
+  rank: {name: "rank of the next token", title: "rank of the token that really comes next (1 = top)",
          value: (lens, r, t) => (t < lens.next_ranks[r].length ? lens.next_ranks[r][t] : null), digits: 0},
 };
+
+function lensSection(box, onMeasure) {
+  // The lens's controls, legend, table and note (ids: measure, lens-legend, lens, lens-note).
+  const select = el("select", {id: "measure"});
+  for (const [key, m] of Object.entries(LENS_MEASURES)) select.append(new Option(m.name, key));
+  select.onchange = () => onMeasure(select.value);
+  box.append(el("div", {className: "controls"}, el("label", {}, "cells show ", select)),
+             el("div", {id: "lens-legend", className: "legend"}),
+             el("div", {className: "scroll"}, el("table", {id: "lens"})), el("p", {id: "lens-note", className: "note"}));
+}
 
 function lensScale(lens, measure) {
   // The darkest value of the colour bar: 1 for probabilities, else the largest value shown.

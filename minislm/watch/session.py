@@ -1,0 +1,297 @@
+"""One exploration: a prompt, the tokens generated after it one step at a time, and
+everything each forward pass computed, kept for the live page (`minislm explore`).
+
+A step is what `minislm generate` does for one token, through the same policy
+(runtime.make_sampler, the stop ids): the sampler's stages for the last logits, the
+id they choose, then one cached forward of that id. The difference is a recorder
+riding along: every forward (the prefill, each decode step, LongRoPE's re-prefill)
+writes what it computed at its positions into arrays that grow with the sequence,
+so the page can show any position without running the model again:
+
+    attention  (L, H, C, C)   each query's probabilities over the keys
+    q          (L, H, C, hd)  queries after RoPE, for the arithmetic view
+    heads      (L, C, H*hd)   what attention handed to o_proj (the kernel's output)
+    lens       (R, C) ...     the logit lens's measures of each position
+    routing    (L, C, 2)      PhiMoE's experts and weights
+    kv_error   (C, 2)         how far the cached keys/values are from the float32 ones
+
+C is the capacity, MAX_EXPLORE_TOKENS at most, so all of it is bounded from the start.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import MinislmError
+from ..runtime import make_sampler, sampling_settings, stop_ids
+from ..sampling import SamplingSettings, is_sampled, probabilities
+from ..trace import SummaryRecorder
+from .inputs import MAX_PICTURE_TOKENS, pieces
+from .lens import lens_logits, log_probabilities, measures
+
+MAX_EXPLORE_TOKENS = MAX_PICTURE_TOKENS  # prompt + generated tokens the page follows
+MAX_STEPS = 32  # tokens one "next N tokens" request may ask for
+TOP_CANDIDATES = 10  # next-token candidates kept per position
+SAMPLING_CANDIDATES = 12  # ids the sampling panel follows through its stages
+LENS_ROWS_PER_PASS = 128  # lens rows sent through lm_head together: one read of its weights
+KEPT = ("embed", "q", "k", "v", "attn_probs", "attn_heads", "resid_post", "experts", "expert_weights")
+
+
+class ViewRecorder(SummaryRecorder):
+    """Summarises every step (the step table) and keeps whole the few the page draws."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = {}  # (name, layer) -> a copy of the value
+
+    def record(self, name, value, layer=None):
+        super().record(name, value, layer)
+        if name in KEPT:
+            self.values[name, layer] = np.array(value)
+
+    def kept(self, name, layer=None) -> np.ndarray:
+        return self.values[name, layer]
+
+    @property
+    def positions(self) -> np.ndarray:
+        """The sequence positions of the forward (all of them after a LongRoPE re-prefill)."""
+        return self._positions
+
+
+@dataclass
+class Step:
+    """One "next token": what was chosen from what, and what the forward after it did."""
+
+    index: int
+    token: int
+    stages: list  # sampling.Stage, the distribution the token came from
+    forward_ms: float
+    reprefilled: bool  # LongRoPE: the forward ran the whole sequence again
+
+
+@dataclass
+class Exploration:
+    model: object
+    ids: np.ndarray  # (n,) the prompt, then every chosen id
+    prompt_length: int
+    settings: SamplingSettings
+    seed: int
+    capacity: int
+    cache: object = None
+    sampler: object = None
+    logits: np.ndarray | None = None  # (V,) the last position's, as generate computes them
+    steps: list = field(default_factory=list)
+    summaries: list = field(default_factory=list)  # the step table of the last forward
+    ended: str | None = None  # why no further step can be taken
+    forward_ms: float = 0.0
+
+
+def start(model, ids, settings: SamplingSettings, seed: int, kv_cache: str | None = None) -> Exploration:
+    """Prefill `ids` into a fresh cache and keep what the forward computed."""
+    ids = np.asarray(ids, dtype=np.int64)
+    capacity = min(MAX_EXPLORE_TOKENS, model.config.max_position_embeddings)
+    if len(ids) >= capacity:
+        raise MinislmError(f"the prompt is {len(ids)} tokens; the explorer follows at most {capacity} "
+                           "(prompt and generated tokens together), so leave room for one more")
+    run = Exploration(model, ids, len(ids), settings, seed, capacity)
+    run.cache = model.new_cache(capacity, kv_cache)
+    run.sampler = make_sampler(model, settings, seed)
+    allocate(run)
+    forward(run, ids)
+    return run
+
+
+def allocate(run: Exploration) -> None:
+    c, C = run.model.config, run.capacity
+    L, H, KV, hd = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    R = L + 1
+    run.attention = np.zeros((L, H, C, C), np.float32)
+    run.q = np.zeros((L, H, C, hd), np.float32)
+    run.heads = np.zeros((L, C, H * hd), np.float32)
+    run.lens = {name: np.zeros((R, C), dtype) for name, dtype in (
+        ("top_ids", np.int64), ("top_probs", np.float64), ("entropy", np.float64), ("kl_to_final", np.float64),
+        ("next_ranks", np.int64))}
+    run.next = [None] * C  # top candidates after each position
+    run.pending_lens = None  # (R, V) log-probabilities of the last position, to rank the next token when chosen
+    run.experts = np.zeros((L, C, 2), np.int64)
+    run.expert_weights = np.zeros((L, C, 2), np.float32)
+    run.kv_error = np.zeros((C, 2), np.float64)  # max |stored - computed| of keys, values per position
+
+
+def retune(run: Exploration, settings: SamplingSettings, seed: int) -> None:
+    """New settings for the next draws. The random generator carries on (the same seed
+    gives the same draws as `generate`); a new seed starts a new one."""
+    if seed != run.seed:
+        run.sampler = make_sampler(run.model, settings, seed)
+    elif settings != run.settings:
+        rng = run.sampler.rng
+        run.sampler = make_sampler(run.model, settings, seed)
+        run.sampler.rng = rng
+    run.settings, run.seed = settings, seed
+
+
+def step(run: Exploration) -> Step:
+    """One token, as `generate` chooses it, then one cached forward of it."""
+    if run.ended:
+        raise MinislmError(f"generation has ended ({run.ended}); type a new prompt")
+    history = [int(t) for t in run.ids if t >= 0]
+    stages = run.sampler.stages(run.logits, history)
+    token = run.sampler.choose(stages)
+    rank_pending(run, token)
+    run.ids = np.append(run.ids, token)
+    record = Step(len(run.steps), token, stages, 0.0, False)
+    run.steps.append(record)
+    if token in stop_ids(run.model):
+        run.ended = f"{run.model.tokenizer.token_piece(token)!r} is a stop id"
+        return record
+    if len(run.ids) >= run.capacity:
+        run.ended = f"the explorer follows {run.capacity} tokens"
+        return record
+    positions = forward(run, np.array([token]))
+    record.forward_ms = run.forward_ms
+    record.reprefilled = len(positions) > 1  # one new token, yet the forward ran from position 0
+    return record
+
+
+def forward(run: Exploration, new_ids: np.ndarray) -> np.ndarray:
+    """Run new tokens through the model after the cached ones, as `generate` does, and
+    keep what the recorder saw at the positions it saw (all of them after LongRoPE's
+    re-prefill); return those positions."""
+    model = run.model
+    recorder = ViewRecorder()
+    begin = time.perf_counter()
+    hidden = model.forward(new_ids, run.cache, recorder)
+    run.logits = model.lm_head(hidden[-1:])[0]  # (V,) exactly as generate_tokens computes them
+    run.forward_ms = 1000 * (time.perf_counter() - begin)
+    positions = recorder.positions
+    run.summaries = recorder.summaries
+    keep_attention(run, recorder, positions)
+    keep_lens(run, recorder, positions)
+    keep_kv_error(run, recorder, positions)
+    return positions
+
+
+def keep_attention(run: Exploration, recorder: ViewRecorder, positions: np.ndarray) -> None:
+    S = positions[-1] + 1
+    for layer in range(run.model.config.num_hidden_layers):
+        run.attention[layer][:, positions, :S] = recorder.kept("attn_probs", layer)
+        run.q[layer][:, positions] = recorder.kept("q", layer)
+        run.heads[layer][positions] = recorder.kept("attn_heads", layer)
+        if run.model.config.model_type == "phimoe":
+            run.experts[layer][positions] = recorder.kept("experts", layer)
+            run.expert_weights[layer][positions] = recorder.kept("expert_weights", layer)
+
+
+def keep_lens(run: Exploration, recorder: ViewRecorder, positions: np.ndarray) -> None:
+    """The lens of every stream at the forward's positions: the rows go through the final
+    norm and lm_head LENS_ROWS_PER_PASS at a time, so a decode step reads lm_head once."""
+    L = run.model.config.num_hidden_layers
+    streams = np.stack([recorder.kept("embed")] + [recorder.kept("resid_post", layer) for layer in range(L)])  # (R, T, D)
+    R, T, D = streams.shape
+    flat = streams.reshape(R * T, D)
+    log_p = np.concatenate([log_probabilities(lens_logits(run.model, flat[i : i + LENS_ROWS_PER_PASS]))
+                            for i in range(0, R * T, LENS_ROWS_PER_PASS)]).reshape(R, T, -1)  # (R, T, V)
+    next_ids = np.array([run.ids[t + 1] if t + 1 < len(run.ids) else -1 for t in positions])
+    for r in range(R):
+        top, top_p, entropy, kl, ranks, _ = measures(log_p[r], log_p[-1], next_ids)
+        for name, value in (("top_ids", top), ("top_probs", top_p), ("entropy", entropy), ("kl_to_final", kl),
+                            ("next_ranks", ranks)):
+            run.lens[name][r, positions] = value
+    final = np.exp(log_p[-1])  # (T, V)
+    best = np.argsort(-final, axis=-1, kind="stable")[:, :TOP_CANDIDATES]
+    for t, row, p in zip(positions, best, final):
+        run.next[t] = [(int(i), float(p[i])) for i in row]
+    run.pending_lens = log_p[:, -1]  # (R, V): ranks the token chosen after the last position
+
+
+def rank_pending(run: Exploration, token: int) -> None:
+    """The chosen token is the last position's real next token: its rank in each lens row."""
+    t = len(run.ids) - 1
+    log_p = run.pending_lens
+    run.lens["next_ranks"][:, t] = 1 + (log_p > log_p[:, token : token + 1]).sum(axis=-1)
+
+
+def keep_kv_error(run: Exploration, recorder: ViewRecorder, positions: np.ndarray) -> None:
+    """How far each position's stored keys and values are from the float32 ones the
+    forward computed: 0 in a float32 cache, rounding in float16, quantization in int8."""
+    error = np.zeros((len(positions), 2))
+    for layer in range(run.model.config.num_hidden_layers):
+        keys, values = run.cache.read(layer, positions[-1] + 1)  # (KV, S, hd), widened as attention reads them
+        for n, (stored, computed) in enumerate(((keys, recorder.kept("k", layer)), (values, recorder.kept("v", layer)))):
+            error[:, n] = np.maximum(error[:, n], np.abs(stored[:, positions] - computed).max(axis=(0, 2)))
+    run.kv_error[positions] = error
+
+
+# ---------------------------------------------------------------- what the page shows
+
+
+def sampling_view(run: Exploration, stages=None, chosen: int | None = None) -> dict:
+    """The distribution after each stage of the sampler, for a few candidate ids: the
+    most likely before any setting and after the last stage, which of them each stage
+    keeps, and how many ids survive it."""
+    if stages is None:
+        stages = run.sampler.stages(run.logits, [int(t) for t in run.ids if t >= 0])
+    first = probabilities(stages[0].logits)
+    last = probabilities(stages[-1].logits)
+    survivors = [int(i) for i in np.argsort(-last, kind="stable")[:SAMPLING_CANDIDATES] if last[i] > 0]
+    candidates = list(dict.fromkeys(survivors + [int(i) for i in np.argsort(-first, kind="stable")[:SAMPLING_CANDIDATES]]))
+    if chosen is not None and chosen not in candidates:
+        candidates.append(chosen)
+    candidates.sort(key=lambda i: (-last[i], -first[i]))
+    rows = []
+    for stage in stages:
+        p = probabilities(stage.logits)
+        rows.append({"name": stage.name, "survivors": int(np.count_nonzero(stage.logits > -np.inf)),
+                     "p": [round(float(p[i]), 6) for i in candidates],
+                     "kept": [bool(stage.logits[i] > -np.inf) for i in candidates]})
+    tokenizer = run.model.tokenizer
+    return {"candidates": [{"id": i, "piece": tokenizer.token_piece(i)} for i in candidates], "stages": rows,
+            "sampled": is_sampled(stages), "chosen": chosen}
+
+
+def kv_view(run: Exploration) -> dict:
+    """The cache as it fills: its size, what a decode step reads, the window, LongRoPE."""
+    config, cache = run.model.config, run.cache
+    S = cache.length
+    window = config.sliding_window
+    read = S + 1 if window is None else min(S + 1, window)  # the next query reads itself and these
+    rope = config.rope
+    weight_bytes = sum(int(getattr(w, "nbytes", 0)) for w in run.model.weights.values())
+    return {
+        "dtype": cache.dtype, "capacity": cache.capacity, "length": S,
+        "bytes_per_position": cache.bytes_per_position, "bytes": S * cache.bytes_per_position,
+        "next_step_reads": {"positions": read, "bytes": read * cache.bytes_per_position, "weights_bytes": weight_bytes},
+        "window": window, "left_attention": max(0, S + 1 - read),
+        "longrope": None if rope.kind != "longrope" else {
+            "switch_after": rope.original_max_position_embeddings, "long": bool(cache.rope_long),
+            "reprefills": [s.index for s in run.steps if s.reprefilled]},
+        "error": np.round(run.kv_error[:S], 6).tolist(),
+    }
+
+
+def lens_view(run: Exploration) -> dict:
+    n = len(run.ids)
+    known = min(n, run.cache.length)  # the last chosen id has not been through the model yet
+    L = run.model.config.num_hidden_layers
+    lens = {name: values[:, :known] for name, values in run.lens.items()}
+    ranks = lens["next_ranks"][:, : max(0, min(known, n - 1))]
+    return {
+        "rows": ["embed"] + [f"layer {i}" for i in range(L)],
+        "top_ids": lens["top_ids"].tolist(),
+        "top_pieces": [pieces(run.model.tokenizer, row) for row in lens["top_ids"]],
+        "top_probs": np.round(lens["top_probs"], 4).tolist(),
+        "entropy": np.round(lens["entropy"], 4).tolist(),
+        "kl_to_final": np.round(lens["kl_to_final"], 4).tolist(),
+        "next_ranks": ranks.tolist(),
+    }
+
+
+def settings_from(model, values: dict) -> tuple[SamplingSettings, int]:
+    """The page's sliders as settings, through the one policy (unset values: the model's
+    generation_config.json, as `generate` takes them)."""
+    seed = values.get("seed", 0)
+    settings = sampling_settings(model, temperature=values.get("temperature"), top_k=values.get("top_k"),
+                                 top_p=values.get("top_p"), min_p=values.get("min_p"),
+                                 repetition_penalty=values.get("repetition_penalty"))
+    return settings, seed
