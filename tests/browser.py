@@ -104,12 +104,13 @@ class Browser:
             self.call("POST", f"/session/{self.session}/element/{element}/clear", {})
         self.call("POST", f"/session/{self.session}/element/{element}/value", {"text": text})
 
-    def screenshot(self, path) -> None:
-        """The visible part of the page, as a PNG file."""
+    def screenshot(self, path, css: str | None = None) -> None:
+        """The visible part of the page, or one element of it, as a PNG file."""
         import base64
 
+        where = f"/element/{self.find(css)}" if css else ""
         with open(path, "wb") as f:
-            f.write(base64.b64decode(self.call("GET", f"/session/{self.session}/screenshot")))
+            f.write(base64.b64decode(self.call("GET", f"/session/{self.session}{where}/screenshot")))
 
     def attribute(self, css: str, name: str) -> str | None:
         return self.call("GET", f"/session/{self.session}/element/{self.find(css)}/attribute/{name}")

@@ -194,8 +194,16 @@ def test_the_views_are_what_a_full_forward_computes(explorer, shipped):
     assert np.allclose(state["lens"]["entropy"], lens.entropy, atol=1e-3)
     logits = shipped.logits(ids)
     assert [row[0]["id"] for row in state["next"]] == logits.argmax(-1).tolist()
-    steps = {(s["name"], s["layer"]): s["shape"] for s in state["steps"]}
-    assert steps[("q", 0)] == [8, 1, 32] and steps[("attn_probs", 5)] == [8, 1, S]  # the last forward: one token
+    steps = {(s["name"], s["layer"]): s for s in state["steps"]}  # the last forward (one token), layer 3
+    assert {layer for _, layer in steps} == {None, 3}
+    assert steps[("q", 3)]["shape"] == [8, 1, 32] and steps[("attn_probs", 3)]["shape"] == [8, 1, S]
+    assert steps[("attn_probs", 3)]["mean"] == pytest.approx(1 / S)  # each row sums to 1
+    names = [s["name"] for s in state["steps"]]
+    assert names[names.index("v") + 1] == "attn_probs"  # where the recorder would list it
+    other = post(explorer, "/api/attention", {"layer": 5})
+    assert {s["layer"] for s in other["steps"]} == {None, 5}
+    for head, b64 in enumerate(other["attention"]["maps"][0]):
+        assert np.abs(decode(b64, S, other["attention"]["layouts"][0]) - attention_maps(shipped, ids, 5)[head]).max() < 1e-4
 
 
 def test_the_kv_cache_view_counts_what_the_cache_holds(explorer, shipped):
@@ -234,7 +242,7 @@ def test_the_sliding_window_shows_positions_leaving_attention():
     S = run.cache.length
     assert S > window and kv["window"] == window
     assert kv["next_step_reads"]["positions"] == window and kv["left_attention"] == S + 1 - window
-    row = run.attention[0][:, S - 1, :S]  # the last query reads only the window
+    row = session.attention_rows(run, 0, [S - 1])[:, 0]  # the last query reads only the window
     assert (row[:, : S - window] == 0).all() and (row[:, S - window :] > 0).all()
 
 
@@ -248,7 +256,7 @@ def test_longrope_reprefills_at_the_switch_and_the_page_says_so():
     kv = session.kv_view(run)
     assert kv["longrope"] == {"switch_after": switch, "long": True, "reprefills": [2]}
     full = attention_maps(model, run.ids[: run.cache.length], layer=1)  # after it, a full forward's numbers
-    assert np.abs(run.attention[1][:, : run.cache.length, : run.cache.length] - full).max() < 1e-5
+    assert np.abs(session.attention_rows(run, 1, np.arange(run.cache.length)) - full).max() < 1e-5
 
 
 def test_the_arithmetic_is_q_dot_k_times_the_scale_then_the_softmax(explorer, shipped):
@@ -267,7 +275,7 @@ def test_the_arithmetic_is_q_dot_k_times_the_scale_then_the_softmax(explorer, sh
     p = np.exp(scores - scores.max())
     assert np.allclose(a["probabilities"], p / p.sum(), atol=ATOL_CACHED_VS_FULL)
     assert np.allclose(a["probabilities"], trace.get("attn_probs", 2)[5, 6], atol=ATOL_CACHED_VS_FULL)
-    assert np.allclose(a["recorded"], a["probabilities"], atol=ATOL_CACHED_VS_FULL)
+    assert np.allclose(a["library"], a["probabilities"], atol=ATOL_CACHED_VS_FULL)
     assert np.allclose(a["output"], trace.get("attn_heads", 2)[6, 5 * hd : 6 * hd], atol=1e-4)
     assert np.allclose(a["output"], a["kernel_output"], atol=1e-5)
     angles = 6 * (1.0 / shipped.config.rope.theta ** (np.arange(0, hd, 2) / hd))
@@ -283,7 +291,7 @@ def test_phi3_small_scales_by_its_mup_multiplier_not_one_over_root_d():
     a = arithmetic(run, 0, 1, 20)
     assert a["scale"] == pytest.approx(model.config.phi3small.attention_scale)
     assert a["scale"] != pytest.approx(model.config.head_dim ** -0.5)
-    assert np.allclose(a["probabilities"], a["recorded"], atol=ATOL_CACHED_VS_FULL)
+    assert np.allclose(a["probabilities"], a["library"], atol=ATOL_CACHED_VS_FULL)
 
 
 # ---------------------------------------------------------------- in a real browser

@@ -9,9 +9,10 @@
 The inputs are what the forward really used: the query the recorder kept from the
 forward that computed it, the keys and values as the cache stores them (widened from
 float16 or int8 the way the plain path reads them), and the mask from the model's own
-`attention_mask`. The page shows each line next to the number the model produced (the
-recorded probabilities, the kernel's output), and links each to the function that
-computes it, with line numbers read from the source so they cannot go stale.
+`attention_mask`. The page shows each line next to what the library computes (the
+probabilities of `model.attention_probabilities`, the output of the fast kernel in the
+forward), and links each to the function that computes it, with line numbers read
+from the source so they cannot go stale.
 """
 
 import inspect
@@ -23,6 +24,7 @@ from .. import model as spine
 from .. import sampling
 from ..blocksparse import is_dense_layer, token_mask
 from ..kernels import attention as kernel
+from .session import attention_rows
 
 def source_link(function) -> str:
     """'model.py#L220': where `function` starts, for the explorer's /source/ pages."""
@@ -68,7 +70,7 @@ def arithmetic(run, layer: int, head: int, query: int) -> dict:
                  "inv_freq": spine.rope_inv_freq(rope, long).astype(np.float64).tolist(), "long": long},
         "raw": raw.tolist(), "scale": float(scale), "scores": scores.tolist(),
         "allowed": allowed.tolist(), "probabilities": p.tolist(),
-        "recorded": run.attention[layer][head, query, :S].astype(np.float64).tolist(),
+        "library": attention_rows(run, layer, [query])[head, 0].astype(np.float64).tolist(),
         "output": out.tolist(),
         "kernel_output": run.heads[layer][query, head * config.head_dim : (head + 1) * config.head_dim].astype(np.float64).tolist(),
         "cache_dtype": cache.dtype,

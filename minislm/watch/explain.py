@@ -30,7 +30,7 @@ from ..runtime import allowed_ids
 from ..trace import Recorder, SummaryRecorder
 from .inputs import (check_reads_images, for_image_page, for_picture, model_and_prompt, parse_layers, pieces,
                      prompt_images, write_text)
-from .lens import lens_from_trace, probabilities
+from .lens import lens_from_trace, most_likely, probabilities
 from .steps import step_rows
 
 HERE = Path(__file__).parent
@@ -111,7 +111,7 @@ def lens_data(lens) -> dict:
 
 def next_data(tokenizer, final: np.ndarray, top_k: int) -> list[list[dict]]:
     """The top_k next-token candidates after each position, from (T, V) probabilities."""
-    best = np.argsort(-final, axis=-1, kind="stable")[:, :top_k]  # (T, k)
+    best = most_likely(final, top_k)  # (T, k)
     return [
         [{"id": int(i), "piece": tokenizer.token_piece(int(i)), "p": round(float(final[t, i]), 5)} for i in row]
         for t, row in enumerate(best)

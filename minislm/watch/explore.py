@@ -15,19 +15,20 @@ the work; this file is the HTTP side, kept small and strict:
 - bodies, text, steps, layers, heads and positions are bounded and checked, and every
   refusal is a 4xx with a JSON body, `serve`'s error shape (minislm/openai_api.py).
 
-One page, one exploration: requests take turns on one lock.
+One page, one exploration: requests take turns on one worker thread.
 """
 
 import sys
-import threading
 import time
 import traceback
 from argparse import Namespace
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..commands import load_model, set_threads
 from ..errors import MinislmError
 from ..openai_api import ApiError
 from ..runtime import sampling_settings
@@ -43,16 +44,25 @@ PAGE = HERE / "explore.html"
 MAX_BODY_BYTES = 64 * 1024  # a prompt of MAX_TEXT_CHARS and the settings, with room to spare
 MAX_TEXT_CHARS = 4000
 REQUEST_TIMEOUT_S = 30
+JSON, HTML = "application/json", "text/html; charset=utf-8"
 
 
 class ExploreServer(ThreadingHTTPServer):
-    """The listening socket and the one exploration the page drives."""
+    """The listening socket, the one exploration the page drives, and the one thread
+    that touches the model.
+
+    Connections get a thread each (a browser opens several), but every request's work
+    runs on `worker`, one at a time, in the order they came: Numba's thread pool and
+    the `--threads` setting belong to the thread that runs the kernels, so one thread
+    keeps them (a pool per connection thread would be made again for every request,
+    and two would spin against each other on a small machine).
+    """
 
     daemon_threads = True
 
-    def __init__(self, model, host: str = "127.0.0.1", port: int = 0, log=None):
+    def __init__(self, model, host: str = "127.0.0.1", port: int = 0, log=None, threads: int | None = None):
         self.model = model
-        self.lock = threading.Lock()
+        self.worker = ThreadPoolExecutor(1, "explore-model", initializer=set_threads, initargs=(threads,))
         self.run = None  # session.Exploration, once a prompt has been typed
         self.page = render(PAGE).encode()
         self.write_log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -67,6 +77,10 @@ class ExploreServer(ThreadingHTTPServer):
     def allowed_hosts(self) -> set[str]:
         port = self.server_address[1]
         return {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", self.host)}
+
+    def server_close(self):
+        super().server_close()
+        self.worker.shutdown(wait=False, cancel_futures=True)
 
 
 class ExploreHandler(BaseHTTPRequestHandler):
@@ -86,8 +100,8 @@ class ExploreHandler(BaseHTTPRequestHandler):
         try:
             self.check_host()
             body = self.read_json() if method == "POST" else None
-            with self.server.lock:
-                status = self.route(method, path, body)
+            status, data, kind = self.server.worker.submit(route, self.server, method, path, body).result()
+            self.send_bytes(status, data, kind)
         except ApiError as e:
             status = e.status
             self.send_json(e.status, e.body())
@@ -122,41 +136,43 @@ class ExploreHandler(BaseHTTPRequestHandler):
             raise ApiError(400, "the request body must be a JSON object")
         return body
 
-    def route(self, method: str, path: str, body) -> int:
-        if method == "GET" and path == "/":
-            return self.send_bytes(200, self.server.page, "text/html; charset=utf-8")
-        if method == "GET" and path.startswith("/source/"):
-            page = source_page(path[len("/source/") :])
-            if page is None:
-                raise ApiError(404, "no such source file here", code="not_found")
-            return self.send_bytes(200, page.encode(), "text/html; charset=utf-8")
-        routes = {("GET", "/api/model"): describe, ("POST", "/api/prompt"): new_prompt,
-                  ("POST", "/api/step"): next_tokens, ("POST", "/api/sampling"): resample,
-                  ("POST", "/api/attention"): attention_of_layer, ("POST", "/api/arithmetic"): arithmetic_of}
-        handler = routes.get((method, path))
-        if handler is None:
-            if any(p == path for _, p in routes):
-                raise ApiError(405, f"{method} is not allowed on {path}")
-            raise ApiError(404, f"no endpoint {path[:100]}; the page is at /", code="not_found")
-        return self.send_json(200, handler(self.server, body or {}))
+    def send_json(self, status: int, payload: dict) -> None:
+        self.send_bytes(status, json_bytes(payload), JSON)
 
-    def send_json(self, status: int, payload: dict) -> int:
-        return self.send_bytes(status, json_bytes(payload), "application/json")
-
-    def send_bytes(self, status: int, data: bytes, kind: str) -> int:
+    def send_bytes(self, status: int, data: bytes, kind: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.wfile.write(data)
-        return status
 
     def log_message(self, format, *args):
         """Silenced: `answer` logs one line per request."""
 
 
-# ---------------------------------------------------------------- the endpoints
+# ---------------------------------------------------------------- the endpoints, on the worker thread
+
+
+def route(server: ExploreServer, method: str, path: str, body) -> tuple[int, bytes, str]:
+    """(status, the answer's bytes, its Content-Type) of one request."""
+    if method == "GET" and path == "/":
+        return 200, server.page, HTML
+    if method == "GET" and path.startswith("/source/"):
+        page = source_page(path[len("/source/") :])
+        if page is None:
+            raise ApiError(404, "no such source file here", code="not_found")
+        return 200, page.encode(), HTML
+    routes = {("GET", "/api/model"): describe, ("POST", "/api/prompt"): new_prompt,
+              ("POST", "/api/step"): next_tokens, ("POST", "/api/sampling"): resample,
+              ("POST", "/api/attention"): attention_of_layer, ("POST", "/api/arithmetic"): arithmetic_of}
+    handler = routes.get((method, path))
+    if handler is None:
+        if any(p == path for _, p in routes):
+            raise ApiError(405, f"{method} is not allowed on {path}")
+        raise ApiError(404, f"no endpoint {path[:100]}; the page is at /", code="not_found")
+    return 200, json_bytes(handler(server, body or {})), JSON
+
 
 
 def describe(server: ExploreServer, body: dict) -> dict:
@@ -208,8 +224,10 @@ def resample(server: ExploreServer, body: dict) -> dict:
 
 
 def attention_of_layer(server: ExploreServer, body: dict) -> dict:
+    """Another layer: its attention maps and the last forward's steps in it."""
     run = current(server)
-    return {"attention": layer_attention(run, layer_of(server.model, body))}
+    layer = layer_of(server.model, body)
+    return {"attention": layer_attention(run, layer), "steps": step_rows(session.step_table(run, layer))}
 
 
 def arithmetic_of(server: ExploreServer, body: dict) -> dict:
@@ -269,7 +287,7 @@ def current(server: ExploreServer):
 
 def layer_attention(run, layer: int) -> dict:
     S = run.cache.length
-    return attention_data([run.attention[layer][:, :S, :S]], [layer])
+    return attention_data([session.attention_rows(run, layer, np.arange(S))], [layer])
 
 
 def state(run, layer: int) -> dict:
@@ -284,9 +302,8 @@ def state(run, layer: int) -> dict:
         "positions": S,
         "attention": layer_attention(run, layer),
         "lens": session.lens_view(run),
-        "next": [[{"id": i, "piece": tokenizer.token_piece(i), "p": round(p, 5)} for i, p in run.next[t]]
-                 for t in range(S)],
-        "steps": step_rows(run.summaries),
+        "next": [[{"id": i, "piece": piece, "p": round(p, 5)} for i, piece, p in run.next[t]] for t in range(S)],
+        "steps": step_rows(session.step_table(run, layer)),
         "forward_ms": round(run.forward_ms, 1),
         "routing": None if model.config.model_type != "phimoe" else {
             "experts": run.experts[:, :S].tolist(), "weights": np.round(run.expert_weights[:, :S], 4).tolist(),
@@ -304,11 +321,9 @@ def state(run, layer: int) -> dict:
 
 
 def run_explore(args) -> int:
-    from ..commands import load_model
-
     model = load_model(args)
     try:
-        server = ExploreServer(model, args.host, args.port)
+        server = ExploreServer(model, args.host, args.port, threads=args.threads)
     except OSError as e:
         raise MinislmError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
     if not is_loopback(args.host):

@@ -103,6 +103,15 @@ def measures(log_p: np.ndarray, final: np.ndarray, next_ids: np.ndarray):
     return top, p[np.arange(T), top], entropy, kl, ranks, np.where(known, p[np.arange(T), nxt], 0.0)
 
 
+def most_likely(p: np.ndarray, k: int) -> np.ndarray:
+    """(T, V) probabilities -> (T, k) ids, most likely first (ties: the smaller id first).
+    argpartition finds the k, so a long prompt's rows are never sorted whole."""
+    k = min(k, p.shape[-1])
+    best = np.argpartition(-p, k - 1, axis=-1)[:, :k]  # (T, k), unordered
+    order = np.lexsort((best, -np.take_along_axis(p, best, axis=-1)), axis=-1)
+    return np.take_along_axis(best, order, axis=-1)
+
+
 def top_k(logits_row: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The k most likely ids after one position, with their probabilities."""
     p = probabilities(logits_row[None, :])[0]

@@ -8,8 +8,8 @@ riding along: every forward (the prefill, each decode step, LongRoPE's re-prefil
 writes what it computed at its positions into arrays that grow with the sequence,
 so the page can show any position without running the model again:
 
-    attention  (L, H, C, C)   each query's probabilities over the keys
-    q          (L, H, C, hd)  queries after RoPE, for the arithmetic view
+    q          (L, H, C, hd)  queries after RoPE: with the cache, any attention row again
+                              (`attention_rows`), and the arithmetic view
     heads      (L, C, H*hd)   what attention handed to o_proj (the kernel's output)
     lens       (R, C) ...     the logit lens's measures of each position
     routing    (L, C, 2)      PhiMoE's experts and weights
@@ -26,29 +26,44 @@ import numpy as np
 from ..errors import MinislmError
 from ..runtime import make_sampler, sampling_settings, stop_ids
 from ..sampling import SamplingSettings, is_sampled, probabilities
-from ..trace import SummaryRecorder
+from .. import model as spine
+from ..blocksparse import is_dense_layer, token_mask
+from ..trace import STEPS, StepSummary, SummaryRecorder
 from .inputs import MAX_PICTURE_TOKENS, pieces
-from .lens import lens_logits, log_probabilities, measures
+from .lens import lens_logits, log_probabilities, measures, most_likely
 
 MAX_EXPLORE_TOKENS = MAX_PICTURE_TOKENS  # prompt + generated tokens the page follows
 MAX_STEPS = 32  # tokens one "next N tokens" request may ask for
 TOP_CANDIDATES = 10  # next-token candidates kept per position
 SAMPLING_CANDIDATES = 12  # ids the sampling panel follows through its stages
 LENS_ROWS_PER_PASS = 128  # lens rows sent through lm_head together: one read of its weights
-KEPT = ("embed", "q", "k", "v", "attn_probs", "attn_heads", "resid_post", "experts", "expert_weights")
+KEPT = ("embed", "q", "k", "v", "attn_heads", "resid_post", "experts", "expert_weights")
+SMALL = 1 << 16  # bytes: a value this small is kept and summarised only if its layer is shown
 
 
 class ViewRecorder(SummaryRecorder):
-    """Summarises every step (the step table) and keeps whole the few the page draws."""
+    """Keeps whole the few values the page draws, and what the step table needs of
+    every step: small values (a decode step's) as they are, summarised only for the
+    layer the page shows; larger ones (a prompt's) summarised at once.
+
+    It does not ask for the attention probabilities: the fast path never forms them,
+    and `attention_rows` computes any of them later from the kept queries and the cache,
+    as the recorder would have (model.record_attention_probabilities).
+    """
 
     def __init__(self):
-        super().__init__()
+        super().__init__(names=[name for name in STEPS if name != "attn_probs"])
         self.values = {}  # (name, layer) -> a copy of the value
+        self.table = []  # (name, layer, a StepSummary or a small value to summarise when asked)
 
     def record(self, name, value, layer=None):
-        super().record(name, value, layer)
+        value = np.asarray(value)
+        if not self.wants(name, layer, value.nbytes):
+            return
+        kept = value.copy() if value.nbytes <= SMALL or name in KEPT else None
+        self.table.append((name, layer, kept if value.nbytes <= SMALL else StepSummary.of(name, layer, 0, value)))
         if name in KEPT:
-            self.values[name, layer] = np.array(value)
+            self.values[name, layer] = kept
 
     def kept(self, name, layer=None) -> np.ndarray:
         return self.values[name, layer]
@@ -82,7 +97,7 @@ class Exploration:
     sampler: object = None
     logits: np.ndarray | None = None  # (V,) the last position's, as generate computes them
     steps: list = field(default_factory=list)
-    summaries: list = field(default_factory=list)  # the step table of the last forward
+    table: list = field(default_factory=list)  # the last forward's steps (ViewRecorder.table)
     ended: str | None = None  # why no further step can be taken
     forward_ms: float = 0.0
 
@@ -96,23 +111,37 @@ def start(model, ids, settings: SamplingSettings, seed: int, kv_cache: str | Non
                            "(prompt and generated tokens together), so leave room for one more")
     run = Exploration(model, ids, len(ids), settings, seed, capacity)
     run.cache = model.new_cache(capacity, kv_cache)
+    run.weight_bytes = weights_read_per_token(model)
     run.sampler = make_sampler(model, settings, seed)
     allocate(run)
     forward(run, ids)
     return run
 
 
+def weights_read_per_token(model) -> int:
+    """Bytes of weights one decode step reads: all of them, but for PhiMoE only the
+    experts a token uses (2 of E in each layer)."""
+    total = experts = 0
+    for name, w in model.weights.items():
+        size = int(getattr(w, "nbytes", 0))
+        total += size
+        experts += size if ".experts." in name else 0
+    config = model.config
+    unused = 1 - config.num_experts_per_tok / config.num_local_experts if config.model_type == "phimoe" else 0
+    return int(total - experts * unused)
+
+
 def allocate(run: Exploration) -> None:
     c, C = run.model.config, run.capacity
     L, H, KV, hd = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     R = L + 1
-    run.attention = np.zeros((L, H, C, C), np.float32)
     run.q = np.zeros((L, H, C, hd), np.float32)
     run.heads = np.zeros((L, C, H * hd), np.float32)
     run.lens = {name: np.zeros((R, C), dtype) for name, dtype in (
         ("top_ids", np.int64), ("top_probs", np.float64), ("entropy", np.float64), ("kl_to_final", np.float64),
         ("next_ranks", np.int64))}
-    run.next = [None] * C  # top candidates after each position
+    run.lens_pieces = np.empty((R, C), dtype=object)  # the tokenizer's piece of each top id
+    run.next = [None] * C  # (id, piece, probability) of the top candidates after each position
     run.pending_lens = None  # (R, V) log-probabilities of the last position, to rank the next token when chosen
     run.experts = np.zeros((L, C, 2), np.int64)
     run.expert_weights = np.zeros((L, C, 2), np.float32)
@@ -165,7 +194,7 @@ def forward(run: Exploration, new_ids: np.ndarray) -> np.ndarray:
     run.logits = model.lm_head(hidden[-1:])[0]  # (V,) exactly as generate_tokens computes them
     run.forward_ms = 1000 * (time.perf_counter() - begin)
     positions = recorder.positions
-    run.summaries = recorder.summaries
+    run.table, run.last_positions = recorder.table, positions
     keep_attention(run, recorder, positions)
     keep_lens(run, recorder, positions)
     keep_kv_error(run, recorder, positions)
@@ -173,9 +202,7 @@ def forward(run: Exploration, new_ids: np.ndarray) -> np.ndarray:
 
 
 def keep_attention(run: Exploration, recorder: ViewRecorder, positions: np.ndarray) -> None:
-    S = positions[-1] + 1
     for layer in range(run.model.config.num_hidden_layers):
-        run.attention[layer][:, positions, :S] = recorder.kept("attn_probs", layer)
         run.q[layer][:, positions] = recorder.kept("q", layer)
         run.heads[layer][positions] = recorder.kept("attn_heads", layer)
         if run.model.config.model_type == "phimoe":
@@ -193,15 +220,17 @@ def keep_lens(run: Exploration, recorder: ViewRecorder, positions: np.ndarray) -
     log_p = np.concatenate([log_probabilities(lens_logits(run.model, flat[i : i + LENS_ROWS_PER_PASS]))
                             for i in range(0, R * T, LENS_ROWS_PER_PASS)]).reshape(R, T, -1)  # (R, T, V)
     next_ids = np.array([run.ids[t + 1] if t + 1 < len(run.ids) else -1 for t in positions])
-    for r in range(R):
-        top, top_p, entropy, kl, ranks, _ = measures(log_p[r], log_p[-1], next_ids)
-        for name, value in (("top_ids", top), ("top_probs", top_p), ("entropy", entropy), ("kl_to_final", kl),
-                            ("next_ranks", ranks)):
-            run.lens[name][r, positions] = value
+    final = np.broadcast_to(log_p[-1], log_p.shape).reshape(R * T, -1)  # each row's position in the last row
+    measured = measures(log_p.reshape(R * T, -1), final, np.tile(next_ids, R))  # every row at once
+    for name, value in zip(("top_ids", "top_probs", "entropy", "kl_to_final", "next_ranks"), measured):
+        run.lens[name][:, positions] = value.reshape(R, T)
+    tokenizer = run.model.tokenizer
+    run.lens_pieces[:, positions] = np.array([pieces(tokenizer, row) for row in run.lens["top_ids"][:, positions]],
+                                             dtype=object).reshape(R, T)
     final = np.exp(log_p[-1])  # (T, V)
-    best = np.argsort(-final, axis=-1, kind="stable")[:, :TOP_CANDIDATES]
+    best = most_likely(final, TOP_CANDIDATES)  # (T, k)
     for t, row, p in zip(positions, best, final):
-        run.next[t] = [(int(i), float(p[i])) for i in row]
+        run.next[t] = [(int(i), tokenizer.token_piece(int(i)), float(p[i])) for i in row]
     run.pending_lens = log_p[:, -1]  # (R, V): ranks the token chosen after the last position
 
 
@@ -212,14 +241,48 @@ def rank_pending(run: Exploration, token: int) -> None:
     run.lens["next_ranks"][:, t] = 1 + (log_p > log_p[:, token : token + 1]).sum(axis=-1)
 
 
+def attention_rows(run: Exploration, layer: int, rows) -> np.ndarray:
+    """(H, len(rows), S) attention probabilities of the queries at `rows` over the S cached
+    keys: the plain definition (model.attention_probabilities) on the queries the forward
+    computed and the keys as the cache stores them, under the model's own mask. Keys
+    after a query are masked, so a row is what it was when its query was computed."""
+    config, cache = run.model.config, run.cache
+    S = cache.length
+    rows = np.asarray(rows)
+    keys, _ = cache.read(layer, S)  # (KV, S, hd), widened as attention reads them
+    G = config.num_attention_heads // config.num_key_value_heads
+    allowed = spine.attention_mask(rows, S, config.sliding_window)  # (T, S)
+    if config.phi3small is not None and not is_dense_layer(config, layer):
+        allowed = token_mask(config, rows, S)  # (H, T, S): each head's block pattern
+    heads = np.arange(config.num_attention_heads)
+    return spine.attention_probabilities(run.q[layer][:, rows], keys[heads // G], allowed, spine.attention_scale(config))
+
+
+def step_table(run: Exploration, layer: int) -> list:
+    """The last forward's steps for the model and one layer, as StepSummary rows,
+    attn_probs included (from `attention_rows`, where the step table would list it)."""
+    summaries = []
+    for name, l, value in run.table:
+        if l is None or l == layer:
+            summaries.append(value if isinstance(value, StepSummary) else StepSummary.of(name, l, 0, value))
+        if name == "v" and l == layer:
+            probs = attention_rows(run, layer, run.last_positions)
+            summaries.append(StepSummary.of("attn_probs", layer, 0, probs))
+    return summaries
+
+
 def keep_kv_error(run: Exploration, recorder: ViewRecorder, positions: np.ndarray) -> None:
     """How far each position's stored keys and values are from the float32 ones the
     forward computed: 0 in a float32 cache, rounding in float16, quantization in int8."""
     error = np.zeros((len(positions), 2))
     for layer in range(run.model.config.num_hidden_layers):
-        keys, values = run.cache.read(layer, positions[-1] + 1)  # (KV, S, hd), widened as attention reads them
-        for n, (stored, computed) in enumerate(((keys, recorder.kept("k", layer)), (values, recorder.kept("v", layer)))):
-            error[:, n] = np.maximum(error[:, n], np.abs(stored[:, positions] - computed).max(axis=(0, 2)))
+        storage = run.cache.layer(layer)
+        for n, (codes, scales, name) in enumerate(((storage.keys, storage.key_scales, "k"),
+                                                   (storage.values, storage.value_scales, "v"))):
+            stored = codes[:, positions].astype(np.float32)  # (KV, T, hd), widened as attention reads them
+            if scales is not None:
+                stored *= scales[:, positions, None]
+            error[:, n] = np.maximum(error[:, n], np.abs(stored - recorder.kept(name, layer)).max(axis=(0, 2)))
     run.kv_error[positions] = error
 
 
@@ -234,8 +297,8 @@ def sampling_view(run: Exploration, stages=None, chosen: int | None = None) -> d
         stages = run.sampler.stages(run.logits, [int(t) for t in run.ids if t >= 0])
     first = probabilities(stages[0].logits)
     last = probabilities(stages[-1].logits)
-    survivors = [int(i) for i in np.argsort(-last, kind="stable")[:SAMPLING_CANDIDATES] if last[i] > 0]
-    candidates = list(dict.fromkeys(survivors + [int(i) for i in np.argsort(-first, kind="stable")[:SAMPLING_CANDIDATES]]))
+    survivors = [int(i) for i in most_likely(last[None], SAMPLING_CANDIDATES)[0] if last[i] > 0]
+    candidates = list(dict.fromkeys(survivors + most_likely(first[None], SAMPLING_CANDIDATES)[0].tolist()))
     if chosen is not None and chosen not in candidates:
         candidates.append(chosen)
     candidates.sort(key=lambda i: (-last[i], -first[i]))
@@ -257,11 +320,10 @@ def kv_view(run: Exploration) -> dict:
     window = config.sliding_window
     read = S + 1 if window is None else min(S + 1, window)  # the next query reads itself and these
     rope = config.rope
-    weight_bytes = sum(int(getattr(w, "nbytes", 0)) for w in run.model.weights.values())
     return {
         "dtype": cache.dtype, "capacity": cache.capacity, "length": S,
         "bytes_per_position": cache.bytes_per_position, "bytes": S * cache.bytes_per_position,
-        "next_step_reads": {"positions": read, "bytes": read * cache.bytes_per_position, "weights_bytes": weight_bytes},
+        "next_step_reads": {"positions": read, "bytes": read * cache.bytes_per_position, "weights_bytes": run.weight_bytes},
         "window": window, "left_attention": max(0, S + 1 - read),
         "longrope": None if rope.kind != "longrope" else {
             "switch_after": rope.original_max_position_embeddings, "long": bool(cache.rope_long),
@@ -279,7 +341,7 @@ def lens_view(run: Exploration) -> dict:
     return {
         "rows": ["embed"] + [f"layer {i}" for i in range(L)],
         "top_ids": lens["top_ids"].tolist(),
-        "top_pieces": [pieces(run.model.tokenizer, row) for row in lens["top_ids"]],
+        "top_pieces": run.lens_pieces[:, :known].tolist(),
         "top_probs": np.round(lens["top_probs"], 4).tolist(),
         "entropy": np.round(lens["entropy"], 4).tolist(),
         "kl_to_final": np.round(lens["kl_to_final"], 4).tolist(),
