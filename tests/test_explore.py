@@ -278,8 +278,10 @@ def test_the_arithmetic_is_q_dot_k_times_the_scale_then_the_softmax(explorer, sh
     assert np.allclose(a["library"], a["probabilities"], atol=ATOL_CACHED_VS_FULL)
     assert np.allclose(a["output"], trace.get("attn_heads", 2)[6, 5 * hd : 6 * hd], atol=1e-4)
     assert np.allclose(a["output"], a["kernel_output"], atol=1e-5)
-    angles = 6 * (1.0 / shipped.config.rope.theta ** (np.arange(0, hd, 2) / hd))
-    assert np.allclose(a["rope"]["angles"], angles, rtol=1e-5)
+    inv_freq = 1.0 / shipped.config.rope.theta ** (np.arange(0, hd, 2) / hd)  # RoPE's formula, written here
+    assert np.allclose(a["rope"]["angles"], 6 * inv_freq, rtol=1e-5)
+    assert np.allclose(a["rope"]["key_angles"][3], 3 * inv_freq, rtol=1e-5)
+    assert np.allclose(a["k"], k, atol=1e-4)  # the cached keys of kv head 1 (query head 5 of 8, 2 kv heads)
     assert a["source"]["mask"].startswith("model.py#L")
 
 

@@ -46,7 +46,7 @@ from minislm.load import BUNDLED_MODEL
 from minislm.watch.explore import ExploreServer
 from minislm.watch.session import MAX_EXPLORE_TOKENS
 
-PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
+PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."  # 31 tokens
 
 
 class Client:
@@ -94,7 +94,7 @@ def interactions(client: Client, rounds: int, layers: int, goal: float) -> list[
 
 def shipped_part(args) -> None:
     model = minislm.load(BUNDLED_MODEL)
-    server = serving(model)
+    server = serving(model, args.threads)
     client = Client(server)
     layers = model.config.num_hidden_layers
     client.call("POST", "/api/prompt", {"text": PROMPT})  # warm: Numba's kernels, the tokenizer
@@ -121,6 +121,10 @@ def shipped_part(args) -> None:
     print(summary("next token", long_steps, args.goal_ms))
     for line in interactions(client, args.rounds, layers, args.goal_ms):
         print(line)
+    long_text = " ".join([PROMPT] * 4)  # 121 tokens
+    _, state = client.call("POST", "/api/prompt", {"text": long_text})
+    long_prompts = [client.call("POST", "/api/prompt", {"text": long_text})[0] for _ in range(args.rounds)]
+    print(summary(f"a prompt of {len(state['tokens'])} tokens", long_prompts, args.goal_ms))
     server.shutdown()
 
 

@@ -61,12 +61,13 @@ def arithmetic(run, layer: int, head: int, query: int) -> dict:
     e = np.exp(masked - masked.max())
     p = e / e.sum()
     out = p @ v  # (hd,)
-    angles = spine.rope_angles(rope, np.array([query]), long)[0, : rope.rotary_dim // 2]  # (d/2,) radians
+    angles = spine.rope_angles(rope, np.arange(S), long)[:, : rope.rotary_dim // 2]  # (S, d/2) radians, every position
     scales = rope.long_scale if long else rope.short_scale
     return {
         "layer": layer, "head": head, "kv_head": kv, "query": query, "keys": S, "head_dim": config.head_dim,
         "q": q.tolist(), "k": k.tolist(), "v": v.tolist(),
-        "rope": {"angles": angles.tolist(), "rotary_dim": rope.rotary_dim, "scale": float(scales),
+        "rope": {"angles": angles[query].tolist(), "key_angles": angles.tolist(), "rotary_dim": rope.rotary_dim,
+                 "scale": float(scales),
                  "inv_freq": spine.rope_inv_freq(rope, long).astype(np.float64).tolist(), "long": long},
         "raw": raw.tolist(), "scale": float(scale), "scores": scores.tolist(),
         "allowed": allowed.tolist(), "probabilities": p.tolist(),

@@ -85,22 +85,27 @@ def lens_from_trace(model, ids: np.ndarray, trace: Recorder) -> Lens:
 
 
 def measures(log_p: np.ndarray, final: np.ndarray, next_ids: np.ndarray):
-    """What one lens row says at each position, from its log-probabilities (T, V) and the
-    model's own (final, (T, V)): the top id and its probability, the entropy (nats), the
-    KL divergence KL(final || row) (nats), and the rank (1 = top) and probability of
+    """What lens rows say at each position, from their log-probabilities (..., T, V) and
+    the model's own (final, (T, V)): the top id and its probability, the entropy (nats),
+    the KL divergence KL(final || row) (nats), and the rank (1 = top) and probability of
     `next_ids` (T,), the token that really came next (rank 0 and probability 0 where it
-    is not known, -1, or is an image placeholder, < 0)."""
-    T = len(log_p)
+    is not known, -1, or is an image placeholder, < 0). Each result has the shape (..., T)."""
+    T = log_p.shape[-2]
     p = np.exp(log_p)
     top = p.argmax(axis=-1)
     known = next_ids >= 0
     nxt = np.where(known, next_ids, 0)
-    actual = log_p[np.arange(T), nxt][:, None]  # (T, 1); log-softmax keeps the logits' order
-    ranks = np.where(known, 1 + (log_p > actual).sum(axis=-1), 0)
-    entropy = -(p * log_p).sum(axis=-1, where=p > 0)
-    kl = (np.exp(final) * (final - log_p)).sum(axis=-1, where=final > -np.inf)
-    kl = np.maximum(kl, 0.0)  # >= 0 by definition; float64 sums may land at -1e-17 for equal rows
-    return top, p[np.arange(T), top], entropy, kl, ranks, np.where(known, p[np.arange(T), nxt], 0.0)
+    at = (np.arange(T), nxt)
+    actual = log_p[..., at[0], at[1]]  # (..., T); log-softmax keeps the logits' order
+    ranks = np.where(known, 1 + np.count_nonzero(log_p > actual[..., None], axis=-1), 0)
+    finite = np.maximum(log_p, np.finfo(np.float64).min)  # 0 * log 0 counts as 0, not NaN
+    final_p, final_finite = np.exp(final), np.maximum(final, np.finfo(np.float64).min)
+    entropy = -np.einsum("...v,...v->...", p, finite)
+    # KL(final || row) = sum final_p * final - sum final_p * row, one pass over the rows
+    kl = np.einsum("tv,tv->t", final_p, final_finite) - np.einsum("tv,...tv->...t", final_p, finite)
+    kl = np.maximum(kl, 0.0)  # >= 0 by definition; rounding may land at -1e-16 for equal rows
+    top_p = np.take_along_axis(p, top[..., None], axis=-1)[..., 0]
+    return top, top_p, entropy, kl, ranks, np.where(known, p[..., at[0], at[1]], 0.0)
 
 
 def most_likely(p: np.ndarray, k: int) -> np.ndarray:

@@ -220,10 +220,9 @@ def keep_lens(run: Exploration, recorder: ViewRecorder, positions: np.ndarray) -
     log_p = np.concatenate([log_probabilities(lens_logits(run.model, flat[i : i + LENS_ROWS_PER_PASS]))
                             for i in range(0, R * T, LENS_ROWS_PER_PASS)]).reshape(R, T, -1)  # (R, T, V)
     next_ids = np.array([run.ids[t + 1] if t + 1 < len(run.ids) else -1 for t in positions])
-    final = np.broadcast_to(log_p[-1], log_p.shape).reshape(R * T, -1)  # each row's position in the last row
-    measured = measures(log_p.reshape(R * T, -1), final, np.tile(next_ids, R))  # every row at once
+    measured = measures(log_p, log_p[-1], next_ids)  # every row at once, (R, T) each
     for name, value in zip(("top_ids", "top_probs", "entropy", "kl_to_final", "next_ranks"), measured):
-        run.lens[name][:, positions] = value.reshape(R, T)
+        run.lens[name][:, positions] = value
     tokenizer = run.model.tokenizer
     run.lens_pieces[:, positions] = np.array([pieces(tokenizer, row) for row in run.lens["top_ids"][:, positions]],
                                              dtype=object).reshape(R, T)
