@@ -17,7 +17,7 @@ import pytest
 import minislm
 from browser import browser  # noqa: F401  (the fixture)
 from conftest import FIXTURES
-from minislm.cli import build_parser
+from minislm.cli import build_parser, main
 from minislm.load import BUNDLED_MODEL
 from minislm.runtime import make_sampler, sampling_settings
 from minislm.sampling import probabilities
@@ -99,6 +99,14 @@ def test_bad_requests_get_a_4xx_with_a_json_error(explorer, method, path, body, 
     got, response_headers, payload = raw(explorer, method, path, body, headers)
     assert got == status and response_headers["Content-Type"] == "application/json"
     assert isinstance(payload["error"]["message"], str) and payload["error"]["message"]
+
+
+def test_explore_refuses_an_image_for_a_model_that_cannot_read_one(capsys):
+    from conftest import PHI3_V_FIXTURE
+
+    assert main(["explore", "--image", str(PHI3_V_FIXTURE / "landscape.png")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read images" in err and err.count("\n") == 1
 
 
 def test_a_step_before_any_prompt_is_a_conflict(shipped):
@@ -362,3 +370,22 @@ def test_a_learner_types_steps_moves_the_sliders_and_opens_the_arithmetic(browse
     act(browser, lambda: browser.click("#next"))
     chosen = int(browser.run("return document.getElementById('last-pick').dataset.token"))
     assert stages[-1].logits[chosen] > -np.inf
+
+
+def test_phi3_vision_explores_a_prompt_with_the_image_given_at_start(phi3_v_dir):
+    from conftest import PHI3_V_FIXTURE
+    from minislm.commands import open_images
+
+    model = minislm.load(phi3_v_dir)
+    pictures = open_images([PHI3_V_FIXTURE / "landscape.png"])
+    server = ExploreServer(model, log=lambda line: None, pictures=pictures, num_crops=1)
+    with threaded(server):
+        post(server, "/api/prompt", {"text": "What is shown?"})
+        state = post(server, "/api/step", {"n": 3})
+    prompt = model.image_prompt("What is shown?", pictures, num_crops=1, chat=False)
+    ids = [t["id"] for t in state["tokens"]]
+    assert ids[: len(prompt.ids)] == prompt.ids.tolist() and ids.count(-1) == 313  # the image's 313 positions
+    assert ids[len(prompt.ids):] == list(model.generate(prompt.ids, 3, image_features=prompt.features))
+    (image,) = state["images"]
+    assert (image["tokens"], len(image["views"])) == (313, 2)
+    assert state["lens"]["next_ranks"][0][image["first"] - 1] == 0  # no id to rank before an image token

@@ -80,6 +80,7 @@ def add_explore_flags(explore: argparse.ArgumentParser) -> None:
     add_quant_flags(explore)
     explore.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     explore.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free port, printed)")
+    add_image_flags(explore)
 
 
 def add_image_flags(p: argparse.ArgumentParser) -> None:

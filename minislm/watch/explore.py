@@ -8,8 +8,9 @@ attention's arithmetic for any query and head. session.py holds the state and do
 the work; this file is the HTTP side, kept small and strict:
 
 - it listens on 127.0.0.1 unless told otherwise, on a free port it prints;
-- the model is the one named at start: no request names a file (the only files it
-  serves are the page and the few source files its links point into, by fixed name);
+- the model (and, for Phi-3-vision, the images) are the ones named at start: no
+  request names a file (the only files it serves are the page and the few source
+  files its links point into, by fixed name);
 - requests that come through a name other than this machine's (a DNS-rebinding page
   in another tab) are refused;
 - bodies, text, steps, layers, heads and positions are bounded and checked, and every
@@ -36,8 +37,8 @@ from ..serve import is_loopback, json_bytes, parse_json
 from . import session
 from ..sampling import Sampler
 from .arithmetic import arithmetic, source_link, source_page
-from .explain import HERE, attention_data, model_data, render
-from .inputs import encode_prompt, pieces
+from .explain import HERE, attention_data, image_data, model_data, render
+from .inputs import check_reads_images, encode_prompt, pieces, prompt_images
 from .steps import step_rows
 
 PAGE = HERE / "explore.html"
@@ -60,8 +61,10 @@ class ExploreServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, model, host: str = "127.0.0.1", port: int = 0, log=None, threads: int | None = None):
+    def __init__(self, model, host: str = "127.0.0.1", port: int = 0, log=None, threads: int | None = None,
+                 pictures=(), num_crops: int | None = None):
         self.model = model
+        self.pictures, self.num_crops = list(pictures), num_crops  # Phi-3-vision: --image, fixed at start
         self.worker = ThreadPoolExecutor(1, "explore-model", initializer=set_threads, initargs=(threads,))
         self.run = None  # session.Exploration, once a prompt has been typed
         self.page = render(PAGE).encode()
@@ -197,10 +200,16 @@ def new_prompt(server: ExploreServer, body: dict) -> dict:
     model = server.model
     if chat and not model.tokenizer.chat_template:
         raise ApiError(400, "chat: this model has no chat template", param="chat")
-    ids = encode_prompt(model.tokenizer, Namespace(prompt=text, chat=chat, system=None, no_bos=False), model.path)
     settings, seed = settings_of(model, body)
-    server.run = session.start(model, ids, settings, seed)
-    return state(server.run, layer_of(model, body))
+    layer = layer_of(model, body)
+    if server.pictures:  # Phi-3-vision: the images given at start, with every prompt
+        prompt = model.image_prompt(text, server.pictures, server.num_crops, chat=chat)
+        server.run = session.start(model, prompt.ids, settings, seed, image_features=prompt.features)
+        server.run.images = image_data(prompt.ids, prompt.images)
+    else:
+        ids = encode_prompt(model.tokenizer, Namespace(prompt=text, chat=chat, system=None, no_bos=False), model.path)
+        server.run = session.start(model, ids, settings, seed)
+    return state(server.run, layer)
 
 
 def next_tokens(server: ExploreServer, body: dict) -> dict:
@@ -314,6 +323,7 @@ def state(run, layer: int) -> dict:
         "history": [{"index": s.index, "token": s.token, "piece": tokenizer.token_piece(s.token),
                      "forward_ms": round(s.forward_ms, 1), "reprefilled": s.reprefilled} for s in run.steps],
         "ended": run.ended,
+        "images": run.images or None,
     }
 
 
@@ -321,9 +331,12 @@ def state(run, layer: int) -> dict:
 
 
 def run_explore(args) -> int:
+    pictures = prompt_images(args)
     model = load_model(args)
+    check_reads_images(model, pictures)
     try:
-        server = ExploreServer(model, args.host, args.port, threads=args.threads)
+        server = ExploreServer(model, args.host, args.port, threads=args.threads, pictures=pictures,
+                               num_crops=args.num_crops)
     except OSError as e:
         raise MinislmError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
     if not is_loopback(args.host):

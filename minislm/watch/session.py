@@ -62,6 +62,8 @@ class ViewRecorder(SummaryRecorder):
             return
         kept = value.copy() if value.nbytes <= SMALL or name in KEPT else None
         self.table.append((name, layer, kept if value.nbytes <= SMALL else StepSummary.of(name, layer, 0, value)))
+        if kept is not None:
+            self.nbytes += value.nbytes  # the recorder's budget (max_bytes) counts what is kept whole
         if name in KEPT:
             self.values[name, layer] = kept
 
@@ -99,22 +101,27 @@ class Exploration:
     steps: list = field(default_factory=list)
     table: list = field(default_factory=list)  # the last forward's steps (ViewRecorder.table)
     ended: str | None = None  # why no further step can be taken
+    images: list | None = None  # Phi-3-vision: explain.image_data of the prompt's images
     forward_ms: float = 0.0
 
 
-def start(model, ids, settings: SamplingSettings, seed: int, kv_cache: str | None = None) -> Exploration:
-    """Prefill `ids` into a fresh cache and keep what the forward computed."""
+def start(model, ids, settings: SamplingSettings, seed: int, kv_cache: str | None = None,
+          image_features: np.ndarray | None = None) -> Exploration:
+    """Prefill `ids` into a fresh cache and keep what the forward computed. Phi-3-vision:
+    `ids` may hold image placeholders, filled by `image_features`; the page follows
+    MAX_EXPLORE_TOKENS text tokens, and the image tokens besides."""
     ids = np.asarray(ids, dtype=np.int64)
-    capacity = min(MAX_EXPLORE_TOKENS, model.config.max_position_embeddings)
+    images = int(np.count_nonzero(ids < 0))
+    capacity = min(MAX_EXPLORE_TOKENS + images, model.config.max_position_embeddings)
     if len(ids) >= capacity:
-        raise MinislmError(f"the prompt is {len(ids)} tokens; the explorer follows at most {capacity} "
-                           "(prompt and generated tokens together), so leave room for one more")
+        raise MinislmError(f"the prompt is {len(ids) - images} tokens; the explorer follows at most "
+                           f"{capacity - images} (prompt and generated tokens together), so leave room for one more")
     run = Exploration(model, ids, len(ids), settings, seed, capacity)
     run.cache = model.new_cache(capacity, kv_cache)
     run.weight_bytes = weights_read_per_token(model)
     run.sampler = make_sampler(model, settings, seed)
     allocate(run)
-    forward(run, ids)
+    forward(run, ids, image_features)
     return run
 
 
@@ -183,14 +190,14 @@ def step(run: Exploration) -> Step:
     return record
 
 
-def forward(run: Exploration, new_ids: np.ndarray) -> np.ndarray:
+def forward(run: Exploration, new_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
     """Run new tokens through the model after the cached ones, as `generate` does, and
     keep what the recorder saw at the positions it saw (all of them after LongRoPE's
     re-prefill); return those positions."""
     model = run.model
     recorder = ViewRecorder()
     begin = time.perf_counter()
-    hidden = model.forward(new_ids, run.cache, recorder)
+    hidden = model.forward(new_ids, run.cache, recorder, image_features)
     run.logits = model.lm_head(hidden[-1:])[0]  # (V,) exactly as generate_tokens computes them
     run.forward_ms = 1000 * (time.perf_counter() - begin)
     positions = recorder.positions
