@@ -13,7 +13,8 @@ the page drives it (a fresh connection a request, JSON in and out): the page its
 a prompt, one "next token", a slider moved (the sampling panel again), another layer's
 attention, the arithmetic view. Timed end to end, client side, at a short sequence
 (the prompt below) and again after stepping to near the page's 128-token limit, where
-every view is largest. Median and worst of --rounds each.
+every view is largest. Best, median and worst of --rounds each (an interaction meets
+the goal when its worst does; on a busy machine the best is the closest to a quiet one).
 
 mini: the random checkpoint with Phi-3-mini's exact shapes that `python -m minislm
 bench` writes into --cache-dir (phi3-mini-4k-f16/), loaded as int4 at load (group 32,
@@ -75,9 +76,11 @@ def serving(model, threads=None):
 
 
 def summary(name: str, times: list[float], goal: float | None = None) -> str:
+    """Best, median and worst: on a busy machine the best is the closest to a quiet one."""
     worst = max(times)
     verdict = "" if goal is None else ("  ok" if worst < goal else f"  OVER {goal:.0f} ms")
-    return f"  {name:<34} median {statistics.median(times):7.1f} ms   worst {worst:7.1f} ms{verdict}"
+    return (f"  {name:<38} best {min(times):7.1f}   median {statistics.median(times):7.1f}   "
+            f"worst {worst:7.1f} ms{verdict}")
 
 
 def interactions(client: Client, rounds: int, layers: int, goal: float) -> list[str]:
@@ -172,12 +175,13 @@ def mini_part(args) -> None:
             explored.append(ms)
             forwards.append(state["forward_ms"])
         extra = statistics.median(explored) - statistics.median(plain)
+        best = min(explored) - min(plain)
         print(f"  {args.rounds} rounds from {len(ids) + args.warmup} to {len(state['tokens'])} tokens, interleaved:")
         print(summary("a plain decode step", plain))
         print(summary("the explorer's forward (in its step)", forwards))
         print(summary("next token (the whole request)", explored))
-        print(f"  next token costs one decode step + {extra:.0f} ms (medians; goal < {args.mini_goal_ms:.0f} ms): "
-              + ("ok" if extra < args.mini_goal_ms else "OVER"))
+        print(f"  next token costs one decode step + {extra:.0f} ms by the medians, + {best:.0f} ms by the best rounds "
+              f"(goal < {args.mini_goal_ms:.0f} ms): " + ("ok" if extra < args.mini_goal_ms else "OVER"))
         server.shutdown()
 
 
