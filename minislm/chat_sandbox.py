@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 
 TIMEOUT_SECONDS = 5.0  # real templates render in milliseconds, even over a long chat
@@ -69,14 +70,27 @@ def render_bounded(
     return reply["text"]
 
 
+class GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers' mark for the assistant's
+    own words (it builds a training mask from them). Plain Jinja does not know the tag
+    and refuses the whole template; rendering a prompt only needs the words, so the
+    block renders its body unchanged, as transformers' renderer does."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)  # the `generation` name
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def chat_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    """The same whitespace rules transformers uses, inside the sandbox."""
+    """The same whitespace rules and tags transformers uses, inside the sandbox."""
 
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", GenerationBlock]
     )
     env.globals["raise_exception"] = raise_exception
     return env

@@ -4,10 +4,18 @@ Each configuration is the hub's config.json with the sizes shrunk and everything
 that changes the math kept: Phi-4's GQA, its RoPE base and no sliding window;
 Phi-4-mini's partial rotary, tied embeddings and LongRoPE (past the original
 length too); Phi-tiny-MoE's head width that is not hidden/heads, its window and
-biases. The reasoning models have their bases' architectures (their config.json
-differ in context length and RoPE base only), so they are the same checks on
-their own numbers. Each chat template is rendered by minislm's sandbox and by
-transformers' own renderer (what apply_chat_template runs), and must match exactly.
+biases. The reasoning models have their bases' architectures, so they are the same
+checks on their own numbers. Each chat template is rendered by minislm's sandbox and
+by transformers' own renderer (what apply_chat_template runs), and must match exactly.
+
+Where the numbers come from (docs/architecture.md, "Where the Phi-4 facts come from"):
+Phi-4's config.json as a copy of it on the hub shows it (rope_theta 250000,
+sliding_window null, 40/10 heads); Phi-4-mini's as several copies show it (its
+sliding_window is 262144, longer than its 131072 context, so None here is the same
+model); Phi-tiny-MoE's as a fine-tune's copy shows it. Unverified: the reasoning
+models' RoPE base and context (no copy of their config.json was found), and all of
+Phi-mini-MoE's shape. Both sides read every value from the same config, so a wrong
+guess there changes what is tested, not whether minislm matches transformers.
 """
 
 import json
@@ -34,7 +42,7 @@ PHI4 = dict(  # microsoft/phi-4 config.json: 40/10 heads (4:1), theta 250000, no
     original_max_position_embeddings=64, rope_theta=250000.0, rope_scaling=None, sliding_window=None,
     rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
 )
-PHI4_REASONING = {**PHI4, "rope_theta": 500000.0}  # -reasoning / -reasoning-plus: 32k context, theta 500000
+PHI4_REASONING = {**PHI4, "rope_theta": 500000.0}  # -reasoning(-plus): 32k context; theta 500000 UNVERIFIED (recalled)
 
 
 def longrope(rotary_dim: int, seed: int) -> dict:
@@ -56,6 +64,7 @@ PHI_TINY_MOE = dict(  # microsoft/Phi-tiny-MoE-instruct: 16 heads x 128 = 2048 <
     sliding_window=5, max_position_embeddings=64, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5,
     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
 )
+# Phi-mini-MoE: config.json not found; UNVERIFIED guess from its published size (docs/moe.md).
 PHI_MINI_MOE = {**PHI_TINY_MOE, "num_attention_heads": 8, "num_key_value_heads": 2}  # full attention width kept
 
 CONFIGS = {
@@ -119,3 +128,20 @@ def test_chat_template_renders_as_transformers_renders_it(template, chat, genera
     ours = render_bounded(TEMPLATES[template], dict(messages=messages, add_generation_prompt=generation_prompt, bos_token=bos,
                                                     eos_token=eos))
     assert ours == theirs[0]
+
+
+def test_generation_tags_render_as_transformers_renders_them():
+    """`{% generation %}` (transformers' assistant-mask mark; evidence says Phi-4-reasoning's
+    hub template uses it, see tests/fixtures/chat_templates.json) renders its body."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = TEMPLATES["phi4"].replace(
+        "{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}",
+        "{{'<|im_start|>assistant<|im_sep|>'}}{% generation %}{{message['content'] + '<|im_end|>'}}{% endgeneration %}",
+    )
+    assert "{% generation %}" in template
+    messages = CHATS[1]
+    theirs, _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=True)
+    ours = render_bounded(template, dict(messages=messages, add_generation_prompt=True))
+    assert ours == theirs[0]
+    assert "<|im_start|>assistant<|im_sep|><think>greet</think>Hello!<|im_end|>" in ours

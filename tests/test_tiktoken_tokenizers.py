@@ -72,15 +72,33 @@ def test_decoding_cut_characters_equals_tiktoken_replace(sweep, tokenizers, mode
         assert ours.decode(ids, skip_special_tokens=False) == text
 
 
+@pytest.mark.parametrize("model", ["phi4", "phi4mini"])
+def test_chat_ids_equal_the_hub_tokenizer_ids_microsoft_quotes(sweep, tokenizers, model):
+    """A reference that is not tiktoken: the ids microsoft/onnxruntime-extensions' tests
+    record as the Hugging Face tokenizer's output for a Phi-4 and a Phi-4-mini(-reasoning)
+    chat (sources: tools/make_tiktoken_tokenizers.py)."""
+    quoted = sweep[model]["quoted"]
+    assert quoted
+    for case in quoted:
+        assert tokenizers[model].encode(case["text"], add_special_tokens=False).ids == case["ids"]
+
+
 @pytest.mark.parametrize(
     "model, token, token_id",
     [("phi3small", "<|end|>", 100266), ("phi3small", "<|dummy_id_2|>", 100256), ("phi3small", "<|dummy_id_86|>", 100351),
-     ("phi4", "<|im_sep|>", 100266), ("phi4", "<|dummy_85|>", 100349), ("phi4mini", "<|end|>", 200020),
-     ("phi4mini", "<|tag|>", 200028)],
+     ("phi4", "<|im_sep|>", 100266), ("phi4", "<|dummy_85|>", 100349), ("phi4", "<|endofprompt|>", 100276),
+     ("phi4mini", "<|end|>", 200020), ("phi4mini", "<|endofprompt|>", 200018), ("phi4mini", "<|assistant|>", 200019),
+     ("phi4mini", "<|tool_call|>", 200025), ("phi4mini", "<|tag|>", 200028)],
 )
 def test_special_tokens_sit_at_their_ids(tokenizers, model, token, token_id):
     assert tokenizers[model].token_to_id(token) == token_id
     assert tokenizers[model].encode(f"a{token}b", add_special_tokens=False).ids[1] == token_id
+
+
+def test_phi4_mini_has_exactly_the_hubs_twelve_added_tokens(sweep):
+    """199999 and 200018..200028, nothing else (the hub's tokenizer_config.json as
+    Microsoft's onnxruntime-extensions copies it; see tools/make_tiktoken_tokenizers.py)."""
+    assert sorted(sweep["phi4mini"]["special"].values()) == [199999, *range(200018, 200029)]
 
 
 def test_phi3_small_fills_its_padded_vocabulary(tokenizers):

@@ -70,6 +70,26 @@ def test_chat_template_is_sandboxed(phi3):
         phi3.render_chat([{"role": "user", "content": "x"}])
 
 
+def test_generation_tags_render_their_words(phi3_tokenizer_dir):
+    """transformers' `{% generation %}` mark (assistant-mask templates, e.g. the ones
+    phi-4 fine-tuning code patches in) renders its body; plain Jinja would refuse the
+    template. The live twin, tests/test_live_phi4_family.py, holds it to transformers."""
+    plain = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    tagged = plain.replace("{{ m['content'] }}", "{% generation %}{{ m['content'] }}{% endgeneration %}")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    phi3 = load_tokenizer(phi3_tokenizer_dir)  # a private copy: the template changes below
+    phi3.chat_template = tagged
+    text = phi3.render_chat(chat, add_generation_prompt=False)
+    assert text == "<|user|>Hi<|end|><|assistant|>Hello!<|end|>"
+    phi3.chat_template = plain
+    assert phi3.render_chat(chat, add_generation_prompt=False) == text
+    from minislm.errors import MinislmError
+
+    phi3.chat_template = "{% generation %}never closed"
+    with pytest.raises(MinislmError, match="endgeneration"):
+        phi3.render_chat(chat)
+
+
 def stream(tokenizer, ids):
     detok = StreamingDetokenizer(tokenizer)
     pieces = [detok.add(i) for i in ids]

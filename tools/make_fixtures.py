@@ -120,7 +120,9 @@ VARIANTS = {
         (24, 20),
         "hub",
     ),
-    # Phi-4 (and -reasoning/-plus, same architecture): 4:1 GQA, RoPE base 250000, no window, untied.
+    # Phi-4 (and -reasoning/-plus, same architecture): 4:1 GQA, RoPE base 250000, no window, untied
+    # (microsoft/phi-4's config.json as a copy on the hub shows it; docs/architecture.md has the sources).
+    # The reasoning models' own RoPE base is unverified; this fixture does not depend on it.
     "phi4": (dict(num_attention_heads=8, num_key_value_heads=2, rope_theta=250000.0), {"seq": 48}, (24, 20), "transformers5"),
     # Phi-4-mini (and -reasoning): 3:1 GQA, partial rotary 0.75, tied embeddings, LongRoPE.
     "phi4_mini": (
@@ -131,7 +133,8 @@ VARIANTS = {
         (56, 20),
         "hub",
     ),
-    # Phi-tiny-MoE (SlimMoE): heads x head_dim narrower than hidden, a window, biases, RoPE base 10000.
+    # Phi-tiny-MoE (SlimMoE): heads x head_dim narrower than hidden, a window, biases, RoPE base 10000
+    # (a copy of its config.json on the hub; docs/moe.md). Phi-mini-MoE's shape is unverified.
     "slimmoe": (
         dict(model_type="phimoe", num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=4,
              attention_bias=True, lm_head_bias=True, router_jitter_noise=0.01, sliding_window=6, rope_theta=10000.0),

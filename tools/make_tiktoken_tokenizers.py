@@ -21,10 +21,47 @@ are OpenAI's files byte for byte. The tool:
        numbers added tokens itself);
    and decoding: every sweep text round-trips, and id sequences that cut UTF-8
    characters apart decode as tiktoken decodes them (errors="replace");
-4. only when all agree, writes sweep.json: the texts and tiktoken's ids, which
-   tests/test_tiktoken_tokenizers.py checks minislm against with no reference installed.
+4. requires minislm and tiktoken to give, for the chat texts Microsoft's own tests
+   quote, the ids those tests record as the hub tokenizer's output (QUOTED_IDS);
+5. only when all agree, writes sweep.json: the texts and tiktoken's ids, and the quoted
+   texts and ids, which tests/test_tiktoken_tokenizers.py checks minislm against with
+   no reference installed.
 
 Nothing is written if any check fails.
+
+Where each model's specials and template come from (checked 2026-12-04; the hub
+itself cannot be reached from here, so these are copies, each compared value for value):
+
+- Phi-4 (PHI4_SPECIAL, TEMPLATES["phi4"]): Microsoft's copy of the hub's
+  tokenizer_config.json in microsoft/onnxruntime-extensions,
+  test/data/phi-4-base/tokenizer_config.json (added in 52e1ef5dd14e, unchanged at
+  319f8d2c02c4): all 96 added tokens 100256..100351 equal PHI4_SPECIAL, and its
+  chat_template equals TEMPLATES["phi4"] character for character. It is the hub file
+  as microsoft/phi-4's commit 6fbb3d3 ("Suggested tokenizer changes by Unsloth.ai")
+  left it: eos <|im_end|>, pad <|dummy_85|>, as the hub's special_tokens_map.json
+  after that commit shows. torchtune's Phi4Tokenizer table
+  (meta-pytorch/torchtune#2197) agrees.
+- Phi-4-mini (PHI4_MINI_SPECIAL, TEMPLATES["phi4mini"]): the same repository's
+  test/data/phi-4-mini/tokenizer_config.json (68ee0397c002) and
+  test/data/phi-4-mini-reasoning/tokenizer_config.json (f936ba4be191): exactly the
+  12 added tokens 199999, 200018..200028 of PHI4_MINI_SPECIAL, no others, and the
+  Phi-4-mini chat_template character for character. The hub's generation_config.json
+  stops on [200020, 199999].
+- Phi-3-small (TEMPLATES["phi3small"]): microsoft/Phi-3-small-8k-instruct's own
+  tokenizer_config.json as the hub's page of its first commit (47e359f, "chore(root):
+  Initial files upload") and later duplicates show it; its specials are
+  tokenization_phi3_small.py's
+  (minislm.tiktoken_bpe.PHI3_SMALL_SPECIAL, ../PHI3_SMALL_FACTS.md).
+- QUOTED_IDS: microsoft/onnxruntime-extensions test/pp_api_test/test_tokenizer_chat.cc
+  (Phi4ChatTemplate from 52e1ef5dd14e, Phi4MiniReasoningChatTemplate from
+  f936ba4be191), each marked there "From HuggingFace Python output".
+
+The flags on those added tokens are not tiktoken's and this sweep does not model
+them: the hub marks every Phi-4 special lstrip+rstrip and Phi-4-mini's chat and tool
+tokens rstrip (the tool tokens also special=false), so next to whitespace the hub's
+tokenizer.json encodes differently from tiktoken. minislm loads those models from
+their tokenizer.json (minislm/tokenizer.py honours the flags); what this sweep pins
+is the rank machinery and the special ids.
 """
 
 import argparse
@@ -49,8 +86,8 @@ RANK_SHA256 = {
     "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
 }
 
-# Phi-4's specials (the hub's tokenizer.json; the same table torchtune's Phi4Tokenizer
-# carries): cl100k's own, ChatML's three, and dummies filling 100,256..100,351.
+# Phi-4's specials (source in the docstring): cl100k's own, ChatML's three, and
+# dummies filling 100,256..100,351.
 PHI4_SPECIAL = {
     "<|dummy_0|>": 100256, "<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
     "<|fim_suffix|>": 100260, "<|dummy_1|>": 100261, "<|dummy_2|>": 100262, "<|dummy_3|>": 100263,
@@ -58,18 +95,39 @@ PHI4_SPECIAL = {
     **{f"<|dummy_{4 + i}|>": 100267 + i for i in range(9)},  # 100267..100275
     **{f"<|dummy_{13 + i}|>": 100277 + i for i in range(100352 - 100277)},  # ..100351
 }
-# Phi-4-mini's (the hub's added tokens): o200k's two, then the chat and tool tokens.
+# Phi-4-mini's (source in the docstring): o200k's two, then the chat and tool tokens.
 PHI4_MINI_SPECIAL = {
     "<|endoftext|>": 199999, "<|endofprompt|>": 200018, "<|assistant|>": 200019, "<|end|>": 200020,
     "<|user|>": 200021, "<|system|>": 200022, "<|tool|>": 200023, "<|/tool|>": 200024,
     "<|tool_call|>": 200025, "<|/tool_call|>": 200026, "<|tool_response|>": 200027, "<|tag|>": 200028,
 }
 
-# The hub's chat templates (tokenizer_config.json), rendered here to make chat turns.
+# The hub's chat templates (tokenizer_config.json; sources in the docstring), rendered
+# here to make chat turns.
 TEMPLATES = {
     "phi3small": "{{ bos_token }}{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
     "phi4": "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}",
     "phi4mini": "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}",
+}
+
+# Chat texts and the ids Microsoft's tests record as the hub tokenizer's output
+# (source in the docstring); no whitespace sits next to a special token, so the
+# hub's lstrip/rstrip flags and tiktoken agree on them.
+QUOTED_IDS = {
+    "phi4": [(
+        "<|im_start|>system<|im_sep|>You are a helpful assistant.<|im_end|>"
+        "<|im_start|>user<|im_sep|>How should I explain the Internet?<|im_end|><|im_start|>assistant<|im_sep|>",
+        [100264, 9125, 100266, 2675, 527, 264, 11190, 18328, 13, 100265, 100264, 882, 100266, 4438, 1288, 358,
+         10552, 279, 8191, 30, 100265, 100264, 78191, 100266],
+    )],
+    "phi4mini": [(  # rendered by Phi-4-mini-reasoning's template; Phi-4-mini's vocabulary
+        "<|system|>Your name is Phi, an AI math expert developed by Microsoft. You are a medieval knight and "
+        "must provide explanations to modern people.<|end|><|user|>How should I explain the Internet?<|end|><|assistant|>",
+        [200022, 9719, 1308, 382, 102143, 11, 448, 20837, 13324, 8333, 9742, 656, 8321, 13, 1608, 553, 261, 55145,
+         105457, 326, 2804, 3587, 69457, 316, 6809, 1665, 13, 200020, 200021, 5299, 1757, 357, 16644, 290, 7380, 30,
+         200020, 200019],
+    )],
+    "phi3small": [],
 }
 
 MODELS = {
@@ -194,6 +252,11 @@ def sweep_model(model: str, data_dir: Path, tmp: Path) -> dict:
         if ours.decode(got, skip_special_tokens=False) != text:
             failures.append(f"round trip {text[:40]!r}")
         ids.append(expected)
+    for text, quoted in QUOTED_IDS[model]:
+        for who, got in (("minislm", ours.encode(text, add_special_tokens=False).ids),
+                         ("tiktoken", reference.encode(text, allowed_special="all"))):
+            if got != quoted:
+                failures.append(f"quoted hub ids for {text[:40]!r}: {who} {got[:8]}")
     cases = decode_cases(ranks, seed=7, count=200)
     decoded = [reference.decode(case, errors="replace") for case in cases]
     for case, text in zip(cases, decoded):
@@ -204,7 +267,8 @@ def sweep_model(model: str, data_dir: Path, tmp: Path) -> dict:
     print(f"{model}: {len(texts)} texts and {len(cases)} decode cases agree with tiktoken "
           f"({sum(map(len, ids)):,} ids) and with transformers' converter")
     return {"rank_file": f"{rank_name}.tiktoken.gz", "special": special, "texts": texts, "ids": ids,
-            "decode_ids": cases, "decoded": decoded}
+            "decode_ids": cases, "decoded": decoded,
+            "quoted": [{"text": text, "ids": quoted} for text, quoted in QUOTED_IDS[model]]}
 
 
 def main() -> None:
