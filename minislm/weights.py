@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import ModelConfig, read_json
 from .errors import MinislmError
+from .multimodal.config import phi4mm_shapes
 from .vision.config import vision_shapes
 
 # safetensors dtype tag -> how we hold it in NumPy. BF16 stays as raw 16-bit words.
@@ -302,6 +303,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.bias"] = (V,)
     if config.vision is not None:  # phi3_v: the CLIP tower, separators and projector
         shapes.update(vision_shapes(config.vision, D))
+    if config.phi4mm is not None:  # Phi-4-multimodal: SigLIP, Conformer, separators, projectors
+        shapes.update(phi4mm_shapes(config.phi4mm, D))
     return shapes
 
 
