@@ -32,6 +32,11 @@ from .model import linear
 from .weights import PICKLE_SUFFIXES, read_safetensors
 
 PEFT_PREFIX = "base_model.model."  # what PEFT's save_pretrained puts before every name
+# adapter_config.json keys that change what the adapter computes beyond W·x + (B·(A·x))·scale
+# (use_dora, use_qalora ... are refused by their "use_" prefix)
+VARIANT_KEYS = ("fan_in_fan_out", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                "layers_pattern", "exclude_modules", "layer_replication", "target_parameters", "trainable_token_indices",
+                "alora_invocation_tokens", "megatron_config")
 
 
 @dataclass(frozen=True)
@@ -152,14 +157,13 @@ def peft_settings(settings: dict, label: str) -> tuple:
     where = f"{label}: adapter_config.json"
     if settings.get("peft_type", "LORA") != "LORA":
         raise MinislmError(f"{where}: peft_type {settings.get('peft_type')!r:.40} is not LoRA")
-    refused = {"use_dora": False, "fan_in_fan_out": False, "bias": "none"}
-    for key, plain in refused.items():
-        if settings.get(key, plain) not in (plain, None):
-            raise MinislmError(f"{where}: {key} = {settings[key]!r:.40} is not supported (only {plain!r})")
-    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "target_parameters",
-                "trainable_token_indices"):
-        if settings.get(key):
-            raise MinislmError(f"{where}: {key} is not supported by minislm (plain LoRA only)")
+    if settings.get("bias", "none") not in ("none", None):
+        raise MinislmError(f"{where}: bias = {settings['bias']!r:.40} is not supported (only 'none')")
+    variants = [key for key, value in settings.items() if key.startswith("use_") and key != "use_rslora" and value]
+    variants += [key for key in VARIANT_KEYS if settings.get(key)]
+    if variants:
+        raise MinislmError(f"{where}: {variants[0]} is set, a LoRA variant minislm does not run (plain LoRA and "
+                           "rsLoRA only)")
     rank, alpha = settings.get("r"), settings.get("lora_alpha")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise MinislmError(f"{where}: r must be a positive integer, got {rank!r:.40}")

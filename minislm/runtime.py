@@ -202,7 +202,7 @@ class Model:
         return build_image_prompt(self, text, list(images), num_crops, trace)
 
     def multimodal_prompt(self, prompt: str, images=(), audios=(), system: str | None = None, chat: bool = True,
-                          trace=None):
+                          trace=None, max_crops: int | None = None):
         """Phi-4-multimodal: a prompt, its images (paths or Pillow images) and sounds
         (paths, bytes, or (samples, rate)) -> a `minislm.multimodal.prompt.MultimodalPrompt`:
         ids with placeholders, the encoded inputs, and the adapter the reference uses
@@ -213,7 +213,8 @@ class Model:
 
         `<|image_k|>` / `<|audio_k|>` tags mark where each goes; without any, all images
         then all audios go first. With `chat` the prompt is one user turn in the chat
-        template. A `trace` recorder gets each input's steps.
+        template. A `trace` recorder gets each input's steps; `max_crops` (1..64) caps the
+        448x448 crops per image (default: preprocessor_config.json's dynamic_hd, 36).
         """
         from .multimodal.prompt import build_multimodal_prompt, with_tags
 
@@ -222,7 +223,7 @@ class Model:
         if chat and self.tokenizer.chat_template:
             turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             text = self.tokenizer.render_chat(turns)
-        return build_multimodal_prompt(self, text, images, audios, trace)
+        return build_multimodal_prompt(self, text, images, audios, trace, max_crops)
 
     def with_adapter(self, adapter, merge: bool = False) -> "Model":
         """This model with a LoRA adapter: a name from `adapters` ("vision", "speech"), a

@@ -16,7 +16,7 @@ after it, H / KV heads, hd head size, D hidden, F ffn, E experts, V vocab):
     image_pooled       (n, 16, 16, C)    SigLIP's features, 2x2-averaged   [no layer; phi4mm, one per image]
     image_tokens       (k, D)      the image's projected tokens            [no layer; phi3_v, phi4mm, one per image]
     audio_features     (T_a, 80)   a recording's log-mel frames            [no layer; phi4mm, one per audio]
-    audio_subsampled   (T_a/8, Da) after the Conformer's convolutions     [no layer; phi4mm, one per audio]
+    audio_conv         (T_a/8, Da) after the Conformer's subsampling convolutions [no layer; phi4mm]
     audio_states       (T_a/8, Da) the Conformer's output                  [no layer; phi4mm, one per audio]
     audio_tokens       (k, D)      the recording's projected tokens        [no layer; phi4mm, one per audio]
     image_positions    (k',)       where this forward's image (and audio) tokens sit   [no layer; phi3_v, phi4mm]
@@ -62,7 +62,7 @@ LAYER_STEPS = (
     "ffn_norm", "gate", "up", "router_logits", "experts", "expert_weights", "ffn_out", "resid_post",
 )
 # phi3_v and Phi-4-multimodal, before embed
-VISION_STEPS = ("image_views", "image_patches", "image_pooled", "image_tokens", "audio_features", "audio_subsampled",
+VISION_STEPS = ("image_views", "image_patches", "image_pooled", "image_tokens", "audio_features", "audio_conv",
                 "audio_states", "audio_tokens", "image_positions")
 MODEL_STEPS = VISION_STEPS + ("embed", "final_norm", "logits")
 STEPS = VISION_STEPS + ("embed",) + LAYER_STEPS + ("final_norm", "logits")  # forward order

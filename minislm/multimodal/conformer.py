@@ -190,7 +190,7 @@ def conformer_encoder(config: ConformerConfig, weights: dict, features: np.ndarr
     p = CONFORMER + "encoder_embedding."
     x = (features - weights[p + "global_mean"]) * weights[p + "global_invstd"]  # (T, 80)
     x = subsample(config, weights, np.asarray(x, dtype=np.float32))  # (T', D)
-    trace.record("audio_subsampled", x)
+    trace.record("audio_conv", x)
     n = len(x)
     chunk = n if n <= MAX_CHUNK else MAX_CHUNK
     padded = np.concatenate([x, np.zeros((-n % chunk, x.shape[1]), np.float32)])

@@ -142,10 +142,15 @@ def as_picture(image):
     return open_image(image, mode=None) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else image
 
 
-def build_multimodal_prompt(model, text: str, images=(), audios=(), trace=None) -> MultimodalPrompt:
+def build_multimodal_prompt(model, text: str, images=(), audios=(), trace=None, max_crops=None,
+                            memo: dict | None = None) -> MultimodalPrompt:
     """Final prompt text (chat template already applied) with tags, images (paths,
     Pillow images or ProcessedImage) and audios (paths, bytes, (samples, rate) or
-    ProcessedAudio) -> ids with placeholders, their vectors and the adapter."""
+    ProcessedAudio) -> ids with placeholders, their vectors and the adapter.
+
+    `memo` (a dict the caller keeps) remembers each processed input's vectors, so a
+    chat that encodes its whole conversation every turn runs each encoder once per
+    input (an audio's vectors depend on whether a picture is present: two entries)."""
     from ..model import NO_TRACE
     from .audio import process_audio
     from .audio_embedding import encode_audio
@@ -158,13 +163,23 @@ def build_multimodal_prompt(model, text: str, images=(), audios=(), trace=None) 
                            "together need Phi-4-multimodal (phi4mm)")
     check_tags(text, IMAGE_TAG, len(images), "image")
     check_tags(text, AUDIO_TAG, len(audios), "audio")
-    pictures = tuple(p if isinstance(p, ProcessedImage) else process_image(as_picture(p), mm.max_crops) for p in images)
+    crops = mm.max_crops if max_crops is None else max_crops
+    pictures = tuple(p if isinstance(p, ProcessedImage) else process_image(as_picture(p), crops) for p in images)
     sounds = tuple(a if isinstance(a, ProcessedAudio) else process_audio(a) for a in audios)
     ids = tokenize_with_media(model.tokenizer, text, [p.num_tokens for p in pictures], [a.num_tokens for a in sounds])
     trace = NO_TRACE if trace is None else trace
-    encoded = {-(k + 1): encode_image(mm, model.weights, p, trace) for k, p in enumerate(pictures)}
+    memo = {} if memo is None else memo
+
+    def remembered(key, compute):
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
     with_image = bool(pictures)
-    encoded.update({-(AUDIO_MARK + k + 1): encode_audio(mm, model.weights, a, with_image, trace)
+    encoded = {-(k + 1): remembered((id(p), None), lambda p=p: encode_image(mm, model.weights, p, trace))
+               for k, p in enumerate(pictures)}
+    encoded.update({-(AUDIO_MARK + k + 1): remembered((id(a), with_image),
+                                                      lambda a=a: encode_audio(mm, model.weights, a, with_image, trace))
                     for k, a in enumerate(sounds)})
     order = list(dict.fromkeys(int(i) for i in ids if i < 0))  # the items in order of position
     D = model.config.hidden_size

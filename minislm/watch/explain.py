@@ -5,7 +5,9 @@ them on a canvas, nothing fetched from anywhere, so it opens offline and can be
 mailed or committed. A learner picks a layer and a head and sees that head's
 attention over the prompt's tokens, the logit lens, the next-token distribution
 at any position, the shape and statistics of every step, (PhiMoE) the routing, and
-(Phi-3-vision, `--image`) each image's views and the positions its tokens fill.
+(Phi-3-vision and Phi-4-multimodal, `--image`) each image's views and the positions its
+tokens fill, and (Phi-4-multimodal, `--audio`) each recording's spectrogram and its
+tokens' positions, with the adapter the decoder ran with.
 
 What it embeds is bounded: at most MAX_PICTURE_TOKENS tokens, attention stored as
 16-bit fixed point for the causal lower triangle only, and at most
@@ -20,10 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MinislmError
+from ..media_commands import check_reads_audio
 from ..trace import Recorder, SummaryRecorder
 from .inputs import (check_reads_images, for_image_page, for_picture, model_and_prompt, parse_layers, pieces,
                      prompt_images, write_text)
 from .lens import lens_from_trace, probabilities
+from .media import audio_data, multimodal_prompt, prompt_audios
 
 TEMPLATE = Path(__file__).with_name("explain.html")
 MAX_ATTENTION_BYTES = 16 << 20
@@ -38,12 +42,14 @@ def lower_triangle_u16(p: np.ndarray) -> str:
     return base64.b64encode(fixed.tobytes()).decode("ascii")
 
 
-def view_thumbnail(view: np.ndarray, step: int = 6) -> str:
-    """A (3, 336, 336) CLIP-normalised view -> base64 of (56, 56, 3) RGB bytes: every
-    6th pixel, the normalisation undone, for the page to draw."""
+def view_thumbnail(view: np.ndarray, step: int = 6, mean=None, std=None) -> str:
+    """A (3, 336, 336) CLIP-normalised view (or another `mean`/`std`) -> base64 of
+    (56, 56, 3) RGB bytes: every 6th pixel, the normalisation undone, for the page to draw."""
     from ..vision.image import CLIP_MEAN, CLIP_STD
 
-    rgb = view[:, ::step, ::step] * CLIP_STD[:, None, None] + CLIP_MEAN[:, None, None]
+    mean = CLIP_MEAN if mean is None else np.asarray(mean, np.float32)
+    std = CLIP_STD if std is None else np.asarray(std, np.float32)
+    rgb = view[:, ::step, ::step] * std.reshape(-1, 1, 1) + mean.reshape(-1, 1, 1)
     pixels = np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)  # (h, w, 3)
     return base64.b64encode(np.ascontiguousarray(pixels).tobytes()).decode("ascii")
 
@@ -55,7 +61,9 @@ def image_data(ids: np.ndarray, images) -> list[dict]:
         positions = np.flatnonzero(ids == -k)
         if not len(positions):
             continue  # after the page's cut
-        views = [view_thumbnail(v) for v in image.pixel_values]
+        # Phi-4-multimodal's views are (x - 0.5) / 0.5 of [0, 1] pixels; Phi-3-vision's CLIP-normalised
+        scale = {"mean": [0.5] * 3, "std": [0.5] * 3} if hasattr(image, "patch_mask") else {}
+        views = [view_thumbnail(v, **scale) for v in image.pixel_values]
         out.append({
             "index": k, "describe": image.describe(), "grid": [int(n) for n in image.grid],
             "tokens": int(len(positions)), "first": int(positions[0]), "last": int(positions[-1]),
@@ -65,7 +73,7 @@ def image_data(ids: np.ndarray, images) -> list[dict]:
 
 
 def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_from: int | None,
-              image_features: np.ndarray | None = None, images=(), image_steps=()) -> dict:
+              image_features: np.ndarray | None = None, images=(), image_steps=(), audios=()) -> dict:
     """Everything the page shows, as JSON-ready data. With images (Phi-3-vision), `ids`
     hold placeholders, `image_features` their tokens, `images` the processed pictures
     and `image_steps` the recorder's summaries of their encoding."""
@@ -122,6 +130,8 @@ def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_f
         ],
         "routing": None,
         "images": image_data(ids, images) or None,
+        "audios": audio_data(ids, audios) or None,  # Phi-4-multimodal's recordings
+        "adapter": model.adapter.describe() if model.adapter is not None else None,
     }
     if config.model_type == "phimoe":
         data["routing"] = {
@@ -140,14 +150,21 @@ def render(data: dict) -> str:
 
 
 def run_explain(args) -> int:
-    pictures = prompt_images(args)
+    pictures, audios = prompt_images(args), prompt_audios(args)
     model, ids = model_and_prompt(args)
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     if args.top_k < 1:
         raise MinislmError(f"--top-k must be >= 1, got {args.top_k}")
     check_reads_images(model, pictures)
+    check_reads_audio(model, audios)
     features, images, image_steps = None, (), ()
-    if pictures:
+    if model.config.phi4mm is not None and (pictures or audios):  # the encoders, then the prompt's adapter
+        recorder = SummaryRecorder()
+        prompt, model = multimodal_prompt(model, args, pictures, audios, recorder)
+        shown = for_image_page(prompt.ids)
+        features = prompt.features[: int(np.count_nonzero(shown < 0))]
+        ids, images, image_steps = prompt.ids, prompt.images, recorder.summaries
+    elif pictures:
         recorder = SummaryRecorder()  # the images' views, patches and tokens, for the steps table
         prompt = model.image_prompt(args.prompt, pictures, args.num_crops, args.system, chat=args.chat, trace=recorder)
         shown = for_image_page(prompt.ids)
@@ -157,7 +174,7 @@ def run_explain(args) -> int:
         shown = for_picture(ids, "the page")
     truncated_from = len(ids) if len(shown) < len(ids) else None
     ids = shown
-    html = render(page_data(model, ids, layers, args.top_k, truncated_from, features, images, image_steps))
+    html = render(page_data(model, ids, layers, args.top_k, truncated_from, features, images, image_steps, audios))
     write_text(args.out, html, "--out")
     print(f"wrote {args.out}: {len(ids)} tokens, {len(layers)} layers, {len(html) / 1024:.0f} KiB; open it in a browser",
           file=sys.stderr)
