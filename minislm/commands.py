@@ -459,7 +459,7 @@ def run_quantize(args) -> int:
             write_hub_files(Path(model.path), Path(source))
             save_quantized(Path(source), out_dir, model.weights, quant)
     else:
-        save_quantized(model.path, out_dir, model.weights, quant)
+        save_quantized(model.path, out_dir, model.weights, quant, model.adapters)  # Phi-4-multimodal's adapters too
     size = sum(p.stat().st_size for p in out_dir.iterdir())
     print(f"{out_dir}: {quant.describe()}, {size / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s")
     return 0

@@ -181,3 +181,27 @@ def test_explain_with_picture_and_sound(phi4mm_dir, tmp_path):
     assert data["adapter"].startswith("vision: W·x + (B·(A·x))·2, r 256")
     pieces = [t["piece"] for t in data["tokens"]]
     assert pieces.count("<audio_1>") == 38 and pieces.count("<image_1>") == 721
+
+
+@pytest.mark.parametrize("layout", ["hub", "converted"])
+def test_quantize_keeps_the_encoders_bf16(phi4mm_dir, phi4mm_converted_dir, tmp_path, layout):
+    """`minislm quantize`: the decoder int4 (its output layer int8), every encoder and
+    projector matrix bf16, the adapters kept; the folder loads to the same weights as
+    quantizing at load time."""
+    from minislm.kernels import Bf16Weight, Int4Weight
+    from minislm.multimodal.config import EXTEND
+
+    source = phi4mm_dir if layout == "hub" else phi4mm_converted_dir
+    result = minislm_cli("quantize", "-m", source, "--out", tmp_path / "int4")
+    assert result.returncode == 0, result.stderr
+    saved, in_memory = minislm.load(tmp_path / "int4"), minislm.load(source, quant="int4")
+    encoders = [n for n, w in saved.weights.items() if n.startswith(EXTEND) and not isinstance(w, np.ndarray)]
+    assert encoders and all(isinstance(saved.weights[n], Bf16Weight) for n in encoders)
+    assert isinstance(saved.weights["model.layers.0.mlp.down_proj.weight"], Int4Weight)
+    assert set(saved.adapters) == {"vision", "speech"}
+    prompt = saved.multimodal_prompt("Say it.", audios=[phi4mm_dir / "speech.wav"])
+    expected = in_memory.multimodal_prompt("Say it.", audios=[phi4mm_dir / "speech.wav"])
+    assert np.array_equal(prompt.features, expected.features)
+    a = saved.with_adapter(prompt.adapter).logits(prompt.ids, image_features=prompt.features)
+    b = in_memory.with_adapter(expected.adapter).logits(expected.ids, image_features=expected.features)
+    assert np.array_equal(a, b)

@@ -292,6 +292,16 @@ def hub_lora(raw: dict, key: str, source: str) -> LoraShape | None:
 
 # ---------------------------------------------------------------- tensor names
 
+# 2-D tensors of the encoders that are tables read by index, not matrices multiplied:
+# they stay float32 when the matrices are packed (bf16)
+ENCODER_TABLES = ("embeddings.position_embedding.weight", "relative_attention_bias_layer.bias_values.weight")
+
+
+def encoder_matrix(name: str, shape: tuple) -> bool:
+    """A matrix of the encoders or projectors that `linear` multiplies by (packable)."""
+    return len(shape) == 2 and name.endswith(".weight") and not name.endswith(ENCODER_TABLES)
+
+
 
 def phi4mm_shapes(mm: Phi4MMConfig, text_hidden: int) -> dict[str, tuple[int, ...]]:
     """Every encoder tensor of the checkpoint (hub names), with its shape. All the
