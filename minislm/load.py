@@ -26,6 +26,7 @@ from .formats import kernel_weights
 from .formats.grouped import GroupedCodes, RowStack, to_float32
 from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
+from .lora import packed_adapter
 from .multimodal.checkpoint import load_adapters, split_checkpoint
 from .quantize import QuantConfig, pack_weights, packable, read_packed_weights
 from .runtime import Model
@@ -108,6 +109,8 @@ def load(
         else:
             weights = pack_weights(tensors, config, used, model_dir)
     adapters = load_adapters(model_dir, config, lora_tensors, weights) if config.phi4mm is not None else None
+    if adapters and used is not None:  # packed weights: the adapters in bf16 too
+        adapters = {name: packed_adapter(adapter) for name, adapter in adapters.items()}
     return Model(config, weights, tokenizer=tokenizer, generation_config=generation_config, path=Path(model_dir),
                  kv_cache=kv_cache or default_kv_cache(weights), packing=used, adapters=adapters)
 

@@ -41,11 +41,28 @@ VARIANT_KEYS = ("fan_in_fan_out", "lora_bias", "modules_to_save", "rank_pattern"
 
 @dataclass(frozen=True)
 class LoraPair:
-    """The two thin matrices of one adapted matrix: A (r, in), B (out, r), float32."""
+    """The two thin matrices of one adapted matrix: A (r, in), B (out, r): float32
+    arrays, or bf16 weights (minislm.kernels.Bf16Weight) beside packed base weights."""
 
-    A: np.ndarray
-    B: np.ndarray
+    A: object
+    B: object
     scale: float
+
+
+def as_float32(w) -> np.ndarray:
+    """A thin matrix as a float32 array (a bf16 weight widened)."""
+    return w if isinstance(w, np.ndarray) else w.rows(np.arange(w.shape[0]))
+
+
+def packed_adapter(adapter: "Adapter") -> "Adapter":
+    """The adapter with its A and B as bf16 weights: half the bytes a decode step reads
+    for them, beside bf16 or int4 base weights. (The hub's adapters are bf16 in the file:
+    nothing is lost.)"""
+    from .kernels import Bf16Weight
+
+    pairs = {name: LoraPair(Bf16Weight(as_float32(p.A), name=name + " lora_A"), Bf16Weight(as_float32(p.B), name=name + " lora_B"),
+                            p.scale) for name, p in adapter.pairs.items()}
+    return Adapter(adapter.name, pairs)
 
 
 @dataclass(frozen=True)
@@ -57,7 +74,7 @@ class Adapter:
 
     def describe(self) -> str:
         """e.g. 'vision: W·x + (B·(A·x))·2.0, r 256, on qkv_proj, o_proj, gate_up_proj, down_proj of 32 layers'."""
-        ranks = sorted({p.A.shape[0] for p in self.pairs.values()})
+        ranks = sorted({int(p.A.shape[0]) for p in self.pairs.values()})
         scales = sorted({p.scale for p in self.pairs.values()})
         kinds = list(dict.fromkeys(name.split(".")[-2] for name in self.pairs))
         layers = {m.group(1) for name in self.pairs if (m := re.search(r"layers\.(\d+)\.", name))}
@@ -83,7 +100,7 @@ class LoraWeight:
 
     @property
     def nbytes(self) -> int:
-        return int(getattr(self.base, "nbytes", 0)) + self.pair.A.nbytes + self.pair.B.nbytes
+        return int(getattr(self.base, "nbytes", 0)) + int(self.pair.A.nbytes) + int(self.pair.B.nbytes)
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         low_rank = linear(linear(x, self.pair.A), self.pair.B)  # (T, r) -> (T, out)
@@ -113,7 +130,7 @@ def merge_adapter(weights: dict, adapter: Adapter) -> dict:
     merged = dict(weights)
     for name, pair in adapter.pairs.items():
         base = weights[name]
-        delta = (pair.B @ pair.A) * np.float32(pair.scale)  # (out, in)
+        delta = (as_float32(pair.B) @ as_float32(pair.A)) * np.float32(pair.scale)  # (out, in)
         if isinstance(base, np.ndarray):
             merged[name] = np.asarray(base, np.float32) + delta
         elif isinstance(base, Bf16Weight):

@@ -234,8 +234,8 @@ def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantC
 
     Phi-4-multimodal: the encoders' matrices are written as bf16; its `adapters` go
     where the source layout keeps them (the hub's: inside model.safetensors as
-    `...lora_A.vision.weight`; transformers': the vision-lora/ and speech-lora/ folders,
-    copied), in float32."""
+    `...lora_A.vision.weight`, bf16; transformers': the vision-lora/ and speech-lora/
+    folders, copied)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise MinislmError(f"--out {out_dir}: already exists; choose a new folder")
@@ -251,7 +251,9 @@ def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantC
         arrays = stored_arrays(weights)
         bf16 = {module_name(n) + ".weight" for n, w in weights.items() if type(w).__name__ == "Bf16Weight"}
         if adapters and not (Path(source_dir) / "vision-lora").is_dir():
-            arrays.update(hub_adapter_arrays(adapters))
+            lora = hub_adapter_arrays(adapters)
+            arrays.update(lora)
+            bf16.update(lora)
         entries = {name: ("BF16" if name in bf16 else SAFETENSORS_TAGS[a.dtype], a.shape) for name, a in arrays.items()}
         write_safetensors(staging / "model.safetensors", entries, arrays.values(), {"format": "pt", "quantized_by": METHOD})
         raw = read_json(Path(source_dir) / "config.json")
@@ -273,11 +275,15 @@ def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantC
 
 
 def hub_adapter_arrays(adapters: dict) -> dict[str, np.ndarray]:
-    """The adapters under the hub's names: `<module>.lora_A.<adapter>.weight`."""
+    """The adapters under the hub's names, `<module>.lora_A.<adapter>.weight`, as bf16 bits
+    (the hub's own precision for them; a packed model holds them in bf16)."""
+    from .lora import as_float32
+    from .weights import float32_to_bf16
+
     out = {}
     for adapter in adapters.values():
         for name, pair in adapter.pairs.items():
             module = module_name(name)
-            out[f"{module}.lora_A.{adapter.name}.weight"] = np.ascontiguousarray(pair.A, np.float32)
-            out[f"{module}.lora_B.{adapter.name}.weight"] = np.ascontiguousarray(pair.B, np.float32)
+            out[f"{module}.lora_A.{adapter.name}.weight"] = float32_to_bf16(as_float32(pair.A))
+            out[f"{module}.lora_B.{adapter.name}.weight"] = float32_to_bf16(as_float32(pair.B))
     return out

@@ -122,7 +122,7 @@ def relative_bias(config: ConformerConfig, w: dict, length: int) -> np.ndarray:
     M = config.bias_max_distance
     table = np.asarray(w[CONFORMER + "relative_attention_bias_layer.bias_values.weight"], dtype=np.float32)  # (2M, heads)
     distance = np.arange(length)[None, :] - np.arange(length)[:, None]  # (L, L): j - i
-    return table[np.clip(distance, -M, M - 1) + M].transpose(2, 0, 1)
+    return np.ascontiguousarray(table[np.clip(distance, -M, M - 1) + M].transpose(2, 0, 1))
 
 
 def feed_forward(w: dict, name: str, x: np.ndarray) -> np.ndarray:
@@ -139,11 +139,13 @@ def attention(config: ConformerConfig, w: dict, name: str, x: np.ndarray, bias: 
     L, D = x.shape
     heads, hd = config.num_attention_heads, config.head_dim
 
-    def project(p):  # (L, D) -> (heads, L, hd)
-        return linear(x, w[f"{name}linear_{p}.weight"], w[f"{name}linear_{p}.bias"]).reshape(L, heads, hd).transpose(1, 0, 2)
+    def project(p):  # (L, D) -> (heads, L, hd), contiguous so each product below is one BLAS call
+        y = linear(x, w[f"{name}linear_{p}.weight"], w[f"{name}linear_{p}.bias"])
+        return np.ascontiguousarray(y.reshape(L, heads, hd).transpose(1, 0, 2))
 
     q, k, v = project("q"), project("k"), project("v")
-    scores = (q @ k.transpose(0, 2, 1)) * np.float32(hd**-0.5) + (np.float32(1.0) + bias)  # (heads, L, L)
+    k_t = np.ascontiguousarray(k.transpose(0, 2, 1))  # (heads, hd, L)
+    scores = (q @ k_t) * np.float32(hd**-0.5) + (np.float32(1.0) + bias)  # (heads, L, L)
     mixed = (softmax(scores, axis=-1) @ v).transpose(1, 0, 2).reshape(L, D)
     return linear(mixed, w[name + "linear_out.weight"], w[name + "linear_out.bias"])
 

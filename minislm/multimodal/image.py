@@ -258,7 +258,7 @@ def process_image(image, max_crops: int = DEFAULT_MAX_CROPS) -> ProcessedImage:
     mask = patch_mask((cols, rows), padding)  # (32*rows, 32*cols)
     crop_masks = split_into_crops(mask[None], MASK_SIDE)[:, 0]  # (rows*cols, 32, 32)
     pixels = np.concatenate([overview[None], split_into_crops(canvas, CROP_SIZE)])
-    masks = np.concatenate([np.ones((1, MASK_SIDE, MASK_SIDE), bool), crop_masks])
+    masks = np.ascontiguousarray(np.concatenate([np.ones((1, MASK_SIDE, MASK_SIDE), bool), crop_masks]))
     return ProcessedImage(np.ascontiguousarray(pixels), masks, (rows, cols), (width, height), (new_w, new_h))
 
 

@@ -97,3 +97,55 @@ def write_converted_checkpoint(folder: Path, hub_checkpoint: Path, converted: di
         path.parent.mkdir(parents=True, exist_ok=True)
         write_safetensors(path, {n: (t.dtype, t.array.shape) for n, t in tensors.items()},
                           (t.array for t in tensors.values()))
+
+
+# microsoft/Phi-4-multimodal-instruct's config.json (LongRoPE factors set to 1.0: they change
+# no cost; the adapters' `layer` patterns left out: minislm adapts the same four matrices), for
+# speed measurements.
+PHI4_MULTIMODAL = {
+    "architectures": ["Phi4MMForCausalLM"], "model_type": "phi4mm", "hidden_size": 3072, "intermediate_size": 8192,
+    "num_hidden_layers": 32, "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064,
+    "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75,
+    "rope_theta": 10000.0, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0] * 48},
+    "rms_norm_eps": 1e-05, "sliding_window": 262144, "hidden_act": "silu", "bos_token_id": 199999,
+    "eos_token_id": 199999, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "img_processor": None,
+    "embd_layer": {
+        "audio_embd_layer": {"compression_rate": 8, "downsample_rate": 1, "embedding_cls": "audio",
+                             "projection_cls": "mlp", "use_conv_downsample": False, "use_qformer": False},
+        "embedding_cls": "image_audio",
+        "image_embd_layer": {"crop_size": 448, "embedding_cls": "tune_image", "hd_transform_order": "sub_glb",
+                             "image_token_compression_cls": "avg_pool_2d", "projection_cls": "mlp",
+                             "use_hd_transform": True, "with_learnable_separator": True},
+    },
+    "audio_processor": {"config": {
+        "activation": "swish", "attention_dim": 1024, "attention_heads": 16, "batch_norm": False, "bias_in_glu": True,
+        "causal": True, "chunk_size": -1, "conv_activation": "swish", "conv_glu_type": "swish",
+        "depthwise_multiplier": 1, "depthwise_seperable_out_channel": 1024, "ext_pw_out_channel": 1024,
+        "input_layer": "nemo_conv", "input_size": 80, "kernel_size": 3, "left_chunk": 18, "linear_units": 1536,
+        "nemo_conv_settings": {"conv_channels": 1024}, "num_blocks": 24,
+        "relative_attention_bias_args": {"t5_bias_max_distance": 500, "type": "t5"}, "time_reduction": 8,
+    }, "name": "cascades"},
+    "vision_lora": {"dp": 0.0, "lora_alpha": 512, "r": 256},
+    "speech_lora": {"dp": 0.01, "lora_alpha": 640, "r": 320},
+}
+
+
+def write_phi4mm_shapes(folder: Path, seed: int = 0, layers: int | None = None) -> Path:
+    """A bf16 hub-layout checkpoint with Phi-4-multimodal's real shapes (`layers` decoder
+    layers, default all 32) and random values; no tokenizer."""
+    import json
+
+    raw = dict(PHI4_MULTIMODAL, num_hidden_layers=layers or PHI4_MULTIMODAL["num_hidden_layers"])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    shapes = hub_tensor_shapes(parse_config(raw))
+    rng = np.random.default_rng(seed)
+
+    def values():
+        for name, shape in shapes.items():
+            uniform = rng.random(shape, dtype=np.float32) * np.float32(2) - np.float32(1)
+            yield float32_to_bf16(initial_value(name, shape, uniform.reshape(-1)))
+
+    write_safetensors(folder / "model.safetensors", {n: ("BF16", s) for n, s in shapes.items()}, values())
+    return folder
