@@ -202,17 +202,23 @@ def antialias_weights(in_size: int, out_size: int):
     return first, fixed, bits
 
 
-def resample_axis(pixels: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+def resample_axis(pixels: np.ndarray, axis: int, out_size: int, block: int = 256) -> np.ndarray:
     """One pass of the separable resize along `axis` of (H, W, 3) uint8:
     (sum of pixel x weight + half) >> bits, clamped to 0..255 (what the AVX2 kernels'
-    packs/packus saturation does)."""
+    packs/packus saturation does). In int32, which holds 255 x 2^15 x (1 + a little);
+    `block` lines across the axis at a time, so an 80-megapixel photo needs no more
+    than a few megabytes of sums."""
     first, fixed, bits = antialias_weights(pixels.shape[axis], out_size)
-    source = np.moveaxis(pixels, axis, 0).astype(np.int64)  # (in, other, 3)
-    acc = np.full((out_size, *source.shape[1:]), 1 << (bits - 1), dtype=np.int64)
+    weights = fixed.astype(np.int32)
+    source = np.moveaxis(pixels, axis, 0)  # (in, other, 3), a view
+    out = np.empty((out_size, *source.shape[1:]), dtype=np.uint8)
     last = pixels.shape[axis] - 1
-    for t in range(fixed.shape[1]):
-        acc += source[np.minimum(first + t, last)] * fixed[:, t, None, None]  # zero weights past each pixel's taps
-    out = np.clip(acc >> bits, 0, 255).astype(np.uint8)
+    for start in range(0, source.shape[1], block):
+        lines = source[:, start : start + block].astype(np.int32)  # (in, b, 3)
+        acc = np.full((out_size, *lines.shape[1:]), 1 << (bits - 1), dtype=np.int32)
+        for t in range(weights.shape[1]):
+            acc += lines[np.minimum(first + t, last)] * weights[:, t, None, None]  # zero weights past each pixel's taps
+        out[:, start : start + block] = np.clip(acc >> bits, 0, 255)
     return np.moveaxis(out, 0, axis)
 
 
