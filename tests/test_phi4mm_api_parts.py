@@ -37,13 +37,12 @@ def test_parts_become_tags_in_order(phi4mm_dir):
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(picture)}},
-                                     {"type": "text", "text": "What is this, and "},
-                                     {"type": "input_audio", "input_audio": {"data": speech, "format": "wav"}},
-                                     {"type": "text", "text": "?"}]},
+                                     {"type": "text", "text": "What is this?"},
+                                     {"type": "input_audio", "input_audio": {"data": speech, "format": "wav"}}]},
     ]
     plain, images, audios = messages_with_media(messages)
     assert plain[0] == messages[0]
-    assert plain[1] == {"role": "user", "content": "<|image_1|>What is this, and <|audio_1|>?"}
+    assert plain[1] == {"role": "user", "content": "<|image_1|>\nWhat is this?\n<|audio_1|>"}
     assert images[0].size == (500, 300) and audios[0].num_tokens == 38
     # the same prompt as the files give
     model = minislm.load(phi4mm_dir)

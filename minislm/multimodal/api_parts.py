@@ -93,8 +93,8 @@ def audio_from_part(part, where: str):
 
 def messages_with_media(messages: list) -> tuple[list[dict], list, list]:
     """Chat messages whose content may be lists of parts -> (messages with text content
-    and tags, pictures, recordings). Text parts of one message are joined with nothing
-    between them, as the parts' order says."""
+    and tags, pictures, recordings). The parts of one message are joined with newlines,
+    in their order (as the server joins text parts, and vLLM does)."""
     plain, images, audios = [], [], []
     for i, message in enumerate(messages):
         content = message.get("content")
@@ -118,5 +118,5 @@ def messages_with_media(messages: list) -> tuple[list[dict], list, list]:
                 pieces.append(f"<|audio_{len(audios)}|>")
             else:
                 raise MinislmError(f"{where}.type: {kind!r:.20} is not one of text, image_url, input_audio")
-        plain.append({**message, "content": "".join(pieces)})
+        plain.append({**message, "content": "\n".join(pieces)})
     return plain, images, audios

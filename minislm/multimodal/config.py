@@ -181,11 +181,7 @@ def parse_hub(raw: dict, source: str, max_crops: int) -> Phi4MMConfig:
     tower = raw.get("img_processor") or {}  # null in hub files: SigLIP-so400m's sizes
     if not isinstance(tower, dict):
         raise MinislmError(f"{source}: img_processor must be an object or null")
-    vision = SiglipConfig(
-        **{k: integer(tower, k, source + ": img_processor", getattr(SiglipConfig, k))
-           for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
-        feature_layer=tower.get("layer_idx", -2),
-    )
+    vision = siglip(tower, source + ": img_processor", tower.get("layer_idx", -2))
     processor = (raw.get("audio_processor") or {}).get("config")
     if not isinstance(processor, dict):
         raise MinislmError(f"{source}: a phi4mm config needs audio_processor.config (the speech encoder's sizes)")
@@ -224,11 +220,7 @@ def parse_transformers(raw: dict, source: str, max_crops: int) -> Phi4MMConfig:
     eps = vision_raw.get("layer_norm_eps", 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise MinislmError(f"{where}: layer_norm_eps must be a positive number, got {eps!r:.40}")
-    vision = SiglipConfig(
-        **{k: integer(vision_raw, k, where, getattr(SiglipConfig, k))
-           for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
-        layer_norm_eps=float(eps), feature_layer=vision_raw.get("feature_layer", -2),
-    )
+    vision = siglip(vision_raw, where, vision_raw.get("feature_layer", -2), float(eps))
     where = f"{source}: audio_config"
     expect(audio_raw, "downsample_rate", (1,), where)
     expect(audio_raw, "nemo_activation", ("relu",), where)
@@ -240,9 +232,23 @@ def parse_transformers(raw: dict, source: str, max_crops: int) -> Phi4MMConfig:
         bias_default=1000)  # transformers' default; the real model's converted config says 500
     return Phi4MMConfig(
         "phi4_multimodal", vision, audio,
-        integer(vision_raw, "image_token_id", where.replace("audio", "vision"), IMAGE_TOKEN_ID, minimum=0),
+        integer(vision_raw, "image_token_id", f"{source}: vision_config", IMAGE_TOKEN_ID, minimum=0),
         integer(audio_raw, "audio_token_id", where, AUDIO_TOKEN_ID, minimum=0), max_crops,
     )
+
+
+def siglip(raw: dict, where: str, feature_layer, layer_norm_eps: float = 1e-6) -> SiglipConfig:
+    """SigLIP's sizes (the real model's where absent) and which hidden state is read."""
+    sizes = {k: integer(raw, k, where, getattr(SiglipConfig, k))
+             for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
+    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+        raise MinislmError(f"{where}: hidden_size {sizes['hidden_size']} is not divisible by "
+                           f"{sizes['num_attention_heads']} heads")
+    layers = sizes["num_hidden_layers"]
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int) or not -layers <= feature_layer <= layers:
+        raise MinislmError(f"{where}: the feature layer {feature_layer!r:.20} is not one of the tower's "
+                           f"{layers + 1} hidden states (or is the embeddings)")
+    return SiglipConfig(**sizes, layer_norm_eps=layer_norm_eps, feature_layer=feature_layer)
 
 
 def conformer(values: dict, where: str, bias_default: int = 500) -> ConformerConfig:

@@ -98,22 +98,26 @@ def check_tags(text: str, pattern: re.Pattern, n: int, kind: str) -> None:
         raise MinislmError(f"at most {MAX_ITEMS} {kind}s in one prompt, got {n}")
 
 
-def placeholder_ids(tokenizer) -> tuple[int, int]:
-    """The ids of `<|endoftext10|>` and `<|endoftext11|>`, which must be special tokens."""
+def placeholder_ids(tokenizer, mm=None) -> tuple[int, int]:
+    """The ids of `<|endoftext10|>` and `<|endoftext11|>`, which must be special tokens.
+    A converted config names the ids the model matches: they must be these."""
     image, audio = tokenizer.token_id(IMAGE_TOKEN), tokenizer.token_id(AUDIO_TOKEN)
     if image is None or audio is None:
         raise MinislmError(f"the tokenizer has no {IMAGE_TOKEN} / {AUDIO_TOKEN} tokens, which Phi-4-multimodal "
                            "uses for its image and audio placeholders")
+    if mm is not None and mm.layout == "phi4_multimodal" and (image, audio) != (mm.image_token_id, mm.audio_token_id):
+        raise MinislmError(f"config.json's image_token_id / audio_token_id ({mm.image_token_id}, {mm.audio_token_id}) "
+                           f"are not the tokenizer's {IMAGE_TOKEN} / {AUDIO_TOKEN} ({image}, {audio})")
     return image, audio
 
 
-def tokenize_with_media(tokenizer, text: str, image_tokens: list[int], audio_tokens: list[int]) -> np.ndarray:
+def tokenize_with_media(tokenizer, text: str, image_tokens: list[int], audio_tokens: list[int], mm=None) -> np.ndarray:
     """Text with tags -> ids: each tag becomes its placeholder token (tokenized with the
     rest, as transformers' processor does), then each placeholder is repeated and
     marked: image k -> [-k] x image_tokens[k-1], audio k -> [-(1000+k)] x audio_tokens[k-1]."""
     check_tags(text, IMAGE_TAG, len(image_tokens), "image")
     check_tags(text, AUDIO_TAG, len(audio_tokens), "audio")
-    image_id, audio_id = placeholder_ids(tokenizer)
+    image_id, audio_id = placeholder_ids(tokenizer, mm)
     for token in (IMAGE_TOKEN, AUDIO_TOKEN):
         if token in text:
             raise MinislmError(f"the prompt holds {token}, the model's own placeholder token; write <|image_k|> / "
@@ -166,7 +170,7 @@ def build_multimodal_prompt(model, text: str, images=(), audios=(), trace=None, 
     crops = mm.max_crops if max_crops is None else max_crops
     pictures = tuple(p if isinstance(p, ProcessedImage) else process_image(as_picture(p), crops) for p in images)
     sounds = tuple(a if isinstance(a, ProcessedAudio) else process_audio(a) for a in audios)
-    ids = tokenize_with_media(model.tokenizer, text, [p.num_tokens for p in pictures], [a.num_tokens for a in sounds])
+    ids = tokenize_with_media(model.tokenizer, text, [p.num_tokens for p in pictures], [a.num_tokens for a in sounds], mm)
     trace = NO_TRACE if trace is None else trace
     memo = {} if memo is None else memo
 
