@@ -95,10 +95,11 @@ class ApiRequest:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = None  # None or -1: a random seed
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+    max_tokens_field: str = "max_tokens"  # the name the client sent it under, for error messages
 
     def sampling(self) -> dict:
         """The keyword arguments of `commands.sampling_settings`."""
@@ -111,11 +112,11 @@ class ApiRequest:
 
 def parse_chat_request(body) -> ApiRequest:
     body = request_object(body)
-    max_tokens = field(body, "max_completion_tokens", int)
-    if max_tokens is None:  # the older name; the openai package sends either
-        max_tokens = field(body, "max_tokens", int)
-    return ApiRequest(chat=True, messages=parse_messages(body.get("messages")),
-                      max_tokens=positive_max_tokens(max_tokens, "max_completion_tokens"), **common_fields(body))
+    # max_tokens is the older name; the openai package sends either, and errors name the one sent
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = positive_max_tokens(field(body, name, int), name)
+    return ApiRequest(chat=True, messages=parse_messages(body.get("messages")), max_tokens=max_tokens,
+                      max_tokens_field=name, **common_fields(body))
 
 
 def parse_completion_request(body) -> ApiRequest:
@@ -154,8 +155,8 @@ def common_fields(body: dict) -> dict:
     if penalty is not None and not penalty > 0:
         raise ApiError(400, f"repetition_penalty must be > 0, got {penalty}", param="repetition_penalty")
     seed = field(body, "seed", int)
-    if seed is not None and not 0 <= seed < 2**64:
-        raise ApiError(400, f"seed must be in [0, 2**64), got {seed}", param="seed")
+    if seed is not None and not -1 <= seed < 2**64:
+        raise ApiError(400, f"seed must be in [0, 2**64), or -1 for a random one, got {seed}", param="seed")
     stream = field(body, "stream", bool) or False
     options = field(body, "stream_options", dict) or {}
     include_usage = field(options, "include_usage", bool, name="stream_options.include_usage") or False
@@ -210,8 +211,8 @@ def parse_messages(messages) -> tuple[dict, ...]:
         if role not in MESSAGE_ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}, got {role!r:.40}",
                            param=f"{where}.role")
-        parsed.append({"role": "system" if role == "developer" else role,
-                       "content": message_text(message.get("content"), role, f"{where}.content")})
+        content = unicode_text(message_text(message.get("content"), role, f"{where}.content"), f"{where}.content")
+        parsed.append({"role": "system" if role == "developer" else role, "content": content})
     return tuple(parsed)
 
 
@@ -236,12 +237,23 @@ def parse_prompt(prompt) -> str | tuple[int, ...]:
     if prompt is None:
         raise ApiError(400, "prompt is required", param="prompt")
     if isinstance(prompt, str):
-        return prompt
+        return unicode_text(prompt, "prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
+        return unicode_text(prompt[0], "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return tuple(prompt)
     raise ApiError(400, "prompt must be a string or an array of token ids (one prompt per request)", param="prompt")
+
+
+def unicode_text(value: str, where: str) -> str:
+    """`value`, if it is Unicode text. JSON's "\\ud800" escape decodes to a lone surrogate,
+    half of a UTF-16 pair, which no UTF-8 encoder (nor the tokenizer) accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{where} holds a lone surrogate (\\u{ord(value[e.start]):04x} at character {e.start}), "
+                       "which is not text: send each character whole", param=where) from None
+    return value
 
 
 def parse_stop(stop) -> tuple[str, ...]:
@@ -321,5 +333,10 @@ def usage_chunk(request: ApiRequest, response_id: str, created: int, model: str,
     return {"id": response_id, "object": kind, "created": created, "model": model, "choices": [], "usage": counts}
 
 
+def model_object(model_id: str, created: int) -> dict:
+    """One model, as GET /v1/models/{id} returns it and /v1/models lists it."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "minislm"}
+
+
 def model_list(model_id: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "minislm"}]}
+    return {"object": "list", "data": [model_object(model_id, created)]}

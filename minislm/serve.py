@@ -10,6 +10,13 @@ pool; and streamed answers written as server-sent events in chunked transfer
 encoding, each event one write. That is all an OpenAI-compatible server with one
 model and no batching needs (docs/serve.md says more), so no web framework.
 
+Threads share one interpreter, so "never blocks the others" also needs the heavy
+work of a request to let go of Python's GIL: the tokenizer does (`Tokenizer.encode`),
+the chat template renders in a child process, and a text too long for the context
+is refused from its length alone (`Tokenizer.fewest_tokens`), before it is tokenized.
+What a connection may hold is bounded too: a deadline for each request to arrive,
+an idle timeout between requests, and a cap on open connections.
+
 What is shared between requests is the model and its KV cache, and only the
 request holding the `Turnstile` touches them: requests run one at a time, in the
 order they arrived. The cache outlives a request: the next one starts from the
@@ -20,6 +27,7 @@ extend the previous ones feeds only the new turn through the model, as
 """
 
 import hmac
+import io
 import json
 import secrets
 import select
@@ -31,9 +39,11 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 from . import openai_api as api
 from .commands import load_model, model_argument
@@ -52,9 +62,26 @@ MAX_DISCARD_BYTES = 64 * 2**20
 # Requests allowed to wait for the model; more get a 503 (the server is not a queue
 # of unbounded length).
 MAX_WAITING = 64
+# Open connections, each a thread; past this a new one gets a 503 and is closed (and past
+# twice this it is closed unanswered). The openai package keeps a few per client.
+MAX_CONNECTIONS = 128
 # A client that sends nothing, or reads nothing, for this long is disconnected. It also
 # bounds how long an idle keep-alive connection holds its thread.
-SOCKET_TIMEOUT_S = 60
+IDLE_TIMEOUT_S = 60
+# From the first byte of a request to the last byte of its body, however steadily the
+# bytes trickle in: a client sending one byte every few seconds is cut off here (408).
+REQUEST_DEADLINE_S = 60
+# Before closing a connection whose client may still be sending (a body refused unread:
+# 401, 413, 503), read and drop its bytes for this long, so it reads our answer instead of
+# a reset connection.
+LINGER_S = 2
+LINGER_BYTES = 2**20
+# How long to wait, when a waiting request's turn comes, to tell a client that only
+# half-closed its connection from one that left (see Handler.client_gone).
+PROBE_WAIT_S = 0.2
+# The one thing HTTP lets a server send before the final status of its answer: an interim
+# response, which every HTTP/1.1 client must read past.
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 STOP_DISCONNECTED = "client disconnected"
 
 
@@ -67,6 +94,9 @@ class ServeSettings:
     ctx_size: int = 4096  # KV cache positions: prompt + completion must fit
     max_body_bytes: int = MAX_BODY_BYTES
     max_waiting: int = MAX_WAITING
+    max_connections: int = MAX_CONNECTIONS
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    request_deadline_s: float = REQUEST_DEADLINE_S
 
 
 # ---------------------------------------------------------------- one request at a time
@@ -127,6 +157,7 @@ class ServedModel:
         self.capacity = min(settings.ctx_size, model.config.max_position_embeddings)
         self.cache = model.new_cache(self.capacity)
         self.turnstile = Turnstile(settings.max_waiting)
+        model.tokenizer.piece_bound  # read tokenizer.json's pipeline now, not during the first request
 
     def prepare(self, request: ApiRequest) -> Job:
         """Tokenize and check a request against the context; needs no turn (only the
@@ -135,14 +166,12 @@ class ServedModel:
         if not ids:
             raise ApiError(400, "the prompt is empty (no tokens)", param="prompt")
         if len(ids) >= self.capacity:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's context is {self.capacity} "
-                           "(--ctx-size, at most the model's max_position_embeddings), so nothing can be generated",
-                           param="messages" if request.chat else "prompt", code="context_length_exceeded")
+            raise self.too_long(f"the prompt is {len(ids)} tokens", request)
         room = self.capacity - len(ids)
         if request.max_tokens is not None and request.max_tokens > room:
             raise ApiError(400, f"the context is {self.capacity} tokens, but {len(ids) + request.max_tokens} were "
                            f"requested ({len(ids)} in the prompt, {request.max_tokens} for the completion)",
-                           param="max_tokens", code="context_length_exceeded")
+                           param=request.max_tokens_field, code="context_length_exceeded")
         try:
             settings = sampling_settings(self.model, **request.sampling())
         except ValueError as e:
@@ -158,12 +187,37 @@ class ServedModel:
             if request.chat:
                 if not tokenizer.chat_template:
                     raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
-                return tokenizer.encode_chat(list(request.messages))
+                return self.encode(tokenizer.render_chat(list(request.messages)), request, add_bos=False)
             if isinstance(request.prompt, str):
-                return tokenizer.encode(request.prompt)
-            return self.model.check_ids(request.prompt).tolist()
+                return self.encode(request.prompt, request, add_bos=tokenizer.add_bos and tokenizer.bos_id is not None)
+            return self.checked_ids(request)
         except MinislmError as e:
             raise ApiError(400, str(e), param="messages" if request.chat else "prompt") from None
+
+    def encode(self, text: str, request: ApiRequest, add_bos: bool) -> list[int]:
+        """The ids of a text, unless its length alone shows it cannot fit the context:
+        then it is refused without being tokenized."""
+        fewest = self.model.tokenizer.fewest_tokens(text) + add_bos
+        if fewest >= self.capacity:
+            raise self.too_long(f"the prompt is {len(text)} characters, at least {fewest} tokens", request)
+        return self.model.tokenizer.encode(text, add_bos=add_bos)
+
+    def checked_ids(self, request: ApiRequest) -> list[int]:
+        """A prompt of token ids, each one the model has an embedding for. Checked here,
+        one by one, because JSON numbers have no size limit (2**63 fits no int64)."""
+        ids, vocab = request.prompt, self.model.config.vocab_size
+        if len(ids) >= self.capacity:
+            raise self.too_long(f"the prompt is {len(ids)} tokens", request)
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt: token ids must lie in [0, {vocab}), got {str(ids[bad])[:40]} at index {bad}",
+                           param="prompt")
+        return list(ids)
+
+    def too_long(self, what: str, request: ApiRequest) -> ApiError:
+        return ApiError(400, f"{what}; this server's context is {self.capacity} (--ctx-size, at most the model's "
+                        "max_position_embeddings), so nothing can be generated",
+                        param="messages" if request.chat else "prompt", code="context_length_exceeded")
 
     def generate(self, job: Job, client_gone: Callable[[], bool]) -> Iterator[str]:
         """The text of a job, piece by piece. Call only while holding the turnstile.
@@ -208,10 +262,59 @@ class RequestLog:
         if self.job is not None:
             stats = self.job.stats
             parts.append(f"prompt {stats.prompt_tokens + self.job.reused} tokens ({self.job.reused} reused)")
-            parts.append(f"generated {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s")
+            parts.append(generated(stats))
             parts.append(f"stop: {stats.stop_reason or 'none'}")
         parts.append(f"{time.perf_counter() - self.started:.2f} s")
         return " | ".join(parts)
+
+
+def generated(stats: GenerationStats) -> str:
+    """'generated 40 tokens, 30.7 tok/s'. The decode rate counts the tokens after the
+    first (which the prefill produced), so one token has none."""
+    n = stats.generated_tokens
+    if n == 1:
+        return "generated 1 token (no decode rate for one token)"
+    return f"generated {n} tokens, {stats.decode_tokens_per_second:.1f} tok/s"
+
+
+class RequestTimeout(Exception):
+    """A request's line, headers and body did not all arrive within the deadline."""
+
+
+class RequestReader(io.RawIOBase):
+    """A connection's incoming bytes, read under two clocks.
+
+    Between requests a client may stay silent for `idle` seconds (keep-alive). Once a
+    request's first byte has arrived, `deadline` holds: its line, headers and body must
+    all be in by then. A per-read timeout alone restarts on every byte, so a client
+    sending one byte every few seconds would hold the connection for ever.
+    """
+
+    def __init__(self, sock: socket.socket, idle: float):
+        self.sock, self.idle = sock, idle
+        self.deadline: float | None = None  # time.monotonic() value, while a request is being read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        timeout = self.idle
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise RequestTimeout
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv_into(buffer)
+        except TimeoutError:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise RequestTimeout from None
+            raise
+
+    def request_read(self) -> None:
+        """The request is in: no deadline, and the idle timeout again for the answer's writes."""
+        self.deadline = None
+        self.sock.settimeout(self.idle)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -219,11 +322,54 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "minislm"
-    timeout = SOCKET_TIMEOUT_S
     # Each streamed chunk is a small write that must leave at once, not wait to be
     # merged with the next one (Nagle's algorithm would hold it for an ACK).
     disable_nagle_algorithm = True
     server: "Server"
+
+    def setup(self):
+        settings = self.server.settings
+        self.timeout = settings.idle_timeout_s
+        super().setup()
+        self.rfile.close()  # the socket's own reader; ours adds the request deadline
+        self.reader = RequestReader(self.connection, settings.idle_timeout_s)
+        self.rfile = io.BufferedReader(self.reader)
+        self.over_cap = self.request in self.server.over_cap
+        self.headers_sent = self.probed = False
+        self.poller = select.poll()
+        self.poller.register(self.connection, select.POLLIN)
+        self.reset_poller = select.poll()  # reports only errors and hang-ups
+        self.reset_poller.register(self.connection, select.POLLERR | select.POLLHUP)
+
+    def handle_one_request(self):
+        """Wait (idle) for the next request's first byte, then read the rest of it by the
+        request deadline, and answer it."""
+        self.reader.deadline = None
+        try:
+            if not self.rfile.peek(1):  # the client closed the connection between requests
+                self.close_connection = True
+                return
+        except OSError:  # silent for the whole idle timeout, or reset
+            self.close_connection = True
+            return
+        self.reader.deadline = time.monotonic() + self.server.settings.request_deadline_s
+        try:
+            super().handle_one_request()  # the request line and headers, then do_GET / do_POST
+        except RequestTimeout:
+            self.send_error(HTTPStatus.REQUEST_TIMEOUT, self.timeout_message())
+
+    def handle_expect_100(self):
+        """A client that asks before sending its body (`Expect: 100-continue`, as curl does
+        for large ones) hears at once that it is over the connection cap or has the wrong
+        key, and sends nothing."""
+        try:
+            self.admit()
+        except ApiError as e:
+            self.headers_sent = False
+            self.send_api_error(e)
+            self.server.log(f"{self.command} {self.path} {e.status} | refused before its body")
+            return False
+        return super().handle_expect_100()
 
     def do_GET(self):
         self.handle_api("GET")
@@ -232,24 +378,16 @@ class Handler(BaseHTTPRequestHandler):
         self.handle_api("POST")
 
     def handle_api(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
-        record = RequestLog(method, path)
-        self.headers_sent = False
+        path = unquote(self.path.split("?", 1)[0]).rstrip("/")
+        record = RequestLog(method, path or "/")
+        self.headers_sent = self.probed = False
         try:
-            body = self.read_body()
-            self.check_api_key()
-            routes = {
-                ("GET", "/v1/models"): self.list_models,
-                ("POST", "/v1/chat/completions"): self.chat_completions,
-                ("POST", "/v1/completions"): self.completions,
-            }
-            route = routes.get((method, path))
-            if route is None:
-                if any(p == path for _, p in routes):
-                    raise ApiError(405, f"{method} is not allowed on {path}")
-                raise ApiError(404, f"no endpoint {path}; this server has /v1/models, /v1/chat/completions "
-                               "and /v1/completions", code="not_found")
-            record.status = route(body, record)
+            try:
+                self.admit()  # before the body: nothing is read for a client we refuse
+                body = self.read_body()
+            finally:
+                self.reader.request_read()
+            record.status = self.route(method, path)(body, record)
         except ApiError as e:
             record.status = e.status
             self.send_api_error(e)
@@ -263,10 +401,40 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.log(record.line())
 
+    def route(self, method: str, path: str) -> Callable[[bytes, RequestLog], int]:
+        routes = {
+            ("GET", ""): self.root,
+            ("GET", "/v1"): self.root,
+            ("GET", "/v1/models"): self.list_models,
+            ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/completions"): self.completions,
+        }
+        if path.startswith("/v1/models/"):
+            routes[("GET", path)] = partial(self.retrieve_model, path[len("/v1/models/") :])
+        route = routes.get((method, path))
+        if route is None:
+            if any(p == path for _, p in routes):
+                raise ApiError(405, f"{method} is not allowed on {path}")
+            raise ApiError(404, f"no endpoint {path}; this server has /v1/models, /v1/models/{{id}}, "
+                           "/v1/chat/completions and /v1/completions", code="not_found")
+        return route
+
     # ------------------------------------------------------------ endpoints
+
+    def root(self, body: bytes, record: RequestLog) -> int:
+        self.send_json(200, {"message": "minislm serve: an OpenAI-compatible API; point clients at /v1", "api": "/v1"})
+        return 200
 
     def list_models(self, body: bytes, record: RequestLog) -> int:
         self.send_json(200, api.model_list(self.server.settings.model_id, self.server.started))
+        return 200
+
+    def retrieve_model(self, name: str, body: bytes, record: RequestLog) -> int:
+        model_id = self.server.settings.model_id
+        if name != model_id:
+            raise ApiError(404, f"the model {name[:100]!r} does not exist; this server has {model_id!r}",
+                           param="model", code="model_not_found")
+        self.send_json(200, api.model_object(model_id, self.server.started))
         return 200
 
     def chat_completions(self, body: bytes, record: RequestLog) -> int:
@@ -279,7 +447,7 @@ class Handler(BaseHTTPRequestHandler):
         served = self.server.served
         job = served.prepare(request)
         with served.turnstile.turn():
-            if self.client_gone():  # it left while waiting: do not generate for nobody
+            if self.client_gone(wait=PROBE_WAIT_S):  # it left while waiting: do not generate for nobody
                 record.job = job
                 job.stats.stop_reason = STOP_DISCONNECTED
                 self.close_connection = True
@@ -332,23 +500,37 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ reading
 
+    def admit(self) -> None:
+        """Refuse, before reading any body, a connection over the cap or a wrong API key.
+        The body stays unread, so the connection closes after the answer."""
+        if self.over_cap:
+            raise ApiError(503, f"server busy: {self.server.settings.max_connections} connections are open; "
+                           "retry later", kind="server_error", code="server_busy", close=True)
+        self.check_api_key()
+
     def read_body(self) -> bytes:
         """The request body, within the size limit. An oversized body is read and
         discarded before the 413, so the client is not cut off while still sending."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise ApiError(411, "send the body with a Content-Length header (chunked request bodies are not supported)",
                            close=True)
-        length = self.headers.get("Content-Length", "0")
-        if not length.isdigit():
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        length = lengths[0].strip()
+        if len(set(lengths)) > 1:
+            raise ApiError(400, f"several different Content-Length headers: {', '.join(lengths)[:80]}", close=True)
+        if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, and int("²") fails
             raise ApiError(400, f"invalid Content-Length {length[:40]!r}", close=True)
         length = int(length)
         limit = self.server.settings.max_body_bytes
-        if length > limit:
-            if length <= MAX_DISCARD_BYTES:
-                self.discard(length)
-            raise ApiError(413, f"the request body is {length} bytes; this server accepts at most {limit}",
-                           code="request_too_large", close=True)
-        body = self.rfile.read(length)
+        try:
+            if length > limit:
+                if length <= MAX_DISCARD_BYTES:
+                    self.discard(length)
+                raise ApiError(413, f"the request body is {length} bytes; this server accepts at most {limit}",
+                               code="request_too_large", close=True)
+            body = self.rfile.read(length)
+        except RequestTimeout:
+            raise ApiError(408, self.timeout_message(), code="request_timeout", close=True) from None
         if len(body) < length:
             raise ApiError(400, f"the body ended after {len(body)} of {length} bytes (Content-Length)", close=True)
         return body
@@ -360,28 +542,59 @@ class Handler(BaseHTTPRequestHandler):
                 return
             length -= len(data)
 
+    def timeout_message(self) -> str:
+        return (f"the request took more than {self.server.settings.request_deadline_s:g} s to arrive "
+                "(its line, headers and body, from its first byte)")
+
     def check_api_key(self) -> None:
+        """`Authorization: Bearer <key>`; the scheme's case does not matter (HTTP says so)."""
         key = self.server.settings.api_key
         if key is None:
             return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        # header values arrive decoded as Latin-1: encoding them back gives the bytes sent
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), key.encode())):
             raise ApiError(401, "incorrect API key: send it as 'Authorization: Bearer <key>' (--api-key)",
-                           code="invalid_api_key")
+                           code="invalid_api_key", close=True)
 
-    def client_gone(self) -> bool:
-        """True once the client has closed its end of the connection: the socket reads as
-        ready, with nothing to read. Checked between tokens; costs one system call."""
+    def client_gone(self, wait: float = 0.0) -> bool:
+        """True once the client can no longer receive the answer. Checked between tokens;
+        costs one `poll` while the client is quiet.
+
+        End of file on the socket does not tell: a client may shut down its sending side
+        once the request is out (a half-close) and still read the answer. The difference
+        shows only when we write: a client that closed its socket answers data with a
+        reset. A streamed answer writes all the time. When end of file comes before any of
+        the answer is out, the server writes one `100 Continue` (an interim response that
+        HTTP/1.1 clients read past); a reset comes back within a round trip, and `wait`
+        seconds are spent waiting for it.
+        """
+        events = self.poller.poll(0)  # [(fd, mask)] or []
+        mask = events[0][1] if events else 0
+        if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):  # reset, or closed both ways
+            return True
+        if not mask & select.POLLIN:
+            return False
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if self.connection.recv(1, socket.MSG_PEEK):
+                return False  # the next request, pipelined
         except OSError:
             return True
+        if self.request_version != "HTTP/1.1":  # HTTP/1.0 has no interim responses to probe with
+            return True
+        if self.headers_sent or self.probed:  # the next write, or the reset it brings, will tell
+            return False
+        self.probed = True
+        try:
+            self.wfile.write(CONTINUE)
+        except OSError:
+            return True
+        return bool(wait) and bool(self.reset_poller.poll(wait * 1000))
 
     # ------------------------------------------------------------ writing
 
     def send_json(self, status: int, body: dict, headers: dict | None = None, close: bool = False) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
+        data = json_bytes(body)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -408,8 +621,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def send_event(self, data) -> None:
-        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-        self.write_chunk(f"data: {text}\n\n".encode())
+        text = data.encode() if isinstance(data, str) else json_bytes(data)
+        self.write_chunk(b"data: %s\n\n" % text)
 
     def write_chunk(self, data: bytes) -> None:
         """One piece of a chunked body: its length in hex, CRLF, the bytes, CRLF."""
@@ -431,6 +644,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         self.server.log(format % args)
+
+
+def json_bytes(body) -> bytes:
+    """UTF-8 JSON. Should a lone surrogate get this far, it goes out escaped (\\ud800),
+    which is still valid JSON, rather than failing the answer."""
+    try:
+        return json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(body).encode()
 
 
 def parse_json(body: bytes):
@@ -474,7 +696,49 @@ class Server(ThreadingHTTPServer):
         self.started = int(time.time())
         self.log_lock = threading.Lock()
         self.write_log = log or print_log
+        self.connections_lock = threading.Lock()
+        self.open_connections = 0
+        self.over_cap = set()  # sockets accepted past max_connections: their handler answers 503
         super().__init__((settings.host, settings.port), Handler)
+
+    def process_request(self, request, client_address):
+        """A thread for the new connection, unless too many are open. Past the cap the
+        thread only answers 503 (the client learns why instead of hanging); past twice
+        the cap the connection is closed at once, so a flood cannot pile up threads."""
+        with self.connections_lock:
+            if self.open_connections >= 2 * self.settings.max_connections:
+                request.close()
+                return
+            self.open_connections += 1
+            if self.open_connections > self.settings.max_connections:
+                self.over_cap.add(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.open_connections -= 1
+                self.over_cap.discard(request)
+
+    def shutdown_request(self, request):
+        """Close a connection without losing the last answer: stop sending, then read and
+        drop what the client may still be sending (a body we refused unread), for up to
+        LINGER_S. Closing a socket with unread bytes resets the connection, and a reset
+        can destroy the answer before the client has read it."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            deadline, left = time.monotonic() + LINGER_S, LINGER_BYTES
+            while left > 0 and time.monotonic() < deadline:
+                request.settimeout(deadline - time.monotonic())
+                data = request.recv(min(left, 2**16))
+                if not data:
+                    break
+                left -= len(data)
+        except (OSError, ValueError):  # reset, timed out, or a negative timeout at the deadline
+            pass
+        self.close_request(request)
 
     def log(self, line: str) -> None:
         with self.log_lock:  # whole lines, never two interleaved

@@ -110,7 +110,7 @@ def greedy_by_full_forward(reference, prompt, max_new_tokens: int, stop_ids) -> 
 
 
 # Phi-3-vision's golden fixture keeps no weights: they are rebuilt bit for bit from a
-# seed (minislm.vision.random_checkpoint), and the file's SHA-256 must match the one
+# seed (minislm.bench.random_checkpoint), and the file's SHA-256 must match the one
 # tools/make_vision_fixtures.py recorded when it ran the reference code on them.
 PHI3_V_FIXTURE = FIXTURES / "phi3_v"
 PHI3_V_REFERENCE = PHI3_V_FIXTURE / "reference_vision.safetensors"
@@ -124,7 +124,7 @@ def phi3_v_dir(tmp_path_factory) -> Path:
 
     from safetensors import safe_open
 
-    from minislm.vision.random_checkpoint import write_hashed_checkpoint
+    from minislm.bench.random_checkpoint import write_hashed_checkpoint
 
     folder = tmp_path_factory.mktemp("phi3_v") / "model"
     shutil.copytree(PHI3_V_FIXTURE, folder)
@@ -135,7 +135,7 @@ def phi3_v_dir(tmp_path_factory) -> Path:
 
 
 # Phi-4-multimodal's golden fixture keeps no weights either: the hub-layout checkpoint is
-# rebuilt from a seed (minislm.multimodal.random_checkpoint), and the converted folder
+# rebuilt from a seed (minislm.bench.random_checkpoint), and the converted folder
 # from that, tensor by tensor, under the names transformers' conversion script gave them
 # (tools/make_phi4mm_fixtures.py recorded each name and the SHA-256 of its bytes).
 PHI4MM_FIXTURE = FIXTURES / "phi4mm"
@@ -150,12 +150,12 @@ def phi4mm_dir(tmp_path_factory) -> Path:
 
     from safetensors import safe_open
 
-    from minislm.multimodal.random_checkpoint import write_hub_checkpoint
+    from minislm.bench.random_checkpoint import write_hashed_checkpoint
 
     folder = tmp_path_factory.mktemp("phi4mm") / "hub"
     shutil.copytree(PHI4MM_FIXTURE, folder, ignore=shutil.ignore_patterns("converted", "reference_*"))
     metadata = safe_open(PHI4MM_REFERENCE, "np").metadata()
-    sha = write_hub_checkpoint(folder, json.loads((folder / "config.json").read_text()), int(metadata["seed"]))
+    sha = write_hashed_checkpoint(folder, json.loads((folder / "config.json").read_text()), int(metadata["seed"]))
     assert sha == metadata["checkpoint_sha256"], "the rebuilt checkpoint is not the one the reference ran on"
     return folder
 
@@ -169,7 +169,7 @@ def phi4mm_converted_dir(phi4mm_dir, tmp_path_factory) -> Path:
 
     from safetensors import safe_open
 
-    from minislm.multimodal.random_checkpoint import write_converted_checkpoint
+    from minislm.bench.random_checkpoint import write_converted_checkpoint
 
     folder = tmp_path_factory.mktemp("phi4mm") / "converted"
     shutil.copytree(PHI4MM_FIXTURE / "converted", folder)

@@ -22,8 +22,8 @@ LAYERS = [
     ("vision", ["minislm.vision", "minislm.multimodal"]),
     ("runtime", ["minislm.finite", "minislm.generate", "minislm.beam", "minislm.policy",
                  "minislm.runtime", "minislm.quantize", "minislm.load"]),
-    ("commands", ["minislm.flags", "minislm.commands", "minislm.media_commands", "minislm.perplexity", "minislm.verify", "minislm.openai_api",
-                  "minislm.serve", "minislm.watch", "minislm.bench"]),
+    ("commands", ["minislm.flags", "minislm.commands", "minislm.media_commands", "minislm.perplexity", "minislm.verify",
+                  "minislm.openai_api", "minislm.serve", "minislm.watch", "minislm.bench"]),
     ("entry points", ["minislm.cli", "minislm.__main__", "minislm"]),
 ]
 

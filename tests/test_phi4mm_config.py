@@ -9,7 +9,7 @@ from conftest import PHI4MM_FIXTURE
 from minislm.config import parse_config
 from minislm.errors import MinislmError
 from minislm.multimodal.config import ConformerConfig, SiglipConfig, transformers_to_hub
-from minislm.multimodal.random_checkpoint import PHI4_MULTIMODAL
+from minislm.bench.random_checkpoint import PHI4_MULTIMODAL
 
 HUB = json.loads((PHI4MM_FIXTURE / "config.json").read_text())
 CONVERTED = json.loads((PHI4MM_FIXTURE / "converted" / "config.json").read_text())

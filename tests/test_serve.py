@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import openai  # the test extra installs it; the server itself does not need it
 import pytest
@@ -20,10 +19,10 @@ import pytest
 import minislm
 from minislm.cli import main as minislm_main
 from minislm.load import BUNDLED_MODEL
-from minislm.serve import Server, ServeSettings, Turnstile
+from minislm.serve import ServeSettings, Turnstile
 from minislm.openai_api import ApiError
+from served import CHAT, client, raw, running, wait_for_log
 
-CHAT = [{"role": "user", "content": "Speak, Juliet."}]
 # Sampled requests: the shipped model's generation_config.json asks for greedy decoding,
 # so these set a temperature of their own.
 SAMPLED = dict(temperature=1.0, top_p=0.95)
@@ -34,52 +33,10 @@ def model():
     return minislm.load(BUNDLED_MODEL)
 
 
-@contextmanager
-def running(model, **settings):
-    """A server in a thread of this process; its log lines collect in `server.lines`."""
-    lines = []
-    server = Server(model, ServeSettings(port=0, model_id="shakespeare", **settings), log=lines.append)
-    server.lines = lines
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(model):
     with running(model) as server:
         yield server
-
-
-def client(server, api_key="unused"):
-    return openai.OpenAI(base_url=server.url, api_key=api_key, max_retries=0, timeout=120)
-
-
-def raw(server, method, path, body=None, headers=None):
-    """(status, headers, parsed JSON body) of one request over a fresh connection."""
-    host, port = server.server_address[:2]
-    connection = http.client.HTTPConnection(host, port, timeout=60)
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    connection.request(method, path, body=data, headers=headers or {})
-    response = connection.getresponse()
-    payload = response.read()
-    connection.close()
-    return response.status, response.headers, json.loads(payload)
-
-
-def wait_for_log(server, pattern, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        hits = [line for line in server.lines if re.search(pattern, line)]
-        if hits:
-            return hits
-        time.sleep(0.01)
-    raise AssertionError(f"no log line matches {pattern!r}: {server.lines[-5:]}")
 
 
 # ---------------------------------------------------------------- the openai client
@@ -209,7 +166,8 @@ def test_api_key_is_required_when_set(model):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": CHAT, "max_tokens": "8"}, "max_tokens"),
     ({"messages": CHAT, "max_tokens": True}, "max_tokens"),
-    ({"messages": CHAT, "max_tokens": 0}, "max_completion_tokens"),
+    ({"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+    ({"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
     ({"messages": CHAT, "temperature": "hot"}, "temperature"),
     ({"messages": CHAT, "temperature": -1}, "temperature"),
     ({"messages": CHAT, "top_p": 0}, "top_p"),

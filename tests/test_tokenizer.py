@@ -1,6 +1,9 @@
 """Tokenizer behaviour, with the real Phi-3 tokenizer in tests/fixtures/phi3-tokenizer
 (built from llama.cpp's vocabulary file by tools/make_phi3_tokenizer.py)."""
 
+import sys
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -113,3 +116,78 @@ def test_fixture_tokenizer_is_smaller_than_the_vocab():
 
     tok = load_tokenizer(FIXTURES / "mha")
     assert tok.vocab_size < load_config(FIXTURES / "mha").vocab_size
+
+
+# ---------------------------------------------------------------- what a server needs from it
+
+
+def test_encoding_lets_other_threads_run(phi3):
+    """A server tokenizes in request threads; while one text is tokenized, the other
+    threads must run. With a switch interval of 100 s the interpreter never takes the GIL
+    from a running thread, so this thread runs before the worker is done only if the
+    tokenizer lets go of the GIL itself (a plain `encode` holds it: measured 1.2 s for
+    a 1 MB text, during which nothing else ran)."""
+    finished, seen = threading.Event(), []
+    worker = threading.Thread(target=lambda: (phi3.encode("the quick brown fox. " * 10_000), finished.set()))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        worker.start()
+        seen.append(finished.is_set())  # runs when the worker gives up the GIL
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert seen == [False]
+
+
+def test_whitespace_list_is_what_python_calls_whitespace():
+    from minislm.tokenizer import WHITESPACE
+
+    assert set(WHITESPACE) == {chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()}
+
+
+TRICKY = st.lists(st.sampled_from(["x", "é", "🦙", " ", "  ", "\u3000", "\n", "\t", "▁", "</s>", "<|assistant|>",
+                                   "<|end|>", "<s>", "therefore,", "the", "<0x41>", "<"]), max_size=60).map("".join)
+
+
+@pytest.fixture(scope="module", params=["phi3-tokenizer", "phi4", "shakespeare"])
+def tokenizer(request):
+    from minislm.load import bundled_model
+
+    return load_tokenizer(FIXTURES / request.param if request.param != "shakespeare" else bundled_model())
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(TRICKY, st.text(max_size=80)))
+def test_fewest_tokens_is_never_more_than_the_tokens(tokenizer, text):
+    """The bound the server refuses over-long prompts by: any text, the added tokens that
+    swallow whitespace beside them (Phi-3's "</s>" + 10,000 spaces is one token) included."""
+    assert tokenizer.piece_bound[0] > 0  # Phi-3 SentencePiece-style, Phi-4 byte-level: the bound applies
+    assert tokenizer.fewest_tokens(text) <= len(tokenizer.encode(text, add_bos=False))
+
+
+def test_fewest_tokens_counts_bytes_over_the_longest_piece(phi3):
+    longest, strip_starts = phi3.piece_bound
+    assert longest == max(len(p.encode()) for p in phi3.backend.get_vocab(with_added_tokens=True))
+    assert strip_starts == "<"  # Phi-3's </s>, <|assistant|>, <|end|> ... are rstrip
+    assert phi3.fewest_tokens("x" * (10 * longest)) == 10
+    assert phi3.fewest_tokens("</s>" + " " * (10 * longest)) == 1
+
+
+def test_fewest_tokens_promises_nothing_for_pipelines_that_can_shrink_text():
+    """BERT-style whitespace splitting drops the spaces, NFKC turns "ﬁ" (3 bytes) into
+    "fi" (2), and without byte fallback a whole unknown word may be one <unk>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    from minislm.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2}
+    drops_spaces = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    drops_spaces.pre_tokenizer = pre_tokenizers.Whitespace()
+    nfkc = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    nfkc.normalizer = normalizers.NFKC()
+    no_fallback = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", fuse_unk=True))
+    for backend in (drops_spaces, nfkc, no_fallback):
+        tokenizer = Tokenizer(backend, {}, False, None)
+        assert tokenizer.piece_bound == (0, "") and tokenizer.fewest_tokens("a " * 1000) == 0

@@ -185,7 +185,7 @@ def run_decode(args) -> None:
     from minislm.kernels import set_threads
     from minislm.multimodal.image import process_image
     from minislm.multimodal.image_embedding import encode_image
-    from minislm.multimodal.random_checkpoint import write_phi4mm_shapes
+    from minislm.bench.random_checkpoint import write_phi4mm_shapes
     from minislm.sampling import Sampler, SamplingSettings
 
     set_threads(args.threads)

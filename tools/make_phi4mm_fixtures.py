@@ -20,7 +20,7 @@ Two processes:
    BPE tokenizer (the first 1000 ranks of o200k_base, Phi-4-mini's vocabulary, plus
    the special tokens), two synthetic pictures and a 16 kHz recording. The weights
    (model.safetensors, bf16, with `base_layer` / `lora_A.vision` ... names) are not in
-   the repo: minislm.multimodal.random_checkpoint rebuilds them from a seed.
+   the repo: minislm.bench.random_checkpoint rebuilds them from a seed.
 2. (the reference venv, without minislm) transformers' conversion script,
    convert_phi4_multimodal_weights_to_hf.py (from transformers' repository, not its
    wheel: pass its path), converts that checkpoint: `convert_and_write_model` and
@@ -287,14 +287,14 @@ def main() -> None:
     if not args.convert_script.is_file():
         sys.exit(f"--convert-script {args.convert_script}: no such file")
 
-    from minislm.multimodal.random_checkpoint import write_hub_checkpoint
+    from minislm.bench.random_checkpoint import write_hashed_checkpoint
 
     config = write_fixture_folder(FIXTURE)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = work / "hub"
         shutil.copytree(FIXTURE, model_dir)
-        checkpoint_sha = write_hub_checkpoint(model_dir, config, SEED)
+        checkpoint_sha = write_hashed_checkpoint(model_dir, config, SEED)
         job = {
             "model_dir": str(model_dir), "cases": CASES, "patches": PATCHES, "greedy_tokens": GREEDY_TOKENS,
             "seed": SEED, "checkpoint_sha256": checkpoint_sha, "tower": TOWER, "long_repeats": LONG_REPEATS,
