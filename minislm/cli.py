@@ -13,7 +13,8 @@ from .bench.cli import add_bench_arguments, run_bench_command
 from .commands import run_chat, run_generate, run_quantize
 from .errors import MinislmError
 from .flags import (
-    Command, add_group_flags, add_model_flags, add_num_crops_flag, add_quant_flags, add_sampling_flags, check_flags,
+    Command, add_audio_flag, add_group_flags, add_lora_flags, add_model_flags, add_num_crops_flag, add_quant_flags,
+    add_sampling_flags, check_flags,
 )
 from .perplexity import run_perplexity
 from .serve import run_serve
@@ -36,8 +37,11 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--show-experts", action="store_true", help="PhiMoE: print the experts each generated token used, per layer (stderr)")
     gen.add_argument("--save-experts", metavar="FILE", help="PhiMoE: save the experts and weights of every generated token as JSON")
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
-                     help="Phi-3-vision: an image to show the model (repeatable; <|image_1|> ... in the prompt place them)")
+                     help="Phi-3-vision, Phi-4-multimodal: an image to show the model (repeatable; <|image_1|> ... in "
+                          "the prompt place them)")
+    add_audio_flag(gen)
     add_num_crops_flag(gen)
+    add_lora_flags(gen)
     add_sampling_flags(gen)
     gen.add_argument("--num-beams", type=int, default=1, help="beam search with N beams; prints when done (default 1: no beams)")
     gen.add_argument("--length-penalty", type=float, default=1.0,
@@ -55,6 +59,7 @@ def add_chat_flags(chat: argparse.ArgumentParser) -> None:
     chat.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens (default 4096)")
     chat.add_argument("--show-experts", action="store_true", help="PhiMoE: after each reply, print the experts each of its tokens used, per layer (stderr)")
     add_num_crops_flag(chat)
+    add_lora_flags(chat)
     add_sampling_flags(chat)
 
 

@@ -13,6 +13,7 @@ from .beam import BeamStats
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text
 from .load import bundled_model, load
+from .media_commands import ChatMedia, apply_lora_flags, check_reads_audio, encode_multimodal_prompt, process_audios
 from .moe import routing_per_token
 from .quantize import save_quantized
 from .runtime import beam_search, generate_ids, make_sampler, reuse_cached_prefix, sampling_settings
@@ -55,11 +56,11 @@ def load_model(args):
         model = load(source, **flags)
         if model.tokenizer is None:
             raise MinislmError(f"{source}: this GGUF file has no tokenizer (no tokenizer.ggml.* metadata)")
-        return model
+        return apply_lora_flags(model, args)
     model_dir = resolve_model_dir(source, args.revision)
     if (model_dir / "config.json").is_file() and load_tokenizer(model_dir) is None:  # before loading gigabytes
         raise MinislmError(f"{model_dir}: no tokenizer.json (nor Phi-3-small's {PHI3_SMALL_RANK_FILE}) in the model folder")
-    return load(model_dir, **flags)
+    return apply_lora_flags(load(model_dir, **flags), args)  # --lora DIR: an adapter on the decoder
 
 
 def sampler_for(args, model) -> Sampler:
@@ -89,15 +90,20 @@ def run_generate(args) -> int:
     if args.save_experts and not Path(args.save_experts).resolve().parent.is_dir():
         raise MinislmError(f"--save-experts: the folder of {args.save_experts} does not exist")
     pictures = open_images(args.image)  # before loading: a bad file fails at once
+    audios = process_audios(args.audio)
     model = load_model(args)
     trace = routing_recorder() if args.show_experts or args.save_experts else None
     if trace is not None:
         check_has_experts(model, "--show-experts" if args.show_experts else "--save-experts")
     features = None
-    if model.config.vision is not None:  # Phi-3-vision: tags, placeholders and encoded images
+    if model.config.phi4mm is not None:  # Phi-4-multimodal: pictures, sound, and the adapter they ask for
+        model, ids, features = encode_multimodal_prompt(model, prompt, pictures, audios, args)
+    elif model.config.vision is not None:  # Phi-3-vision: tags, placeholders and encoded images
+        check_reads_audio(model, audios)
         ids, features = encode_image_prompt(model, prompt, pictures, args)
     else:
         check_reads_images(model, pictures)
+        check_reads_audio(model, audios)
         ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
     if args.num_beams > 1:
         if features is not None:
@@ -128,14 +134,14 @@ def open_images(paths) -> list:
         return []
     from .vision.image import open_image
 
-    return [open_image(path) for path in paths]
+    return [open_image(path, mode=None) for path in paths]  # each model's processor makes them RGB its way
 
 
 def check_reads_images(model, pictures) -> None:
     if pictures:
         raise MinislmError(
             f"--image: {model.path} is a {model.config.model_type} model, which cannot read images "
-            "(phi3_v models can: Phi-3-vision, Phi-3.5-vision)"
+            "(Phi-3-vision, Phi-3.5-vision and Phi-4-multimodal can)"
         )
 
 
@@ -259,13 +265,15 @@ def run_chat(args) -> int:
     sampler = sampler_for(args, model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    images = ChatImages(model, args.num_crops)
+    images = ChatMedia(model, args) if model.config.phi4mm is not None else ChatImages(model, args.num_crops)
     tokenizer.encode_chat(system + [{"role": "user", "content": "hello"}])  # a template that cannot render: stop now
     # A line that is not UTF-8 must not end the session: read it with its bad bytes
     # kept as surrogates, and refuse that one line.
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
     help_images = ", /image PATH to show it a picture" if model.config.vision is not None else ""
+    if model.config.phi4mm is not None:
+        help_images = ", /image PATH or /audio PATH to show it a picture or play it a recording"
     print(f"minislm chat with {model.path}: /bye or Ctrl-D to quit, /clear to start over, "
           f"Ctrl-C to stop a reply{help_images}", file=sys.stderr)
     while True:
@@ -285,8 +293,9 @@ def run_chat(args) -> int:
             images.clear()
             cache.truncate(0)
             continue
-        if command.split(maxsplit=1)[:1] == ["/image"]:
-            images.attach(command[len("/image") :].strip())
+        if command.split(maxsplit=1)[:1] in (["/image"], ["/audio"]):
+            kind = command.split(maxsplit=1)[0][1:]
+            images.attach(kind, command[len(kind) + 1 :].strip())
             continue
         if not command:
             continue
@@ -311,7 +320,8 @@ def run_chat(args) -> int:
             print(f"[context full: {len(ids)} tokens, --ctx-size {capacity}; /clear to start over]", file=sys.stderr)
             continue
         images.sent()
-        reply, stats, keep, routing = chat_turn(model, cache, sampler, ids, features, args, capacity)
+        turn_model = images.model_for_turn(cache)  # Phi-4-multimodal: the conversation's adapter
+        reply, stats, keep, routing = chat_turn(turn_model, cache, sampler, ids, features, args, capacity)
         messages.append({"role": "assistant", "content": reply})
         if routing is not None:
             print_expert_trace(routing, model)
@@ -372,12 +382,15 @@ class ChatImages:
         self.images, self.features = [], []  # ProcessedImage, (tokens, D) per image
         self.pending = 0  # attached since the last user turn
 
-    def attach(self, path: str) -> None:
+    def attach(self, kind: str, path: str) -> None:
         from .vision.embedding import encode_image
         from .vision.image import open_image, process_image
 
         vision = self.model.config.vision
         try:
+            if kind == "audio":
+                raise MinislmError(f"/audio: {self.model.path} is a {self.model.config.model_type} model, which cannot "
+                                   "hear (Phi-4-multimodal can)")
             if vision is None:
                 raise MinislmError(f"/image: {self.model.path} is a {self.model.config.model_type} model, which cannot read images")
             if not path:
@@ -399,6 +412,9 @@ class ChatImages:
 
     def sent(self) -> None:
         self.pending = 0
+
+    def model_for_turn(self, cache):
+        return self.model
 
     def clear(self) -> None:
         self.images, self.features, self.pending = [], [], 0
@@ -443,7 +459,7 @@ def run_quantize(args) -> int:
             write_hub_files(Path(model.path), Path(source))
             save_quantized(Path(source), out_dir, model.weights, quant)
     else:
-        save_quantized(model.path, out_dir, model.weights, quant)
+        save_quantized(model.path, out_dir, model.weights, quant, model.adapters)  # Phi-4-multimodal's adapters too
     size = sum(p.stat().st_size for p in out_dir.iterdir())
     print(f"{out_dir}: {quant.describe()}, {size / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s")
     return 0

@@ -11,11 +11,14 @@ Phi-3 config files exist in two layouts in the wild, and we read both:
 Where both say something, we resolve it the way transformers' `Phi3Config` does,
 because transformers is the reference our logits are checked against.
 
-Four model types: "phi3" (Phi-3/3.5-mini, medium, Phi-4-mini), "phimoe"
+Six model types: "phi3" (Phi-3/3.5-mini, medium, Phi-4-mini), "phimoe"
 (Phi-3.5-MoE), whose extra keys — experts, biases, LongRoPE's `short_mscale` and
 `long_mscale` — are read by `parse_moe` and `parse_rope`, "phi3_v"
 (Phi-3-vision, Phi-3.5-vision): a phi3 decoder plus an image encoder, whose keys
-`minislm.vision.config.parse_vision` reads, and "phi3small" (Phi-3-small, hub remote
+`minislm.vision.config.parse_vision` reads, "phi4mm" and "phi4_multimodal"
+(Phi-4-multimodal in the hub's and in transformers' layout): the Phi-4-mini decoder
+plus a SigLIP image tower, a Conformer speech encoder and two LoRA adapters, read by
+`minislm.multimodal.config.parse_phi4mm`, and "phi3small" (Phi-3-small, hub remote
 code), whose config.json names its keys its own way (minislm/phi3small_config.py).
 """
 
@@ -25,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MinislmError
+from .multimodal.config import MODEL_TYPES as PHI4MM_TYPES
+from .multimodal.config import Phi4MMConfig, parse_phi4mm
 from .phi3small_config import Phi3SmallConfig, parse_phi3small, phi3small_rope, phi3small_sizes
 from .vision.config import VisionConfig, parse_vision
 
-SUPPORTED_MODEL_TYPES = ("phi3", "phimoe", "phi3_v", "phi3small")
+SUPPORTED_MODEL_TYPES = ("phi3", "phimoe", "phi3_v", "phi3small", *PHI4MM_TYPES)
 SUPPORTED_ROPE_TYPES = ("default", "longrope")
 # Older hub files call LongRoPE "su"; transformers' Phi3Config also maps "yarn" to it.
 ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}
@@ -88,6 +93,8 @@ class ModelConfig:
     vision: VisionConfig | None = None
     # phi3small only: muP multipliers, GEGELU's limit, the block-sparse attention pattern.
     phi3small: Phi3SmallConfig | None = None
+    # Phi-4-multimodal (phi4mm, phi4_multimodal) only: its SigLIP and Conformer encoders, adapters.
+    phi4mm: Phi4MMConfig | None = None
 
     @property
     def q_size(self) -> int:
@@ -135,7 +142,7 @@ def load_config(model_dir: Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise MinislmError(f"{model_dir}: no config.json in this folder")
-    preprocessor = Path(model_dir) / "preprocessor_config.json"  # images: num_crops (phi3_v)
+    preprocessor = Path(model_dir) / "preprocessor_config.json"  # images: num_crops (phi3_v), dynamic_hd (phi4mm)
     return parse_config(read_json(path), str(path), read_json(preprocessor) if preprocessor.is_file() else None)
 
 
@@ -253,6 +260,7 @@ def parse_config(raw: dict, source: str = "config.json", preprocessor: dict | No
         eos_token_ids=as_id_tuple(raw.get("eos_token_id"), f"{source}: 'eos_token_id'"),
         **(parse_moe(raw, source) if model_type == "phimoe" else {}),
         vision=parse_vision(raw, source, preprocessor) if model_type == "phi3_v" else None,
+        phi4mm=parse_phi4mm(raw, source, preprocessor) if model_type in PHI4MM_TYPES else None,
     )
 
 

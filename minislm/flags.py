@@ -48,7 +48,22 @@ def add_group_flags(p: argparse.ArgumentParser) -> None:
 
 def add_num_crops_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-crops", type=int, metavar="N",
-                   help="Phi-3-vision: cut each image into at most N 336x336 crops, 1..16 (default: the model's, usually 16)")
+                   help="cut each image into at most N crops: Phi-3-vision 336x336, 1..16 (default: the model's, "
+                        "usually 16); Phi-4-multimodal 448x448, 1..64 (default 36)")
+
+
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", metavar="DIR",
+                   help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for the decoder")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="merge the adapter into the weights once (W + scale·B·A) instead of adding B·(A·x) per "
+                        "token: --lora's, or Phi-4-multimodal's for the prompt's modality")
+
+
+def add_audio_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="Phi-4-multimodal: a sound file to play the model (repeatable; WAV/FLAC/OGG/MP3 at any rate; "
+                        "<|audio_1|> ... in the prompt place them)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -85,8 +100,8 @@ def check_flags(args) -> None:
         raise MinislmError(f"--stride must be >= 1, got {args.stride}")
     if getattr(args, "ctx_size", 1) < 1:
         raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
-    if getattr(args, "num_crops", None) is not None and not 1 <= args.num_crops <= 16:
-        raise MinislmError(f"--num-crops must be from 1 to 16, got {args.num_crops}")
+    if getattr(args, "num_crops", None) is not None and not 1 <= args.num_crops <= 64:
+        raise MinislmError(f"--num-crops must be from 1 to 64 (Phi-3-vision takes at most 16), got {args.num_crops}")
     if getattr(args, "model", None) is not None and not args.model.strip():
         raise MinislmError("--model is empty; give a model folder or a Hugging Face repo id (or leave --model out)")
     for attr, (setting, flag) in SAMPLING_FLAGS.items():

@@ -26,6 +26,8 @@ from .formats import kernel_weights
 from .formats.grouped import GroupedCodes, RowStack, to_float32
 from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
+from .lora import packed_adapter
+from .multimodal.checkpoint import load_adapters, split_checkpoint
 from .quantize import QuantConfig, pack_weights, packable, read_packed_weights
 from .runtime import Model
 from .streaming import release, widen
@@ -76,6 +78,9 @@ def load(
     model_dir = resolve_model_dir(bundled_model() if model is None else model, revision)
     config = load_config(model_dir)
     tensors = split_fused_experts(read_checkpoint(model_dir), config, model_dir)
+    lora_tensors = {}
+    if config.phi4mm is not None:  # Phi-4-multimodal: the adapters apart, the hub's names
+        tensors, lora_tensors = split_checkpoint(tensors, config.phi4mm, model_dir)
     foreign = hub_quantization(read_json(Path(model_dir) / "config.json"), str(Path(model_dir) / "config.json"))
     stored = stored_quantization(model_dir) if foreign is None else None
     check_quant_request(model_dir, stored, quant, group_size, symmetric, output_bits)
@@ -103,8 +108,11 @@ def load(
             weights = {name: widened(name, tensors[name]) for name in expected_shapes(config)}
         else:
             weights = pack_weights(tensors, config, used, model_dir)
+    adapters = load_adapters(model_dir, config, lora_tensors, weights) if config.phi4mm is not None else None
+    if adapters and used is not None:  # packed weights: the adapters in bf16 too
+        adapters = {name: packed_adapter(adapter) for name, adapter in adapters.items()}
     return Model(config, weights, tokenizer=tokenizer, generation_config=generation_config, path=Path(model_dir),
-                 kv_cache=kv_cache or default_kv_cache(weights), packing=used)
+                 kv_cache=kv_cache or default_kv_cache(weights), packing=used, adapters=adapters)
 
 
 def default_kv_cache(weights: dict) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from .config import read_json
 from .errors import MinislmError
 from .streaming import Scratch, release, to_bf16_bits, widen
+from .multimodal.config import EXTEND, encoder_matrix
 from .vision.config import IMAGE_EMBED
 from .weights import SAFETENSORS_TAGS, StoredTensor, expected_shapes, write_safetensors
 
@@ -49,6 +50,7 @@ COMPANION_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
     "tokenizer.model",
+    "preprocessor_config.json",  # images (num_crops, dynamic_hd)
 )
 
 
@@ -107,9 +109,12 @@ def output_layer(config) -> str:
 
 def packable(name: str, shape: tuple) -> bool:
     """2-D weights are packed; the PhiMoE router stays exact (see the module docstring).
-    Phi-3-vision's image encoder: its linear layers only (position embeddings add)."""
+    Phi-3-vision's image encoder: its linear layers only (position embeddings add);
+    Phi-4-multimodal's encoders: their linear layers only (tables are looked up)."""
     if name.startswith(IMAGE_EMBED):
         return name.endswith(IMAGE_MATRICES)
+    if name.startswith(EXTEND):
+        return encoder_matrix(name, shape)
     return len(shape) == 2 and not name.endswith("block_sparse_moe.gate.weight")
 
 
@@ -120,8 +125,8 @@ def module_name(name: str) -> str:
 
 
 def stays_bf16(name: str, quant: QuantConfig) -> bool:
-    """bf16 weights, and the image encoder's matrices under every format."""
-    return quant.format == "bf16" or name.startswith(IMAGE_EMBED)
+    """bf16 weights, and the encoders' matrices (pictures, sound) under every format."""
+    return quant.format == "bf16" or name.startswith((IMAGE_EMBED, EXTEND))
 
 
 def pack(name: str, tensor: StoredTensor, quant: QuantConfig, scratch: Scratch, is_output: bool = False):
@@ -171,8 +176,9 @@ def pack_weights(tensors: dict[str, StoredTensor], config, quant: QuantConfig, w
 
 def read_packed_weights(tensors: dict[str, StoredTensor], config, quant: QuantConfig, where: Path) -> dict:
     """The forward's weight dict from an int4 checkpoint: memory-mapped, not re-quantized
-    (a version-1 folder's tiles are converted, exactly, into today's layout)."""
-    from .kernels import Int4Weight, Int8Weight
+    (a version-1 folder's tiles are converted, exactly, into today's layout). The
+    encoders' matrices are bf16 there, as `save_quantized` wrote them."""
+    from .kernels import Bf16Weight, Int4Weight, Int8Weight
     from .kernels.packed import from_old_int4_tensors
 
     arrays = {name: t.array for name, t in tensors.items()}
@@ -182,6 +188,12 @@ def read_packed_weights(tensors: dict[str, StoredTensor], config, quant: QuantCo
             if name not in tensors:
                 raise MinislmError(f"{where}: missing tensor '{name}'")
             weights[name] = np.ascontiguousarray(tensors[name].float32())
+            used.add(name)
+            continue
+        if stays_bf16(name, quant):
+            if name not in tensors or tensors[name].dtype != "BF16":
+                raise MinislmError(f"{where}: missing bf16 tensor '{name}' (encoders stay bf16 in an int4 folder)")
+            weights[name] = Bf16Weight(tensors[name].array, name=name)
             used.add(name)
             continue
         prefix = module_name(name)
@@ -216,9 +228,14 @@ def stored_arrays(weights: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantConfig) -> None:
+def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantConfig, adapters: dict | None = None) -> None:
     """Write a complete int4 model folder, or nothing: everything goes to a hidden
-    staging folder first, which becomes `out_dir` by one rename at the end."""
+    staging folder first, which becomes `out_dir` by one rename at the end.
+
+    Phi-4-multimodal: the encoders' matrices are written as bf16; its `adapters` go
+    where the source layout keeps them (the hub's: inside model.safetensors as
+    `...lora_A.vision.weight`, bf16; transformers': the vision-lora/ and speech-lora/
+    folders, copied)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise MinislmError(f"--out {out_dir}: already exists; choose a new folder")
@@ -232,7 +249,12 @@ def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantC
         raise MinislmError(f"--out {out_dir}: cannot write in {out_dir.parent} ({e.strerror})") from None
     try:
         arrays = stored_arrays(weights)
-        entries = {name: (SAFETENSORS_TAGS[a.dtype], a.shape) for name, a in arrays.items()}
+        bf16 = {module_name(n) + ".weight" for n, w in weights.items() if type(w).__name__ == "Bf16Weight"}
+        if adapters and not (Path(source_dir) / "vision-lora").is_dir():
+            lora = hub_adapter_arrays(adapters)
+            arrays.update(lora)
+            bf16.update(lora)
+        entries = {name: ("BF16" if name in bf16 else SAFETENSORS_TAGS[a.dtype], a.shape) for name, a in arrays.items()}
         write_safetensors(staging / "model.safetensors", entries, arrays.values(), {"format": "pt", "quantized_by": METHOD})
         raw = read_json(Path(source_dir) / "config.json")
         raw["quantization_config"] = quant.to_json()
@@ -240,6 +262,9 @@ def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantC
         for name in COMPANION_FILES:
             if (Path(source_dir) / name).is_file():
                 shutil.copy2(Path(source_dir) / name, staging / name)
+        for folder in ("vision-lora", "speech-lora"):  # a converted Phi-4-multimodal's adapters
+            if adapters and (Path(source_dir) / folder).is_dir():
+                shutil.copytree(Path(source_dir) / folder, staging / folder)
         staging.rename(out_dir)
     except OSError as e:  # disk full, a folder made read-only meanwhile ...
         shutil.rmtree(staging, ignore_errors=True)
@@ -247,3 +272,18 @@ def save_quantized(source_dir: Path, out_dir: Path, weights: dict, quant: QuantC
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def hub_adapter_arrays(adapters: dict) -> dict[str, np.ndarray]:
+    """The adapters under the hub's names, `<module>.lora_A.<adapter>.weight`, as bf16 bits
+    (the hub's own precision for them; a packed model holds them in bf16)."""
+    from .lora import as_float32
+    from .weights import float32_to_bf16
+
+    out = {}
+    for adapter in adapters.values():
+        for name, pair in adapter.pairs.items():
+            module = module_name(name)
+            out[f"{module}.lora_A.{adapter.name}.weight"] = float32_to_bf16(as_float32(pair.A))
+            out[f"{module}.lora_B.{adapter.name}.weight"] = float32_to_bf16(as_float32(pair.B))
+    return out

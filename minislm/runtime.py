@@ -137,9 +137,12 @@ class Model:
     """
 
     def __init__(self, config: ModelConfig, weights: dict, *, kv_cache: str, tokenizer=None,
-                 generation_config: GenerationConfig | None = None, path=None, packing=None):
+                 generation_config: GenerationConfig | None = None, path=None, packing=None, adapters=None):
         self.config = config
         self.weights = weights
+        self.adapters = adapters or {}  # LoRA adapters by name (Phi-4-multimodal: "vision", "speech")
+        self.adapter = None  # the one applied to `weights` (see with_adapter)
+        self.base_model = None  # the model without it
         self.kv_cache = kv_cache
         self.weights_format = WeightsFormat.of(weights, kv_cache)
         self.packing = packing
@@ -168,7 +171,7 @@ class Model:
             raise MinislmError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
         if image_features is not None:
             shape = (placeholders, self.config.hidden_size)
-            if self.config.vision is None:
+            if self.config.vision is None and self.config.phi4mm is None:
                 raise MinislmError(f"{self.path}: a {self.config.model_type} model has no image encoder")
             if np.shape(image_features) != shape:
                 raise MinislmError(f"image_features of shape {np.shape(image_features)} for {placeholders} placeholders; expected {shape}")
@@ -240,6 +243,56 @@ class Model:
             turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             text = self.tokenizer.render_chat(turns)
         return build_image_prompt(self, text, list(images), num_crops, trace)
+
+    def multimodal_prompt(self, prompt: str, images=(), audios=(), system: str | None = None, chat: bool = True,
+                          trace=None, max_crops: int | None = None):
+        """Phi-4-multimodal: a prompt, its images (paths or Pillow images) and sounds
+        (paths, bytes, or (samples, rate)) -> a `minislm.multimodal.prompt.MultimodalPrompt`:
+        ids with placeholders, the encoded inputs, and the adapter the reference uses
+        for them ("vision" with a picture, "speech" with sound only, None for text):
+
+            p = model.multimodal_prompt("Transcribe the audio clip.", audios=["talk.wav"])
+            for token in model.with_adapter(p.adapter).generate(p.ids, 100, image_features=p.features): ...
+
+        `<|image_k|>` / `<|audio_k|>` tags mark where each goes; without any, all images
+        then all audios go first. With `chat` the prompt is one user turn in the chat
+        template. A `trace` recorder gets each input's steps; `max_crops` (1..64) caps the
+        448x448 crops per image (default: preprocessor_config.json's dynamic_hd, 36).
+        """
+        from .multimodal.prompt import build_multimodal_prompt, with_tags
+
+        images, audios = list(images), list(audios)
+        text = with_tags(prompt, len(images), len(audios))
+        if chat and self.tokenizer.chat_template:
+            turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            text = self.tokenizer.render_chat(turns)
+        return build_multimodal_prompt(self, text, images, audios, trace, max_crops)
+
+    def with_adapter(self, adapter, merge: bool = False) -> "Model":
+        """This model with a LoRA adapter: a name from `adapters` ("vision", "speech"), a
+        `minislm.lora.Adapter`, or None for the plain model. The weights are shared; each
+        adapted matrix computes W·x + (B·(A·x))·scale, or, with `merge`, W + scale·B·A
+        is formed once (for when one modality is fixed: faster, a copy of those matrices)."""
+        from .lora import merge_adapter, with_adapter
+
+        base = self.base_model or self
+        if isinstance(adapter, str):
+            if adapter not in base.adapters:
+                known = ", ".join(base.adapters) or "none"
+                raise MinislmError(f"{base.path}: no adapter {adapter!r} (this model has: {known})")
+            adapter = base.adapters[adapter]
+        if adapter is self.adapter and not merge:
+            return self
+        if adapter is None:
+            return base
+        weights = merge_adapter(base.weights, adapter) if merge else with_adapter(base.weights, adapter)
+        adapted = Model(base.config, weights, kv_cache=base.kv_cache, tokenizer=base.tokenizer,
+                        generation_config=base.generation_config, path=base.path, packing=base.packing,
+                        adapters=base.adapters)
+        adapted.weights_format = base.weights_format
+        adapted.base_model = base
+        adapted.adapter = adapter
+        return adapted
 
     def generate(
         self,

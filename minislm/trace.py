@@ -13,8 +13,13 @@ after it, H / KV heads, hd head size, D hidden, F ffn, E experts, V vocab):
 
     image_views        (n, 3, 336, 336)  an image's global view and crops  [no layer; phi3_v, one per image]
     image_patches      (n, 576, 1024)    CLIP's features of each view      [no layer; phi3_v, one per image]
-    image_tokens       (k, D)      the image's projected tokens            [no layer; phi3_v, one per image]
-    image_positions    (k',)       where this forward's image tokens sit   [no layer; phi3_v]
+    image_pooled       (n, 16, 16, C)    SigLIP's features, 2x2-averaged   [no layer; phi4mm, one per image]
+    image_tokens       (k, D)      the image's projected tokens            [no layer; phi3_v, phi4mm, one per image]
+    audio_features     (T_a, 80)   a recording's log-mel frames            [no layer; phi4mm, one per audio]
+    audio_conv         (T_a/8, Da) after the Conformer's subsampling convolutions [no layer; phi4mm]
+    audio_states       (T_a/8, Da) the Conformer's output                  [no layer; phi4mm, one per audio]
+    audio_tokens       (k, D)      the recording's projected tokens        [no layer; phi4mm, one per audio]
+    image_positions    (k',)       where this forward's image (and audio) tokens sit   [no layer; phi3_v, phi4mm]
     embed              (T, D)      token embeddings                      [no layer]
     attn_norm          (T, D)      input_layernorm(x): what attention reads
     q                  (H, T, hd)  queries, after RoPE
@@ -56,7 +61,9 @@ LAYER_STEPS = (
     "attn_norm", "q", "k", "v", "attn_probs", "attn_heads", "attn_out", "resid_mid",
     "ffn_norm", "gate", "up", "router_logits", "experts", "expert_weights", "ffn_out", "resid_post",
 )
-VISION_STEPS = ("image_views", "image_patches", "image_tokens", "image_positions")  # phi3_v, before embed
+# phi3_v and Phi-4-multimodal, before embed
+VISION_STEPS = ("image_views", "image_patches", "image_pooled", "image_tokens", "audio_features", "audio_conv",
+                "audio_states", "audio_tokens", "image_positions")
 MODEL_STEPS = VISION_STEPS + ("embed", "final_norm", "logits")
 STEPS = VISION_STEPS + ("embed",) + LAYER_STEPS + ("final_norm", "logits")  # forward order
 # What a recorder may hold unless told otherwise: enough for every step of the shipped

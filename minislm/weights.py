@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import ModelConfig, read_json
 from .errors import MinislmError
+from .multimodal.config import phi4mm_shapes
 # bfloat16 is defined once, beside the kernels that widen it (kernels/reference.py):
 # widening is a 16-bit shift (exact), rounding is to nearest, ties to even.
 from .kernels.reference import bf16_to_f32 as bf16_to_float32
@@ -294,6 +295,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.bias"] = (V,)
     if config.vision is not None:  # phi3_v: the CLIP tower, separators and projector
         shapes.update(vision_shapes(config.vision, D))
+    if config.phi4mm is not None:  # Phi-4-multimodal: SigLIP, Conformer, separators, projectors
+        shapes.update(phi4mm_shapes(config.phi4mm, D))
     return shapes
 
 

@@ -134,6 +134,52 @@ def phi3_v_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# Phi-4-multimodal's golden fixture keeps no weights either: the hub-layout checkpoint is
+# rebuilt from a seed (minislm.bench.random_checkpoint), and the converted folder
+# from that, tensor by tensor, under the names transformers' conversion script gave them
+# (tools/make_phi4mm_fixtures.py recorded each name and the SHA-256 of its bytes).
+PHI4MM_FIXTURE = FIXTURES / "phi4mm"
+PHI4MM_REFERENCE = PHI4MM_FIXTURE / "reference_phi4mm.safetensors"
+
+
+@pytest.fixture(scope="session")
+def phi4mm_dir(tmp_path_factory) -> Path:
+    """tests/fixtures/phi4mm (the hub's layout, model_type phi4mm) with its rebuilt checkpoint."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    from minislm.bench.random_checkpoint import write_hashed_checkpoint
+
+    folder = tmp_path_factory.mktemp("phi4mm") / "hub"
+    shutil.copytree(PHI4MM_FIXTURE, folder, ignore=shutil.ignore_patterns("converted", "reference_*"))
+    metadata = safe_open(PHI4MM_REFERENCE, "np").metadata()
+    sha = write_hashed_checkpoint(folder, json.loads((folder / "config.json").read_text()), int(metadata["seed"]))
+    assert sha == metadata["checkpoint_sha256"], "the rebuilt checkpoint is not the one the reference ran on"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def phi4mm_converted_dir(phi4mm_dir, tmp_path_factory) -> Path:
+    """The same model as transformers' conversion script wrote it (model_type phi4_multimodal,
+    the adapters in vision-lora/ and speech-lora/), with the hub folder's tokenizer and files."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    from minislm.bench.random_checkpoint import write_converted_checkpoint
+
+    folder = tmp_path_factory.mktemp("phi4mm") / "converted"
+    shutil.copytree(PHI4MM_FIXTURE / "converted", folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json"):
+        shutil.copyfile(phi4mm_dir / name, folder / name)
+    converted = json.loads(safe_open(PHI4MM_REFERENCE, "np").metadata()["converted_tensors"])
+    write_converted_checkpoint(folder, phi4mm_dir / "model.safetensors", converted)
+    return folder
+
+
 # ---------------------------------------------------------------- CI's two phases
 
 

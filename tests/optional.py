@@ -23,6 +23,10 @@ SKIP_PREFIX = "optional"
 OPTIONAL_PACKAGES = {
     "torch": ("MINISLM_REQUIRE_REFERENCE", "pip install torch==2.13.0, or the `reference` extra"),
     "transformers": ("MINISLM_REQUIRE_REFERENCE", "pip install transformers, or the `reference` extra"),
+    # transformers' Phi-4-multimodal image processor runs on torchvision, which needs torch 2.14.1 here
+    # (PyPI's torchvision does not import beside the 2.13.0 wheel CI uses): its own variable
+    "torchvision": ("MINISLM_REQUIRE_TORCHVISION", "pip install torch==2.14.1 torchvision==0.29.1"),
+    "peft": ("MINISLM_REQUIRE_REFERENCE", "pip install peft, or the `reference` extra"),
     "llama_cpp": ("MINISLM_REQUIRE_LLAMA_CPP", "pip install llama-cpp-python (a native build)"),
     "mlx": ("MINISLM_REQUIRE_FORMAT_REFERENCES", "pip install 'mlx[cpu]'"),
     "awq": ("MINISLM_REQUIRE_FORMAT_REFERENCES", "pip install --no-deps autoawq==0.2.9"),

@@ -352,3 +352,84 @@ def test_image_page_shows_the_views_and_one_box_for_the_image_tokens(browser, im
                         "let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + d[i+1] + d[i+2]; return s;")
     assert blank > 0
     assert drawn(browser)["drawn"] == "1"
+
+
+# ---------------------------------------------------------------- a picture and a recording (Phi-4-multimodal)
+
+
+@pytest.fixture(scope="module")
+def phi4mm_page(phi4mm_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("explain_phi4mm") / "phi4mm.html"
+    argv = ["explain", "--model", str(phi4mm_dir), "--image", str(phi4mm_dir / "landscape.png"), "--audio",
+            str(phi4mm_dir / "speech.wav"), "Describe.", "--layers", "0", "--out", str(path)]
+    assert main(argv) == 0
+    return path
+
+
+def heat(v: np.ndarray) -> np.ndarray:
+    """views.js's heat scale, written again: byte v -> (v, 2v - 255, 160 - v), clipped at 0."""
+    v = v.astype(np.int64)
+    return np.stack([v, np.maximum(0, 2 * v - 255), np.maximum(0, 160 - v)], axis=-1)
+
+
+def test_phi4mm_page_draws_the_spectrogram_the_encoder_read(browser, phi4mm_page, phi4mm_dir):
+    """The spectrogram drawn is the recording's log-mel features (transformers'
+    Phi4MultimodalFeatureExtractor, held to it by tests/test_phi4mm_fixture.py), scaled
+    from their own min to max, low bands at the bottom; ticks group 8 frames a token."""
+    model = minislm.load(phi4mm_dir)
+    prompt = model.multimodal_prompt("Describe.", [phi4mm_dir / "landscape.png"], [phi4mm_dir / "speech.wav"],
+                                     chat=False)
+    features = prompt.audios[0].features  # (frames, 80)
+    data = page_json(phi4mm_page.read_text(encoding="utf-8"))
+    (audio,) = data["audios"]
+    low, high = features.min(), features.max()
+    expected = np.round((features - low) / (high - low) * 255).T[::-1].astype(np.uint8)  # (80, frames), low bands last
+    drawn_bytes = np.frombuffer(base64.b64decode(audio["spectrogram"]), np.uint8).reshape(80, -1)
+    np.testing.assert_array_equal(drawn_bytes, expected)
+    assert (audio["low"], audio["high"]) == (round(float(low), 3), round(float(high), 3))
+
+    open_page(browser, phi4mm_page)
+    assert browser.run("return document.getElementById('audios-section').hidden") is False
+    canvas = browser.run("const c = document.querySelector('#audios canvas.spectrogram'); "
+                         "return [c.width, c.height, Object.assign({}, c.dataset), "
+                         "Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];")
+    width, height, dataset, rgba = canvas
+    frames = len(features)
+    assert (width, height) == (frames, 80 + 6) and dataset["tokenGroups"] == str(-(-frames // 8))
+    pixels = np.array(rgba, dtype=np.int64).reshape(height, width, 4)
+    np.testing.assert_array_equal(pixels[:80, :, :3], heat(expected))
+    tick_row = pixels[80, :, 0]
+    changes = np.flatnonzero(np.diff(tick_row)) + 1
+    np.testing.assert_array_equal(changes, np.arange(8, frames, 8))  # a new shade where each token's frames start
+    shown = browser.run("return Object.assign({}, document.querySelector('#audios .legend').dataset);")
+    assert (float(shown["low"]), float(shown["high"])) == (audio["low"], audio["high"])
+    box = browser.run("return Array.from(document.querySelectorAll('#tokens .tok.img'), "
+                      "s => [s.dataset.first, s.dataset.last, s.textContent]);")
+    spans = {name: (a, b) for name, a, b in prompt.spans()}
+    a, b = spans["audio 1"]
+    assert [str(a), str(b - 1)] in [entry[:2] for entry in box]
+    assert any(text.startswith(f"<audio_1> \u00d7{b - a}") for *_, text in box)
+
+
+def test_phi4mm_page_names_the_adapter_and_the_padding_of_each_view(browser, phi4mm_page, phi4mm_dir):
+    from PIL import Image
+
+    from minislm.multimodal.image import process_image
+
+    data = page_json(phi4mm_page.read_text(encoding="utf-8"))
+    (image,) = data["images"]
+    processed = process_image(Image.open(phi4mm_dir / "landscape.png"))
+    held = processed.patch_mask.reshape(len(processed.patch_mask), -1).sum(axis=1)
+    assert image["patches"] == [32, 32] and image["picture_patches"] == held.tolist()
+    assert held[0] == 32 * 32 and held.min() < 32 * 32  # the global view is all picture; a crop is padded
+
+    open_page(browser, phi4mm_page)
+    summary = browser.run("return document.getElementById('summary').textContent")
+    assert f"The decoder ran with adapter {data['adapter']}." in summary and data["adapter"].startswith("vision: ")
+    captions = browser.run("return Array.from(document.querySelectorAll('#images figure'), f => f.textContent)")
+    assert len(captions) == len(held) and captions[0] == "global view"
+    for v, (caption, n) in enumerate(zip(captions[1:], held[1:]), 1):
+        percent = int(np.floor(100 * n / 1024 + 0.5))  # JavaScript's Math.round
+        assert caption == f"crop {v}" + (f" ({percent}% picture)" if n < 1024 else "")
+    line = browser.run("return document.querySelector('#images p').textContent")
+    assert "32 x 32 patches in the vision tower, pooled 2 x 2 and projected" in line

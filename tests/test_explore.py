@@ -109,6 +109,14 @@ def test_explore_refuses_an_image_for_a_model_that_cannot_read_one(capsys):
     assert "cannot read images" in err and err.count("\n") == 1
 
 
+def test_explore_sends_phi4_multimodal_pictures_to_explain(capsys, phi4mm_dir):
+    """The explorer's prompts run Phi-3-vision's image path only: a Phi-4-multimodal
+    picture is refused at start, in one line naming the commands that take it."""
+    assert main(["explore", "-m", str(phi4mm_dir), "--image", str(phi4mm_dir / "landscape.png")]) == 2
+    err = capsys.readouterr().err
+    assert "minislm explain --image/--audio" in err and err.count("\n") == 1
+
+
 def test_a_step_before_any_prompt_is_a_conflict(shipped):
     with serving(shipped) as server:
         status, _, payload = raw(server, "POST", "/api/step", {"n": 1})

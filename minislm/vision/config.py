@@ -146,15 +146,20 @@ def vision_shapes(vision: VisionConfig, text_hidden: int) -> dict[str, tuple[int
         shapes[f"{VISION_MODEL}{norm}.weight"] = (C,)
         shapes[f"{VISION_MODEL}{norm}.bias"] = (C,)
     for i in range(vision.num_hidden_layers):
-        layer = f"{VISION_MODEL}encoder.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{layer}self_attn.{name}.weight"] = (C, C)
-            shapes[f"{layer}self_attn.{name}.bias"] = (C,)
-        for norm in ("layer_norm1", "layer_norm2"):
-            shapes[f"{layer}{norm}.weight"] = (C,)
-            shapes[f"{layer}{norm}.bias"] = (C,)
-        shapes[layer + "mlp.fc1.weight"] = (F, C)
-        shapes[layer + "mlp.fc1.bias"] = (F,)
-        shapes[layer + "mlp.fc2.weight"] = (C, F)
-        shapes[layer + "mlp.fc2.bias"] = (C,)
+        shapes.update(vit_block_shapes(f"{VISION_MODEL}encoder.layers.{i}.", C, F))
+    return shapes
+
+
+def vit_block_shapes(layer: str, C: int, F: int) -> dict[str, tuple[int, ...]]:
+    """One pre-LN Vision Transformer block's tensors under `layer` (CLIP's and SigLIP's
+    share the names): biased q/k/v/out projections, two LayerNorms, a two-layer MLP."""
+    shapes = {}
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        shapes[f"{layer}self_attn.{name}.weight"] = (C, C)
+        shapes[f"{layer}self_attn.{name}.bias"] = (C,)
+    for norm in ("layer_norm1", "layer_norm2"):
+        shapes[f"{layer}{norm}.weight"] = (C,)
+        shapes[f"{layer}{norm}.bias"] = (C,)
+    shapes.update({layer + "mlp.fc1.weight": (F, C), layer + "mlp.fc1.bias": (F,),
+                   layer + "mlp.fc2.weight": (C, F), layer + "mlp.fc2.bias": (C,)})
     return shapes

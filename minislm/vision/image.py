@@ -81,13 +81,14 @@ def require_pillow():
     return PIL.Image
 
 
-def open_image(path) -> "PIL.Image.Image":
+def open_image(path, mode: str | None = "RGB") -> "PIL.Image.Image":
     """Decode an image file to RGB, refusing what is not an image, is cut short, or would
     decode to more pixels than Pillow's decompression-bomb limit (MAX_IMAGE_PIXELS).
 
     Palette, grey and RGBA images become RGB as the reference processor makes them
     (Pillow's convert: alpha is dropped, not blended). EXIF rotation is not applied,
-    as the reference does not apply it either.
+    as the reference does not apply it either. `mode=None` keeps the file's own mode
+    (Phi-4-multimodal's processor blends alpha onto white itself).
     """
     Image = require_pillow()
     path = Path(path)
@@ -114,7 +115,7 @@ def open_image(path) -> "PIL.Image.Image":
     with image:
         try:
             image.load()  # Image.open reads only the header: a truncated file fails here
-            return image.convert("RGB")
+            return image.convert(mode) if mode else image.copy()
         except (OSError, SyntaxError, ValueError) as e:
             raise MinislmError(f"{path}: damaged or truncated image ({str(e).splitlines()[0]})") from None
 

@@ -93,6 +93,9 @@ def build_image_prompt(model, text: str, images, num_crops: int | None = None, t
     from .image import check_num_crops, process_image
 
     vision = model.config.vision
+    if model.config.phi4mm is not None:
+        raise MinislmError(f"{model.path}: Phi-4-multimodal takes pictures (and sound) through "
+                           "Model.multimodal_prompt, which also chooses its adapter")
     if vision is None:
         raise MinislmError(
             f"{model.path}: a {model.config.model_type} model has no image encoder; "

@@ -8,7 +8,7 @@ tokenizer asks for one), or through the chat template with `--chat`.
 
 import argparse
 
-from ..flags import Command, add_model_flags, add_num_crops_flag, add_quant_flags
+from ..flags import Command, add_audio_flag, add_model_flags, add_num_crops_flag, add_quant_flags
 from .attention import run_attention
 from .explain import run_explain
 from .explore import run_explore
@@ -39,6 +39,8 @@ def add_trace_flags(trace: argparse.ArgumentParser) -> None:
     trace.add_argument("--layers", help="only these layers, e.g. 0,2-3 (default: all)")
     trace.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     add_image_flags(trace)
+    trace.add_argument("--spectrogram", metavar="FILE",
+                       help="with --audio: draw each recording's log-mel spectrogram and its token boundaries as a PNG")
 
 
 def add_lens_flags(lens: argparse.ArgumentParser) -> None:
@@ -80,13 +82,17 @@ def add_explore_flags(explore: argparse.ArgumentParser) -> None:
     add_quant_flags(explore)
     explore.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     explore.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free port, printed)")
-    add_image_flags(explore)
+    explore.add_argument("--image", action="append", default=[], metavar="PATH",
+                         help="Phi-3-vision: an image sent with every prompt (repeatable; <|image_k|> tags place them, "
+                              "else they go first): its views and where its tokens sit")
+    add_num_crops_flag(explore)
 
 
 def add_image_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="Phi-3-vision: an image for the prompt (repeatable; <|image_k|> tags place them, "
-                        "else they go first): its views and where its tokens sit")
+                   help="Phi-3-vision, Phi-4-multimodal: an image for the prompt (repeatable; <|image_k|> tags place "
+                        "them, else they go first): its views and where its tokens sit")
+    add_audio_flag(p)
     add_num_crops_flag(p)
 
 

@@ -5,7 +5,9 @@ them on a canvas, nothing fetched from anywhere, so it opens offline and can be
 mailed or committed. A learner picks a layer and a head and sees that head's
 attention over the prompt's tokens, the logit lens, the next-token distribution
 at any position, the shape and statistics of every step, (PhiMoE) the routing, and
-(Phi-3-vision, `--image`) each image's views and the positions its tokens fill.
+(Phi-3-vision and Phi-4-multimodal, `--image`) each image's views and the positions its
+tokens fill, and (Phi-4-multimodal, `--audio`) each recording's spectrogram and its
+tokens' positions, with the adapter the decoder ran with.
 
 What it embeds is bounded: at most MAX_PICTURE_TOKENS tokens, attention stored as
 16-bit fixed point (the lower triangle only when every key after its query is
@@ -26,11 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MinislmError
+from ..media_commands import check_reads_audio
 from ..runtime import allowed_ids
 from ..trace import Recorder, SummaryRecorder
 from .inputs import (check_reads_images, for_image_page, for_picture, model_and_prompt, parse_layers, pieces,
                      prompt_images, write_text)
 from .lens import lens_from_trace, most_likely, probabilities
+from .media import audio_data, multimodal_prompt, prompt_audios
 from .steps import step_rows
 
 HERE = Path(__file__).parent
@@ -118,37 +122,56 @@ def next_data(tokenizer, final: np.ndarray, top_k: int) -> list[list[dict]]:
     ]
 
 
-def view_thumbnail(view: np.ndarray, step: int = 6) -> str:
-    """A (3, 336, 336) CLIP-normalised view -> base64 of (56, 56, 3) RGB bytes: every
-    6th pixel, the normalisation undone, for the page to draw."""
+def view_thumbnail(view: np.ndarray, step: int = 6, mean=None, std=None) -> str:
+    """A (3, 336, 336) CLIP-normalised view (or another `mean`/`std`) -> base64 of
+    (56, 56, 3) RGB bytes: every 6th pixel, the normalisation undone, for the page to draw."""
     from ..vision.image import CLIP_MEAN, CLIP_STD
 
-    rgb = view[:, ::step, ::step] * CLIP_STD[:, None, None] + CLIP_MEAN[:, None, None]
+    mean = CLIP_MEAN if mean is None else np.asarray(mean, np.float32)
+    std = CLIP_STD if std is None else np.asarray(std, np.float32)
+    rgb = view[:, ::step, ::step] * std.reshape(-1, 1, 1) + mean.reshape(-1, 1, 1)
     pixels = np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)  # (h, w, 3)
     return base64.b64encode(np.ascontiguousarray(pixels).tobytes()).decode("ascii")
 
 
 def image_data(ids: np.ndarray, images) -> list[dict]:
-    """Each image of the shown prompt: how it was cut, its views, where its tokens sit."""
+    """Each image of the shown prompt: how it was cut, its views, the patches each view
+    becomes (and, Phi-4-multimodal, how many of them hold picture rather than padding),
+    where its tokens sit."""
+    from ..vision.config import VisionConfig
+
     out = []
     for k, image in enumerate(images, 1):
         positions = np.flatnonzero(ids == -k)
         if not len(positions):
             continue  # after the page's cut
-        views = [view_thumbnail(v) for v in image.pixel_values]
+        phi4mm = hasattr(image, "patch_mask")  # Phi-4-multimodal's ProcessedImage; Phi-3-vision's has none
+        # Phi-4-multimodal's views are (x - 0.5) / 0.5 of [0, 1] pixels; Phi-3-vision's CLIP-normalised
+        scale = {"mean": [0.5] * 3, "std": [0.5] * 3} if phi4mm else {}
+        views = [view_thumbnail(v, **scale) for v in image.pixel_values]
+        if phi4mm:
+            patches = list(image.patch_mask.shape[1:])  # (32, 32): SigLIP's 448 / 14
+            picture = image.patch_mask.reshape(len(image.patch_mask), -1).sum(axis=1).tolist()  # per view
+        else:
+            patches = [image.pixel_values.shape[-1] // VisionConfig.patch_size] * 2  # (24, 24): CLIP's 336 / 14
+            picture = None
         out.append({
             "index": k, "describe": image.describe(), "grid": [int(n) for n in image.grid],
             "tokens": int(len(positions)), "first": int(positions[0]), "last": int(positions[-1]),
             "views": views, "view_size": int(round(image.pixel_values.shape[-1] / 6)),
+            "patches": [int(n) for n in patches], "picture_patches": picture,
+            "merge": "pooled 2 x 2 and projected" if phi4mm else "merged 2 x 2 and projected",
         })
     return out
 
 
 def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_from: int | None,
-              image_features: np.ndarray | None = None, images=(), image_steps=()) -> dict:
-    """Everything the page shows, as JSON-ready data. With images (Phi-3-vision), `ids`
-    hold placeholders, `image_features` their tokens, `images` the processed pictures
-    and `image_steps` the recorder's summaries of their encoding."""
+              image_features: np.ndarray | None = None, images=(), image_steps=(), audios=()) -> dict:
+    """Everything the page shows, as JSON-ready data. With images (Phi-3-vision) or
+    recordings (Phi-4-multimodal), `ids` hold placeholders, `image_features` their
+    tokens, `images` and `audios` the processed pictures and recordings, and
+    `image_steps` the recorder's summaries of their encoding. `model` is the one the
+    prompt ran on: with its adapter, if the prompt chose one."""
     config = model.config
     check_attention_bytes(config.num_attention_heads, len(ids), ["lower"] * len(layers))
     names = ("embed", "resid_post", "logits", "attn_probs", "experts", "expert_weights")
@@ -169,6 +192,8 @@ def page_data(model, ids: np.ndarray, layers: list[int], top_k: int, truncated_f
         "steps": step_rows(list(image_steps) + steps.summaries),
         "routing": routing_data(model, trace),
         "images": image_data(ids, images) or None,
+        "audios": audio_data(ids, audios) or None,  # Phi-4-multimodal's recordings
+        "adapter": model.adapter.describe() if model.adapter is not None else None,
     }
     return data
 
@@ -198,14 +223,21 @@ def render(template: Path, data: dict | None = None) -> str:
 
 
 def run_explain(args) -> int:
-    pictures = prompt_images(args)
+    pictures, audios = prompt_images(args), prompt_audios(args)
     model, ids = model_and_prompt(args)
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     if args.top_k < 1:
         raise MinislmError(f"--top-k must be >= 1, got {args.top_k}")
     check_reads_images(model, pictures)
+    check_reads_audio(model, audios)
     features, images, image_steps = None, (), ()
-    if pictures:
+    if model.config.phi4mm is not None and (pictures or audios):  # the encoders, then the prompt's adapter
+        recorder = SummaryRecorder()
+        prompt, model = multimodal_prompt(model, args, pictures, audios, recorder)
+        shown = for_image_page(prompt.ids)
+        features = prompt.features[: int(np.count_nonzero(shown < 0))]
+        ids, images, image_steps = prompt.ids, prompt.images, recorder.summaries
+    elif pictures:
         recorder = SummaryRecorder()  # the images' views, patches and tokens, for the steps table
         prompt = model.image_prompt(args.prompt, pictures, args.num_crops, args.system, chat=args.chat, trace=recorder)
         shown = for_image_page(prompt.ids)
@@ -215,7 +247,8 @@ def run_explain(args) -> int:
         shown = for_picture(ids, "the page")
     truncated_from = len(ids) if len(shown) < len(ids) else None
     ids = shown
-    html = render(TEMPLATE, page_data(model, ids, layers, args.top_k, truncated_from, features, images, image_steps))
+    html = render(TEMPLATE, page_data(model, ids, layers, args.top_k, truncated_from, features, images, image_steps,
+                                      audios))
     write_text(args.out, html, "--out")
     print(f"wrote {args.out}: {len(ids)} tokens, {len(layers)} layers, {len(html) / 1024:.0f} KiB; open it in a browser",
           file=sys.stderr)

@@ -334,6 +334,9 @@ def run_explore(args) -> int:
     pictures = prompt_images(args)
     model = load_model(args)
     check_reads_images(model, pictures)
+    if pictures and model.config.phi4mm is not None:
+        raise MinislmError("--image: the explorer takes Phi-3-vision's images; for Phi-4-multimodal's pictures and "
+                           "sound use `minislm explain --image/--audio` or `minislm trace --image/--audio`")
     try:
         server = ExploreServer(model, args.host, args.port, threads=args.threads, pictures=pictures,
                                num_crops=args.num_crops)

@@ -46,7 +46,7 @@ def prompt_images(args) -> list:
 
 def check_reads_images(model, pictures) -> None:
     """A one-line error when --image meets a model that cannot read images."""
-    if pictures and model.config.vision is None:
+    if pictures and model.config.vision is None and model.config.phi4mm is None:
         from ..commands import check_reads_images as refuse
 
         refuse(model, pictures)
@@ -86,8 +86,13 @@ def chat_messages(args) -> list[dict]:
 
 def pieces(tokenizer, ids) -> list[str]:
     """The vocabulary entry of each id, '▁' word starts and '<0xNN>' bytes as they are;
-    an image placeholder (Phi-3-vision: image k's positions hold -k) as '<image_k>'."""
-    return [tokenizer.token_piece(int(i)) if i >= 0 else f"<image_{-int(i)}>" for i in ids]
+    a placeholder as '<image_k>' (image k's positions hold -k) or '<audio_k>'
+    (Phi-4-multimodal: audio k's hold -(1000 + k))."""
+    return [tokenizer.token_piece(int(i)) if i >= 0 else placeholder_piece(int(i)) for i in ids]
+
+
+def placeholder_piece(mark: int) -> str:
+    return f"<audio_{-mark - 1000}>" if mark <= -1000 else f"<image_{-mark}>"
 
 
 def for_picture(ids: np.ndarray, what: str) -> np.ndarray:

@@ -4,10 +4,14 @@ A `SummaryRecorder` keeps each step's shape, dtype and statistics, never the
 values, so the table costs the same for any prompt length; the recorder's budget
 bounds the one array made only for it, a layer's attention probabilities.
 
-With `--image` (Phi-3-vision) the same recorder also sees the image side: each
-image's views (the global view and the crops), the tower's patch features and the
-image tokens after the merge and projector, and the table says where each image's
-tokens sit in the sequence.
+With `--image` (Phi-3-vision, Phi-4-multimodal) the same recorder also sees the
+image side: each image's views (the global view and the crops), the tower's patch
+features and the image tokens after the merge (or pooling) and projector, and the
+table says where each image's tokens sit in the sequence. With `--audio`
+(Phi-4-multimodal) it sees each recording's log-mel features, the Conformer's states
+and the audio tokens; the lines above the table name the adapter the decoder runs
+with (`W·x + (B·(A·x))·scale` on which matrices), and `--spectrogram FILE` draws the
+features with the boundaries of the audio tokens.
 """
 
 import json
@@ -15,8 +19,12 @@ import math
 
 import numpy as np
 
+from ..media_commands import check_reads_audio
 from ..trace import SummaryRecorder
-from .inputs import check_reads_images, model_and_prompt, parse_layers, pieces, prompt_images, shown_path, write_text
+from .inputs import (check_output_path, check_reads_images, model_and_prompt, parse_layers, pieces, prompt_images,
+                     shown_path, write_text)
+from .media import media_lines, multimodal_prompt, prompt_audios, spectrogram_figure
+from .plots import require_matplotlib, save
 
 
 def trace_prompt(model, ids, layers=None) -> SummaryRecorder:
@@ -83,11 +91,21 @@ def image_lines(prompt) -> list[str]:
 
 
 def run_trace(args) -> int:
-    pictures = prompt_images(args)
+    pictures, audios = prompt_images(args), prompt_audios(args)
+    if args.spectrogram:
+        check_output_path(args.spectrogram, "--spectrogram")
+        require_matplotlib()
     model, ids = model_and_prompt(args)
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     check_reads_images(model, pictures)
-    if pictures:
+    check_reads_audio(model, audios)
+    media = model.config.phi4mm is not None and bool(pictures or audios)
+    if media:  # Phi-4-multimodal: the encoders, then the forward with the prompt's adapter
+        trace = SummaryRecorder(layers=layers)
+        prompt, runner = multimodal_prompt(model, args, pictures, audios, trace)
+        runner.logits(prompt.ids, trace, image_features=prompt.features)
+        ids = prompt.ids
+    elif pictures:
         prompt, trace = trace_image_prompt(model, args, pictures, layers)
         ids = prompt.ids
     else:
@@ -100,9 +118,13 @@ def run_trace(args) -> int:
         f"KV = {config.num_key_value_heads} key/value heads, hd = {config.head_dim}"
         + (f", E = {config.num_local_experts} experts" if config.model_type == "phimoe" else f", F = {config.intermediate_size}")
     )
-    if pictures:
+    if media:
+        print("\n".join(media_lines(prompt, runner)))
+    elif pictures:
         print("\n".join(image_lines(prompt)))
     print(format_table(trace.summaries))
+    if args.spectrogram:
+        save(spectrogram_figure(prompt.audios, prompt), args.spectrogram, "--spectrogram")
     if args.json:
         write_text(args.json, json.dumps(as_json(model, ids, trace.summaries), ensure_ascii=False) + "\n", "--json")
     return 0

@@ -185,7 +185,7 @@ function tokenList(box, tokens, pos, onPick) {
   box.textContent = "";
   const T = tokens.length;
   tokens.forEach((t, i) => {
-    if (t.id < 0) {  // an image's placeholders (Phi-3-vision): one box for the whole run
+    if (t.id < 0) {  // an image's or a recording's placeholders: one box for the whole run
       if (i > 0 && tokens[i - 1].id === t.id) return;
       let last = i;
       while (last + 1 < T && tokens[last + 1].id === t.id) last++;
@@ -350,11 +350,15 @@ function routingTable(table, legend, routing, pieces, layer) {
 }
 
 function imagesView(section, box, images) {
+  // Each image's views as the tower saw them; the line above says what became of them.
   if (!images) return;
   section.hidden = false;
   box.textContent = "";
   for (const image of images) {
-    const div = el("div", {className: "image"}, el("p", {}, `image ${image.index}: ${image.describe}, at positions ${image.first}-${image.last}`));
+    const [rows, cols] = image.patches;
+    const div = el("div", {className: "image"},
+                   el("p", {}, `image ${image.index}: ${image.describe}, at positions ${image.first}-${image.last}. ` +
+                               `Each view: ${rows} x ${cols} patches in the vision tower, ${image.merge} into tokens.`));
     div.dataset.views = image.views.length;
     image.views.forEach((b64, v) => {
       const n = image.view_size, bytes = atob(b64);
@@ -365,8 +369,57 @@ function imagesView(section, box, images) {
         img.data[4 * i + 3] = 255;
       }
       ctx.putImageData(img, 0, 0);
-      div.append(el("figure", {}, c, el("br"), v === 0 ? "global view" : `crop ${v}`));
+      // Phi-4-multimodal pads the last crops: the tower masks the padding's patches
+      const held = image.picture_patches ? image.picture_patches[v] : rows * cols;
+      const caption = (v === 0 ? "global view" : `crop ${v}`) +
+        (held < rows * cols ? ` (${Math.round(100 * held / (rows * cols))}% picture)` : "");
+      div.append(el("figure", {}, c, el("br"), caption));
     });
+    box.append(div);
+  }
+}
+
+function heat(v) {  // v in [0, 255]: black, through red and yellow, to white
+  return [v, Math.max(0, 2 * v - 255), Math.max(0, 160 - v)];
+}
+
+function audiosView(section, box, audios) {
+  // Phi-4-multimodal: each recording's log-mel spectrogram (uint8 rows, the highest band
+  // first), with ticks grouping the frames of each audio token; the legend's ends are
+  // the recording's own lowest and highest ln(energy).
+  if (!audios) return;
+  section.hidden = false;
+  box.textContent = "";
+  for (const audio of audios) {
+    const w = audio.frames, h = audio.bins, per = audio.frames_per_token, ticks = 6, bytes = atob(audio.spectrogram);
+    const div = el("div", {className: "audio"},
+                   el("p", {}, `audio ${audio.index}: ${audio.describe}, at positions ${audio.first}-${audio.last}. ` +
+                               `${w} frames x ${h} mel bands; every ${per} frames become one audio token ` +
+                               `(${audio.tokens} on this page).`));
+    const legend = el("div", {className: "legend"});
+    const bar = el("canvas", {width: 160, height: 12});
+    const bctx = bar.getContext("2d");
+    for (let x = 0; x < 160; x++) {
+      bctx.fillStyle = css(heat(Math.round(255 * x / 159)));
+      bctx.fillRect(x, 0, 1, 12);
+    }
+    legend.append(el("span", {className: "tick"}, fmt(audio.low, 2)), bar, el("span", {className: "tick"}, fmt(audio.high, 2)),
+                  el("span", {className: "legend-caption"}, " colour: ln(energy) of a band in a frame; " +
+                     "ticks: the frames of each audio token, alternately shaded"));
+    Object.assign(legend.dataset, {low: audio.low, high: audio.high});
+    const c = el("canvas", {width: w, height: h + ticks, className: "spectrogram"});
+    c.style.width = `${Math.min(4 * w, 1200)}px`;
+    const ctx = c.getContext("2d"), img = ctx.createImageData(w, h + ticks);
+    for (let y = 0; y < h + ticks; y++) {
+      for (let x = 0; x < w; x++) {
+        const i = 4 * (y * w + x);
+        const rgb = y < h ? heat(bytes.charCodeAt(y * w + x)) : new Array(3).fill(Math.floor(x / per) % 2 ? 200 : 120);
+        img.data.set([...rgb, 255], i);
+      }
+    }
+    ctx.putImageData(img, 0, 0);
+    Object.assign(c.dataset, {frames: w, bins: h, tokenGroups: Math.ceil(w / per), drawn: "1"});
+    div.append(c, legend);
     box.append(div);
   }
 }

@@ -1,0 +1,206 @@
+"""The speech encoder of Phi-4-multimodal: a Conformer, in NumPy, top to bottom.
+
+    log-mel features (T, 80)
+      -> (x - global_mean) * global_invstd, per mel bin
+      -> subsampling x8: three 3x3 convolutions of stride 2 over (time, mel),
+         the first full, the others depthwise + pointwise, each followed by ReLU
+                                                            (T/8, channels x 10)
+      -> Linear to the width D                              (T', D)
+      -> cut into chunks of at most 500 frames, each encoded on its own
+      -> N blocks (macaron order):
+             x += 1/2 FF(x)                  a feed-forward half-step
+             x += attention(LN(x))           with a learned bias per distance and head
+             x += conv(x)                    GLU, causal depthwise conv, pointwise
+             x += 1/2 FF(x)                  the other half-step
+             x = LN(x)
+                                                            (T', D): one vector per 80 ms
+
+Convolution catches what is local in sound (a formant's shape over a few frames),
+attention what is far apart; the two feed-forward halves sandwich them ("macaron").
+Instead of positions added to the input, each attention head adds a learned number
+to every score that depends only on the distance j - i, clipped to +-500 frames
+(`relative_bias`).
+
+transformers' Phi4MultimodalAudioModel adds the "mask" to the scores as
+`bool + bias`: every allowed pair gets +1, a constant that softmax ignores; minislm
+adds it too, so the float32 rounding matches.
+
+Shapes: T = mel frames, T' = ceil(T / 8) encoder frames, D = 1024, heads 16 of 64,
+F = 1536, Cc = 1024 subsampling channels.
+"""
+
+import numpy as np
+
+from ..model import NO_TRACE, layer_norm, linear, softmax
+from .config import CONFORMER, ConformerConfig
+
+MAX_CHUNK = 500  # the reference's max_seq_len: longer sequences are encoded in independent chunks
+LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which every norm of the encoder keeps
+
+
+def swish(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x) (SiLU), the sigmoid via tanh so large |x| cannot overflow."""
+    return x * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * x))
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, np.float32(0))
+
+
+# ---------------------------------------------------------------- subsampling
+
+
+def conv_stride2(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, depthwise: bool) -> np.ndarray:
+    """A 3x3 convolution with stride 2 and padding 1 over (time, mel).
+
+    x (Cin, H, W) -> (Cout, ceil(H/2), ceil(W/2)). Full (weight (Cout, Cin, 3, 3)):
+    every output channel sums all input channels; depthwise (weight (C, 1, 3, 3)):
+    each channel is filtered on its own.
+    """
+    C, H, W = x.shape
+    Ho, Wo = (H - 1) // 2 + 1, (W - 1) // 2 + 1
+    padded = np.zeros((C, H + 2, W + 2), dtype=np.float32)
+    padded[:, 1:-1, 1:-1] = x
+    taps = [padded[:, dy : dy + 2 * Ho : 2, dx : dx + 2 * Wo : 2] for dy in range(3) for dx in range(3)]  # 9 x (C, Ho, Wo)
+    if depthwise:
+        kernel = weight.reshape(C, 9)
+        out = taps[0] * kernel[:, 0, None, None]
+        for t in range(1, 9):
+            out += taps[t] * kernel[:, t, None, None]
+        return out + bias[:, None, None]
+    patches = np.stack(taps, axis=1).reshape(C * 9, Ho * Wo)  # rows in the kernel's (Cin, dy, dx) order
+    return (weight.reshape(len(weight), C * 9) @ patches + bias[:, None]).reshape(-1, Ho, Wo)
+
+
+def pointwise(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """A 1x1 convolution: (Cin, H, W) -> (Cout, H, W), a matrix over the channels."""
+    C, H, W = x.shape
+    return (weight.reshape(len(weight), C) @ x.reshape(C, H * W) + bias[:, None]).reshape(-1, H, W)
+
+
+def subsample_block(config: ConformerConfig, w: dict, features: np.ndarray) -> np.ndarray:
+    """(T, 80) normalised features -> (ceil(T/8), Cc * 10): the conv stack, channels
+    and remaining mel bins flattened channel-major (index c * 10 + f)."""
+    p = CONFORMER + "embed.conv."
+    x = relu(conv_stride2(features[None], w[p + "0.weight"], w[p + "0.bias"], depthwise=False))  # (Cc, T/2, 40)
+    for stage in range(1, config.stages):
+        dw, pw = 3 * stage - 1, 3 * stage  # conv.2 + conv.3, conv.5 + conv.6
+        x = conv_stride2(x, w[f"{p}{dw}.weight"], w[f"{p}{dw}.bias"], depthwise=True)
+        x = relu(pointwise(x, w[f"{p}{pw}.weight"], w[f"{p}{pw}.bias"]))
+    Cc, Tq, F = x.shape
+    return np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(Tq, Cc * F)
+
+
+def subsample(config: ConformerConfig, w: dict, features: np.ndarray, block: int = 256) -> np.ndarray:
+    """(T, 80) -> (T', D), T' = ceil(T / 8), `block` output frames at a time.
+
+    Output frame k sees input frames 8k-7 .. 8k+7 only, so a block of outputs needs
+    its own stretch of input plus 8 frames either side; starting each stretch at a
+    multiple of 8 keeps every stride aligned, and the zero padding of the convolutions
+    then falls exactly where the whole sequence has it. A 30-minute recording thus
+    never holds its full first feature map (1024 channels x 90,000 x 40 floats).
+    """
+    T = len(features)
+    n_out = -(-T // config.time_reduction)
+    r = config.time_reduction
+    rows = []
+    for a in range(0, n_out, block):
+        b = min(a + block, n_out)
+        start, stop = max(r * a - r, 0), min(r * b + r, T)
+        chunk = subsample_block(config, w, features[start:stop])  # local output k = global k - start / 8
+        rows.append(chunk[a - start // r : b - start // r])
+    flat = np.concatenate(rows)
+    return linear(flat, w[CONFORMER + "embed.out.weight"], w[CONFORMER + "embed.out.bias"])  # (T', D)
+
+
+# ---------------------------------------------------------------- the blocks
+
+
+def relative_bias(config: ConformerConfig, w: dict, length: int) -> np.ndarray:
+    """(heads, L, L): the learned bias of each head for key j seen from query i, one
+    table row per distance j - i, clipped to [-M, M - 1] (M = bias_max_distance)."""
+    M = config.bias_max_distance
+    table = np.asarray(w[CONFORMER + "relative_attention_bias_layer.bias_values.weight"], dtype=np.float32)  # (2M, heads)
+    distance = np.arange(length)[None, :] - np.arange(length)[:, None]  # (L, L): j - i
+    return np.ascontiguousarray(table[np.clip(distance, -M, M - 1) + M].transpose(2, 0, 1))
+
+
+def feed_forward(w: dict, name: str, x: np.ndarray) -> np.ndarray:
+    """down(value * swish(gate)), [value | gate] = gate_up(LN(x)): the FIRST half is the
+    value and the second the gate (the decoder's MLP has them the other way round)."""
+    h = layer_norm(x, w[name + "layer_norm.weight"], w[name + "layer_norm.bias"], LN_EPS)
+    value, gate = np.split(linear(h, w[name + "net.0.linear.weight"], w[name + "net.0.linear.bias"]), 2, axis=-1)
+    return linear(value * swish(gate), w[name + "net.2.weight"], w[name + "net.2.bias"])
+
+
+def attention(config: ConformerConfig, w: dict, name: str, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """(L, D) -> (L, D): multi-head attention, every frame with every frame of the
+    chunk, plus the relative bias (and the reference's constant +1)."""
+    L, D = x.shape
+    heads, hd = config.num_attention_heads, config.head_dim
+
+    def project(p):  # (L, D) -> (heads, L, hd), contiguous so each product below is one BLAS call
+        y = linear(x, w[f"{name}linear_{p}.weight"], w[f"{name}linear_{p}.bias"])
+        return np.ascontiguousarray(y.reshape(L, heads, hd).transpose(1, 0, 2))
+
+    q, k, v = project("q"), project("k"), project("v")
+    k_t = np.ascontiguousarray(k.transpose(0, 2, 1))  # (heads, hd, L)
+    scores = (q @ k_t) * np.float32(hd**-0.5) + (np.float32(1.0) + bias)  # (heads, L, L)
+    mixed = (softmax(scores, axis=-1) @ v).transpose(1, 0, 2).reshape(L, D)
+    return linear(mixed, w[name + "linear_out.weight"], w[name + "linear_out.bias"])
+
+
+def convolution(config: ConformerConfig, w: dict, name: str, x: np.ndarray) -> np.ndarray:
+    """(L, D) -> (L, D): LN, gated linear unit, causal depthwise conv, swish, pointwise.
+
+    GLU: y = W x (2D channels), out = (y[:D] + b1) * swish(y[D:] + b2).
+    The depthwise kernel of width K reads frames t-K+1 .. t only (the reference pads
+    both sides by K-1 and drops the last K-1 outputs): nothing from the future.
+    """
+    L, D = x.shape
+    K = config.kernel_size
+    h = layer_norm(x, w[name + "layer_norm.weight"], w[name + "layer_norm.bias"], LN_EPS)
+    glu = linear(h, w[name + "glu.ext_pw_conv_1d.weight"].reshape(2 * D, D), w[name + "glu.ext_pw_conv_1d.bias"])
+    h = (glu[:, :D] + w[name + "glu.b1"].reshape(D)) * swish(glu[:, D:] + w[name + "glu.b2"].reshape(D))  # (L, D)
+    kernel = np.asarray(w[name + "dw_sep_conv_1d.dw_conv.weight"], dtype=np.float32).reshape(D, K)
+    past = np.concatenate([np.zeros((K - 1, D), np.float32), h])  # (L + K - 1, D)
+    depthwise = past[0:L] * kernel[:, 0]
+    for tap in range(1, K):
+        depthwise += past[tap : tap + L] * kernel[:, tap]
+    depthwise += w[name + "dw_sep_conv_1d.dw_conv.bias"]
+    h = linear(depthwise, w[name + "dw_sep_conv_1d.pw_conv.weight"].reshape(D, D), w[name + "dw_sep_conv_1d.pw_conv.bias"])
+    return linear(swish(h), w[name + "ext_pw_conv_1d.weight"].reshape(D, D), w[name + "ext_pw_conv_1d.bias"])
+
+
+def conformer_block(config: ConformerConfig, w: dict, i: int, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    name = f"{CONFORMER}encoders.{i}."
+    x = x + np.float32(0.5) * feed_forward(w, name + "feed_forward_in.", x)
+    h = layer_norm(x, w[name + "layer_norm_att.weight"], w[name + "layer_norm_att.bias"], LN_EPS)
+    x = x + attention(config, w, name + "self_attn.", h, bias)
+    x = x + convolution(config, w, name + "conv.", x)
+    x = x + np.float32(0.5) * feed_forward(w, name + "feed_forward_out.", x)
+    return layer_norm(x, w[name + "layer_norm.weight"], w[name + "layer_norm.bias"], LN_EPS)
+
+
+def conformer_encoder(config: ConformerConfig, weights: dict, features: np.ndarray, trace=NO_TRACE) -> np.ndarray:
+    """(T, 80) log-mel features -> (ceil(T/8), D) encoder states.
+
+    Past 500 frames the sequence is zero-padded to a multiple of 500 and each chunk
+    of 500 is encoded alone, the padding included (the reference does the same and
+    cuts the padding off afterwards).
+    """
+    p = CONFORMER + "encoder_embedding."
+    x = (features - weights[p + "global_mean"]) * weights[p + "global_invstd"]  # (T, 80)
+    x = subsample(config, weights, np.asarray(x, dtype=np.float32))  # (T', D)
+    trace.record("audio_conv", x)
+    n = len(x)
+    chunk = n if n <= MAX_CHUNK else MAX_CHUNK
+    padded = np.concatenate([x, np.zeros((-n % chunk, x.shape[1]), np.float32)])
+    bias = relative_bias(config, weights, chunk)
+    out = []
+    for start in range(0, len(padded), chunk):
+        h = padded[start : start + chunk]
+        for i in range(config.num_blocks):
+            h = conformer_block(config, weights, i, h, bias)
+        out.append(h)
+    return np.concatenate(out)[:n]
