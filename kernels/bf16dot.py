@@ -45,21 +45,12 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import F32, I16, I32, array_args, check_arrays, index_helpers
+from .simd import F32, I16, I32, _fma, _load_vec, _vec, array_args, check_arrays, index_helpers
 
 
 INPUTS_PER_STEP = 32      # bf16 weights per 64-byte load
 ROWS, TOKENS = 4, 4       # a GEMM step: 4 weight rows x 4 tokens, 16 accumulators
 GEMV_ROWS = 8             # a GEMV step: 8 weight rows, 8 accumulators
-
-
-def _vec(elem, n):
-    return ir.VectorType(elem, n)
-
-
-def _fma(builder, a, b, c):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), "llvm.fma.v16f32")
-    return builder.call(fn, [a, b, c])
 
 
 def _tree_sum(builder, v):
@@ -121,7 +112,7 @@ def _emit_dot_block(context, builder, signature, args, n_rows, n_tok):
     x_row = [builder.mul(builder.add(t0, const(t)), x_stride) for t in range(n_tok)]
 
     def load(array, at, vty):
-        return builder.load(builder.bitcast(builder.gep(array.data, [at]), vty.as_pointer()), align=1)
+        return _load_vec(builder, array.data, at, vty)
 
     def step(k, words):
         """Every accumulator meets its row's 32 weights: the even ones, then the odd."""
