@@ -9,19 +9,22 @@ Widening is `bits << 16` reinterpreted as fp32 (`scalars.bf16_to_f32`), so the
 GEMV loop (`fp32.gemv`, the float32 loop with each weight widened) is: load
 16-bit words, zero-extend, shift, multiply-add. LLVM vectorises it (vpmovzxwd,
 vpslld, vfmadd), a few instructions per 8 weights.
-Prefill runs on AMX-BF16 tiles where the CPU has them (`amx.py`: the
-activations split into two bf16 numbers, hi and lo, so they keep 16
-significant bits); elsewhere it widens a tile of rows into an fp32 buffer and
-lets BLAS multiply.
+Where the CPU has AVX-512, decode and prefill widen the words in registers,
+32 at a time, and multiply with float32 FMAs in one order for any number of
+tokens (`bf16dot.py`); prefill of 16 tokens or more runs on AMX-BF16 tiles
+where the CPU has them (`amx.py`: the activations split into two bf16 numbers,
+hi and lo, so they keep 16 significant bits). Elsewhere the GEMV below widens
+each weight and prefill widens a tile of rows into an fp32 buffer and lets
+BLAS multiply.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from . import amx, cpu
-from .checks import as_row_ids, check_finite
+from . import amx, bf16dot, cpu
+from .checks import as_activations, as_row_ids, check_finite
 from .convert import count_nonfinite_bf16
-from .fp32 import OneArrayWeight, matmul_by_tiles
+from .fp32 import OneArrayWeight, gemv, matmul_by_tiles
 from . import reference as ref
 from .reference import f32_to_bf16  # NumPy is fast enough for a once-per-load conversion
 from .scalars import bf16_to_f32
@@ -89,11 +92,28 @@ class Bf16Weight(OneArrayWeight):
     def data(self):
         return self.bits
 
-    def gemm(self, x, path=None):
-        """Prefill: AMX-BF16 tiles where the CPU has them (`amx.py`), else rows
-        widened to float32 in tiles that BLAS multiplies."""
+    def matmul(self, x, path=None):
+        """x (T, in) -> (T, out). `path` overrides the CPU's choice (`cpu.py`), for
+        tests and measurements: 'avx512' (`bf16dot.py`, any T: the same bits for
+        a token alone or among many), 'amx' (T >= 16) or 'portable' (float32 GEMV
+        for one token, rows widened into tiles that BLAS multiplies for more)."""
+        x = as_activations(x, self.shape[1])  # (T, in)
+        if path is None:
+            path = cpu.bf16_gemm_path() if x.shape[0] >= AMX_MIN_TOKENS else cpu.bf16_dot_path()
+        if path == "avx512":
+            if not cpu.has_avx512():
+                raise ValueError("path='avx512': this CPU has no AVX-512")
+            return bf16dot.matmul(self.bits, x)
+        if x.shape[0] == 1:
+            out = np.empty((1, self.shape[0]), np.float32)
+            gemv(self.bits, x[0], out[0])
+            return out
+        return self.gemm(x, path)
+
+    def gemm(self, x, path):
+        """Prefill on path 'amx' (AMX-BF16 tiles, `amx.py`) or 'portable' (rows
+        widened to float32 in tiles that BLAS multiplies)."""
         n, k = self.shape
-        path = path or cpu.bf16_gemm_path()
         if path == "amx" and not cpu.has_amx_bf16():   # also asks Linux for the tile state
             raise ValueError("path='amx': this CPU or operating system offers no AMX-BF16")
         rows = n // 32 * 32

@@ -8,6 +8,9 @@ integer sums are exact, so all three give bit-identical results):
     "vnni"      `vpdpbusd` (AVX-512 VNNI or AVX-VNNI): 4 byte products summed
                 into each 32-bit lane by one instruction. Intel since Cascade
                 Lake / Alder Lake, AMD since Zen 4.
+    "avx512"    bf16 weights only: 512-bit float32 FMAs on weights widened in
+                registers (`bf16dot.py`; any AVX-512 CPU). Exact products like
+                the portable path, float32 sums in another order.
     "amx"       Intel AMX tiles (`tdpbusd`, `tdpbf16ps`): a 16x16 block of dot
                 products per instruction. Sapphire Rapids and later Xeons only;
                 prefill only (decode reads each weight once, AMX cannot help).
@@ -54,8 +57,8 @@ def has_vnni() -> bool:
     return ("avx512vnni" in f and "avx512vl" in f) or "avxvnni" in f
 
 
-def has_avx512_bf16() -> bool:
-    return {"avx512bf16", "avx512vl"} <= cpu_features()
+def has_avx512() -> bool:
+    return "avx512f" in cpu_features()
 
 
 @lru_cache(maxsize=None)
@@ -107,9 +110,18 @@ def int8_gemm_path() -> str:
 
 
 @lru_cache(maxsize=None)
+def bf16_dot_path() -> str:
+    """'avx512' (bf16dot.py) or 'portable' (float32 GEMV, BLAS on widened tiles):
+    bf16 decode, and prefill without AMX. `MINISLM_KERNELS=portable` turns it
+    off (it counts as the level of 'vnni')."""
+    return "avx512" if has_avx512() and allowed("vnni") else "portable"
+
+
+@lru_cache(maxsize=None)
 def bf16_gemm_path() -> str:
-    """'amx' or 'portable' (widen tiles to fp32, BLAS multiplies): bf16 prefill."""
-    return "amx" if has_amx_bf16() and allowed("amx") else "portable"
+    """'amx', 'avx512' or 'portable' (widen tiles to fp32, BLAS multiplies):
+    bf16 prefill."""
+    return "amx" if has_amx_bf16() and allowed("amx") else bf16_dot_path()
 
 
 def kernel_paths() -> dict:
@@ -118,5 +130,6 @@ def kernel_paths() -> dict:
         "cpu": llvm.get_host_cpu_name(),
         "int4/int8 decode": int8_dot_path(),
         "int4/int8 prefill": int8_gemm_path(),
+        "bf16 decode": bf16_dot_path(),
         "bf16 prefill": bf16_gemm_path(),
     }

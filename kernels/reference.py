@@ -356,6 +356,17 @@ def matmul_packed(x, tiles, scales, zero, offsets, shape, bits):
     return np.stack([packed_gemv(tiles, scales, zero, offsets, row, bits)[:n] for row in xp])
 
 
+def pair_activations(x):
+    """x (T, in) -> (T, in_p), in_p = in rounded up to 32, zero-padded: each 32
+    inputs as their 16 even ones, then their 16 odd ones (`bf16dot.py` widens
+    a bf16 row's 32-bit words into its even and its odd weights)."""
+    n_tok, n_in = x.shape
+    padded = np.zeros((n_tok, -(-n_in // 32) * 32), np.float32)
+    padded[:, :n_in] = x
+    pairs = padded.reshape(n_tok, -1, 16, 2)                # (T, in_p/32, 16, [even, odd])
+    return pairs.transpose(0, 1, 3, 2).reshape(n_tok, -1)   # (T, in_p/32 x [16 even, 16 odd])
+
+
 # --- bf16 weights on AMX: activations split in two bf16 numbers ----------
 
 

@@ -18,7 +18,7 @@ returns the same bits. The helpers at the top (`array_args`, `index_helpers`,
 `check_arrays`, `emit_prefetch`) are what any hand-written intrinsic here or
 in `amx.py` needs from Numba. Scalar bit-casts live in `scalars.py`.
 
-Numba inlines these into the kernels of `packed.py` and `amx.py`, and keys
+Numba inlines these into the kernels of `packed.py`, `amx.py` and `bf16dot.py`, and keys
 its on-disk cache on the content of *those* files: after editing this one,
 delete the cache (`find kernels -name '*.nb[ic]' -delete`) or the old code
 keeps running.

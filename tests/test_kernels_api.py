@@ -17,8 +17,9 @@ from minislm.kernels.threads import LAYER_PREFERENCE
 
 def test_import_compiles_nothing():
     code = ("import minislm.kernels as K\n"
-            "from minislm.kernels import bf16, fp32, packed, threads\n"
+            "from minislm.kernels import bf16, bf16dot, fp32, packed, threads\n"
             "kernels = [fp32.gemv, fp32.gemm_f32, bf16.widen_bf16_rows, bf16.widen_bf16_block,\n"
+            "           bf16dot.gemv_bf16_dot, bf16dot.gemm_bf16_dot, bf16dot.pair_activations,\n"
             "           packed.group_scales, packed.quantize_codes, packed.quantize_activations,\n"
             "           packed.dequantize_rows, threads._touch,\n"
             "           *packed.GEMV.values(), *packed.GEMM.values()]\n"
@@ -56,7 +57,8 @@ def test_kernel_paths_name_the_cpu_and_what_runs_on_it():
     paths = K.kernel_paths()
     assert paths["cpu"] and paths["int4/int8 decode"] in ("vnni", "portable")
     assert paths["int4/int8 prefill"] in ("amx", "vnni", "portable")
-    assert paths["bf16 prefill"] in ("amx", "portable")
+    assert paths["bf16 decode"] in ("avx512", "portable")
+    assert paths["bf16 prefill"] in ("amx", "avx512", "portable")
 
 
 def test_set_threads_changes_the_count_and_rejects_nonsense():

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minislm.kernels import Bf16Weight, bf16
+from minislm.kernels import Bf16Weight, amx, bf16, bf16dot, cpu
 from minislm.kernels import reference as ref
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -13,6 +13,7 @@ U = 2.0 ** -24  # float32 unit roundoff
 ALL_BF16 = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
 FINITE_BF16 = ALL_BF16[(ALL_BF16 & 0x7F80) != 0x7F80]
 AWKWARD = st.sampled_from([1, 3, 17, 33, 129, 200]) | st.integers(1, 300)
+needs_avx512 = pytest.mark.skipif(not cpu.has_avx512(), reason="no AVX-512 on this CPU")
 
 
 def test_widening_in_the_kernel_is_exact_for_every_bf16_value():
@@ -68,21 +69,29 @@ def f32_dot_bound(w_bits, x):
     return (w_bits.shape[1] + 2) * (U * magnitude + 2.0 ** -149)
 
 
-@PROPERTY
-@given(bf16_weights(), st.integers(0, 2**32 - 1))
-def test_gemv_matches_reference(w_bits, seed):
-    x = np.random.default_rng(seed).standard_normal((1, w_bits.shape[1])).astype(np.float32)
-    y = Bf16Weight(w_bits).matmul(x)
-    assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= f32_dot_bound(w_bits, x)).all()
+def lanes_dot_bound(w_bits, x):
+    """Higham's gamma_n over sum |w| |x| for the lanes' order (`bf16dot.py`): each
+    product meets 2 ceil(in / 32) FMAs in its lane and 4 additions of the tree."""
+    n = 2 * -(-w_bits.shape[1] // 32) + 4
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(ref.bf16_to_f32(w_bits).astype(np.float64)).T
+    return n * (U * magnitude + 2.0 ** -149)
 
 
+# what each path computes (reference.py), and how far its float32 sums may stray from it
+PATH_REFERENCE = {"portable": (ref.matmul_bf16, f32_dot_bound), "avx512": (ref.matmul_bf16, lanes_dot_bound)}
+
+
+@pytest.mark.parametrize("path", ["portable", pytest.param("avx512", marks=needs_avx512)])
 @PROPERTY
-@given(bf16_weights(max_rows=33, max_cols=130), st.integers(2, 9), st.integers(0, 2**32 - 1))
-def test_tiled_gemm_matches_reference(w_bits, n_tok, seed):
+@given(w_bits=bf16_weights(max_rows=40, max_cols=300), n_tok=st.integers(1, 13), seed=st.integers(0, 2**32 - 1))
+def test_every_path_matches_its_reference(path, w_bits, n_tok, seed):
+    """portable: the float32 GEMV, or tiles BLAS multiplies; avx512: the weights
+    widened in registers, FMAs in lanes (the GEMV's 8 rows, the GEMM's 4x4 blocks)."""
     x = np.random.default_rng(seed).standard_normal((n_tok, w_bits.shape[1])).astype(np.float32)
-    y = Bf16Weight(w_bits).matmul(x)
+    y = Bf16Weight(w_bits).matmul(x, path=path)
     assert y.shape == (n_tok, w_bits.shape[0]) and y.dtype == np.float32
-    assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= f32_dot_bound(w_bits, x)).all()
+    reference, bound = PATH_REFERENCE[path]
+    assert (np.abs(y - reference(x, w_bits)) <= bound(w_bits, x)).all()
 
 
 def test_tiled_gemm_crosses_tile_boundaries():
@@ -93,7 +102,7 @@ def test_tiled_gemm_crosses_tile_boundaries():
     b = Bf16Weight(w_bits)
     y = fp32.matmul_by_tiles(x, 100, lambda s, e, buf: bf16.widen_bf16_block(w_bits, s, buf),
                              tile_bytes=16 * 64 * 4)   # 16-row tiles: 7 tiles, the last one short
-    np.testing.assert_array_equal(y, b.matmul(x))
+    np.testing.assert_array_equal(y, b.matmul(x, path="portable"))
     block, rows = np.empty((4, 64), np.float32), np.empty((4, 64), np.float32)
     bf16.widen_bf16_block(w_bits, 96, block)  # the last 4 rows, serial
     bf16.widen_bf16_rows(w_bits, np.arange(96, 100), rows)  # the same rows, gathered in parallel
@@ -147,8 +156,6 @@ def test_tensors_round_trip_in_place(tmp_path):
 
 # ---------------------------------------------------------------- AMX (bf16 tiles), where the CPU has it
 
-from minislm.kernels import amx, cpu  # noqa: E402
-
 needs_amx = pytest.mark.skipif(not cpu.has_amx_bf16(), reason="no AMX-BF16 on this CPU (or not granted by the OS)")
 
 
@@ -197,6 +204,8 @@ def test_amx_prefill_matches_the_split_reference(w_bits, n_tok, seed):
     assert (np.abs(y - want) <= amx_bound(w_bits, x)).all()
 
 
+# ---------------------------------------------------------------- vdpbf16ps (AVX512-BF16), where the CPU has it
+
 @needs_amx
 def test_amx_prefill_is_within_the_split_error_of_float32():
     """hi + lo keeps 16 of the activations' 24 bits: the product moves by at most
@@ -207,3 +216,65 @@ def test_amx_prefill_is_within_the_split_error_of_float32():
     y = Bf16Weight(w_bits).matmul(x, path="amx")
     magnitude = np.abs(x.astype(np.float64)) @ np.abs(ref.bf16_to_f32(w_bits).astype(np.float64)).T
     assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= 2.0 ** -16 * magnitude + amx_bound(w_bits, x)).all()
+
+
+# ---------------------------------------------------------------- weights widened in registers (AVX-512)
+
+
+@needs_avx512
+@PROPERTY
+@given(bf16_weights(max_rows=40, max_cols=300), st.integers(2, 13), st.integers(0, 2**32 - 1))
+def test_avx512_gives_a_token_the_same_bits_alone_or_among_many(w_bits, n_tok, seed):
+    """Decode (GEMV, 8 rows a step) and prefill (GEMM, 4 rows x 4 tokens) sum each
+    output in the same order: what a token gets does not depend on how many
+    tokens share the call."""
+    x = np.random.default_rng(seed).standard_normal((n_tok, w_bits.shape[1])).astype(np.float32)
+    w = Bf16Weight(w_bits)
+    many = w.matmul(x, path="avx512")
+    alone = np.concatenate([w.matmul(x[t: t + 1], path="avx512") for t in range(n_tok)])
+    assert np.array_equal(many.view(np.uint32), alone.view(np.uint32))
+
+
+@needs_avx512
+@PROPERTY
+@given(st.integers(1, 9), st.integers(1, 100), st.integers(0, 2**32 - 1))
+def test_activations_are_paired_as_the_reference_and_padded_with_zeros(n_tok, k, seed):
+    x = np.random.default_rng(seed).standard_normal((n_tok, k)).astype(np.float32)
+    k_p = 32 * -(-k // 32)
+    x_pairs = np.full((n_tok + 3, k_p), 7, np.float32)
+    bf16dot.pair_activations(x, x_pairs)
+    assert np.array_equal(x_pairs[:n_tok], ref.pair_activations(x))
+    assert not x_pairs[n_tok:].any()
+
+
+@needs_avx512
+@pytest.mark.parametrize("n_tok", [1, 6])
+def test_avx512_reads_nothing_past_a_row(n_tok):
+    """Inputs not a multiple of 32: the last weights of a row are copied, not
+    loaded 64 bytes at a time, so the words after the last row (here NaN, in
+    general memory the array does not own) never meet a zero activation."""
+    rng = np.random.default_rng(2)
+    n, k = 6, 45
+    memory = np.full(n * k + 64, 0x7FC0, np.uint16)   # NaN everywhere
+    w_bits = memory[: n * k].reshape(n, k)
+    w_bits[:] = ref.f32_to_bf16(rng.standard_normal((n, k)).astype(np.float32))
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    y = Bf16Weight(w_bits).matmul(x, path="avx512")
+    assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= lanes_dot_bound(w_bits, x)).all()
+
+
+@needs_avx512
+def test_a_nan_activation_makes_its_token_nan_and_leaves_the_others():
+    rng = np.random.default_rng(3)
+    w_bits = ref.f32_to_bf16(rng.standard_normal((12, 64)).astype(np.float32))
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    x[2, 17] = np.nan
+    y = Bf16Weight(w_bits).matmul(x, path="avx512")
+    assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, axis=0)).all()
+
+
+def test_the_default_paths_are_the_ones_the_cpu_offers():
+    paths = cpu.kernel_paths()
+    expect = "avx512" if cpu.has_avx512() and cpu.allowed("vnni") else "portable"
+    assert paths["bf16 decode"] == expect
+    assert paths["bf16 prefill"] == ("amx" if cpu.has_amx_bf16() and cpu.allowed("amx") else expect)

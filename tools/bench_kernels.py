@@ -31,7 +31,7 @@ import numpy as np
 
 import minislm.kernels as K
 from minislm.bench.bandwidth import stream_sum  # the same probe as `minislm bench`
-from minislm.kernels import cpu, fp32, packed
+from minislm.kernels import bf16dot, cpu, fp32, packed
 
 SHAPES = [(3072, 3072), (9216, 3072), (16384, 3072), (3072, 8192)]  # (out, in): o, qkv, gate_up, down
 ROTATION_BYTES = 640 << 20   # per kernel; all of one table's kernels are resident at once
@@ -73,6 +73,9 @@ def decode_cases(shape, rng, groups):
              ("numba fp32", w.nbytes, lambda a: fp32.gemv(a, x, out), copies((w,), w.nbytes))]
     bits = K.Bf16Weight(w).bits
     cases.append(("bf16", bits.nbytes, lambda a: fp32.gemv(a, x, out), copies((bits,), bits.nbytes)))
+    if cpu.has_avx512():
+        cases.append(("bf16 avx512", bits.nbytes, lambda a: bf16dot.gemv_bf16_dot(a, x2, out2),
+                      copies((bits,), bits.nbytes)))
     quantized = [(f"int4 sym g{g}", K.Int4Weight(w, group_size=g)) for g in groups]
     quantized.append(("int4 asym g32", K.Int4Weight(w, group_size=32, symmetric=False)))
     quantized.append(("int8 g32", K.Int8Weight(w, group_size=32)))
@@ -100,6 +103,8 @@ def prefill_cases(shape, rng, tokens):
     paths = ["portable"] + (["vnni"] if cpu.has_vnni() else []) + (["amx"] if cpu.has_amx_int8() else [])
     cases = [("np.matmul fp32", lambda: x @ w.T),
              ("bf16 tiles+BLAS", lambda: b.matmul(x, path="portable"))]
+    if cpu.has_avx512():
+        cases.append(("bf16 avx512", lambda: b.matmul(x, path="avx512")))
     if cpu.has_amx_bf16():
         cases.append(("bf16 amx", lambda: b.matmul(x, path="amx")))
     for name, q in (("int4 g32", q32), ("int4 g128", q128), ("int8 g32", q8)):

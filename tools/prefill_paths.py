@@ -10,8 +10,9 @@ prefills random prompts, in interleaved rounds (every engine once per round) so
 that a busy machine slows all of them alike, and the median per engine is printed.
 
 minislm engines force one kernel path per matmul (`w.matmul(x, path=...)`, through
-a thin wrapper around each packed weight): int4 and bf16 on "amx" (Intel AMX tiles),
-"vnni" (vpdpbusd) and "portable" where this CPU has them, fp32 through BLAS.
+a thin wrapper around each packed weight): int4 g32 and bf16 on "amx" (Intel AMX
+tiles), "vnni" (vpdpbusd), "avx512" (bf16 widened in registers) and "portable" where this
+CPU has them, int4 g128 on the fastest of them, fp32 through BLAS.
 transformers runs bf16 (oneDNN, AMX where present), as the bench does.
 """
 
@@ -56,14 +57,16 @@ def checkpoint(cache: Path, layers: int) -> Path:
 
 def minislm_engines(folder: Path):
     engines = {"minislm fp32 (BLAS)": minislm.load(folder)}
-    paths = ["portable"] + (["amx"] if cpu.has_amx_bf16() else [])
+    paths = (["portable"] + (["avx512"] if cpu.has_avx512() else [])
+             + (["amx"] if cpu.has_amx_bf16() else []))
     bf16 = minislm.load(folder, quant="bf16")
     for path in paths:
         engines[f"minislm bf16 {path}"] = on_path(bf16, path)
-    int4 = minislm.load(folder, quant="int4")
     paths = ["portable"] + (["vnni"] if cpu.has_vnni() else []) + (["amx"] if cpu.has_amx_int8() else [])
-    for path in paths:
-        engines[f"minislm int4 g32 {path}"] = on_path(int4, path)
+    for group in (32, 128):
+        int4 = minislm.load(folder, quant="int4", group_size=group)
+        for path in paths if group == 32 else paths[-1:]:
+            engines[f"minislm int4 g{group} {path}"] = on_path(int4, path)
     return engines
 
 
