@@ -90,8 +90,8 @@ class JsonGrammar:
             raise MinislmError("a JSON schema needs an end-of-sequence id to end the document with; this model has none")
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
-        except ValueError as e:
-            raise JsonSchemaError(f"the JSON schema cannot be compiled: {e}") from None
+        except Exception as e:  # ValueError for what is not a schema; the library's own errors otherwise
+            raise JsonSchemaError(f"the JSON schema cannot be compiled: {first_line(str(e))}") from None
         self.matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer, vocab_size, stop_ids), grammar, log_level=0)
         if self.matcher.is_error():
             raise JsonSchemaError(f"the JSON schema cannot be compiled: {first_line(self.matcher.get_error())}")
