@@ -243,10 +243,11 @@ def run_beam_search(args, model, ids) -> int:
     return 0
 
 
-def print_logprobs(logprobs: Logprobs, tokenizer, file=sys.stderr) -> None:
+def print_logprobs(logprobs: Logprobs, tokenizer, file=None) -> None:
     """--logprobs N: each generated token, its log-probability and probability under the
     distribution it was drawn from (the sampler's last stage), then the N most likely
     tokens of that distribution."""
+    file = file or sys.stderr
     print(f"[logprobs: token, log-probability (probability); then the {logprobs.top} most likely tokens]", file=file)
     for n, entry in enumerate(logprobs.entries, 1):
         line = f"#{n} {token_text(tokenizer, entry.token)!r} {entry.logprob:.4f} ({np.exp(entry.logprob):.4f})"
