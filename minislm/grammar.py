@@ -16,7 +16,7 @@ a library. minislm uses Microsoft's `llguidance` (what llama.cpp and vLLM use):
   (`<0xE6>`, the "▁" that stands for a space) and byte-level vocabularies (o200k)
   are handled by the library, not by conversion code here;
 - it compiles a schema lazily in about a millisecond and computes a mask in tens of
-  microseconds (`python tools/grammar_overhead.py`; docs/structured-output.md has the
+  microseconds (`python tools/grammar_overhead.py`; docs/decoding.md has the
   figures), against 0.3-15 s to build `outlines-core`'s index for the same schemas
   with the Phi-3 vocabulary (15 s for `{"type": "object"}`, what `json_object` asks);
 - it can take tokens back (`rollback`), which a speculative draft needs.

@@ -30,7 +30,7 @@ passes when it is the target's argmax, so the output is the plain greedy output
 token for token, as long as the verify forward's logits equal those of one-token
 forwards bit for bit. minislm's packed int4/int8 kernels guarantee that; the
 float32 and bf16 paths do not (BLAS and AMX round differently for one row and for
-many), and docs/speculative.md says what that allows.
+many), and docs/decoding.md says what that allows.
 """
 
 import time
