@@ -3,10 +3,13 @@
 Layout: the hub's nn.Linear layout, w (out, in) row-major; y = x @ w.T.
 
 GEMV (one token) streams every weight once, so it runs at memory speed if
-the arithmetic keeps up. `gemv_f32` gives each thread a contiguous run of
+the arithmetic keeps up. `gemv` gives each thread a contiguous run of
 rows, four rows per step so one load of x feeds four multiply-adds;
 `fastmath` lets LLVM turn each row's sum into vector accumulators. It is as
-fast as OpenBLAS's sgemv (docs/kernels.md has the figures).
+fast as OpenBLAS's sgemv (docs/kernels.md has the figures). The same loop
+serves bf16 weights (`bf16.py`): each weight goes through `widen_weight`,
+which is nothing for float32 and a shift for a bf16 word, and Numba compiles
+one machine-code version per weight dtype.
 
 GEMM (prefill) is compute-bound: `gemm_f32` keeps a 4x4 block of outputs in
 registers so each loaded weight and activation feeds four multiply-adds.
@@ -21,11 +24,13 @@ from numba import njit, prange
 
 from .checks import as_activations, as_row_ids, check_finite
 from .reference import bf16_to_f32
+from .scalars import widen_weight
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def gemv_f32(w, x, out):
-    """out (out,) = w (out, in) @ x (in,), four rows per step."""
+def gemv(w, x, out):
+    """out (out,) = widen(w (out, in)) @ x (in,), four rows per step; w float32,
+    or uint16 bf16 words."""
     n_out, n_in = w.shape
     for ib in prange((n_out + 3) // 4):
         i = 4 * ib
@@ -33,16 +38,16 @@ def gemv_f32(w, x, out):
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for k in range(n_in):
                 xk = x[k]   # one load of x feeds four rows
-                a0 += w[i, k] * xk
-                a1 += w[i + 1, k] * xk
-                a2 += w[i + 2, k] * xk
-                a3 += w[i + 3, k] * xk
+                a0 += widen_weight(w[i, k]) * xk
+                a1 += widen_weight(w[i + 1, k]) * xk
+                a2 += widen_weight(w[i + 2, k]) * xk
+                a3 += widen_weight(w[i + 3, k]) * xk
             out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
         else:  # the last 1-3 rows
             for ii in range(i, n_out):
                 acc = np.float32(0.0)
                 for k in range(n_in):
-                    acc += w[ii, k] * x[k]
+                    acc += widen_weight(w[ii, k]) * x[k]
                 out[ii] = acc
 
 
@@ -101,8 +106,8 @@ def matmul_by_tiles(x, n_out, fill_tile, tile_bytes=8 << 20):
 
 class OneArrayWeight:
     """What the fp32 and bf16 weights share: the matrix is one (out, in) array,
-    `data`, saved as `{prefix}.weight`; `matmul` runs the subclass's `gemv` for
-    one token and its `gemm` for more."""
+    `data`, saved as `{prefix}.weight`; `matmul` runs `gemv` (float32 or bf16 words
+    alike) for one token and the subclass's `gemm` for more."""
 
     @classmethod
     def from_tensors(cls, tensors, prefix):
@@ -128,7 +133,7 @@ class OneArrayWeight:
         x = as_activations(x, self.shape[1])  # (T, in)
         if x.shape[0] == 1:
             out = np.empty((1, self.shape[0]), np.float32)
-            self.gemv(x[0], out[0])
+            gemv(self.data, x[0], out[0])
             return out
         return self.gemm(x, path)  # (T, out)
 
@@ -152,9 +157,6 @@ class Fp32Weight(OneArrayWeight):
     @property
     def data(self):
         return self.w
-
-    def gemv(self, x, out):
-        gemv_f32(self.w, x, out)
 
     def gemm(self, x, path=None):
         return np.matmul(x, self.w.T)
