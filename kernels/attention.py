@@ -46,6 +46,12 @@ from .simd import array_args, emit_prefetch
 # pool (OpenBLAS, for float32 weights), each pool's threads spin after their
 # work and the other's wait for a core: measured 1-11 ms a call on 2 busy cores.
 PARALLEL_WORK = 1 << 16
+# A call with fewer queries than this (a decode step, a speculative verify, a short
+# chat turn) picks the serial or the parallel kernel query by query, from the keys
+# each query reads, exactly as a one-query call would: the two kernels are compiled
+# apart and round differently, so choosing by the whole call's work would make a
+# query's output depend on how many queries share the call.
+PER_QUERY_CHOICE_BELOW = 64
 # How far ahead of the row being read to ask for memory. The hardware prefetcher
 # alone leaves one thread short of its streaming rate (as for the int4 GEMV,
 # docs/kernels.md); a few KB ahead is a few microseconds of work.
@@ -271,9 +277,21 @@ def attend_cached(q, keys, values, key_scales, value_scales, allowed, scale):
         raise ValueError(f"attend_cached: {H} query heads do not share {keys.shape[0]} kv heads evenly")
     out = np.empty((H, T, hd), np.float32)
     k, v, ks, vs = kernel_arrays(keys, values, key_scales, value_scales)
-    kernel = attend_cached_kernel if H * T * allowed.shape[1] * hd >= PARALLEL_WORK else attend_cached_serial
-    kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, ks, vs,
-           np.ascontiguousarray(allowed, dtype=np.bool_), np.float32(scale), out)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    allowed = np.ascontiguousarray(allowed, dtype=np.bool_)
+    if T >= PER_QUERY_CHOICE_BELOW:  # a prefill: one kernel for the whole call
+        kernel = attend_cached_kernel if H * T * allowed.shape[1] * hd >= PARALLEL_WORK else attend_cached_serial
+        kernel(q, k, v, ks, vs, allowed, np.float32(scale), out)
+        return out
+    ends = allowed.shape[1] - np.argmax(allowed[:, ::-1], axis=1)  # (T,) each query's last key + 1
+    parallel = H * ends * hd >= PARALLEL_WORK
+    for kernel, rows in ((attend_cached_serial, ~parallel), (attend_cached_kernel, parallel)):
+        if rows.all():
+            kernel(q, k, v, ks, vs, allowed, np.float32(scale), out)
+        elif rows.any():
+            part = np.empty((H, int(rows.sum()), hd), np.float32)
+            kernel(np.ascontiguousarray(q[:, rows]), k, v, ks, vs, allowed[rows], np.float32(scale), part)
+            out[:, rows] = part
     return out
 
 

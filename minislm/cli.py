@@ -14,7 +14,7 @@ from .commands import run_chat, run_generate, run_quantize
 from .errors import MinislmError
 from .flags import (
     Command, add_audio_flag, add_group_flags, add_lora_flags, add_model_flags, add_num_crops_flag, add_quant_flags,
-    add_sampling_flags, check_flags,
+    add_sampling_flags, add_speculation_flags, check_flags,
 )
 from .perplexity import run_perplexity
 from .serve import run_serve
@@ -49,6 +49,11 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--early-stopping", action="store_true", help="beam search: stop once N hypotheses have ended")
     gen.add_argument("--num-return-sequences", type=int, default=1, metavar="K",
                      help="beam search: print the K best hypotheses, K <= --num-beams (default 1)")
+    add_speculation_flags(gen)
+    gen.add_argument("--json-schema", metavar="FILE",
+                     help="the reply is a JSON document valid under this JSON schema (needs llguidance: pip install 'minislm[json]')")
+    gen.add_argument("--logprobs", type=int, metavar="N",
+                     help="after the text, print each token's log-probability and the N most likely alternatives (stderr)")
 
 
 def add_chat_flags(chat: argparse.ArgumentParser) -> None:
@@ -61,6 +66,7 @@ def add_chat_flags(chat: argparse.ArgumentParser) -> None:
     add_num_crops_flag(chat)
     add_lora_flags(chat)
     add_sampling_flags(chat)
+    add_speculation_flags(chat)
 
 
 def add_serve_flags(serve: argparse.ArgumentParser) -> None:
@@ -70,6 +76,7 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     serve.add_argument("--ctx-size", type=int, default=4096, help="KV cache size: prompt + completion tokens (default 4096)")
+    add_speculation_flags(serve)
 
 
 def add_verify_flags(verify: argparse.ArgumentParser) -> None:

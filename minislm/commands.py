@@ -1,5 +1,6 @@
 """What `generate`, `chat` and `quantize` do once their flags are parsed and checked."""
 
+import argparse
 import json
 import os
 import resource
@@ -16,7 +17,10 @@ from .load import bundled_model, load
 from .media_commands import ChatMedia, apply_lora_flags, check_reads_audio, encode_multimodal_prompt, process_audios
 from .moe import routing_per_token
 from .quantize import save_quantized
-from .runtime import beam_search, generate_ids, make_sampler, reuse_cached_prefix, sampling_settings
+from .logprobs import Logprobs, token_text
+from .runtime import (
+    beam_search, generate_ids, json_grammar, make_drafter, make_sampler, reuse_cached_prefix, sampling_settings,
+)
 from .sampling import Sampler
 from .text_input import check_utf8, read_prompt
 from .tokenizer import PHI3_SMALL_RANK_FILE, load_tokenizer
@@ -72,6 +76,53 @@ def sampler_for(args, model) -> Sampler:
     return make_sampler(model, settings, seed=args.seed)
 
 
+def load_draft_model(args, model):
+    """--draft-model DIR, loaded with the target's --quant and --kv-cache flags; None without it."""
+    if getattr(args, "draft_model", None) is None:
+        return None
+    if model.config.vision is not None:
+        raise MinislmError("--draft-model: a draft model cannot see the prompt's images; use --speculate lookup")
+    draft_args = argparse.Namespace(**{**vars(args), "model": args.draft_model, "threads": None})
+    try:
+        return load_model(draft_args)
+    except MinislmError as e:
+        raise MinislmError(f"--draft-model: {e}") from None
+
+
+def drafter_for(args, model, sampler: Sampler, capacity: int, draft_model=None, extra=()):
+    """The guesser --speculate / --draft-model ask for, or None."""
+    try:
+        return make_drafter(model, sampler, capacity, getattr(args, "speculate", None), draft_model, extra=extra)
+    except MinislmError as e:
+        raise MinislmError(f"--draft-model: {e}") from None
+
+
+def read_json_schema(path: str | None):
+    """--json-schema FILE: the schema as a dict, read before the model loads (a bad
+    file fails at once); compiled against the vocabulary later (`grammar_for`)."""
+    if path is None:
+        return None
+    from .grammar import read_schema
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinislmError(f"--json-schema {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        return read_schema(text)
+    except MinislmError as e:
+        raise MinislmError(f"--json-schema {path}: {e}") from None
+
+
+def grammar_for(args, model, schema):
+    if schema is None:
+        return None
+    try:
+        return json_grammar(model, schema)
+    except MinislmError as e:
+        raise MinislmError(f"--json-schema {args.json_schema}: {e}") from None
+
+
 def prompt_ids(model, prompt: str, system: str | None, use_template: bool) -> list[int]:
     tokenizer = model.tokenizer
     if not use_template or not tokenizer.chat_template:
@@ -91,7 +142,9 @@ def run_generate(args) -> int:
         raise MinislmError(f"--save-experts: the folder of {args.save_experts} does not exist")
     pictures = open_images(args.image)  # before loading: a bad file fails at once
     audios = process_audios(args.audio)
+    schema = read_json_schema(args.json_schema)
     model = load_model(args)
+    draft_model = load_draft_model(args, model)
     trace = routing_recorder() if args.show_experts or args.save_experts else None
     if trace is not None:
         check_has_experts(model, "--show-experts" if args.show_experts else "--save-experts")
@@ -111,13 +164,20 @@ def run_generate(args) -> int:
         return run_beam_search(args, model, ids)
     stats = GenerationStats()
     generated = []
-    tokens = generate_ids(model, ids, args.max_tokens, sampler_for(args, model), stats=stats, trace=trace,
-                          image_features=features)
+    sampler = sampler_for(args, model)
+    capacity = min(model.config.max_position_embeddings, len(ids) + args.max_tokens)
+    drafter = drafter_for(args, model, sampler, capacity, draft_model)
+    logprobs = Logprobs(args.logprobs) if args.logprobs is not None else None
+    tokens = generate_ids(model, ids, args.max_tokens, sampler, stats=stats, trace=trace, image_features=features,
+                          grammar=grammar_for(args, model, schema), logprobs=logprobs, drafter=drafter,
+                          num_draft=args.num_draft)
     for piece in generate_text(model.tokenizer, recording(tokens, generated), args.stop, stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if logprobs is not None:
+        print_logprobs(logprobs, model.tokenizer)
     if trace is not None:
         routing = routing_per_token(trace, generated)
         if args.show_experts:
@@ -187,6 +247,19 @@ def run_beam_search(args, model, ids) -> int:
     ]
     print("[" + " | ".join(parts) + "]", file=sys.stderr)
     return 0
+
+
+def print_logprobs(logprobs: Logprobs, tokenizer, file=None) -> None:
+    """--logprobs N: each generated token, its log-probability and probability under the
+    distribution it was drawn from (the sampler's last stage), then the N most likely
+    tokens of that distribution."""
+    file = file or sys.stderr
+    print(f"[logprobs: token, log-probability (probability); then the {logprobs.top} most likely tokens]", file=file)
+    for n, entry in enumerate(logprobs.entries, 1):
+        line = f"#{n} {token_text(tokenizer, entry.token)!r} {entry.logprob:.4f} ({np.exp(entry.logprob):.4f})"
+        if entry.top:
+            line += " | " + ", ".join(f"{token_text(tokenizer, t)!r} {lp:.4f}" for t, lp in entry.top)
+        print(line, file=file)
 
 
 def routing_recorder() -> Recorder:
@@ -263,6 +336,7 @@ def run_chat(args) -> int:
     capacity = min(args.ctx_size, model.config.max_position_embeddings)
     cache = model.new_cache(capacity)
     sampler = sampler_for(args, model)
+    drafter = drafter_for(args, model, sampler, capacity, load_draft_model(args, model))
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     images = ChatMedia(model, args) if model.config.phi4mm is not None else ChatImages(model, args.num_crops)
@@ -321,7 +395,7 @@ def run_chat(args) -> int:
             continue
         images.sent()
         turn_model = images.model_for_turn(cache)  # Phi-4-multimodal: the conversation's adapter
-        reply, stats, keep, routing = chat_turn(turn_model, cache, sampler, ids, features, args, capacity)
+        reply, stats, keep, routing = chat_turn(turn_model, cache, sampler, ids, features, args, capacity, drafter)
         messages.append({"role": "assistant", "content": reply})
         if routing is not None:
             print_expert_trace(routing, model)
@@ -333,7 +407,7 @@ def run_chat(args) -> int:
                   "/clear to start over]", file=sys.stderr)
 
 
-def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: int):
+def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: int, drafter=None):
     """One reply, streamed; Ctrl-C stops it and keeps what was said so far.
 
     The cache stays consistent when a forward is interrupted: its length moves only
@@ -353,7 +427,7 @@ def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: i
     reply, generated = [], []
     try:
         tokens = generate_ids(model, ids[keep:], max_new, sampler, cache=cache, history=ids[:keep], stats=stats,
-                              trace=trace, image_features=new_features)
+                              trace=trace, image_features=new_features, drafter=drafter, num_draft=args.num_draft)
         for piece in generate_text(model.tokenizer, recording(tokens, generated), (), stats):
             reply.append(piece)
             sys.stdout.write(piece)
@@ -477,10 +551,19 @@ def print_stats(stats: GenerationStats, model, reused: int | None = None) -> Non
     if reused:
         parts[0] += f" ({reused} reused from the cache)"
     parts.append(f"generated {token_count(stats.generated_tokens)}{decode_rate(stats)}")
+    if stats.drafted_tokens:
+        parts.append(speculation_summary(stats))
     parts.append(f"stop: {stats.stop_reason or 'none'}")
     parts.append(f"weights {model.weights_format.describe()}")
     parts.append(f"peak memory {peak_memory_bytes() / 2**30:.2f} GiB")
     print("[" + " | ".join(parts) + "]", file=sys.stderr)
+
+
+def speculation_summary(stats: GenerationStats) -> str:
+    """'drafted 40, accepted 31 (78 %)': the guesses of speculative decoding and how many
+    the target kept."""
+    share = 100 * stats.accepted_tokens / stats.drafted_tokens
+    return f"drafted {stats.drafted_tokens}, accepted {stats.accepted_tokens} ({share:.0f} %)"
 
 
 def token_count(n: int) -> str:

@@ -77,6 +77,20 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed: same seed, same text")
 
 
+def add_speculation_flags(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (minislm/speculative.py): greedy output is unchanged, sampled
+    output keeps its distribution; only the speed changes."""
+    p.add_argument("--speculate", choices=["lookup"],
+                   help="speculative decoding with prompt lookup: guess from the text so far (no second model)")
+    p.add_argument("--draft-model", metavar="DIR",
+                   help="speculative decoding with a smaller model sharing the tokenizer (loaded with the same --quant)")
+    p.add_argument("--num-draft", type=int, default=4, metavar="K",
+                   help="speculative decoding: tokens guessed and verified per forward (default 4)")
+
+
+# Largest --logprobs: OpenAI's top_logprobs allows 20.
+MAX_LOGPROBS = 20
+
 # Sampling flag -> the setting it sets; their legal ranges live in sampling.SETTING_RANGES.
 SAMPLING_FLAGS = {
     "temp": ("temperature", "--temp"),
@@ -115,8 +129,21 @@ def check_flags(args) -> None:
         check_utf8(stop, "--stop")
     if getattr(args, "port", 0) is not None and not 0 <= getattr(args, "port", 0) <= 65535:
         raise MinislmError(f"--port must be in [0, 65535], got {args.port}")
+    if hasattr(args, "num_draft"):
+        check_speculation_flags(args)
+    if getattr(args, "logprobs", None) is not None and not 0 <= args.logprobs <= MAX_LOGPROBS:
+        raise MinislmError(f"--logprobs must be from 0 to {MAX_LOGPROBS} (alternatives shown per token), got {args.logprobs}")
     if hasattr(args, "num_beams"):
         check_beam_flags(args)
+
+
+def check_speculation_flags(args) -> None:
+    if args.num_draft < 1:
+        raise MinislmError(f"--num-draft must be >= 1, got {args.num_draft}")
+    if args.speculate and args.draft_model is not None:
+        raise MinislmError("--speculate lookup and --draft-model are two ways to guess: choose one")
+    if args.draft_model is not None and not args.draft_model.strip():
+        raise MinislmError("--draft-model is empty; give a model folder or a Hugging Face repo id")
 
 
 def check_beam_flags(args) -> None:
@@ -134,7 +161,9 @@ def check_beam_flags(args) -> None:
         raise MinislmError(f"--max-tokens must be >= 1 with --num-beams, got {args.max_tokens}")
     sampling = {"--temp": args.temp if args.temp else None, "--top-k": args.top_k, "--top-p": args.top_p,
                 "--min-p": args.min_p, "--seed": args.seed, "--stop": args.stop or None,
-                "--show-experts": args.show_experts or None, "--save-experts": args.save_experts}
+                "--show-experts": args.show_experts or None, "--save-experts": args.save_experts,
+                "--speculate": args.speculate, "--draft-model": args.draft_model, "--json-schema": args.json_schema,
+                "--logprobs": args.logprobs}
     given = [flag for flag, value in sampling.items() if value is not None]
     if given:
         raise MinislmError(f"{given[0]} does not apply to beam search (--num-beams), which scores whole sequences "

@@ -16,7 +16,8 @@ import numpy as np
 from .cache import KVCache
 from .errors import MinislmError
 from .finite import check_logits
-from .sampling import Sampler
+from .logprobs import Logprobs
+from .sampling import Sampler, Stage
 from .tokenizer import StreamingDetokenizer
 
 
@@ -25,8 +26,10 @@ class GenerationStats:
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     generated_tokens: int = 0
-    decode_seconds: float = 0.0  # forwards after the first generated token
+    decode_seconds: float = 0.0  # forwards after the first generated token (drafts included)
     stop_reason: str = ""  # "eos", "length", "context" or "stop string"
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed by the draft
+    accepted_tokens: int = 0  # ... and kept by the target's verification
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -57,6 +60,8 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     trace=None,
     image_features=None,
+    grammar=None,
+    logprobs: Logprobs | None = None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids following `prompt_ids`.
 
@@ -72,31 +77,18 @@ def generate_tokens(
 
     Phi-3-vision: `image_features` fill the prompt's image placeholders (negative ids);
     placeholders are positions, not tokens, so the repetition penalty never sees them.
+
+    `grammar` (minislm/grammar.py) masks the ids a JSON schema forbids; `logprobs`
+    records each token's log-probability (minislm/logprobs.py).
     """
-    prompt = np.asarray(prompt_ids, dtype=np.int64)
-    context = model.config.max_position_embeddings
-    if cache is None:
-        cache = model.new_cache(min(context, len(prompt) + max_new_tokens))
-    if cache.length + len(prompt) > cache.capacity:
-        raise ValueError(f"KV cache holds {cache.capacity} positions, {cache.length + len(prompt)} needed")
-    stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens = len(prompt)
-    history = [int(t) for t in history if t >= 0] if history is not None else []
-    history.extend(int(t) for t in prompt if t >= 0)
-    stop_ids = set(int(t) for t in stop_ids)
-    if max_new_tokens == 0:
-        stats.stop_reason = "length"
+    cache, stats, history, logits = prefill(model, prompt_ids, max_new_tokens, cache, history, stats, trace,
+                                            image_features)
+    if logits is None:
         return
-
-    start = time.perf_counter()
-    logits = model.lm_head(model.forward(prompt, cache, trace, image_features)[-1:], trace)[0]  # (V,) for the last position
-    stats.prefill_seconds = time.perf_counter() - start
-    if not np.isfinite(logits).all():  # a damaged checkpoint: say where (minislm/finite.py)
-        check_logits(model, logits, history)
-
+    context = model.config.max_position_embeddings
     limit = min(context, cache.capacity)
     for n in range(max_new_tokens):
-        token = sampler(logits, history)
+        token = choose(sampler, logits, history, grammar, logprobs)
         history.append(token)
         stats.generated_tokens += 1
         yield token
@@ -114,6 +106,52 @@ def generate_tokens(
         stats.decode_seconds += time.perf_counter() - start
         if not np.isfinite(logits).all():
             check_logits(model, logits, history)
+
+
+def prefill(model, prompt_ids, max_new_tokens: int, cache: KVCache | None, history, stats: GenerationStats | None,
+            trace=None, image_features=None):
+    """What every generation loop starts with: a cache (a new one holds the prompt and
+    `max_new_tokens`), the statistics, the history the repetition penalty reads, and
+    the prompt's forward. -> (cache, stats, history, logits (V,) of the last position,
+    or None when nothing is to be generated)."""
+    prompt = np.asarray(prompt_ids, dtype=np.int64)
+    context = model.config.max_position_embeddings
+    if cache is None:
+        cache = model.new_cache(min(context, len(prompt) + max_new_tokens))
+    if cache.length + len(prompt) > cache.capacity:
+        raise ValueError(f"KV cache holds {cache.capacity} positions, {cache.length + len(prompt)} needed")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt)
+    history = [int(t) for t in history if t >= 0] if history is not None else []
+    history.extend(int(t) for t in prompt if t >= 0)
+    if max_new_tokens == 0:
+        stats.stop_reason = "length"
+        return cache, stats, history, None
+    start = time.perf_counter()
+    logits = model.lm_head(model.forward(prompt, cache, trace, image_features)[-1:], trace)[0]  # (V,) for the last position
+    stats.prefill_seconds = time.perf_counter() - start
+    if not np.isfinite(logits).all():  # a damaged checkpoint: say where (minislm/finite.py)
+        check_logits(model, logits, history)
+    return cache, stats, history, logits
+
+
+def choose(sampler: Sampler, logits: np.ndarray, history: list[int], grammar=None, logprobs: Logprobs | None = None,
+           stages: list[Stage] | None = None) -> int:
+    """One token from `logits`: the grammar's mask and the sampler's stages, one draw,
+    then the bookkeeping (its log-probability, the grammar's state). `stages` when the
+    caller has computed them already (the speculative verifier)."""
+    if stages is None:
+        stages = sampler.stages(logits, history, None if grammar is None else grammar.mask())
+    token = sampler.choose(stages)
+    record(token, stages, grammar, logprobs)
+    return token
+
+
+def record(token: int, stages: list[Stage], grammar=None, logprobs: Logprobs | None = None) -> None:
+    if logprobs is not None:
+        logprobs.record(token, stages)
+    if grammar is not None:
+        grammar.advance(token)
 
 
 def generate_text(tokenizer, token_stream: Iterator[int], stop_strings=(), stats: GenerationStats | None = None):

@@ -19,6 +19,12 @@ nobody has heard of are ignored, as most OpenAI-compatible servers do.
 Three extra sampling fields, as vLLM and llama.cpp's server accept them (the
 `openai` client sends them with `extra_body=`): `top_k`, `min_p` and
 `repetition_penalty`.
+
+Beyond plain text: `response_format` (json_object, json_schema: the reply follows the
+schema, minislm/grammar.py), `logprobs`/`top_logprobs` (chat) and `logprobs` (legacy
+completions, an integer), and `prediction` (text the reply is expected to repeat: its
+tokens become guesses for speculative decoding, and `usage.completion_tokens_details`
+counts the accepted and rejected ones, as OpenAI's predicted outputs do).
 """
 
 from dataclasses import dataclass
@@ -30,6 +36,9 @@ MAX_STOP_STRINGS = 16
 # /v1/completions' default max_tokens in OpenAI's API; chat has none (until the context is full).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 MESSAGE_ROLES = ("system", "developer", "user", "assistant")
+# OpenAI's bounds: top_logprobs 0..20 in chat, logprobs 0..5 in completions.
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
 
 # Fields whose listed values ask for nothing beyond plain text generation. null
 # (None) is always neutral. Any other value is refused: minislm does not do it.
@@ -37,8 +46,6 @@ NEUTRAL_VALUES = {
     "n": (1,),
     "best_of": (1,),
     "echo": (False,),
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
     "logit_bias": ({},),
@@ -46,10 +53,8 @@ NEUTRAL_VALUES = {
     "tools": ([],),
     "functions": ([],),
     "tool_choice": ("none", "auto"),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "audio": (),
-    "prediction": (),
 }
 
 
@@ -100,6 +105,10 @@ class ApiRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
     max_tokens_field: str = "max_tokens"  # the name the client sent it under, for error messages
+    logprobs: bool = False  # return each token's log-probability
+    top_logprobs: int = 0  # ... and this many most likely alternatives
+    json_schema: dict | None = None  # response_format: the reply must be valid under this schema
+    prediction: str | None = None  # text the reply is expected to repeat (speculative guesses)
 
     def sampling(self) -> dict:
         """The keyword arguments of `commands.sampling_settings`."""
@@ -115,15 +124,25 @@ def parse_chat_request(body) -> ApiRequest:
     # max_tokens is the older name; the openai package sends either, and errors name the one sent
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = positive_max_tokens(field(body, name, int), name)
+    logprobs = field(body, "logprobs", bool) or False
+    top = field(body, "top_logprobs", int)
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}, got {top}", param="top_logprobs")
+    if top and not logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     return ApiRequest(chat=True, messages=parse_messages(body.get("messages")), max_tokens=max_tokens,
-                      max_tokens_field=name, **common_fields(body))
+                      max_tokens_field=name, logprobs=logprobs, top_logprobs=top or 0, **common_fields(body))
 
 
 def parse_completion_request(body) -> ApiRequest:
     body = request_object(body)
     max_tokens = field(body, "max_tokens", int)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else positive_max_tokens(max_tokens, "max_tokens")
-    return ApiRequest(chat=False, prompt=parse_prompt(body.get("prompt")), max_tokens=max_tokens, **common_fields(body))
+    top = field(body, "logprobs", int)  # the legacy API: how many alternatives, 0..5
+    if top is not None and not 0 <= top <= MAX_COMPLETION_LOGPROBS:
+        raise ApiError(400, f"logprobs must be from 0 to {MAX_COMPLETION_LOGPROBS}, got {top}", param="logprobs")
+    return ApiRequest(chat=False, prompt=parse_prompt(body.get("prompt")), max_tokens=max_tokens,
+                      logprobs=top is not None, top_logprobs=top or 0, **common_fields(body))
 
 
 def request_object(body) -> dict:
@@ -161,7 +180,41 @@ def common_fields(body: dict) -> dict:
     options = field(body, "stream_options", dict) or {}
     include_usage = field(options, "include_usage", bool, name="stream_options.include_usage") or False
     return dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=penalty,
-                seed=seed, stop=parse_stop(body.get("stop")), stream=stream, include_usage=include_usage and stream)
+                seed=seed, stop=parse_stop(body.get("stop")), stream=stream, include_usage=include_usage and stream,
+                json_schema=parse_response_format(body.get("response_format")),
+                prediction=parse_prediction(body.get("prediction")))
+
+
+def parse_response_format(value) -> dict | None:
+    """{"type": "text"} (or none): plain text. {"type": "json_object"}: any JSON object.
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}: that schema.
+    Whether the schema compiles is checked later, against the model's vocabulary."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"response_format must be an object, got {json_type(value)}", param="response_format")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = field(value, "json_schema", dict, name="response_format.json_schema")
+        if spec is None:
+            raise ApiError(400, "response_format.json_schema is required with type json_schema", param="response_format")
+        schema = field(spec, "schema", dict, name="response_format.json_schema.schema")
+        return schema if schema is not None else {"type": "object"}
+    raise ApiError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r:.40}",
+                   param="response_format")
+
+
+def parse_prediction(value) -> str | None:
+    """OpenAI's predicted output: {"type": "content", "content": text or text parts}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") != "content":
+        raise ApiError(400, 'prediction must be {"type": "content", "content": ...}', param="prediction")
+    return unicode_text(message_text(value.get("content"), "user", "prediction.content"), "prediction.content")
 
 
 def field(body: dict, key: str, kind: type, name: str | None = None):
@@ -286,40 +339,82 @@ def finish_reason(stop_reason: str) -> str:
     return "stop" if stop_reason in ("eos", "stop string") else "length"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    """Token counts; `cached_tokens` is OpenAI's name for the prompt prefix served from the cache."""
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, drafted: int | None = None,
+          accepted: int = 0) -> dict:
+    """Token counts; `cached_tokens` is OpenAI's name for the prompt prefix served from the
+    cache. With speculative decoding (`drafted` not None), the guesses the model kept and
+    those it rejected, under the names of OpenAI's predicted outputs."""
+    counts = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if drafted is not None:
+        counts["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                               "rejected_prediction_tokens": drafted - accepted}
+    return counts
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What logprobs show of one generated token: its text and bytes, its log-probability,
+    the most likely alternatives as (text, bytes, logprob), and where its text starts."""
+
+    text: str
+    data: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...]
+    offset: int
+
+
+def chat_logprobs(tokens: list[TokenInfo]) -> dict:
+    """A chat choice's `logprobs`: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
+    return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.data),
+                         "top_logprobs": [{"token": text, "logprob": lp, "bytes": list(data)} for text, data, lp in t.top]}
+                        for t in tokens], "refusal": None}
+
+
+def completion_logprobs(tokens: list[TokenInfo]) -> dict:
+    """A legacy completion choice's `logprobs`: parallel lists, and a dict of alternatives per token."""
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{text: lp for text, _, lp in t.top} for t in tokens],
+            "text_offset": [t.offset for t in tokens]}
+
+
+def choice_logprobs(request: ApiRequest, tokens: list[TokenInfo] | None) -> dict | None:
+    if not request.logprobs or tokens is None:
+        return None
+    return chat_logprobs(tokens) if request.chat else completion_logprobs(tokens)
 
 
 def completion(request: ApiRequest, response_id: str, created: int, model: str, text: str,
-               reason: str, counts: dict) -> dict:
-    """The whole answer of a non-streamed request."""
+               reason: str, counts: dict, tokens: list[TokenInfo] | None = None) -> dict:
+    """The whole answer of a non-streamed request; `tokens` for logprobs."""
+    logprobs = choice_logprobs(request, tokens)
     if request.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": reason}
         kind = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
         kind = "text_completion"
     return {"id": response_id, "object": kind, "created": created, "model": model, "choices": [choice],
             "usage": counts}
 
 
 def chunk(request: ApiRequest, response_id: str, created: int, model: str, text: str | None = None,
-          reason: str | None = None, first: bool = False) -> dict:
+          reason: str | None = None, first: bool = False, tokens: list[TokenInfo] | None = None) -> dict:
     """One server-sent event of a streamed answer: new text, or (with `reason`) the end.
-    A chat stream's first chunk carries the assistant role, as OpenAI's does."""
+    A chat stream's first chunk carries the assistant role, as OpenAI's does. `tokens`:
+    the logprobs of the tokens read since the previous chunk."""
+    logprobs = choice_logprobs(request, tokens) if not first else None
     if request.chat:
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         kind = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
         kind = "text_completion"
     body = {"id": response_id, "object": kind, "created": created, "model": model, "choices": [choice]}
     if request.include_usage:

@@ -15,7 +15,10 @@ same ids with the same settings give the same tokens everywhere:
                         asks for sampling (do_sample), else greedy; as transformers does
     make_sampler        never picks an id the tokenizer has no piece for
     stop_ids            generation_config.json's ids plus the tokenizer's own end token
-    generate_ids        the checked entry into the loop of minislm/generate.py
+    generate_ids        the checked entry into the loop of minislm/generate.py, or its
+                        speculative twin in minislm/speculative.py when given a drafter
+    make_drafter        prompt lookup or a draft model with the same vocabulary
+    json_grammar        the mask of a JSON schema (minislm/grammar.py)
     beam_search         the same ids and stops for minislm/beam.py
     reuse_cached_prefix a cache that already holds the start of the prompt feeds only the rest
 """
@@ -34,9 +37,15 @@ from .config import GenerationConfig, ModelConfig
 from .errors import MinislmError
 from .finite import check_logits
 from .generate import GenerationStats, check_context, generate_tokens
+from .grammar import ANY_JSON_OBJECT, JsonGrammar
 from .kernels import Bf16Weight, Fp32Weight, Int4Weight, Int8Weight
+from .logprobs import Logprobs, TokenLogprob
 from .model import NO_TRACE, crosses_rope_switch, forward, lm_head
 from .sampling import Sampler, SamplingSettings
+from .speculative import DEFAULT_NUM_DRAFT, DraftModel, PromptLookup, speculative_tokens
+
+# What `speculate=` (generate --speculate) may name besides a draft model.
+SPECULATE_KINDS = ("lookup",)
 
 
 @dataclass(frozen=True)
@@ -309,6 +318,11 @@ class Model:
         num_beams: int = 1,
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
+        speculate: str | None = None,
+        draft_model: "Model | None" = None,
+        num_draft: int = DEFAULT_NUM_DRAFT,
+        json_schema=None,
+        logprobs: int | None = None,
     ) -> Iterator[int]:
         """New token ids after `token_ids`, decided exactly as `python -m minislm generate`
         and the server decide them (`generate_ids`): settings you leave out come from
@@ -325,12 +339,24 @@ class Model:
         now, and the iterator holds the best hypothesis's ids (`beam_search` returns
         several, with their scores). Phi-3-vision: `image_features` for the prompt's
         image placeholders (`image_prompt`; greedy and sampling only).
+
+        Speculative decoding (minislm/speculative.py): `speculate="lookup"` guesses from
+        the text so far, `draft_model=` (a loaded Model with the same vocabulary) guesses
+        with a smaller model; `num_draft` guesses are verified per forward. Greedy ids
+        are those of plain decoding, sampled ones follow the same distribution.
+        `json_schema` (a dict or JSON text; needs llguidance) makes the reply a JSON
+        document valid under it. `logprobs=n`: the iterator yields
+        `minislm.logprobs.TokenLogprob`s instead of ids: each id with its log-probability
+        and the n most likely ids of the distribution it was drawn from.
         """
         if num_beams != 1:
             if temperature not in (None, 0) or any(v is not None for v in (top_k, top_p, min_p, seed)):
                 raise ValueError("beam search is deterministic: temperature, top_k, top_p, min_p and seed are for sampling")
             if image_features is not None:
                 raise ValueError("beam search does not take images yet: use greedy or sampling with image_features")
+            if speculate is not None or draft_model is not None or json_schema is not None or logprobs is not None:
+                raise ValueError("speculate, draft_model, json_schema and logprobs are for greedy and sampled decoding, "
+                                 "not beam search")
             best = self.beam_search(token_ids, max_new_tokens, num_beams, length_penalty=length_penalty,
                                     early_stopping=early_stopping, repetition_penalty=repetition_penalty)[0]
             return iter(best.ids)
@@ -338,8 +364,15 @@ class Model:
             raise ValueError("length_penalty and early_stopping are for beam search (num_beams > 1)")
         settings = sampling_settings(self, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                      repetition_penalty=repetition_penalty)
-        return generate_ids(self, token_ids, max_new_tokens, make_sampler(self, settings, seed),
-                            image_features=image_features)
+        sampler = make_sampler(self, settings, seed)
+        check_max_new_tokens(max_new_tokens)
+        capacity = min(self.config.max_position_embeddings, len(np.asarray(token_ids).reshape(-1)) + max_new_tokens)
+        drafter = make_drafter(self, sampler, capacity, speculate, draft_model, image_features=image_features)
+        grammar = None if json_schema is None else json_grammar(self, json_schema)
+        recorder = None if logprobs is None else Logprobs(logprobs)
+        ids = generate_ids(self, token_ids, max_new_tokens, sampler, image_features=image_features, grammar=grammar,
+                           logprobs=recorder, drafter=drafter, num_draft=num_draft)
+        return ids if recorder is None else with_logprobs(ids, recorder)
 
     def beam_search(
         self,
@@ -400,6 +433,59 @@ def make_sampler(model, settings: SamplingSettings, seed: int | None) -> Sampler
     return Sampler(settings, seed=seed, allowed_ids=allowed_ids(model))
 
 
+def make_drafter(model, sampler: Sampler, capacity: int, speculate: str | None = None, draft_model=None,
+                 extra=(), image_features=None):
+    """The guesser of speculative decoding, or None for plain decoding: prompt lookup
+    (`speculate="lookup"`, looking in `extra` ids too) or `draft_model`, whose tokenizer
+    must be the target's (ids mean nothing across vocabularies). A draft model samples
+    with its own random generator, spawned from the target's, so a seed fixes both."""
+    if speculate is not None and speculate not in SPECULATE_KINDS:
+        raise ValueError(f"speculate={speculate!r}: choose one of {', '.join(SPECULATE_KINDS)} (or pass draft_model=)")
+    if speculate is not None and draft_model is not None:
+        raise ValueError("speculate='lookup' and draft_model= are two ways to guess: choose one")
+    if draft_model is None:
+        return PromptLookup(extra=extra) if speculate == "lookup" else None
+    if not isinstance(draft_model, Model):
+        raise TypeError(f"draft_model must be a loaded minislm Model, got {type(draft_model).__name__}")
+    if image_features is not None:
+        raise MinislmError("a draft model cannot see the prompt's images: use speculate='lookup' with images")
+    check_same_vocabulary(model, draft_model)
+    draft_sampler = make_sampler(draft_model, sampler.settings, None)
+    draft_sampler.rng = sampler.rng.spawn(1)[0]
+    return DraftModel(draft_model, draft_sampler, min(capacity, draft_model.config.max_position_embeddings))
+
+
+def check_same_vocabulary(model, draft) -> None:
+    """Refuse a draft model whose ids mean other pieces than the target's."""
+    where = f"draft model {draft.path}"
+    if draft.tokenizer is None or model.tokenizer is None:
+        raise MinislmError(f"{where}: speculative decoding compares tokenizers, and one of the models has none")
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise MinislmError(f"{where}: its vocabulary has {draft.config.vocab_size} ids, the target's "
+                           f"{model.config.vocab_size}; a draft model must share the target's tokenizer")
+    ours = model.tokenizer.backend.get_vocab(with_added_tokens=True)
+    theirs = draft.tokenizer.backend.get_vocab(with_added_tokens=True)
+    if ours != theirs:
+        different = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])[0]
+        raise MinislmError(f"{where}: its tokenizer differs from the target's ({len(theirs)} vs {len(ours)} pieces; "
+                           f"first difference at id {different[1]}); a draft model must share the target's tokenizer")
+
+
+def json_grammar(model, schema) -> JsonGrammar:
+    """The mask of a JSON schema for this model's vocabulary; `schema` True means any
+    JSON object (OpenAI's response_format json_object)."""
+    if model.tokenizer is None:
+        raise MinislmError("a JSON schema needs the model's tokenizer (the bytes of every id)")
+    return JsonGrammar(model.tokenizer, ANY_JSON_OBJECT if schema is True else schema, model.config.vocab_size,
+                       stop_ids(model))
+
+
+def with_logprobs(ids: Iterator[int], recorder: Logprobs) -> Iterator[TokenLogprob]:
+    """Model.generate(logprobs=n): each id as the TokenLogprob recorded when it was chosen."""
+    for _ in ids:
+        yield recorder.entries[-1]
+
+
 def stop_ids(model) -> set[int]:
     """generation_config.json's ids plus the tokenizer's own end-of-sequence token."""
     ids = set(model.generation_config.eos_token_ids)
@@ -428,6 +514,10 @@ def generate_ids(
     stats: GenerationStats | None = None,
     trace=None,
     image_features=None,
+    grammar: JsonGrammar | None = None,
+    logprobs: Logprobs | None = None,
+    drafter=None,
+    num_draft: int = DEFAULT_NUM_DRAFT,
 ) -> Iterator[int]:
     """Up to `max_new_tokens` ids after `prompt_ids`, chosen by `sampler` (from
     `make_sampler`); this is the one entry into the loop (minislm/generate.py) for the
@@ -435,16 +525,28 @@ def generate_ids(
     generator, for all its turns.
 
     With a `cache`, `prompt_ids` are the tokens after those it holds (`history`: all ids
-    so far, for the repetition penalty). Everything is checked now, before the
-    first forward.
+    so far, for the repetition penalty). `grammar` (`json_grammar`) masks what a JSON
+    schema forbids, `logprobs` records each token's log-probability, and a `drafter`
+    (`make_drafter`) turns on speculative decoding with `num_draft` guesses a step.
+    Everything is checked now, before the first forward.
     """
     check_max_new_tokens(max_new_tokens)
     ids = model.check_ids(prompt_ids, image_features)
     if ids.size == 0:
         raise ValueError("generate() needs at least one token id")
     check_context(len(ids), 0 if cache is None else cache.length, model.config.max_position_embeddings)
-    return generate_tokens(model, ids, max_new_tokens, sampler, stop_ids(model), cache=cache, history=history,
-                           stats=stats, trace=trace, image_features=image_features)
+    stops = stop_ids(model)
+    if drafter is None:
+        return generate_tokens(model, ids, max_new_tokens, sampler, stops, cache=cache, history=history, stats=stats,
+                               trace=trace, image_features=image_features, grammar=grammar, logprobs=logprobs)
+    if isinstance(num_draft, bool) or not isinstance(num_draft, (int, np.integer)) or num_draft < 1:
+        raise ValueError(f"num_draft must be an integer >= 1, got {num_draft!r}")
+    if trace is not None:
+        raise MinislmError("speculative decoding verifies several tokens per forward, so a per-token trace "
+                           "(--show-experts, --save-experts) cannot follow it; drop one of them")
+    return speculative_tokens(model, ids, max_new_tokens, sampler, drafter, int(num_draft), stops, cache=cache,
+                              history=history, stats=stats, image_features=image_features, grammar=grammar,
+                              logprobs=logprobs)
 
 
 def beam_search(

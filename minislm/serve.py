@@ -46,12 +46,14 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from . import openai_api as api
-from .commands import load_model, model_argument
+from .commands import load_draft_model, load_model, model_argument
 from .errors import MinislmError
 from .generate import GenerationStats, generate_text
 from .load import BUNDLED_MODEL
-from .runtime import generate_ids, make_sampler, reuse_cached_prefix, sampling_settings
-from .openai_api import ApiError, ApiRequest
+from .logprobs import Logprobs, token_bytes, token_text
+from .runtime import generate_ids, json_grammar, make_drafter, make_sampler, reuse_cached_prefix, sampling_settings
+from .openai_api import ApiError, ApiRequest, TokenInfo
+from .tokenizer import StreamingDetokenizer
 
 # A request body larger than this is refused (413). 8 MiB holds a 128k-token prompt
 # as JSON several times over; the limit exists so one request cannot exhaust memory.
@@ -97,6 +99,9 @@ class ServeSettings:
     max_connections: int = MAX_CONNECTIONS
     idle_timeout_s: float = IDLE_TIMEOUT_S
     request_deadline_s: float = REQUEST_DEADLINE_S
+    speculate: str | None = None  # "lookup": speculative decoding with prompt lookup for every request
+    draft_model: object = None  # a loaded Model: speculative decoding with it for every request
+    num_draft: int = 4
 
 
 # ---------------------------------------------------------------- one request at a time
@@ -147,6 +152,10 @@ class Job:
     max_new_tokens: int
     stats: GenerationStats = field(default_factory=GenerationStats)
     reused: int = 0  # prompt tokens served from the cache
+    grammar: object = None  # the response_format's schema, compiled (minislm/grammar.py)
+    logprobs: Logprobs | None = None  # filled while generating, when the request asks for logprobs
+    prediction: list[int] = field(default_factory=list)  # ids of the request's `prediction`
+    speculative: bool = False
 
 
 class ServedModel:
@@ -154,6 +163,7 @@ class ServedModel:
 
     def __init__(self, model, settings: ServeSettings):
         self.model = model
+        self.settings = settings
         self.capacity = min(settings.ctx_size, model.config.max_position_embeddings)
         self.cache = model.new_cache(self.capacity)
         self.turnstile = Turnstile(settings.max_waiting)
@@ -176,7 +186,17 @@ class ServedModel:
             settings = sampling_settings(self.model, **request.sampling())
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        return Job(request, ids, settings, request.max_tokens if request.max_tokens is not None else room)
+        job = Job(request, ids, settings, request.max_tokens if request.max_tokens is not None else room)
+        if request.json_schema is not None:
+            try:
+                job.grammar = json_grammar(self.model, request.json_schema)
+            except MinislmError as e:
+                raise ApiError(400, f"response_format: {e}", param="response_format") from None
+        if request.logprobs:
+            job.logprobs = Logprobs(request.top_logprobs)
+        if request.prediction:
+            job.prediction = self.encode(request.prediction, request, add_bos=False)
+        return job
 
     def prompt_ids(self, request: ApiRequest) -> list[int]:
         """Chat: the model's chat template (rendered in the tokenizer's sandbox), as
@@ -228,10 +248,48 @@ class ServedModel:
         """
         job.reused = reuse_cached_prefix(self.cache, job.ids)
         sampler = make_sampler(self.model, job.settings, job.request.seed)
+        drafter = self.drafter(job, sampler)
         tokens = generate_ids(self.model, job.ids[job.reused:], job.max_new_tokens, sampler, cache=self.cache,
-                              history=job.ids[:job.reused], stats=job.stats)
+                              history=job.ids[:job.reused], stats=job.stats, grammar=job.grammar,
+                              logprobs=job.logprobs, drafter=drafter, num_draft=self.settings.num_draft)
         return generate_text(self.model.tokenizer, until_gone(tokens, client_gone, job.stats), job.request.stop,
                              job.stats)
+
+
+    def drafter(self, job: Job, sampler):
+        """Speculative decoding as `serve --speculate lookup / --draft-model` asks, or prompt
+        lookup in the request's `prediction` when it has one; None otherwise."""
+        speculate = self.settings.speculate
+        if speculate is None and self.settings.draft_model is None and job.prediction:
+            speculate = "lookup"
+        drafter = make_drafter(self.model, sampler, self.capacity, speculate, self.settings.draft_model,
+                               extra=job.prediction)
+        job.speculative = drafter is not None
+        return drafter
+
+
+class LogprobReader:
+    """A job's recorded logprobs as the API shows them (minislm/openai_api.py's TokenInfo),
+    each token once, in order: all at the end of a plain answer, or those read since
+    the previous chunk of a streamed one."""
+
+    def __init__(self, tokenizer, logprobs: Logprobs | None):
+        self.tokenizer, self.logprobs = tokenizer, logprobs
+        self.detokenizer = StreamingDetokenizer(tokenizer)
+        self.text_length = 0  # characters of the reply before the next token (text_offset)
+        self.sent = 0
+
+    def take(self) -> list[TokenInfo] | None:
+        if self.logprobs is None:
+            return None
+        tokenizer, out = self.tokenizer, []
+        for entry in self.logprobs.entries[self.sent :]:
+            top = tuple((token_text(tokenizer, t), token_bytes(tokenizer, t), lp) for t, lp in entry.top)
+            out.append(TokenInfo(token_text(tokenizer, entry.token), token_bytes(tokenizer, entry.token), entry.logprob,
+                                 top, self.text_length))
+            self.text_length += len(self.detokenizer.add(entry.token))
+        self.sent += len(out)
+        return out
 
 
 def until_gone(tokens: Iterator[int], client_gone: Callable[[], bool], stats: GenerationStats) -> Iterator[int]:
@@ -461,9 +519,10 @@ class Handler(BaseHTTPRequestHandler):
                 if job.stats.stop_reason == STOP_DISCONNECTED:
                     self.close_connection = True
                     return 499
+                tokens = LogprobReader(served.model.tokenizer, job.logprobs).take()
                 self.send_json(200, api.completion(request, new_id(request), int(time.time()),
                                                    self.server.settings.model_id, text,
-                                                   api.finish_reason(job.stats.stop_reason), counts(job)),
+                                                   api.finish_reason(job.stats.stop_reason), counts(job), tokens),
                                {"X-Minislm-Reused-Tokens": str(job.reused)})
         return 200
 
@@ -479,16 +538,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Minislm-Reused-Tokens", str(job.reused))
         self.end_headers()
         self.headers_sent = True
+        logprobs = LogprobReader(self.server.served.model.tokenizer, job.logprobs)
         try:
             if request.chat:
                 self.send_event(api.chunk(request, response_id, created, model_id, first=True))
             for piece in pieces:
-                self.send_event(api.chunk(request, response_id, created, model_id, text=piece))
+                self.send_event(api.chunk(request, response_id, created, model_id, text=piece, tokens=logprobs.take()))
             if job.stats.stop_reason == STOP_DISCONNECTED:
                 self.close_connection = True
                 return
             reason = api.finish_reason(job.stats.stop_reason)
-            self.send_event(api.chunk(request, response_id, created, model_id, reason=reason))
+            self.send_event(api.chunk(request, response_id, created, model_id, reason=reason, tokens=logprobs.take()))
             if request.include_usage:
                 self.send_event(api.usage_chunk(request, response_id, created, model_id, counts(job)))
             self.send_event("[DONE]")
@@ -680,7 +740,8 @@ def new_id(request: ApiRequest) -> str:
 
 def counts(job: Job) -> dict:
     prompt = job.stats.prompt_tokens + job.reused
-    return api.usage(prompt, job.stats.generated_tokens, job.reused)
+    drafted = job.stats.drafted_tokens if job.speculative else None
+    return api.usage(prompt, job.stats.generated_tokens, job.reused, drafted, job.stats.accepted_tokens)
 
 
 class Server(ThreadingHTTPServer):
@@ -761,7 +822,8 @@ def print_log(line: str) -> None:
 def run_serve(args) -> int:
     model = load_model(args)
     settings = ServeSettings(host=args.host, port=args.port, api_key=args.api_key, model_id=model_id(args),
-                             ctx_size=args.ctx_size)
+                             ctx_size=args.ctx_size, speculate=args.speculate,
+                             draft_model=load_draft_model(args, model), num_draft=args.num_draft)
     try:
         server = Server(model, settings)
     except OSError as e:

@@ -16,8 +16,8 @@ from numba import njit
 
 from minislm.kernels import reference as ref
 from minislm.kernels.attention import (
-    EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_kernel, attend_cached_serial, exp_nonpositive,
-    kernel_arrays, store_cached,
+    EXP_CUTOFF, PARALLEL_WORK, PER_QUERY_CHOICE_BELOW, QUERY_TILE, attend_cached, attend_cached_kernel,
+    attend_cached_serial, exp_nonpositive, kernel_arrays, store_cached,
 )
 from minislm.model import attention_mask
 
@@ -136,6 +136,27 @@ def test_parallel_and_serial_kernels_agree():
         kernel(q, *kernel_arrays(keys, values, None, None), allowed, np.float32(0.25), out)
         outs.append(out)
     assert np.abs(outs[0] - outs[1]).max() <= ATOL_KERNEL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_a_querys_output_does_not_depend_on_how_many_queries_share_the_call(dtype):
+    """The serial and parallel kernels differ in the last bits (above), so a short call
+    picks between them query by query, as a one-query call would. A speculative verify
+    (several queries) then gives each query the bits a decode step (one query) gives it,
+    also where the queries straddle PARALLEL_WORK (here at 64 keys)."""
+    rng = np.random.default_rng(4)
+    heads, head_dim = 8, 32
+    boundary = PARALLEL_WORK // (heads * head_dim)  # a query reading this many keys goes parallel
+    keys, key_scales = storage(rng, 2, boundary + 30, head_dim, dtype, 3.0)
+    values, value_scales = storage(rng, 2, boundary + 30, head_dim, dtype, 1.0)
+    for start, new in [(boundary - 3, 6), (boundary - 10, 5), (boundary, 4), (5, 7), (boundary - 50, PER_QUERY_CHOICE_BELOW - 1)]:
+        end = start + new
+        q = rng.standard_normal((heads, new, head_dim), dtype=np.float32)
+        together = attend_cached(q, keys, values, key_scales, value_scales, attention_mask(np.arange(start, end), end, None), 0.2)
+        for t in range(new):
+            alone = attend_cached(q[:, t : t + 1], keys, values, key_scales, value_scales,
+                                  attention_mask(np.array([start + t]), start + t + 1, None), 0.2)
+            np.testing.assert_array_equal(together[:, t], alone[:, 0], err_msg=f"query {start + t} of {start}..{end}")
 
 
 def test_nan_in_a_query_comes_out_as_nan_like_the_twin():

@@ -14,13 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. A module belongs to the layer of the longest prefix that names it.
 LAYERS = [
     ("foundation", ["minislm.errors", "minislm.config", "minislm.phi3small_config", "minislm.vision.config",
-                    "minislm.multimodal.config", "minislm.sampling", "minislm.trace",
+                    "minislm.multimodal.config", "minislm.sampling", "minislm.logprobs", "minislm.grammar", "minislm.trace",
                     "minislm.hub", "minislm.text_input", "minislm.compile_notice", "minislm.chat_sandbox"]),
     ("storage and kernels", ["minislm.kernels", "minislm.weights", "minislm.streaming", "minislm.cache",
                              "minislm.tokenizer", "minislm.tiktoken_bpe", "minislm.formats"]),
     ("model math", ["minislm.model", "minislm.moe", "minislm.blocksparse", "minislm.lora"]),
     ("vision", ["minislm.vision", "minislm.multimodal"]),
-    ("runtime", ["minislm.finite", "minislm.generate", "minislm.beam", "minislm.policy",
+    ("runtime", ["minislm.finite", "minislm.generate", "minislm.speculative", "minislm.beam", "minislm.policy",
                  "minislm.runtime", "minislm.quantize", "minislm.load"]),
     ("commands", ["minislm.flags", "minislm.commands", "minislm.media_commands", "minislm.perplexity", "minislm.verify",
                   "minislm.openai_api", "minislm.serve", "minislm.watch", "minislm.bench"]),

@@ -24,7 +24,8 @@ DECLARED = {
     "numpy": "numpy", "numba": "numba", "safetensors": "safetensors", "tokenizers": "tokenizers",
     "huggingface_hub": "huggingface_hub", "jinja2": "jinja2", "tqdm": "tqdm", "threadpoolctl": "threadpoolctl",
     "gguf": "gguf", "pytest": "pytest", "hypothesis": "hypothesis", "matplotlib": "matplotlib", "PIL": "pillow",
-    "openai": "openai", "soundfile": "soundfile", "soxr": "soxr",
+    "openai": "openai", "soundfile": "soundfile", "soxr": "soxr", "llguidance": "llguidance",
+    "jsonschema": "jsonschema",
 }
 GUARDS = {"require_module", "import_reference", "importorskip", "skip_or_fail"}
 LOCAL = {p.stem for p in TESTS.glob("*.py")} | {"minislm"}

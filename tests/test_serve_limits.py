@@ -129,7 +129,8 @@ JSON = st.recursive(
     max_leaves=12,
 )
 FIELDS = ["messages", "prompt", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
-          "stream", "stream_options", "n", "logprobs", "model", "response_format", "tools", "user", "logit_bias"]
+          "stream", "stream_options", "n", "logprobs", "top_logprobs", "model", "response_format", "prediction",
+          "tools", "user", "logit_bias"]
 PROMPTS = st.one_of(
     st.text(max_size=40), st.lists(st.integers(-(2**70), 2**70), min_size=1, max_size=6), JSON,
 )
