@@ -34,25 +34,28 @@ AMX_MIN_TOKENS = 16
 
 @njit(parallel=True, fastmath=True, cache=True)
 def gemv_bf16(w, x, out):
-    """out (out,) = widen(w (out, in) uint16) @ x (in,), four rows per step."""
+    """out (B, out) = x (B, in) @ widen(w (out, in) uint16).T, four weight rows per
+    step, each token's row of sums computed by the same loop whatever B is (as
+    `fp32.gemv_f32`)."""
     n_out, n_in = w.shape
     for ib in prange((n_out + 3) // 4):
         i = 4 * ib
-        if i + 4 <= n_out:
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for k in range(n_in):
-                xk = x[k]
-                a0 += bf16_to_f32(w[i, k]) * xk
-                a1 += bf16_to_f32(w[i + 1, k]) * xk
-                a2 += bf16_to_f32(w[i + 2, k]) * xk
-                a3 += bf16_to_f32(w[i + 3, k]) * xk
-            out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
-        else:  # the last 1-3 rows
-            for ii in range(i, n_out):
-                acc = np.float32(0.0)
+        for t in range(x.shape[0]):  # the four weight rows stay in cache for every token
+            if i + 4 <= n_out:
+                a0 = a1 = a2 = a3 = np.float32(0.0)
                 for k in range(n_in):
-                    acc += bf16_to_f32(w[ii, k]) * x[k]
-                out[ii] = acc
+                    xk = x[t, k]
+                    a0 += bf16_to_f32(w[i, k]) * xk
+                    a1 += bf16_to_f32(w[i + 1, k]) * xk
+                    a2 += bf16_to_f32(w[i + 2, k]) * xk
+                    a3 += bf16_to_f32(w[i + 3, k]) * xk
+                out[t, i], out[t, i + 1], out[t, i + 2], out[t, i + 3] = a0, a1, a2, a3
+            else:  # the last 1-3 rows
+                for ii in range(i, n_out):
+                    acc = np.float32(0.0)
+                    for k in range(n_in):
+                        acc += bf16_to_f32(w[ii, k]) * x[t, k]
+                    out[t, ii] = acc
 
 
 @njit(parallel=True, cache=True)
@@ -112,8 +115,7 @@ class Bf16Weight(OneArrayWeight):
     def data(self):
         return self.bits
 
-    def gemv(self, x, out):
-        gemv_bf16(self.bits, x, out)
+    gemv_kernel = staticmethod(gemv_bf16)
 
     def gemm(self, x, path=None):
         """Prefill: AMX-BF16 tiles where the CPU has them (`amx.py`), else rows

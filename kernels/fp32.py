@@ -2,11 +2,20 @@
 
 Layout: the hub's nn.Linear layout, w (out, in) row-major; y = x @ w.T.
 
-GEMV (one token) streams every weight once, so it runs at memory speed if
+GEMV (decode) streams every weight once, so it runs at memory speed if
 the arithmetic keeps up. `gemv_f32` gives each thread a contiguous run of
 rows, four rows per step so one load of x feeds four multiply-adds;
 `fastmath` lets LLVM turn each row's sum into vector accumulators. It is as
 fast as OpenBLAS's sgemv (docs/kernels.md has the figures).
+
+It takes a few rows of x at once, the next token of each of several sequences
+(batched decoding, minislm/batch.py): every token passes over a block of four
+weight rows while that block sits in cache, so the weights are read from memory
+once for all of them, and each token's sums run in the same order whatever the
+number of tokens. A sequence's result then does not depend on which others
+share the step, bit for bit; BLAS promises no such thing (its sgemv and sgemm
+sum in different orders). `DecodeRows` wraps a matrix so that `matmul` always
+takes this path.
 
 GEMM (prefill) is compute-bound: `gemm_f32` keeps a 4x4 block of outputs in
 registers so each loaded weight and activation feeds four multiply-adds.
@@ -25,25 +34,27 @@ from .reference import bf16_to_f32
 
 @njit(parallel=True, fastmath=True, cache=True)
 def gemv_f32(w, x, out):
-    """out (out,) = w (out, in) @ x (in,), four rows per step."""
+    """out (B, out) = x (B, in) @ w (out, in).T, four weight rows per step, each
+    token's row of sums computed by the same loop whatever B is."""
     n_out, n_in = w.shape
     for ib in prange((n_out + 3) // 4):
         i = 4 * ib
-        if i + 4 <= n_out:
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for k in range(n_in):
-                xk = x[k]   # one load of x feeds four rows
-                a0 += w[i, k] * xk
-                a1 += w[i + 1, k] * xk
-                a2 += w[i + 2, k] * xk
-                a3 += w[i + 3, k] * xk
-            out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
-        else:  # the last 1-3 rows
-            for ii in range(i, n_out):
-                acc = np.float32(0.0)
+        for t in range(x.shape[0]):  # the four weight rows stay in cache for every token
+            if i + 4 <= n_out:
+                a0 = a1 = a2 = a3 = np.float32(0.0)
                 for k in range(n_in):
-                    acc += w[ii, k] * x[k]
-                out[ii] = acc
+                    xk = x[t, k]   # one load of x feeds four rows
+                    a0 += w[i, k] * xk
+                    a1 += w[i + 1, k] * xk
+                    a2 += w[i + 2, k] * xk
+                    a3 += w[i + 3, k] * xk
+                out[t, i], out[t, i + 1], out[t, i + 2], out[t, i + 3] = a0, a1, a2, a3
+            else:  # the last 1-3 rows
+                for ii in range(i, n_out):
+                    acc = np.float32(0.0)
+                    for k in range(n_in):
+                        acc += w[ii, k] * x[t, k]
+                    out[t, ii] = acc
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -127,10 +138,14 @@ class OneArrayWeight:
         has several (bf16: 'amx' or 'portable'), for tests and measurements."""
         x = as_activations(x, self.shape[1])  # (T, in)
         if x.shape[0] == 1:
-            out = np.empty((1, self.shape[0]), np.float32)
-            self.gemv(x[0], out[0])
-            return out
+            return self.gemv(x)
         return self.gemm(x, path)  # (T, out)
+
+    def gemv(self, x):
+        """x (B, in) -> (B, out) by the GEMV kernel: each row as it would be alone."""
+        out = np.empty((x.shape[0], self.shape[0]), np.float32)
+        self.gemv_kernel(self.data, x, out)
+        return out
 
 
 class Fp32Weight(OneArrayWeight):
@@ -149,15 +164,47 @@ class Fp32Weight(OneArrayWeight):
         check_finite(w, name)
         self.w = np.ascontiguousarray(w, dtype=np.float32)
 
+    @classmethod
+    def wrap(cls, w):
+        """A float32 array the loader has already checked, used as it is (no copy when
+        contiguous, no second pass over its values)."""
+        weight = cls.__new__(cls)
+        weight.w = np.ascontiguousarray(w, dtype=np.float32)
+        return weight
+
     @property
     def data(self):
         return self.w
 
-    def gemv(self, x, out):
-        gemv_f32(self.w, x, out)
+    gemv_kernel = staticmethod(gemv_f32)
 
     def gemm(self, x, path=None):
         return np.matmul(x, self.w.T)
 
     def rows(self, ids):
         return self.w[as_row_ids(ids, self.shape[0])]
+
+
+class DecodeRows:
+    """A weight whose `matmul` treats every row of x as one token's decode step: the
+    GEMV kernel for float32 and bf16 matrices, however many rows come, so each row
+    gets exactly the bits it would get alone. (A plain matmul sends one row to GEMV
+    and several to BLAS's GEMM, whose sums run in another order.)
+
+    `weight` is a float32 array, an `Fp32Weight` or a `Bf16Weight`; nothing is
+    copied. `rows` (the embedding lookup) is the weight's own.
+    """
+
+    def __init__(self, weight):
+        self.weight = Fp32Weight.wrap(weight) if isinstance(weight, np.ndarray) else weight
+        self.shape = self.weight.shape
+
+    @property
+    def nbytes(self):
+        return self.weight.nbytes
+
+    def matmul(self, x):
+        return self.weight.gemv(as_activations(x, self.shape[1]))  # (B, in) -> (B, out)
+
+    def rows(self, ids):
+        return self.weight.rows(ids)
