@@ -32,29 +32,44 @@ from .checks import as_activations, as_row_ids, check_finite
 from .reference import bf16_to_f32
 
 
+@njit(inline="always", fastmath=True)
+def gemv_block(w, x, t, i, out):
+    """out[t, i:i+4] = w[i:i+4] @ x[t]: one token against one block of four weight
+    rows (fewer at the end); both GEMV kernels below are this block in a loop."""
+    n_out, n_in = w.shape
+    if i + 4 <= n_out:
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for k in range(n_in):
+            xk = x[t, k]   # one load of x feeds four rows
+            a0 += w[i, k] * xk
+            a1 += w[i + 1, k] * xk
+            a2 += w[i + 2, k] * xk
+            a3 += w[i + 3, k] * xk
+        out[t, i], out[t, i + 1], out[t, i + 2], out[t, i + 3] = a0, a1, a2, a3
+    else:  # the last 1-3 rows
+        for ii in range(i, n_out):
+            acc = np.float32(0.0)
+            for k in range(n_in):
+                acc += w[ii, k] * x[t, k]
+            out[t, ii] = acc
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def gemv_f32(w, x, out):
-    """out (B, out) = x (B, in) @ w (out, in).T, four weight rows per step, each
-    token's row of sums computed by the same loop whatever B is."""
-    n_out, n_in = w.shape
-    for ib in prange((n_out + 3) // 4):
-        i = 4 * ib
-        for t in range(x.shape[0]):  # the four weight rows stay in cache for every token
-            if i + 4 <= n_out:
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for k in range(n_in):
-                    xk = x[t, k]   # one load of x feeds four rows
-                    a0 += w[i, k] * xk
-                    a1 += w[i + 1, k] * xk
-                    a2 += w[i + 2, k] * xk
-                    a3 += w[i + 3, k] * xk
-                out[t, i], out[t, i + 1], out[t, i + 2], out[t, i + 3] = a0, a1, a2, a3
-            else:  # the last 1-3 rows
-                for ii in range(i, n_out):
-                    acc = np.float32(0.0)
-                    for k in range(n_in):
-                        acc += w[ii, k] * x[t, k]
-                    out[t, ii] = acc
+    """out (B, out) = x (B, in) @ w (out, in).T, four weight rows per step; every
+    token passes over a block while it sits in cache."""
+    for ib in prange((w.shape[0] + 3) // 4):
+        for t in range(x.shape[0]):
+            gemv_block(w, x, t, 4 * ib, out)
+
+
+@njit(fastmath=True, cache=True)
+def gemv_f32_serial(w, x, out):
+    """`gemv_f32` on the calling thread alone, as BLAS runs a decode step's float32
+    matmuls (`minislm.runtime.blas_threads`): what `DecodeRows` multiplies float32 by."""
+    for ib in range((w.shape[0] + 3) // 4):
+        for t in range(x.shape[0]):
+            gemv_block(w, x, t, 4 * ib, out)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -204,7 +219,12 @@ class DecodeRows:
         return self.weight.nbytes
 
     def matmul(self, x):
-        return self.weight.gemv(as_activations(x, self.shape[1]))  # (B, in) -> (B, out)
+        x = as_activations(x, self.shape[1])  # (B, in)
+        if not isinstance(self.weight, Fp32Weight):
+            return self.weight.gemv(x)  # bf16: its GEMV kernel, on every thread
+        out = np.empty((x.shape[0], self.shape[0]), np.float32)
+        gemv_f32_serial(self.weight.w, x, out)
+        return out  # (B, out)
 
     def rows(self, ids):
         return self.weight.rows(ids)
