@@ -20,7 +20,7 @@ LAYERS = [
     ("model math", ["minislm.model", "minislm.moe", "minislm.blocksparse"]),
     ("vision", ["minislm.vision"]),
     ("runtime", ["minislm.finite", "minislm.generate", "minislm.beam", "minislm.policy",
-                 "minislm.runtime", "minislm.quantize", "minislm.load"]),
+                 "minislm.runtime", "minislm.batch", "minislm.quantize", "minislm.load"]),
     ("commands", ["minislm.flags", "minislm.commands", "minislm.perplexity", "minislm.verify", "minislm.openai_api",
                   "minislm.serve", "minislm.watch", "minislm.bench"]),
     ("entry points", ["minislm.cli", "minislm.__main__", "minislm"]),
