@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cache import KVCache
+from .cache import KVCache, available_memory_bytes
+from .errors import MinislmError
 from .finite import check_logits
 from .generate import GenerationStats, stop_reason
 from .runtime import make_sampler, reuse_cached_prefix, stop_ids
@@ -153,6 +154,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
         self.stop_ids = stop_ids(model)
+        check_slots_fit(model, capacity, max_batch)
         self.slots = [Slot(i, model.new_cache(capacity)) for i in range(max_batch)]
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()  # admitted, prompt not all fed yet (oldest first)
@@ -324,3 +326,17 @@ class Scheduler:
         for choice in request.choices:
             if not choice.done:
                 self.retire(choice)
+
+
+def check_slots_fit(model, capacity: int, max_batch: int) -> None:
+    """Refuse, before allocating, slots whose caches could not all fill up in memory.
+
+    A cache's pages are taken from the OS as its positions fill, so the server would
+    start and then die under load, deep in a forward, when the last slots fill."""
+    nbytes = max_batch * capacity * model.new_cache(1).bytes_per_position
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise MinislmError(
+            f"{max_batch} KV caches (--max-batch) of {capacity} positions (--ctx-size) need {nbytes / 2**30:.1f} GiB, "
+            f"but {available / 2**30:.1f} GiB of memory is available; lower --max-batch or --ctx-size"
+        )
