@@ -525,18 +525,41 @@ def forward_batch(config: ModelConfig, weights: dict, token_ids: np.ndarray, cac
         layer = f"model.layers.{i}."
         h = norm(config, w, layer + "input_layernorm", x)
         q, k, v = project_qkv(config, w, layer, h)  # (B, H*hd), (B, KV*hd), (B, KV*hd)
-        sparse_layer = small and not is_dense_layer(config, i)
-        heads = np.concatenate([  # (B, H*hd): row b from sequence b's cache
-            attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], config, caches[b], i, step.cos, step.sin,
-                      step.allowed, sparse=step.sparse if sparse_layer else None)
-            for b, step in enumerate(steps)
-        ])
+        sparse = bool(small) and not is_dense_layer(config, i)
+        heads = attention_batch(q, k, v, config, caches, i, steps, sparse)  # (B, H*hd)
         x = x + linear(heads, w[layer + out_proj + ".weight"], w.get(layer + out_proj + ".bias"))  # (B, D)
         h = norm(config, w, layer + "post_attention_layernorm", x)
         x = x + feed_forward(config, w, i, h)  # (B, D)
     for b, (cache, step) in enumerate(zip(caches, steps)):
         cache.advance(token_ids[b : b + 1], step.long)
     return norm(config, w, final_norm_name(config), x)  # (B, D)
+
+
+def attention_batch(q, k, v, config: ModelConfig, caches: list[KVCache], layer: int, steps, sparse: bool) -> np.ndarray:
+    """`attention` for one new token of each of B sequences: q (B, H*hd), k, v (B, KV*hd)
+    -> (B, H*hd), row b attending over caches[b] from its own position (`steps[b]`).
+
+    The rotation is elementwise, so it runs on all rows at once, each with its own
+    angles; storing and attending run per sequence, each over its own cache."""
+    B = q.shape[0]
+    H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    cos = np.concatenate([step.cos for step in steps])  # (B, rotary_dim), row b at sequence b's position
+    sin = np.concatenate([step.sin for step in steps])
+    q = apply_rope(q.reshape(B, H, hd).transpose(1, 0, 2), cos, sin)  # (H, B, hd)
+    k = apply_rope(k.reshape(B, KV, hd).transpose(1, 0, 2), cos, sin)  # (KV, B, hd)
+    v = v.reshape(B, KV, hd).transpose(1, 0, 2)  # (KV, B, hd)
+    scale = attention_scale(config)
+    out = np.empty((H, B, hd), dtype=np.float32)
+    for b, (cache, step) in enumerate(zip(caches, steps)):
+        cache.store(layer, k[:, b : b + 1], v[:, b : b + 1])  # at position cache.length
+        qb = q[:, b : b + 1]  # (H, 1, hd)
+        if sparse:
+            layout, first_block = step.sparse
+            out[:, b : b + 1] = attend_blocksparse(qb, *cache.layer(layer), np.arange(cache.length, cache.length + 1),
+                                                   layout, first_block, config.phi3small.block_size, scale)
+        else:
+            out[:, b : b + 1] = attend_cached(qb, *cache.layer(layer), step.allowed, scale)
+    return out.transpose(1, 0, 2).reshape(B, H * hd)  # heads side by side again; o_proj follows
 
 
 class OnePosition(NamedTuple):
