@@ -1,4 +1,4 @@
-"""Fast paths for minislm (Numba), each beside a plain-NumPy reference.
+"""Fast paths for minislm (Numba), each with a plain-NumPy twin in reference.py.
 
     Fp32Weight(w)           fp32 (out, in): Numba GEMV, BLAS GEMM
     DecodeRows(w)           an fp32 array, Fp32Weight or Bf16Weight whose matmul takes
@@ -9,7 +9,7 @@
                             4-bit codes, a scale per group (llama.cpp Q4_0's rule)
     Int8Weight(w, group_size=32)
                             8-bit codes, a scale per group (Q8_0's rule)
-    set_threads(n), threading_layer(), kernel_paths(), kernels_for(format)
+    set_threads(n), threading_layer(), kernel_paths()
 
 Every weight class has .matmul(x) -> (T, out), .rows(ids) -> (len, in),
 .shape, .nbytes, .tensors(prefix) and the classmethod .from_tensors(...).
@@ -34,9 +34,17 @@ Q4_K codes q, d*sc, 32, zero=0, offsets=-(dmin*m); AWQ/GPTQ codes q, s, G,
 zero=z (per group); MLX codes q, scales, 64, zero=0, offsets=biases;
 Q6_K (Int8Weight) codes q, d*sc, 16, zero=32.
 
-`reference.py` is the plain-NumPy specification of every kernel; the
-layouts are drawn in docs/formats.md, the measurements in docs/kernels.md.
-`cpu.py` picks the instructions (VNNI, AMX, portable) at run time.
+Where things are. The rule for twins: every kernel's plain-NumPy twin is in
+`reference.py`, one section per kernel file, under the kernel's own name where
+that names an operation (`packed.search_scales` / `reference.search_scales`,
+`attention.attend_cached` / `reference.attend_cached`); no kernel file holds a
+twin. `reference.py` imports only NumPy and is where bfloat16 is defined
+(`bf16_to_f32`, `f32_to_bf16`; minislm/weights.py imports them from it), so the
+kernels import nothing from the rest of minislm. `scalars.py` holds the one-number
+conversions every kernel inlines (bf16 and half widening, bit-casts), `simd.py`
+the hand-written LLVM IR of the packed dot products, `cpu.py` picks the
+instructions (VNNI, AMX, portable) at run time. The layouts are drawn in
+docs/formats.md, the measurements in docs/kernels.md.
 Importing compiles nothing: kernels compile on first call and are cached
 on disk (numba cache=True).
 
@@ -82,25 +90,9 @@ if __name__ == "kernels":
 else:
     from .threads import get_threads, set_threads, threading_layer  # noqa: F401  (sets the layer)
     from .bf16 import Bf16Weight
-    from . import cpu
     from .cpu import kernel_paths
     from .fp32 import DecodeRows, Fp32Weight
     from .packed import Int4Weight, Int8Weight
 
 __all__ = ["Fp32Weight", "DecodeRows", "Bf16Weight", "Int4Weight", "Int8Weight",
-           "set_threads", "get_threads", "threading_layer", "kernel_paths", "kernels_for"]
-
-
-def kernels_for(weight_format):
-    """The Numba kernels every run of a "bf16" or "int4" model calls on this CPU
-    (decode, embedding rows, quantizing): the ones whose first compilation the
-    user waits for. Prefill kernels compile on the first prompt long enough to
-    use them (a few seconds more)."""
-    from . import activations, bf16, packed
-
-    if weight_format == "bf16":
-        return [bf16.gemv_bf16, bf16.widen_bf16_rows]
-    path = cpu.int8_dot_path()
-    return [packed.GEMV[4, path], packed.GEMV[8, path], packed.dequantize_rows, packed.group_scales,
-            packed.search_scales, packed.quantize_codes, activations.quantize_activations,
-            activations.prepare_token]
+           "set_threads", "get_threads", "threading_layer", "kernel_paths"]

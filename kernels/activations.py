@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 from . import reference as ref
-from .simd import bits_to_f32, f32_to_bits
+from .scalars import bits_to_f32, f32_to_bits
 
 @njit(cache=True)
 def act_group_size(group_size):

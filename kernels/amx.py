@@ -41,12 +41,14 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils, errors
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import reference as ref
 from .activations import activation_buffers, check_shapes, prepare_token
-from .simd import F32, I8, I32, bits_to_f32, f32_to_bits, _load_vec, _splat, _vec, act_group_epilogue, group_epilogue, group_scale_and_offset
+from .scalars import bits_to_f32, round_to_bf16
+from .simd import (F32, I8, I32, _load_vec, _splat, _vec, act_group_epilogue, array_args, check_arrays,
+                   group_arrays, group_epilogue, group_scale_and_offset, index_helpers)
 
 llvm.initialize_native_asmparser()   # inline assembly needs it; Numba does not initialise it
 
@@ -81,12 +83,6 @@ def _ptr(builder, array, index):
     return builder.bitcast(builder.gep(array.data, [index]), ir.PointerType(I8))
 
 
-def _check_arrays(expected):
-    for arr, dtype, ndim in expected:
-        if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == ndim and arr.layout == "C"):
-            raise errors.TypingError(f"amx kernel: expected a C-contiguous {ndim}-D {dtype} array, got {arr}")
-
-
 def amx_packed_kernel():
     """The intrinsic for one 16-row block and 16 tokens of a packed weight."""
 
@@ -99,17 +95,10 @@ def amx_packed_kernel():
         codes[16b+r, 4kk..4kk+3] at bytes 4r..4r+3; xq: int8 (T, in_p); cbuf:
         int32 (BATCH, 16, 16) for the C tiles; the rest as in
         `simd.packed_block_kernel`."""
-        expected = [(cfg, types.uint8, 1), (rows, types.uint8, 2), (xq, types.int8, 2),
-                    (x_scale, types.float32, 2), (x_gsum, types.float32, 2),
-                    (cbuf, types.int32, 3), (out, types.float32, 2)]
-        if not isinstance(zeros, types.NoneType):
-            expected.append((zeros, types.uint8, 3))
-        if not isinstance(offsets, types.NoneType):
-            expected.append((offsets, types.float32, 3))
-        _check_arrays(expected)
-        if not (isinstance(scales, types.Array) and scales.dtype in (types.uint16, types.float32)
-                and scales.ndim == 3 and scales.layout == "C"):
-            raise errors.TypingError(f"amx kernel: scales must be uint16 or float32, got {scales}")
+        check_arrays("amx_block", [(cfg, types.uint8, 1), (rows, types.uint8, 2), (xq, types.int8, 2),
+                                   (x_scale, types.float32, 2), (x_gsum, types.float32, 2),
+                                   (cbuf, types.int32, 3), (out, types.float32, 2)]
+                     + group_arrays(scales, zeros, offsets))
         sig = types.void(cfg, rows, scales, zeros, offsets, types.float32, xq, x_scale, x_gsum,
                          block, t0, cbuf, out)
 
@@ -125,22 +114,12 @@ BATCH = 4   # activation groups in flight: C tiles tmm0-3, A tiles tmm4-5, B til
 
 
 def _emit_amx_packed(context, builder, signature, args):
-    arrays = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
-              for t, a in zip(signature.args, args)]
+    arrays = array_args(context, builder, signature, args)
     cfg_a, rows_a, scales_a, zeros_a, offsets_a = arrays[:5]
     xq_a, xs_a, xg_a = arrays[6:9]
     cbuf_a, out_a = arrays[11:13]
     f16_scales = signature.args[2].dtype == types.uint16
-    intp = context.get_value_type(types.intp)
-
-    def as_intp(v):
-        return builder.sext(v, intp) if v.type.width < intp.width else v
-
-    def const(v):
-        return ir.Constant(intp, v)
-
-    def dim(arr, i):
-        return cgutils.unpack_tuple(builder, arr.shape)[i]
+    as_intp, const, dim = index_helpers(context, builder)
 
     block, t0 = as_intp(args[9]), as_intp(args[10])
     n_groups, n_act = dim(scales_a, 1), dim(xs_a, 1)
@@ -288,24 +267,15 @@ def _amx_bf16_block(typingctx, cfg, w, x_hi, x_lo, tt, cbuf):
           its 16 tokens, the bf16 of inputs 2kk and 2kk+1 (AMX's VNNI-2 B layout)
     x_lo  the same for x - hi
     cbuf  float32 (4, 16, 16)"""
-    _check_arrays([(cfg, types.uint8, 1), (w, types.uint16, 4), (x_hi, types.uint16, 3),
-                   (x_lo, types.uint16, 3), (cbuf, types.float32, 3)])
+    check_arrays("amx_bf16_block", [(cfg, types.uint8, 1), (w, types.uint16, 4), (x_hi, types.uint16, 3),
+                                    (x_lo, types.uint16, 3), (cbuf, types.float32, 3)])
     sig = types.void(cfg, w, x_hi, x_lo, tt, cbuf)
 
     def codegen(context, builder, signature, args):
-        cfg_a, w_a, hi_a, lo_a, _, cbuf_a = [
-            context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
-            for t, a in zip(signature.args, args)]
-        intp = context.get_value_type(types.intp)
-
-        def as_intp(v):
-            return builder.sext(v, intp) if v.type.width < intp.width else v
-
-        def const(v):
-            return ir.Constant(intp, v)
-
+        cfg_a, w_a, hi_a, lo_a, _, cbuf_a = array_args(context, builder, signature, args)
+        as_intp, const, dim = index_helpers(context, builder)
         tt = as_intp(args[4])
-        k_steps = cgutils.unpack_tuple(builder, w_a.shape)[1]
+        k_steps = dim(w_a, 1)
         half_in = builder.mul(k_steps, const(16))
         sixty_four = ir.Constant(I64, 64)
         _asm(builder, "ldtilecfg ($0)", "r", [_ptr(builder, cfg_a, const(0))])
@@ -339,10 +309,8 @@ def split_bf16_activations(x, x_hi, x_lo):
         tile, col = t // 16, 2 * (t % 16)
         for k in range(x.shape[1]):
             v = x[t, k]
-            bits = f32_to_bits(v)
-            hi = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            rest = f32_to_bits(v - bits_to_f32(hi << np.uint32(16)))
-            lo = (rest + np.uint32(0x7FFF) + ((rest >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            hi = round_to_bf16(v)
+            lo = round_to_bf16(v - bits_to_f32(hi << np.uint32(16)))
             x_hi[tile, k // 2, col + k % 2] = np.uint16(hi)
             x_lo[tile, k // 2, col + k % 2] = np.uint16(lo)
 

@@ -23,21 +23,22 @@ Storage formats (the cache's `dtype`), widened inside the loops:
     int8     1 byte/value    + one float32 scale per (kv head, position), x = q * s
 
 Numba takes no float16 arrays, so float16 values arrive as their uint16 bit
-patterns and `convert.half_to_f32` widens them (`vcvtph2ps` on x86 with F16C).
+patterns and `scalars.widen` widens them (`vcvtph2ps` on x86 with F16C).
 
 `exp` is a polynomial (`exp_nonpositive`): Numba calls libm's scalar `expf`
 otherwise, and at 2k positions x 32 heads x 32 layers a token that is ~2 M
-calls. `attend_cached_reference` is the plain-NumPy twin, the specification;
-tests/test_attention_kernel.py holds them equal.
+calls. The plain-NumPy twins, the specification, are `reference.attend_cached` and
+`reference.store_cached`; tests/test_attention_kernel.py holds them equal.
 """
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .convert import half_to_f32
+from . import reference as ref
+from .scalars import bits_to_f32, f32_to_half_bits, widen
+from .simd import array_args, emit_prefetch
 
 # Below this many multiply-adds (query heads x queries x keys x head dim, ~20 us
 # on one core) the kernel runs on the calling thread: waking the other threads
@@ -57,7 +58,6 @@ QUERY_TILE = 16
 # sum ~60x slower on x86.
 TINY = np.float32(np.finfo(np.float32).tiny)
 EXP_CUTOFF = np.float32(-87.33654)  # log(TINY)
-FORMATS = ("float32", "float16", "int8")
 # LLVM may reorder sums and fuse multiply-adds, but not assume "no NaN, no inf":
 # masked keys are -inf, and a NaN from a damaged weight must reach the logits.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -67,43 +67,14 @@ FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @intrinsic
-def bits_to_f32(typingctx, bits):
-    """The float32 whose bit pattern is the int32 `bits` (a bit-cast)."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-def widen(x):
-    """A stored cache value as float32 (typed per storage format by the overload below)."""
-
-
-@overload(widen, inline="always")
-def _widen(x):
-    if x == types.uint16:  # float16 bits
-        return lambda x: half_to_f32(x)
-    if x == types.int8 or x == types.float32:
-        return lambda x: np.float32(x)
-    return None
-
-
-@intrinsic
 def prefetch(typingctx, array, byte_offset):
     """Ask the memory system for the cache line `byte_offset` bytes into `array`'s data
     (LLVM's prefetch: a hint, never a fault, even past the end)."""
     sig = types.void(array, byte_offset)
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        i8p = ir.IntType(8).as_pointer()
-        where = builder.gep(builder.bitcast(data, i8p), [args[1]])
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-        builder.call(fn, [where, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        data = array_args(context, builder, signature, args)[0].data
+        emit_prefetch(builder, builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [args[1]]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -267,7 +238,9 @@ def attend_cached_kernel(q, keys, values, key_scales, value_scales, allowed, sca
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def attend_cached_serial(q, keys, values, key_scales, value_scales, allowed, scale, out):
-    """`attend_cached_kernel` on the calling thread, for work too small to share."""
+    """`attend_cached_kernel` on the calling thread, for work too small to share. A
+    second entry point because Numba fixes `parallel=True` per compiled function;
+    both run the same `attend_item`."""
     n_items = keys.shape[0] * ((q.shape[1] + QUERY_TILE - 1) // QUERY_TILE)
     for item in range(n_items):
         attend_item(q, keys, values, key_scales, value_scales, allowed, scale, out, item)
@@ -306,19 +279,6 @@ def attend_cached(q, keys, values, key_scales, value_scales, allowed, scale):
 
 # ---------------------------------------------------------------- writing the cache
 
-INT8_LEVELS = 127
-
-
-@intrinsic
-def f32_to_half_bits(typingctx, x):
-    """uint16 bits of the IEEE half nearest to float32 `x` (ties to even, as NumPy)."""
-    sig = types.uint16(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return sig, codegen
-
 
 def narrow(x, dst):
     """float32 `x` as an element of the array `dst` (typed per storage format below)."""
@@ -347,9 +307,10 @@ def store_float_kernel(src, dst, start):
 @njit(cache=True, error_model="numpy")
 def store_int8_kernel(src, dst, scales, start):
     """dst[:, start:start+T] = int8 codes of src (KV, T, hd), scales[:, start:start+T]
-    = their row scales, exactly as `quantize_int8`. A row holding NaN gets a NaN
+    = their row scales, exactly as `reference.quantize_cache_int8`. A row holding NaN gets a NaN
     scale (and zero codes), so the NaN reaches the attention output."""
     KV, T, hd = src.shape
+    levels = ref.CACHE_INT8_LEVELS
     for h in range(KV):
         for t in range(T):
             amax = np.float32(0.0)
@@ -358,21 +319,12 @@ def store_int8_kernel(src, dst, scales, start):
                 a = abs(src[h, t, d])
                 nan |= a != a
                 amax = max(amax, a)
-            scale = np.float32(np.nan) if nan else amax / np.float32(INT8_LEVELS)
+            scale = np.float32(np.nan) if nan else amax / np.float32(levels)
             safe = scale if scale > 0 else np.float32(1.0)
             for d in range(hd):
                 q = np.rint(src[h, t, d] / safe)
-                dst[h, start + t, d] = 0 if nan else np.int8(min(max(q, -INT8_LEVELS), INT8_LEVELS))
+                dst[h, start + t, d] = 0 if nan else np.int8(min(max(q, -levels), levels))
             scales[h, start + t] = scale
-
-
-def quantize_int8(x):
-    """(KV, T, hd) float32 -> int8 codes and a scale per (head, position): x ~ q * s,
-    s = max|x| / 127 over the head dimension, round to nearest (even)."""
-    scales = np.abs(x).max(axis=-1) / np.float32(INT8_LEVELS)  # (KV, T)
-    safe = np.where(scales > 0, scales, np.float32(1.0))
-    codes = np.clip(np.rint(x / safe[..., None]), -INT8_LEVELS, INT8_LEVELS)
-    return np.where(np.isnan(codes), 0, codes).astype(np.int8), scales.astype(np.float32)
 
 
 def store_cached(src, stored, scales, start):
@@ -387,37 +339,3 @@ def store_cached(src, stored, scales, start):
         store_int8_kernel(src, stored, scales, start)
     else:
         store_float_kernel(src, stored.view(np.uint16) if stored.dtype == np.float16 else stored, start)
-
-
-def store_cached_reference(src, stored, scales, start):
-    """`store_cached` in NumPy: a converting slice assignment (int8 via `quantize_int8`)."""
-    end = start + src.shape[1]
-    if stored.dtype == np.int8:
-        stored[:, start:end], scales[:, start:end] = quantize_int8(src)
-    else:
-        stored[:, start:end] = src  # rounds to nearest (even) for float16
-
-
-# ---------------------------------------------------------------- the twin
-
-
-def dequantize(stored, scales):
-    """Cache storage (KV, S, hd) -> float32: widen, times the per-position scale for int8."""
-    x = stored.astype(np.float32)
-    return x if scales is None else x * scales[..., None]
-
-
-def attend_cached_reference(q, keys, values, key_scales, value_scales, allowed, scale):
-    """`attend_cached`, written plainly: widen the first S positions, repeat each kv
-    head for its G query heads, mask, softmax, weighted values."""
-    H = q.shape[0]
-    KV, S = keys.shape[0], allowed.shape[1]
-    k = dequantize(keys[:, :S], None if key_scales is None else key_scales[:, :S])
-    v = dequantize(values[:, :S], None if value_scales is None else value_scales[:, :S])
-    k, v = np.repeat(k, H // KV, axis=0), np.repeat(v, H // KV, axis=0)  # (H, S, hd)
-    scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
-    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = e / e.sum(axis=-1, keepdims=True)
-    out = (probs @ v).astype(np.float32)  # (H, T, hd)
-    out[:, ~allowed.any(axis=1)] = 0.0  # a query that sees no key: zeros, by convention
-    return out

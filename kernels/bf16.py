@@ -5,10 +5,10 @@ of a bfloat16 (sign, 8 exponent bits, 7 mantissa bits: the top half of an
 fp32). A bf16 checkpoint maps straight into this array, at half the memory
 of fp32 and half the bytes read per token.
 
-Widening is `bits << 16` reinterpreted as fp32 (`simd.bf16_to_f32`), so the
-GEMV loop is: load 16-bit words, zero-extend, shift, multiply-add. LLVM
-vectorises it (vpmovzxwd, vpslld, vfmadd), a few instructions per 8 weights,
-far below what memory delivers: the kernel runs at memory speed.
+Widening is `bits << 16` reinterpreted as fp32 (`scalars.bf16_to_f32`), so the
+GEMV loop (`fp32.gemv`, the float32 loop with each weight widened) is: load
+16-bit words, zero-extend, shift, multiply-add. LLVM vectorises it (vpmovzxwd,
+vpslld, vfmadd), a few instructions per 8 weights.
 Prefill runs on AMX-BF16 tiles where the CPU has them (`amx.py`: the
 activations split into two bf16 numbers, hi and lo, so they keep 16
 significant bits); elsewhere it widens a tile of rows into an fp32 buffer and
@@ -24,38 +24,12 @@ from .convert import count_nonfinite_bf16
 from .fp32 import OneArrayWeight, matmul_by_tiles
 from . import reference as ref
 from .reference import f32_to_bf16  # NumPy is fast enough for a once-per-load conversion
-from .simd import bf16_to_f32
+from .scalars import bf16_to_f32
 
 
 # From this many tokens on, prefill goes to AMX where the CPU has it (fewer
 # would be padded to 32 and waste the tiles).
 AMX_MIN_TOKENS = 16
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def gemv_bf16(w, x, out):
-    """out (B, out) = x (B, in) @ widen(w (out, in) uint16).T, four weight rows per
-    step, each token's row of sums computed by the same loop whatever B is (as
-    `fp32.gemv_f32`)."""
-    n_out, n_in = w.shape
-    for ib in prange((n_out + 3) // 4):
-        i = 4 * ib
-        for t in range(x.shape[0]):  # the four weight rows stay in cache for every token
-            if i + 4 <= n_out:
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for k in range(n_in):
-                    xk = x[t, k]
-                    a0 += bf16_to_f32(w[i, k]) * xk
-                    a1 += bf16_to_f32(w[i + 1, k]) * xk
-                    a2 += bf16_to_f32(w[i + 2, k]) * xk
-                    a3 += bf16_to_f32(w[i + 3, k]) * xk
-                out[t, i], out[t, i + 1], out[t, i + 2], out[t, i + 3] = a0, a1, a2, a3
-            else:  # the last 1-3 rows
-                for ii in range(i, n_out):
-                    acc = np.float32(0.0)
-                    for k in range(n_in):
-                        acc += bf16_to_f32(w[ii, k]) * x[t, k]
-                    out[t, ii] = acc
 
 
 @njit(parallel=True, cache=True)
@@ -114,8 +88,6 @@ class Bf16Weight(OneArrayWeight):
     @property
     def data(self):
         return self.bits
-
-    gemv_kernel = staticmethod(gemv_bf16)
 
     def gemm(self, x, path=None):
         """Prefill: AMX-BF16 tiles where the CPU has them (`amx.py`), else rows

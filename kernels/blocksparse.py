@@ -12,17 +12,18 @@ position 8000 reads 1793 to 1857 of the 8001 cached keys (by head: 16 local bloc
 Queries of one head differ in which blocks they read, and heads of one kv group
 differ too (the pattern shifts per head), so a work item is one query head and a
 tile of queries, not a kv head as in kernels/attention.py, whose scalar helpers
-(`scores_of`, `softmax_in_place`, `widen`) and storage formats (float32, float16 bits,
-int8 with per-position scales) this kernel shares.
+(`scores_of`, `softmax_in_place`; `widen` from scalars.py) and storage formats
+(float32, float16 bits, int8 with per-position scales) this kernel shares.
 
-`attend_blocksparse_reference` is the plain-NumPy twin, the specification:
+`reference.attend_blocksparse` is the plain-NumPy twin, the specification:
 tests/test_blocksparse.py holds them equal.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from .attention import FASTMATH, PARALLEL_WORK, QUERY_TILE, dequantize, kernel_arrays, scores_of, softmax_in_place, widen
+from .attention import FASTMATH, PARALLEL_WORK, QUERY_TILE, kernel_arrays, scores_of, softmax_in_place
+from .scalars import widen
 
 
 @njit(inline="always")
@@ -82,7 +83,8 @@ def attend_blocksparse_kernel(q, keys, values, key_scales, value_scales, positio
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def attend_blocksparse_serial(q, keys, values, key_scales, value_scales, positions, layout, first_block, block_size,
                               scale, out):
-    """`attend_blocksparse_kernel` on the calling thread, for work too small to share."""
+    """`attend_blocksparse_kernel` on the calling thread, for work too small to share (a
+    second entry point: Numba fixes `parallel=True` per compiled function)."""
     n_items = q.shape[0] * ((q.shape[1] + QUERY_TILE - 1) // QUERY_TILE)
     for item in range(n_items):
         attend_item(q, keys, values, key_scales, value_scales, positions, layout, first_block, block_size, scale, out, item)
@@ -120,23 +122,3 @@ def attend_blocksparse(q, keys, values, key_scales, value_scales, positions, lay
     kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, ks, vs, np.ascontiguousarray(positions, dtype=np.int64),
            np.ascontiguousarray(layout, dtype=np.bool_), int(first_block), int(block_size), np.float32(scale), out)
     return out
-
-
-def attend_blocksparse_reference(q, keys, values, key_scales, value_scales, positions, layout, first_block, block_size,
-                                 scale):
-    """`attend_blocksparse`, written plainly: expand the layout to a (H, T, S) token mask
-    (each allowed block's keys, cut at the query), widen the cache, repeat each kv head
-    for its query heads, masked softmax, weighted values."""
-    check_arguments(q, keys, positions, layout, first_block, block_size)
-    H = q.shape[0]
-    positions = np.asarray(positions)
-    S = int(positions[-1]) + 1
-    key_ids = np.arange(S)
-    rows = layout[:, positions // block_size - first_block]  # (H, T, KB)
-    allowed = rows[:, :, key_ids // block_size] & (key_ids[None, None, :] <= positions[None, :, None])  # (H, T, S)
-    k = dequantize(keys[:, :S], None if key_scales is None else key_scales[:, :S])
-    v = dequantize(values[:, :S], None if value_scales is None else value_scales[:, :S])
-    k, v = np.repeat(k, H // keys.shape[0], axis=0), np.repeat(v, H // keys.shape[0], axis=0)  # (H, S, hd)
-    scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
-    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return ((e / e.sum(axis=-1, keepdims=True)) @ v).astype(np.float32)  # (H, T, hd)

@@ -11,30 +11,18 @@ one parallel pass into a buffer the caller provides (and may reuse):
     f16_to_bf16(bits, out)   IEEE half bits -> bf16 bits, round to nearest even
     count_nonfinite_bf16(bits)   the check every bf16 weight gets at load
 
-Both take and give flat arrays (reshape views in and out) and count the
+They take and give flat arrays (reshape views in and out) and count the
 values that are NaN or inf, which no conversion should carry into a model.
 Numba takes no float16 arrays: halves travel as their uint16 bit patterns and
-`half_to_f32` widens them (one `vcvtph2ps` per vector on x86 with F16C).
-The NumPy twins carry the same names with `_reference`.
+`scalars.half_to_f32` widens them (one `vcvtph2ps` per vector on x86 with F16C).
+The plain-NumPy twins are `reference.widen_f16`, `reference.bf16_to_f32` and
+`reference.f16_to_bf16`.
 """
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from .simd import bf16_to_f32, f32_to_bits
-
-
-@intrinsic
-def half_to_f32(typingctx, bits):
-    """float32 value of an IEEE half given as its uint16 bits (exact)."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return sig, codegen
+from .scalars import bf16_to_f32, half_to_f32, round_to_bf16
 
 
 @njit(parallel=True, cache=True)
@@ -60,11 +48,10 @@ def widen_bf16(bits, out):
 @njit(parallel=True, cache=True)
 def f16_to_bf16(bits, out):
     """out[i] = bf16 bits of the half bits[i], rounded to nearest even like
-    `minislm.weights.float32_to_bf16`; returns how many are NaN or inf."""
+    `reference.f32_to_bf16`; returns how many are NaN or inf."""
     bad = 0
     for i in prange(bits.size):
-        w = f32_to_bits(half_to_f32(bits[i]))
-        out[i] = np.uint16((w + ((w >> 16) & 1) + np.uint32(0x7FFF)) >> 16)
+        out[i] = np.uint16(round_to_bf16(half_to_f32(bits[i])))
         bad += (bits[i] & 0x7C00) == 0x7C00
     return bad
 
@@ -77,19 +64,3 @@ def count_nonfinite_bf16(bits):
     for i in prange(flat.size):
         bad += (flat[i] & 0x7F80) == 0x7F80
     return bad
-
-
-def widen_f16_reference(bits):
-    return bits.view(np.float16).astype(np.float32)
-
-
-def widen_bf16_reference(bits):
-    from minislm.weights import bf16_to_float32
-
-    return bf16_to_float32(bits)
-
-
-def f16_to_bf16_reference(bits):
-    from minislm.weights import float32_to_bf16
-
-    return float32_to_bf16(widen_f16_reference(bits))

@@ -3,10 +3,13 @@
 Layout: the hub's nn.Linear layout, w (out, in) row-major; y = x @ w.T.
 
 GEMV (decode) streams every weight once, so it runs at memory speed if
-the arithmetic keeps up. `gemv_f32` gives each thread a contiguous run of
+the arithmetic keeps up. `gemv` gives each thread a contiguous run of
 rows, four rows per step so one load of x feeds four multiply-adds;
 `fastmath` lets LLVM turn each row's sum into vector accumulators. It is as
-fast as OpenBLAS's sgemv (docs/kernels.md has the figures).
+fast as OpenBLAS's sgemv (docs/kernels.md has the figures). The same loop
+serves bf16 weights (`bf16.py`): each weight goes through `widen_weight`,
+which is nothing for float32 and a shift for a bf16 word, and Numba compiles
+one machine-code version per weight dtype.
 
 It takes a few rows of x at once, the next token of each of several sequences
 (batched decoding, minislm/batch.py): every token passes over a block of four
@@ -30,42 +33,44 @@ from numba import njit, prange
 
 from .checks import as_activations, as_row_ids, check_finite
 from .reference import bf16_to_f32
+from .scalars import widen_weight
 
 
 @njit(inline="always", fastmath=True)
 def gemv_block(w, x, t, i, out):
-    """out[t, i:i+4] = w[i:i+4] @ x[t]: one token against one block of four weight
-    rows (fewer at the end); both GEMV kernels below are this block in a loop."""
+    """out[t, i:i+4] = widen(w[i:i+4]) @ x[t]: one token against one block of four
+    weight rows (fewer at the end); both GEMV kernels below are this block in a loop."""
     n_out, n_in = w.shape
     if i + 4 <= n_out:
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for k in range(n_in):
             xk = x[t, k]   # one load of x feeds four rows
-            a0 += w[i, k] * xk
-            a1 += w[i + 1, k] * xk
-            a2 += w[i + 2, k] * xk
-            a3 += w[i + 3, k] * xk
+            a0 += widen_weight(w[i, k]) * xk
+            a1 += widen_weight(w[i + 1, k]) * xk
+            a2 += widen_weight(w[i + 2, k]) * xk
+            a3 += widen_weight(w[i + 3, k]) * xk
         out[t, i], out[t, i + 1], out[t, i + 2], out[t, i + 3] = a0, a1, a2, a3
     else:  # the last 1-3 rows
         for ii in range(i, n_out):
             acc = np.float32(0.0)
             for k in range(n_in):
-                acc += w[ii, k] * x[t, k]
+                acc += widen_weight(w[ii, k]) * x[t, k]
             out[t, ii] = acc
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def gemv_f32(w, x, out):
-    """out (B, out) = x (B, in) @ w (out, in).T, four weight rows per step; every
-    token passes over a block while it sits in cache."""
+def gemv(w, x, out):
+    """out (B, out) = x (B, in) @ widen(w (out, in)).T, four weight rows per step,
+    every token passing over a block while it sits in cache; w float32, or uint16
+    bf16 words."""
     for ib in prange((w.shape[0] + 3) // 4):
         for t in range(x.shape[0]):
             gemv_block(w, x, t, 4 * ib, out)
 
 
 @njit(fastmath=True, cache=True)
-def gemv_f32_serial(w, x, out):
-    """`gemv_f32` on the calling thread alone, as BLAS runs a decode step's float32
+def gemv_serial(w, x, out):
+    """`gemv` on the calling thread alone, as BLAS runs a decode step's float32
     matmuls (`minislm.runtime.blas_threads`): what `DecodeRows` multiplies float32 by."""
     for ib in range((w.shape[0] + 3) // 4):
         for t in range(x.shape[0]):
@@ -127,8 +132,8 @@ def matmul_by_tiles(x, n_out, fill_tile, tile_bytes=8 << 20):
 
 class OneArrayWeight:
     """What the fp32 and bf16 weights share: the matrix is one (out, in) array,
-    `data`, saved as `{prefix}.weight`; `matmul` runs the subclass's `gemv` for
-    one token and its `gemm` for more."""
+    `data`, saved as `{prefix}.weight`; `matmul` runs `gemv` (float32 or bf16 words
+    alike) for one token and the subclass's `gemm` for more."""
 
     @classmethod
     def from_tensors(cls, tensors, prefix):
@@ -156,10 +161,10 @@ class OneArrayWeight:
             return self.gemv(x)
         return self.gemm(x, path)  # (T, out)
 
-    def gemv(self, x):
+    def gemv(self, x, kernel=gemv):
         """x (B, in) -> (B, out) by the GEMV kernel: each row as it would be alone."""
         out = np.empty((x.shape[0], self.shape[0]), np.float32)
-        self.gemv_kernel(self.data, x, out)
+        kernel(self.data, x, out)
         return out
 
 
@@ -191,8 +196,6 @@ class Fp32Weight(OneArrayWeight):
     def data(self):
         return self.w
 
-    gemv_kernel = staticmethod(gemv_f32)
-
     def gemm(self, x, path=None):
         return np.matmul(x, self.w.T)
 
@@ -204,7 +207,8 @@ class DecodeRows:
     """A weight whose `matmul` treats every row of x as one token's decode step: the
     GEMV kernel for float32 and bf16 matrices, however many rows come, so each row
     gets exactly the bits it would get alone. (A plain matmul sends one row to GEMV
-    and several to BLAS's GEMM, whose sums run in another order.)
+    and several to BLAS's GEMM, whose sums run in another order.) float32 runs it on
+    the calling thread, as a decode step runs BLAS; bf16 on every thread, as before.
 
     `weight` is a float32 array, an `Fp32Weight` or a `Bf16Weight`; nothing is
     copied. `rows` (the embedding lookup) is the weight's own.
@@ -220,11 +224,7 @@ class DecodeRows:
 
     def matmul(self, x):
         x = as_activations(x, self.shape[1])  # (B, in)
-        if not isinstance(self.weight, Fp32Weight):
-            return self.weight.gemv(x)  # bf16: its GEMV kernel, on every thread
-        out = np.empty((x.shape[0], self.shape[0]), np.float32)
-        gemv_f32_serial(self.weight.w, x, out)
-        return out  # (B, out)
+        return self.weight.gemv(x, gemv_serial if isinstance(self.weight, Fp32Weight) else gemv)  # (B, out)
 
     def rows(self, ids):
         return self.weight.rows(ids)

@@ -45,7 +45,8 @@ from . import amx, cpu
 from . import reference as ref
 from .activations import activation_buffers, check_shapes, prepare_token, quantize_activations  # noqa: F401
 from .checks import as_activations, as_row_ids
-from .simd import bits_to_f32, f32_to_bits, packed_block_kernel, scale_to_f32
+from .scalars import bits_to_f32, f32_to_bits, widen
+from .simd import packed_block_kernel
 
 # Up to this many tokens, one GEMV per token beats the GEMM (which computes 4
 # tokens per pass whatever T is); from AMX_MIN_TOKENS on, AMX (16 tokens per
@@ -67,8 +68,11 @@ _int8_gemm_portable = packed_block_kernel(GEMM_TOKENS, 8, "portable")
 
 
 # ---------------------------------------------------------------- GEMV and GEMM, per path
-# The same few lines for each (bits, path): Numba compiles a function only when it is
-# first called, so a CPU never compiles (or meets) an instruction it lacks.
+# The same few lines for each (bits, path), kept as separate entry points on purpose:
+# Numba compiles a function whole, on its first call, so one function holding both
+# the VNNI and the portable block would make LLVM select `vpdpbusd` on a CPU without
+# it and fail; one function per path compiles only the paths this CPU calls. They are
+# written out rather than made by a factory so that each reads as a plain kernel.
 
 
 @njit(parallel=True, cache=True)
@@ -189,7 +193,7 @@ def dequantize_rows(codes, scales, zeros, offsets, zero, bits, ids, out):
         for k in range(out.shape[1]):
             g = k // group_size
             z = zero if zeros is None else np.float32(zeros[b, g, r])
-            w = (np.float32(_code(codes, b, k, r, bits)) - z) * scale_to_f32(scales[b, g, r])
+            w = (np.float32(_code(codes, b, k, r, bits)) - z) * widen(scales[b, g, r])
             if offsets is not None:
                 w = w + offsets[b, g, r]
             out[i, k] = w
@@ -363,7 +367,7 @@ class PackedWeight:
             raise ValueError(f"{name}: expected a 2-D (out, in) array, got shape {w.shape}")
         cls._check_group_size(group_size)
         if w.dtype == np.uint16:
-            w = (w.astype(np.uint32) << 16).view(np.float32)   # bf16 bits -> float32
+            w = ref.bf16_to_f32(w)
         elif w.dtype not in (np.float32, np.float16):
             raise ValueError(f"{name}: cannot quantize dtype {w.dtype}; pass float32/float16 "
                              f"values or uint16 bf16 bits")

@@ -1,10 +1,19 @@
 """Plain-NumPy twins of every kernel: the specification of what they compute.
 
-Each function here has the same inputs and outputs as its fast twin in
-`fp32.py`, `bf16.py`, `packed.py` (int4 and int8) or `amx.py`; `tests/test_kernels_*.py` check them
-equal on random and awkward inputs. Read this file to learn the formats;
-read the kernel files to learn how they are made fast. Layouts are drawn in
-`docs/formats.md`.
+The rule: every Numba kernel in this folder has its twin here, in this one
+file, under the kernel's own name where that names an operation
+(`search_scales`, `quantize_activations`, `attend_cached`, `widen_f16`, ...),
+taking the kernel's inputs (less its output buffer) and returning what the
+kernel writes there. One section per kernel file: `fp32.py`, `bf16.py`,
+`packed.py` (int4 and int8, with `activations.py`), `amx.py`, `convert.py`,
+`attention.py`, `blocksparse.py`. `tests/test_kernels_*.py`,
+`tests/test_attention_kernel.py` and `tests/test_blocksparse.py` check each
+kernel equal to its twin on random and awkward inputs. Read this file to learn
+the formats; read the kernel files to learn how they are made fast. Layouts are
+drawn in `docs/formats.md`.
+
+This file imports nothing but NumPy: the loader (`minislm/weights.py`) takes its
+bf16 conversions from here, so the kernels never reach up into the loader.
 """
 
 import numpy as np
@@ -20,12 +29,21 @@ def matmul_f32(x, w):
 # --- bf16: the top 16 bits of an fp32 number -----------------------------
 
 
-# The loader's own conversions (minislm/weights.py) are the specification here too:
-# f32_to_bf16 rounds to nearest, ties to even (adding 0x7FFF plus the lowest kept
-# bit, then truncating); bf16_to_f32 widens exactly (a 16-bit shift). Finite inputs
-# only: a NaN can round to inf, and callers reject NaN.
-from minislm.weights import bf16_to_float32 as bf16_to_f32  # noqa: E402
-from minislm.weights import float32_to_bf16 as f32_to_bf16  # noqa: E402
+def bf16_to_f32(words):
+    """bf16 words (uint16, any shape) -> float32: bfloat16 is the upper 16 bits of a
+    float32, so widening is a shift (exact). The twin of `simd.bf16_to_f32` (one
+    word) and of `convert.widen_bf16` (a whole array)."""
+    return (np.asarray(words).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x):
+    """float32 (any shape) -> the nearest bfloat16, ties to even, as uint16 words:
+    add 0x7FFF plus the lowest kept bit, then drop the low 16 bits (`simd.round_to_bf16`
+    is the kernels' twin). Finite inputs only: a NaN can round to inf, and callers
+    reject NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
 
 
 def matmul_bf16(x, w_bits):
@@ -356,3 +374,89 @@ def matmul_bf16_split(x, w_bits):
     hi, lo = split_bf16(x)
     xs = bf16_to_f32(hi).astype(np.float64) + bf16_to_f32(lo)
     return xs @ bf16_to_f32(w_bits).astype(np.float64).T
+
+
+# --- loading-time conversions of 16-bit checkpoints (convert.py) ---------
+#
+# The kernels fill a buffer the caller passes and return how many values are NaN
+# or inf; the twins return the converted array. `convert.widen_bf16`'s twin is
+# `bf16_to_f32` above.
+
+
+def widen_f16(bits):
+    """IEEE half bits (uint16) -> float32, exact."""
+    return np.asarray(bits).view(np.float16).astype(np.float32)
+
+
+def f16_to_bf16(bits):
+    """IEEE half bits (uint16) -> bf16 words, rounded to nearest even (exact
+    widening first, so it is `f32_to_bf16` of the half's value)."""
+    return f32_to_bf16(widen_f16(bits))
+
+
+# --- attention over the KV cache (attention.py) --------------------------
+
+CACHE_INT8_LEVELS = 127   # int8 cache codes in [-127, 127]
+
+
+def quantize_cache_int8(x):
+    """(KV, T, hd) float32 -> int8 codes and a scale per (head, position): x ~ q * s,
+    s = max|x| / 127 over the head dimension, round to nearest (even): what
+    `attention.store_int8_kernel` writes, bit for bit for finite rows."""
+    scales = np.abs(x).max(axis=-1) / np.float32(CACHE_INT8_LEVELS)  # (KV, T)
+    safe = np.where(scales > 0, scales, np.float32(1.0))
+    codes = np.clip(np.rint(x / safe[..., None]), -CACHE_INT8_LEVELS, CACHE_INT8_LEVELS)
+    return np.where(np.isnan(codes), 0, codes).astype(np.int8), scales.astype(np.float32)
+
+
+def dequantize_cache(stored, scales):
+    """Cache storage (KV, S, hd) -> float32: widen, times the per-position scale for int8."""
+    x = stored.astype(np.float32)
+    return x if scales is None else x * scales[..., None]
+
+
+def store_cached(src, stored, scales, start):
+    """`attention.store_cached` in NumPy: a converting slice assignment (int8 via
+    `quantize_cache_int8`)."""
+    end = start + src.shape[1]
+    if stored.dtype == np.int8:
+        stored[:, start:end], scales[:, start:end] = quantize_cache_int8(src)
+    else:
+        stored[:, start:end] = src  # rounds to nearest (even) for float16
+
+
+def attend_cached(q, keys, values, key_scales, value_scales, allowed, scale):
+    """`attention.attend_cached`, written plainly: widen the first S positions, repeat
+    each kv head for its G query heads, mask, softmax, weighted values."""
+    H = q.shape[0]
+    KV, S = keys.shape[0], allowed.shape[1]
+    k = dequantize_cache(keys[:, :S], None if key_scales is None else key_scales[:, :S])
+    v = dequantize_cache(values[:, :S], None if value_scales is None else value_scales[:, :S])
+    k, v = np.repeat(k, H // KV, axis=0), np.repeat(v, H // KV, axis=0)  # (H, S, hd)
+    scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    out = (probs @ v).astype(np.float32)  # (H, T, hd)
+    out[:, ~allowed.any(axis=1)] = 0.0  # a query that sees no key: zeros, by convention
+    return out
+
+
+# --- block-sparse attention over the KV cache (blocksparse.py, Phi-3-small) ---
+
+
+def attend_blocksparse(q, keys, values, key_scales, value_scales, positions, layout, first_block, block_size, scale):
+    """`blocksparse.attend_blocksparse`, written plainly: expand the layout to a (H, T, S)
+    token mask (each allowed block's keys, cut at the query), widen the cache, repeat
+    each kv head for its query heads, masked softmax, weighted values."""
+    H = q.shape[0]
+    positions = np.asarray(positions)
+    S = int(positions[-1]) + 1
+    key_ids = np.arange(S)
+    rows = layout[:, positions // block_size - first_block]  # (H, T, KB)
+    allowed = rows[:, :, key_ids // block_size] & (key_ids[None, None, :] <= positions[None, :, None])  # (H, T, S)
+    k = dequantize_cache(keys[:, :S], None if key_scales is None else key_scales[:, :S])
+    v = dequantize_cache(values[:, :S], None if value_scales is None else value_scales[:, :S])
+    k, v = np.repeat(k, H // keys.shape[0], axis=0), np.repeat(v, H // keys.shape[0], axis=0)  # (H, S, hd)
+    scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return ((e / e.sum(axis=-1, keepdims=True)) @ v).astype(np.float32)  # (H, T, hd)

@@ -1,28 +1,24 @@
-"""Where minislm writes LLVM IR by hand instead of Python.
+"""Where minislm writes LLVM IR by hand instead of Python: the packed dot products.
 
 Numba compiles Python loops to LLVM IR and lets LLVM vectorise them. That
-works for fp32 and bf16 (see `fp32.py`, `bf16.py`), but not for the int4
-dot product: LLVM's loop vectoriser keeps one product per 32-bit lane and
-never uses the CPU's "multiply pairs of int16 and add them" instruction
-(x86 `pmaddwd`, or `vpdpwssd` with AVX-512/AVX VNNI; `smull`+`addp` on ARM),
-which does two multiply-adds per lane. Measured on the project machine: the
-best plain-Numba int4 GEMV sustains ~17 G weights/s per core, the IR below
-~38 G weights/s, enough to make int4 GEMV memory-bound.
+works for fp32 and bf16 (see `fp32.py`, `bf16.py`), but not for the packed
+int4/int8 dot product: LLVM's loop vectoriser keeps one product per 32-bit
+lane and never uses the CPU's "multiply 4 pairs of bytes and add them into a
+lane" instruction (`vpdpbusd`, AVX-512 VNNI / AVX-VNNI), which does 4
+multiply-adds per lane with no shuffles (the tile layout of `packed.py` is
+built around it).
 
-So `int4_block_gemv` (one token) and `int4_block_gemm4` (four tokens per
-pass over a block, for prefill) spell out the vector operations in
-*portable* LLVM IR (no x86 intrinsic): `sext`, `mul`, and an even/odd
-`shufflevector` + `add`.
-LLVM's x86 backend recognises that pattern as `pmaddwd`, fuses the following
-add into `vpdpwssd` when the CPU has VNNI, and other backends lower it to
-their own instructions. Numba inlines it into the calling kernel.
+So `packed_block_kernel` spells out the vector operations of one 16-row block
+of codes against 1 or 4 tokens of int8 activations, with the byte dot product
+of the chosen path (`DOT4`): `vpdpbusd` itself, or *portable* LLVM IR (bytes
+widened, multiplied, even/odd `shufflevector` + `add`) that x86 lowers to
+`pmaddwd` and other backends to their own instructions. The float32 epilogue
+(`act_group_epilogue`, `group_epilogue`) is shared with `amx.py`, so every path
+returns the same bits. The helpers at the top (`array_args`, `index_helpers`,
+`check_arrays`, `emit_prefetch`) are what any hand-written intrinsic here or
+in `amx.py` needs from Numba. Scalar bit-casts live in `scalars.py`.
 
-`bf16_to_f32` is the other place: a bf16 number is the top half of an fp32
-number, so widening is `(bits << 16)` reinterpreted as float. Numba has no
-scalar bit-cast; this three-instruction intrinsic is one, and LLVM
-vectorises the loops that call it. `f32_to_bits` is the reverse bit-cast.
-
-Numba inlines these into the kernels of `int4.py` and `bf16.py`, and keys
+Numba inlines these into the kernels of `packed.py` and `amx.py`, and keys
 its on-disk cache on the content of *those* files: after editing this one,
 delete the cache (`find kernels -name '*.nb[ic]' -delete`) or the old code
 keeps running.
@@ -30,46 +26,71 @@ keeps running.
 
 from llvmlite import ir
 from numba import types
-from numba.core import errors
+from numba.core import cgutils, errors
 from numba.extending import intrinsic
-from numba.core import cgutils
 
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-ROWS = 16  # output rows per tile: one int32 lane per row, in two 8-lane vectors
 
 
-@intrinsic
-def bf16_to_f32(typingctx, bits):
-    """float32 whose top 16 bits are `bits` (uint16) and low 16 bits are zero."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], I32), ir.Constant(I32, 16))
-        return builder.bitcast(wide, F32)
-
-    return sig, codegen
+# ---------------------------------------------------------------- what every intrinsic needs
 
 
-@intrinsic
-def f32_to_bits(typingctx, value):
-    """The uint32 bit pattern of a float32 (a bit-cast, not a conversion)."""
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], I32)
-
-    return sig, codegen
+def array_args(context, builder, signature, args):
+    """An intrinsic's arguments as Numba array structs (`.data`, `.shape`) where they
+    are arrays, None for the others."""
+    return [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
+            for t, a in zip(signature.args, args)]
 
 
-@intrinsic
-def bits_to_f32(typingctx, bits):
-    """The float32 whose bit pattern is `bits` (uint32): the inverse of `f32_to_bits`."""
-    sig = types.float32(types.uint32)
+def index_helpers(context, builder):
+    """Index arithmetic in Numba's intp: `as_intp(v)` sign-extends a narrower integer,
+    `const(v)` is a constant, `dim(arr, i)` is dimension i of an array struct."""
+    intp = context.get_value_type(types.intp)
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], F32)
+    def as_intp(v):
+        return builder.sext(v, intp) if v.type.width < intp.width else v
 
-    return sig, codegen
+    def const(v):
+        return ir.Constant(intp, v)
+
+    def dim(arr, i):
+        return cgutils.unpack_tuple(builder, arr.shape)[i]
+
+    return as_intp, const, dim
+
+
+def check_arrays(kernel, expected):
+    """Refuse, when Numba types the call, an array the IR would misread (it does no
+    bounds or stride checks): each (type, dtype or tuple of dtypes, ndim) in
+    `expected` must be a C-contiguous array of that dtype and ndim."""
+    for arr, dtypes, ndim in expected:
+        dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+        if not (isinstance(arr, types.Array) and arr.dtype in dtypes and arr.ndim == ndim and arr.layout == "C"):
+            raise errors.TypingError(f"{kernel}: expected a C-contiguous {ndim}-D "
+                                     f"{' or '.join(map(str, dtypes))} array, got {arr}")
+
+
+def group_arrays(scales, zeros, offsets):
+    """What `check_arrays` expects of a packed weight's per-group arrays; zeros and
+    offsets may be None (one zero code for all, no offsets)."""
+    expected = [(scales, (types.uint16, types.float32), 3)]
+    if not isinstance(zeros, types.NoneType):
+        expected.append((zeros, types.uint8, 3))
+    if not isinstance(offsets, types.NoneType):
+        expected.append((offsets, types.float32, 3))
+    return expected
+
+
+def emit_prefetch(builder, pointer):
+    """Ask the memory system for the cache line at `pointer` (LLVM's prefetch: read,
+    keep in all cache levels; a hint, never a fault, even past the end)."""
+    i8p = ir.PointerType(I8)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, I32, I32, I32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(pointer, i8p), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
+# ---------------------------------------------------------------- vector pieces
 
 
 def _vec(elem, n):
@@ -88,10 +109,10 @@ def _splat(builder, scalar, n):
     return builder.shuffle_vector(one, ir.Constant(vty, None), ir.Constant(_vec(I32, n), [0] * n))
 
 
-
-def _f16_vec_to_f32(builder, words):
-    """<8 x i16> float16 bit patterns -> <8 x float> (vcvtph2ps with F16C)."""
-    return builder.fpext(builder.bitcast(words, _vec(ir.HalfType(), 8)), _vec(F32, 8))
+def _half_vec_to_f32(builder, words):
+    """<n x i16> float16 bit patterns -> <n x float> (`vcvtph2ps` with F16C)."""
+    n = words.type.count
+    return builder.fpext(builder.bitcast(words, _vec(ir.HalfType(), n)), _vec(F32, n))
 
 
 def _dot4_vnni(builder, acc, a, b):
@@ -131,8 +152,7 @@ def group_scale_and_offset(builder, scales_a, zeros_a, offsets_a, zero, at, n, f
     """The `n` rows' scale s and c = b - s * z of one group (vectors of float32);
     `at` indexes the first row in the (blocks, groups, 16) arrays."""
     if f16_scales:
-        s = builder.fpext(builder.bitcast(_load_vec(builder, scales_a.data, at, _vec(I16, n)),
-                                          _vec(ir.HalfType(), n)), _vec(F32, n))
+        s = _half_vec_to_f32(builder, _load_vec(builder, scales_a.data, at, _vec(I16, n)))
     else:
         s = _load_vec(builder, scales_a.data, at, _vec(F32, n))
     if zeros_a is None:
@@ -188,19 +208,9 @@ def packed_block_kernel(n_tok, bits, path, prefetch=4096):
         Per activation group a of weight group g: isum[row] = sum_k c[row, k] * xq[k]
         (exact int32), out[row] = fma(s, x_scale[a] * isum[row], out[row]); after
         the group's last: out[row] = fma(b - s * z, x_gsum[g], out[row])."""
-        expected = [(codes, types.uint8, 3), (xq, types.int32, 2), (x_scale, types.float32, 2),
-                    (x_gsum, types.float32, 2), (out, types.float32, 2)]
-        if not isinstance(zeros, types.NoneType):
-            expected.append((zeros, types.uint8, 3))
-        if not isinstance(offsets, types.NoneType):
-            expected.append((offsets, types.float32, 3))
-        ok_scales = (isinstance(scales, types.Array) and scales.dtype in (types.uint16, types.float32)
-                     and scales.ndim == 3 and scales.layout == "C")
-        for arr, dtype, ndim in expected:  # the IR below assumes exactly these
-            if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == ndim
-                    and arr.layout == "C") or not ok_scales:
-                raise errors.TypingError(f"packed_block: expected a C-contiguous {ndim}-D {dtype} "
-                                         f"array, got {arr} (scales {scales})")
+        check_arrays("packed_block", [(codes, types.uint8, 3), (xq, types.int32, 2), (x_scale, types.float32, 2),
+                                      (x_gsum, types.float32, 2), (out, types.float32, 2)]
+                     + group_arrays(scales, zeros, offsets))
         sig = types.void(codes, scales, zeros, offsets, types.float32, xq, x_scale, x_gsum,
                          block, t0, out)
 
@@ -213,21 +223,11 @@ def packed_block_kernel(n_tok, bits, path, prefetch=4096):
 
 
 def _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, prefetch):
-    arrays = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
-              for t, a in zip(signature.args, args)]
+    arrays = array_args(context, builder, signature, args)
     codes_a, scales_a, zeros_a, offsets_a = arrays[:4]
     xq_a, xs_a, xg_a, out_a = arrays[5], arrays[6], arrays[7], arrays[10]
     f16_scales = signature.args[1].dtype == types.uint16
-    intp = context.get_value_type(types.intp)
-
-    def as_intp(v):
-        return builder.sext(v, intp) if v.type.width < intp.width else v
-
-    def const(v):
-        return ir.Constant(intp, v)
-
-    def dim(arr, i):
-        return cgutils.unpack_tuple(builder, arr.shape)[i]
+    as_intp, const, dim = index_helpers(context, builder)
 
     block, t0 = as_intp(args[8]), as_intp(args[9])
     n_tiles, n_groups, n_act = dim(codes_a, 1), dim(scales_a, 1), dim(xs_a, 1)
@@ -256,15 +256,11 @@ def _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, pre
             builder.store(zero_f, total[t][h])
     low_nibble = ir.Constant(v32i8, [15] * 32)
     four = ir.Constant(v32i8, [4] * 32)
-    prefetch_fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-        ir.VoidType(), [ir.PointerType(I8), I32, I32, I32]), "llvm.prefetch.p0")
 
     def emit_tile(tile, part):
         tile_at = builder.add(codes_base, builder.mul(tile, const(64)))
         if prefetch:
-            ahead = builder.gep(codes_a.data, [builder.add(tile_at, const(prefetch))])
-            builder.call(prefetch_fn, [builder.bitcast(ahead, ir.PointerType(I8)), ir.Constant(I32, 0),
-                                       ir.Constant(I32, 3), ir.Constant(I32, 1)])
+            emit_prefetch(builder, builder.gep(codes_a.data, [builder.add(tile_at, const(prefetch))]))
         halves = [_load_vec(builder, codes_a.data, builder.add(tile_at, const(32 * h)), v32i8)
                   for h in (0, 1)]   # rows 0-7, rows 8-15: one row per 32-bit lane
         if bits == 4:
@@ -318,18 +314,3 @@ def _emit_packed_block(context, builder, signature, args, n_tok, bits, dot4, pre
             ptr = builder.bitcast(builder.gep(out_a.data, [at]), v8f32.as_pointer())
             builder.store(builder.load(total[t][h]), ptr, align=4)
     return context.get_dummy_value()
-
-
-@intrinsic
-def scale_to_f32(typingctx, value):
-    """A stored scale as float32: uint16 is taken as float16 bits (exact
-    widening), float32 passes through."""
-    if value == types.float32:
-        return types.float32(value), lambda context, builder, signature, args: args[0]
-    if value != types.uint16:
-        raise errors.TypingError(f"scale_to_f32: expected uint16 or float32, got {value}")
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), F32)
-
-    return types.float32(types.uint16), codegen

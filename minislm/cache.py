@@ -104,7 +104,7 @@ class KVCache:
             raise ValueError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
         stored = self.layer(layer)
         # What store_cached does, in NumPy: stored.keys[:, length:end] = keys (rounding to
-        # nearest for float16; int8: codes and scales from quantize_int8), values alike.
+        # nearest for float16; int8: codes and scales as reference.quantize_cache_int8), values alike.
         store_cached(keys, stored.keys, stored.key_scales, self.length)
         store_cached(values, stored.values, stored.value_scales, self.length)
 

@@ -74,8 +74,10 @@ def damaged_tensors(model, prefix: str) -> str:
 
 
 def all_finite(weight) -> bool:
-    """float32 arrays directly; packed bf16/int4 weights through their stored arrays,
-    where bf16 words (bf16 matrices, int4 scales) are NaN/Inf when all exponent bits are set."""
+    """float32 arrays directly; weight objects through their stored arrays: bf16 words
+    (a bf16 matrix) are NaN/Inf when all exponent bits are set, float arrays (packed
+    int4/int8 scales in float16 or float32, offsets) through np.isfinite, integer
+    codes never."""
     if isinstance(weight, np.ndarray):
         return bool(np.isfinite(weight).all())
     for array in weight.tensors("w").values():

@@ -13,6 +13,11 @@ when divided, and inf - inf is NaN: such a setting is as cold as a temperature
 can be, so it acts as greedy, which is what the distribution tends to as the
 temperature goes to 0. And NaN logits (a damaged model) have no argmax and no
 softmax: they are refused rather than read as some id.
+
+`Sampler.stages` shows the logits after each step (a list of `Stage`), and the
+token is a draw from the last one, or its argmax when greedy: logprobs, the
+speculative decoder's rejection rule and the explorer
+read the same distribution the token came from.
 """
 
 import math
@@ -68,8 +73,35 @@ class SamplingSettings:
             check_setting(name, getattr(self, name))
 
 
+@dataclass(frozen=True)
+class Stage:
+    """The logits after one step of the sampler: `probabilities(stage.logits)` is the
+    distribution at that point. -inf marks an id the step filtered out.
+
+    Names, in the order they apply: "logits" (the model's, with the ids past the
+    tokenizer masked), "grammar" (ids a JSON schema forbids masked), then
+    "repetition_penalty", "temperature", "top_k", "top_p", "min_p". A processor
+    the settings turn off is left out, so greedy settings end at "logits",
+    "grammar" or "repetition_penalty", and the token is the last stage's argmax;
+    when "temperature" is there (even at 1.0), the token is a draw from the last
+    stage.
+    """
+
+    name: str
+    logits: np.ndarray  # (V,) float64
+
+
+# The stages after which the token is drawn at random rather than taken as the argmax.
+SAMPLED_STAGES = ("temperature", "top_k", "top_p", "min_p")
+
+
 class Sampler:
-    """Settings plus the random generator; call it with logits to get an id."""
+    """Settings plus the random generator; call it with logits to get an id.
+
+    `stages` shows the distribution after each processor, once, for whoever needs more
+    than the id: logprobs (the last stage), the speculative decoder's rejection rule
+    (p and q are last stages) and the explorer's sampling panel.
+    """
 
     def __init__(self, settings: SamplingSettings, seed: int | None = None, allowed_ids: int | None = None):
         check_setting("seed", seed)
@@ -80,7 +112,21 @@ class Sampler:
         # 32011 real ids to 32064 rows); they are never sampled.
         self.allowed_ids = allowed_ids
 
-    def __call__(self, logits: np.ndarray, previous_ids=()) -> int:
+    def __call__(self, logits: np.ndarray, previous_ids=(), grammar_mask: np.ndarray | None = None) -> int:
+        return self.choose(self.stages(logits, previous_ids, grammar_mask))
+
+    def choose(self, stages: list[Stage]) -> int:
+        """The id the stages decide: a draw from the last one when sampling, else its argmax."""
+        if is_sampled(stages):
+            return draw(probabilities(stages[-1].logits), self.rng)
+        return greedy(stages[-1].logits)
+
+    def stages(self, logits: np.ndarray, previous_ids=(), grammar_mask: np.ndarray | None = None) -> list[Stage]:
+        """Every stage that applies, in transformers' order (see `Stage`).
+
+        `grammar_mask` (V,) bool, True where an id keeps the text valid under a JSON
+        schema (minislm/grammar.py): the one place that mask meets the logits.
+        """
         logits = np.array(logits, dtype=np.float64)  # (V,), a copy we may edit
         if np.isnan(logits).any():
             raise MinislmError(f"the logits hold NaN at ids {np.flatnonzero(np.isnan(logits))[:8].tolist()}: "
@@ -89,30 +135,47 @@ class Sampler:
             logits[self.allowed_ids :] = -np.inf
         if not (logits > -np.inf).any():
             raise MinislmError("every id's logit is -inf (or beyond allowed_ids): there is nothing to sample")
+        stages = [Stage("logits", logits)]
+        if grammar_mask is not None:
+            masked = np.where(grammar_mask[: logits.size], logits, -np.inf)
+            if not (masked > -np.inf).any():
+                raise MinislmError("the JSON schema allows no token the model can produce here")
+            stages.append(Stage("grammar", masked))
         with np.errstate(over="ignore"):  # overflows are handled here, not warned about
-            return self.pick(logits, previous_ids)
+            stages.extend(self.processed(stages[-1].logits, previous_ids))
+        return stages
 
-    def pick(self, logits: np.ndarray, previous_ids) -> int:
-        """The steps in transformers' order, on logits already checked (no NaN) and masked."""
-        s = self.settings
+    def processed(self, logits: np.ndarray, previous_ids) -> list[Stage]:
+        """The processors in transformers' order, on logits already checked (no NaN) and masked."""
+        s, out = self.settings, []
         if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
             penalized = repetition_penalty(logits, previous_ids, s.repetition_penalty)
             if not (penalized > -np.inf).any():  # every id overflowed to -inf: keep their order
-                return greedy(logits)
+                return out
             logits = penalized
+            out.append(Stage("repetition_penalty", logits))
         if s.temperature == 0 or np.isposinf(logits).any():
-            return greedy(logits)
+            return out  # greedy: the argmax of the last stage
         scaled = logits / s.temperature
         if np.isinf(scaled[np.isfinite(logits)]).any():  # the temperature underflows: as cold as can be
-            return greedy(logits)
+            return out
         logits = scaled
+        out.append(Stage("temperature", logits))
         if s.top_k:
             logits = top_k_filter(logits, s.top_k)
+            out.append(Stage("top_k", logits))
         if s.top_p is not None and s.top_p < 1.0:
             logits = top_p_filter(logits, s.top_p)
+            out.append(Stage("top_p", logits))
         if s.min_p is not None and s.min_p > 0:
             logits = min_p_filter(logits, s.min_p)
-        return draw(probabilities(logits), self.rng)
+            out.append(Stage("min_p", logits))
+        return out
+
+
+def is_sampled(stages: list[Stage]) -> bool:
+    """Whether the token is drawn from the last stage (True) or is its argmax (False)."""
+    return stages[-1].name in SAMPLED_STAGES
 
 
 def greedy(logits: np.ndarray) -> int:
@@ -122,8 +185,22 @@ def greedy(logits: np.ndarray) -> int:
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
+    """softmax; 0 where a logit is -inf. Several +inf logits (a repetition penalty near
+    0 makes them) share all the probability, since no finite logit competes with them."""
+    if np.isposinf(logits).any():
+        return np.isposinf(logits) / np.count_nonzero(np.isposinf(logits))
     e = np.exp(logits - np.max(logits))
     return e / e.sum()
+
+
+def log_probabilities(logits: np.ndarray) -> np.ndarray:
+    """log_softmax, the log of `probabilities` computed without losing the small ones
+    (-inf where a logit is -inf): what logprobs report."""
+    if np.isposinf(logits).any():
+        with np.errstate(divide="ignore"):
+            return np.log(probabilities(logits))
+    shifted = logits - np.max(logits)
+    return shifted - np.log(np.exp(shifted).sum())
 
 
 def repetition_penalty(logits: np.ndarray, previous_ids, penalty: float) -> np.ndarray:

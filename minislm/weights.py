@@ -26,6 +26,10 @@ import numpy as np
 
 from .config import ModelConfig, read_json
 from .errors import MinislmError
+# bfloat16 is defined once, beside the kernels that widen it (kernels/reference.py):
+# widening is a 16-bit shift (exact), rounding is to nearest, ties to even.
+from .kernels.reference import bf16_to_f32 as bf16_to_float32
+from .kernels.reference import f32_to_bf16 as float32_to_bf16  # noqa: F401  (the writers import it from here)
 from .vision.config import vision_shapes
 
 # safetensors dtype tag -> how we hold it in NumPy. BF16 stays as raw 16-bit words.
@@ -67,18 +71,6 @@ class StoredTensor:
         if self.dtype in ("F16", "F64"):
             return self.array.astype(np.float32)
         raise MinislmError(f"tensor of dtype {self.dtype} is not a floating-point weight")
-
-
-def bf16_to_float32(words: np.ndarray) -> np.ndarray:
-    """bfloat16 is the upper 16 bits of a float32, so widening is a shift (exact)."""
-    return (words.astype(np.uint32) << 16).view(np.float32)
-
-
-def float32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Round float32 to the nearest bfloat16 (ties to even), returned as raw uint16 words."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-    return ((bits + rounding) >> 16).astype(np.uint16)
 
 
 def read_safetensors(path: Path) -> dict[str, StoredTensor]:

@@ -15,6 +15,10 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
+from optional import BROWSER_VARIABLE, skip_or_fail
+
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -92,6 +96,22 @@ class Browser:
         """A real click through the browser's input pipeline (on an <option>, it selects it)."""
         self.call("POST", f"/session/{self.session}/element/{self.find(css)}/click", {})
 
+    def type(self, css: str, text: str, clear: bool = False) -> None:
+        """Keys typed into an element, as a user types them (WebDriver's Element Send Keys;
+        "\ue014" is the right arrow, which moves a focused slider one step)."""
+        element = self.find(css)
+        if clear:
+            self.call("POST", f"/session/{self.session}/element/{element}/clear", {})
+        self.call("POST", f"/session/{self.session}/element/{element}/value", {"text": text})
+
+    def screenshot(self, path, css: str | None = None) -> None:
+        """The visible part of the page, or one element of it, as a PNG file."""
+        import base64
+
+        where = f"/element/{self.find(css)}" if css else ""
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.call("GET", f"/session/{self.session}{where}/screenshot")))
+
     def attribute(self, css: str, name: str) -> str | None:
         return self.call("GET", f"/session/{self.session}/element/{self.find(css)}/attribute/{name}")
 
@@ -103,6 +123,18 @@ class Browser:
                 return value
             time.sleep(0.05)
         raise TimeoutError(f"page never satisfied: {script}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium for a test module, or a skip that says what to install (a
+    failure where CI sets MINISLM_REQUIRE_BROWSER=1). Import it into a test module."""
+    chromium, chromedriver = find_programs()
+    if chromium is None or chromedriver is None:
+        missing = " and ".join(n for n, p in (("chromium", chromium), ("chromedriver", chromedriver)) if p is None)
+        skip_or_fail(f"{missing} not found (apt-get install chromium chromium-driver)", BROWSER_VARIABLE)
+    with Browser(chromium, chromedriver) as b:
+        yield b
 
 
 def free_port() -> int:

@@ -110,7 +110,7 @@ def greedy_by_full_forward(reference, prompt, max_new_tokens: int, stop_ids) -> 
 
 
 # Phi-3-vision's golden fixture keeps no weights: they are rebuilt bit for bit from a
-# seed (minislm.vision.random_checkpoint), and the file's SHA-256 must match the one
+# seed (minislm.bench.random_checkpoint), and the file's SHA-256 must match the one
 # tools/make_vision_fixtures.py recorded when it ran the reference code on them.
 PHI3_V_FIXTURE = FIXTURES / "phi3_v"
 PHI3_V_REFERENCE = PHI3_V_FIXTURE / "reference_vision.safetensors"
@@ -124,7 +124,7 @@ def phi3_v_dir(tmp_path_factory) -> Path:
 
     from safetensors import safe_open
 
-    from minislm.vision.random_checkpoint import write_hashed_checkpoint
+    from minislm.bench.random_checkpoint import write_hashed_checkpoint
 
     folder = tmp_path_factory.mktemp("phi3_v") / "model"
     shutil.copytree(PHI3_V_FIXTURE, folder)

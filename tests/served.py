@@ -22,6 +22,13 @@ def running(model, **settings):
     lines = []
     server = Server(model, ServeSettings(port=0, model_id="shakespeare", **settings), log=lines.append)
     server.lines = lines
+    with threaded(server):
+        yield server
+
+
+@contextmanager
+def threaded(server):
+    """Any socketserver serving in a thread of this process until the block ends."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

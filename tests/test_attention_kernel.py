@@ -1,6 +1,6 @@
 """kernels/attention.py: the Numba kernel against its NumPy twin, and its scalar helpers.
 
-`attend_cached` and `attend_cached_reference` take the same storage (float32,
+`attend_cached` and its twin `reference.attend_cached` take the same storage (float32,
 float16, int8 with per-position scales) and widen it the same exact way, so they
 differ only in summation order and in the kernel's polynomial exp (within a few
 ulp): ATOL_KERNEL bounds the difference on unit-scale values. Sizes are awkward on
@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from minislm.kernels.attention import quantize_int8
+from minislm.kernels import reference as ref
 from minislm.kernels.attention import (
-    EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_kernel, attend_cached_reference, attend_cached_serial,
-    exp_nonpositive, kernel_arrays, store_cached, store_cached_reference,
+    EXP_CUTOFF, QUERY_TILE, attend_cached, attend_cached_kernel, attend_cached_serial, exp_nonpositive,
+    kernel_arrays, store_cached,
 )
 from minislm.model import attention_mask
 
@@ -28,7 +28,7 @@ def storage(rng, kv_heads, capacity, head_dim, dtype, spread):
     """Random keys or values in the cache's format: (array, scales or None)."""
     x = rng.standard_normal((kv_heads, capacity, head_dim), dtype=np.float32) * spread
     if dtype == "int8":
-        return quantize_int8(x)
+        return ref.quantize_cache_int8(x)
     return x.astype(dtype), None
 
 
@@ -58,7 +58,7 @@ def test_kernel_equals_twin(dtype, kv_heads, group, head_dim, cached, new, slack
         allowed &= rng.random(allowed.shape) < 0.7
         allowed[np.arange(new), cached + np.arange(new)] = True  # every query still sees itself
     args = (q, keys, values, key_scales, value_scales, allowed, head_dim**-0.5)
-    fast, twin = attend_cached(*args), attend_cached_reference(*args)
+    fast, twin = attend_cached(*args), ref.attend_cached(*args)
     assert fast.shape == twin.shape == q.shape and fast.dtype == np.float32
     assert np.abs(fast - twin).max() <= ATOL_KERNEL
 
@@ -72,7 +72,7 @@ def test_long_cache_decode_equals_twin(dtype, window):
     values, value_scales = storage(rng, 2, 5003, 96, dtype, 1.0)
     q = rng.standard_normal((4, 1, 96), dtype=np.float32) * 3
     args = (q, keys, values, key_scales, value_scales, attention_mask(np.array([5000]), 5001, window), 96**-0.5)
-    assert np.abs(attend_cached(*args) - attend_cached_reference(*args)).max() <= ATOL_KERNEL
+    assert np.abs(attend_cached(*args) - ref.attend_cached(*args)).max() <= ATOL_KERNEL
 
 
 def test_keys_outside_the_window_and_the_future_are_never_read():
@@ -87,7 +87,7 @@ def test_keys_outside_the_window_and_the_future_are_never_read():
     out = attend_cached(q, keys, values, None, None, allowed, 0.5)
     assert np.isfinite(out).all()
     keys, values = np.nan_to_num(keys), np.nan_to_num(values)  # the twin multiplies by masked keys too
-    assert np.abs(out - attend_cached_reference(q, keys, values, None, None, allowed, 0.5)).max() <= ATOL_KERNEL
+    assert np.abs(out - ref.attend_cached(q, keys, values, None, None, allowed, 0.5)).max() <= ATOL_KERNEL
 
 
 def test_a_query_that_sees_no_key_gets_zeros_like_the_twin():
@@ -97,7 +97,7 @@ def test_a_query_that_sees_no_key_gets_zeros_like_the_twin():
     allowed = np.array([[False, False, False, False], [True, True, False, False]])
     out = attend_cached(q, keys, keys, None, None, allowed, 1.0)
     with np.errstate(invalid="ignore"):
-        twin = attend_cached_reference(q, keys, keys, None, None, allowed, 1.0)
+        twin = ref.attend_cached(q, keys, keys, None, None, allowed, 1.0)
     assert (out[:, 0] == 0).all() and np.abs(out - twin).max() <= ATOL_KERNEL
 
 
@@ -148,7 +148,7 @@ def test_nan_in_a_query_comes_out_as_nan_like_the_twin():
     allowed = attention_mask(np.arange(6, 9), 9, None)
     fast = attend_cached(q, keys, keys, None, None, allowed, 0.3)
     with np.errstate(invalid="ignore"):  # the twin meets NaN - NaN on the way, as it should
-        twin = attend_cached_reference(q, keys, keys, None, None, allowed, 0.3)
+        twin = ref.attend_cached(q, keys, keys, None, None, allowed, 0.3)
     assert np.array_equal(np.isnan(fast), np.isnan(twin)) and np.isnan(fast[1, 2]).all()
     finite = ~np.isnan(twin)
     assert np.abs(fast[finite] - twin[finite]).max() <= ATOL_KERNEL
@@ -170,7 +170,7 @@ def test_store_kernel_equals_twin_bit_for_bit(dtype, kv_heads, new, head_dim, st
     src[0, 0, 0] = 0.0 if head_dim > 1 else src[0, 0, 0]
     capacity = start + new + 3
     outs = []
-    for store in (store_cached, store_cached_reference):
+    for store in (store_cached, ref.store_cached):
         stored = np.zeros((kv_heads, capacity, head_dim), dtype)
         scales = np.zeros((kv_heads, capacity), np.float32) if dtype == "int8" else None
         with np.errstate(over="ignore"):

@@ -13,10 +13,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minislm.kernels.attention import QUERY_TILE, quantize_int8
-from minislm.kernels.blocksparse import (
-    attend_blocksparse, attend_blocksparse_kernel, attend_blocksparse_reference, attend_blocksparse_serial,
-)
+from minislm.kernels import reference as ref
+from minislm.kernels.attention import QUERY_TILE
+from minislm.kernels.blocksparse import attend_blocksparse, attend_blocksparse_kernel, attend_blocksparse_serial
 
 ATOL_KERNEL = 2e-5
 
@@ -24,7 +23,7 @@ ATOL_KERNEL = 2e-5
 def storage(rng, kv_heads, capacity, head_dim, dtype):
     x = rng.standard_normal((kv_heads, capacity, head_dim), dtype=np.float32)
     if dtype == "int8":
-        return quantize_int8(x)
+        return ref.quantize_cache_int8(x)
     return x.astype(dtype), None
 
 
@@ -50,7 +49,7 @@ def test_kernel_equals_its_twin(dtype, kv_heads, group, head_dim, block, cached,
     layout = rng.random((H, last - first + 1, last + 1)) < 0.4
     layout[:, np.arange(last - first + 1), np.arange(first, last + 1)] = True  # each query's own block
     args = (q, keys, values, key_scales, value_scales, positions, layout, first, block, 0.3)
-    expected = attend_blocksparse_reference(*args)
+    expected = ref.attend_blocksparse(*args)
     assert np.abs(attend_blocksparse(*args) - expected).max() <= ATOL_KERNEL
     k, v = (keys.view(np.uint16), values.view(np.uint16)) if dtype == "float16" else (keys, values)
     ks = key_scales if key_scales is not None else np.zeros((0, 0), np.float32)
@@ -73,7 +72,7 @@ def test_excluded_blocks_are_never_read():
     keys[:, 8:56] = values[:, 8:56] = np.nan
     args = (q, keys, values, None, None, np.array([60]), layout, 7, 8, 0.3)
     assert np.array_equal(attend_blocksparse(*args), clean)
-    assert np.isnan(attend_blocksparse_reference(*args)).all()
+    assert np.isnan(ref.attend_blocksparse(*args)).all()
 
 
 def test_a_layout_that_misses_the_queries_is_refused():

@@ -14,6 +14,7 @@ import pytest
 
 import minislm
 from minislm.errors import MinislmError
+from minislm.formats.gguf_file import read_gguf
 from minislm.formats.gguf_tokenizer import tokenizer_from_gguf
 from minislm.tiktoken_bpe import O200K_PATTERN, read_ranks, tokenizer_from_ranks
 from minislm.weights import expected_shapes, save_safetensors
@@ -48,7 +49,7 @@ def vocab_files(tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["phi4mini", "phi4"])
 def test_gpt2_vocab_gives_tiktokens_ids_on_the_whole_sweep(vocab_files, model):
-    tokenizer, config = tokenizer_from_gguf(gguf.GGUFReader(vocab_files[model]))
+    tokenizer, config = tokenizer_from_gguf(read_gguf(vocab_files[model]))
     entry = SWEEP[model]
     wrong = [t for t, ids in zip(entry["texts"], entry["ids"]) if tokenizer.encode(t, add_special_tokens=False).ids != ids]
     assert not wrong, f"{len(wrong)} of {len(entry['texts'])} differ, e.g. {wrong[:3]!r}"
@@ -91,7 +92,7 @@ def test_other_gpt2_pre_tokenizers_are_refused_by_name(tmp_path, change, message
     tiny = dict(ranks={bytes([b]): b for b in range(256)}, special={"<|end|>": 256}, vocab_size=257, bos=256, eos=256)
     path = write_vocab_only(tmp_path / "v.gguf", **{**tiny, "pre": "gpt-4o", **change})
     with pytest.raises(MinislmError, match=message.replace("|", r"\|")):
-        tokenizer_from_gguf(gguf.GGUFReader(path))
+        tokenizer_from_gguf(read_gguf(path))
 
 
 def test_an_unsupported_vocabulary_type_is_named(tmp_path):
@@ -101,7 +102,7 @@ def test_an_unsupported_vocabulary_type_is_named(tmp_path):
     for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
         step()
     with pytest.raises(MinislmError, match="tokenizer.ggml.model is 'bert'; minislm reads 'llama' .* and 'gpt2'"):
-        tokenizer_from_gguf(gguf.GGUFReader(tmp_path / "bert.gguf"))
+        tokenizer_from_gguf(read_gguf(tmp_path / "bert.gguf"))
 
 
 # ---------------------------------------------------------------- a Phi-4-mini-shaped model

@@ -1,6 +1,7 @@
 """The minislm.kernels surface the model relies on: import cost, threads, and every
 weight class going through the model's `linear()`."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from minislm.kernels.threads import LAYER_PREFERENCE
 def test_import_compiles_nothing():
     code = ("import minislm.kernels as K\n"
             "from minislm.kernels import bf16, fp32, packed, threads\n"
-            "kernels = [fp32.gemv_f32, fp32.gemm_f32, bf16.gemv_bf16, bf16.widen_bf16_rows,\n"
+            "kernels = [fp32.gemv, fp32.gemm_f32, bf16.widen_bf16_rows, bf16.widen_bf16_block,\n"
             "           packed.group_scales, packed.quantize_codes, packed.quantize_activations,\n"
             "           packed.dequantize_rows, threads._touch,\n"
             "           *packed.GEMV.values(), *packed.GEMM.values()]\n"
@@ -79,3 +80,35 @@ def test_linear_takes_plain_arrays_and_every_weight_class(make):
     assert y.shape == (3, 48) and y.dtype == np.float32
     # int4 is the loosest: ~5 % relative error per weight, averaged over 64 inputs
     np.testing.assert_allclose(y, x @ w.T, atol=0.25 * np.abs(x @ w.T).max())
+
+
+KERNELS = Path(K.__file__).parent
+
+
+def imports_of(path: Path) -> set[str]:
+    """The modules a file imports, relative imports written with their dots."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
+def test_kernels_import_nothing_from_the_rest_of_minislm():
+    """The kernels sit at the bottom of the package: the loader imports them (bf16 is
+    defined in reference.py), never the other way round."""
+    for path in sorted(KERNELS.glob("*.py")):
+        upward = {m for m in imports_of(path) if m.startswith(("minislm", ".."))}
+        assert not upward, f"{path.name} imports {sorted(upward)}"
+
+
+def test_every_twin_lives_in_reference_py_which_needs_only_numpy():
+    """The rule of kernels/__init__.py: no kernel file keeps a twin of its own (they
+    were named *_reference), and reference.py imports NumPy alone."""
+    assert imports_of(KERNELS / "reference.py") == {"numpy"}
+    for path in sorted(KERNELS.glob("*.py")):
+        defined = {node.name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                   if isinstance(node, ast.FunctionDef)}
+        assert not {name for name in defined if name.endswith("_reference")}, path.name

@@ -1,15 +1,15 @@
 """kernels/convert.py: the loading-time conversions against their NumPy twins, exhaustively.
 
 A half has only 65536 bit patterns, so every one of them is checked: widening is
-exact and rounding to bf16 is NumPy's own (minislm.weights.float32_to_bf16), so
-both must be bit for bit equal; NaN and inf are counted, never hidden.
+exact and rounding to bf16 is the twin's own (`reference.f32_to_bf16`, which the
+loader uses too), so both must be bit for bit equal; NaN and inf are counted,
+never hidden.
 """
 
 import numpy as np
 
-from minislm.kernels.convert import (
-    count_nonfinite_bf16, f16_to_bf16, f16_to_bf16_reference, widen_bf16, widen_bf16_reference, widen_f16, widen_f16_reference,
-)
+from minislm.kernels import reference as ref
+from minislm.kernels.convert import count_nonfinite_bf16, f16_to_bf16, widen_bf16, widen_f16
 
 ALL_HALVES = np.arange(2**16, dtype=np.uint16)
 NON_FINITE = int(np.count_nonzero(~np.isfinite(ALL_HALVES.view(np.float16))))  # 2 infs + 2046 NaNs
@@ -18,7 +18,7 @@ NON_FINITE = int(np.count_nonzero(~np.isfinite(ALL_HALVES.view(np.float16))))  #
 def test_every_half_widens_exactly():
     out = np.empty(ALL_HALVES.size, np.float32)
     bad = widen_f16(ALL_HALVES, out)
-    expected = widen_f16_reference(ALL_HALVES)
+    expected = ref.widen_f16(ALL_HALVES)
     nan = np.isnan(expected)
     assert bad == NON_FINITE
     assert np.array_equal(np.isnan(out), nan)
@@ -28,8 +28,8 @@ def test_every_half_widens_exactly():
 def test_every_bf16_widens_exactly():
     out = np.empty(ALL_HALVES.size, np.float32)
     bad = widen_bf16(ALL_HALVES, out)
-    assert bad == int(np.count_nonzero(~np.isfinite(widen_bf16_reference(ALL_HALVES))))
-    assert np.array_equal(out.view(np.uint32), widen_bf16_reference(ALL_HALVES).view(np.uint32))
+    assert bad == int(np.count_nonzero(~np.isfinite(ref.bf16_to_f32(ALL_HALVES))))
+    assert np.array_equal(out.view(np.uint32), ref.bf16_to_f32(ALL_HALVES).view(np.uint32))
 
 
 def test_every_finite_half_rounds_to_the_same_bf16():
@@ -37,7 +37,7 @@ def test_every_finite_half_rounds_to_the_same_bf16():
     bad = f16_to_bf16(ALL_HALVES, out)
     finite = np.isfinite(ALL_HALVES.view(np.float16))
     assert bad == NON_FINITE
-    assert np.array_equal(out[finite], f16_to_bf16_reference(ALL_HALVES)[finite])
+    assert np.array_equal(out[finite], ref.f16_to_bf16(ALL_HALVES)[finite])
 
 
 def test_a_reshaped_view_converts_in_place_of_a_matrix():
@@ -51,4 +51,4 @@ def test_a_reshaped_view_converts_in_place_of_a_matrix():
 def test_nonfinite_bf16_words_are_counted():
     words = np.array([[0x7F80, 0xFF80, 0x7FC1], [0x3F80, 0x7F7F, 0x0001]], np.uint16)  # inf, -inf, NaN | finite
     assert count_nonfinite_bf16(words) == 3
-    assert count_nonfinite_bf16(ALL_HALVES) == int(np.count_nonzero(~np.isfinite(widen_bf16_reference(ALL_HALVES))))
+    assert count_nonfinite_bf16(ALL_HALVES) == int(np.count_nonzero(~np.isfinite(ref.bf16_to_f32(ALL_HALVES))))

@@ -35,7 +35,7 @@ def problem(draw, max_tok=1):
 def test_gemv_matches_reference(case):
     w, x = case
     out = np.empty(w.shape[0], np.float32)
-    fp32.gemv_f32(w, x, out[None])
+    fp32.gemv(w, x, out[None])
     assert (np.abs(out - ref.matmul_f32(x, w)[0]) <= f32_dot_bound(w, x)[0]).all()
 
 

@@ -518,3 +518,20 @@ def test_low_level_kernels_refuse_arrays_of_the_wrong_size(path):
         packed.GEMV[4, path](*args, np.ones((1, 32), np.float32), np.empty((1, 32), np.float32))
     with pytest.raises(ValueError, match="packed kernel"):
         packed.GEMM[4, path](*args, np.ones((4, 64), np.float32), np.empty((4, 16), np.float32))
+
+
+def test_hand_written_ir_refuses_arrays_it_would_misread_when_typed():
+    """The IR of simd.py and amx.py indexes raw pointers: an array of another dtype must
+    stop Numba at typing (compiled only, never run, so the AMX check runs on any CPU)."""
+    from numba import types
+    from numba.core.errors import TypingError
+
+    q = Int4Weight(np.ones((32, 64), np.float32))
+    with pytest.raises(TypingError, match="packed_block: expected a C-contiguous 3-D uint16 or float32 array"):
+        packed.GEMV[4, "portable"](q.codes, q.scales.astype(np.float64), None, None, q.zero,
+                                   np.ones((1, 64), np.float32), np.empty((1, 32), np.float32))
+    array = lambda dtype, ndim: types.Array(dtype, ndim, "C")  # noqa: E731
+    with pytest.raises(TypingError, match="amx_block: expected a C-contiguous 3-D uint8 array"):
+        amx.GEMM[4].compile((array(types.uint8, 1), array(types.uint8, 3), array(types.uint16, 3),
+                             array(types.int8, 3), types.none, types.float32,
+                             array(types.float32, 2), array(types.float32, 2)))

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 
 import minislm
 from minislm.cache import DTYPES, KVCache
-from minislm.kernels.attention import quantize_int8
+from minislm.kernels.reference import quantize_cache_int8
 from minislm.errors import MinislmError
 from conftest import ATOL_FP32_LOGITS, FIXTURES, VARIANTS
 
@@ -60,7 +60,7 @@ def test_store_then_read_gives_the_values_in_the_cache_dtype(config, dtype):
 
 def test_int8_rows_use_the_full_code_range_and_zero_rows_stay_zero():
     x = np.array([[[0.5, -2.0, 1.0], [0.0, 0.0, 0.0]]], np.float32)
-    codes, scales = quantize_int8(x)
+    codes, scales = quantize_cache_int8(x)
     assert codes[0, 0].tolist() == [32, -127, 64] and codes[0, 1].tolist() == [0, 0, 0]
     assert scales[0, 1] == 0 and np.isclose(scales[0, 0], 2 / 127)
 

@@ -11,12 +11,14 @@ and by their token counts.
 """
 
 import threading
+from pathlib import Path
 from contextlib import contextmanager
 
 import openai
 import pytest
 
 import minislm
+import minislm.kernels
 from conftest import FIXTURES
 from gguf_files import write_gguf
 from minislm.cli import main
@@ -166,12 +168,15 @@ def test_one_decode_step_runs_in_at_most_eight_files():
     model = minislm.load(BUNDLED_MODEL)
     tokens = model.generate(model.tokenizer.encode("ROMEO:"), 4)
     next(tokens), next(tokens)  # the prefill, then one step to warm everything up
+    roots = {Path(minislm.__file__).parent: "", Path(minislm.kernels.__file__).parent: "kernels/"}
     files = set()
 
     def watch(frame, event, arg):
-        name = frame.f_code.co_filename
-        if event == "call" and any(part in name for part in ("/minislm/", "/kernels/")):
-            files.add(name.split("/minislm/")[-1] if "/minislm/" in name else "kernels/" + name.split("/kernels/")[-1])
+        if event == "call":
+            path = Path(frame.f_code.co_filename)
+            for root, label in roots.items():
+                if path.is_relative_to(root):
+                    files.add(label + path.relative_to(root).as_posix())
 
     sys.setprofile(watch)
     try:

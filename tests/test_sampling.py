@@ -9,6 +9,8 @@ from minislm.errors import MinislmError
 from minislm.sampling import (
     Sampler,
     SamplingSettings,
+    is_sampled,
+    log_probabilities,
     min_p_filter,
     probabilities,
     repetition_penalty,
@@ -194,8 +196,9 @@ def test_a_repetition_penalty_that_overflows_yields_no_nan():
 def test_the_sampler_returns_an_allowed_id_that_had_a_chance_or_refuses(logits, allowed, temperature, penalty,
                                                                      top_k, top_p, min_p, seed, previous):
     """Whatever the numbers (infinities, huge and subnormal values, extreme settings):
-    an id below allowed_ids whose logit was not -inf; or, when no allowed id has one, a
-    one-line error."""
+    an id below allowed_ids whose logit was not -inf, with probability > 0 in the last
+    stage, every stage's probabilities finite, summing to 1 and 0 past allowed_ids; or,
+    when no allowed id has one, a one-line error."""
     logits = np.array(logits)
     previous = [i for i in previous if i < logits.size]
     sampler = Sampler(SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -206,6 +209,12 @@ def test_the_sampler_returns_an_allowed_id_that_had_a_chance_or_refuses(logits, 
         return
     token = sampler(logits, previous)
     assert 0 <= token < min(allowed, logits.size) and logits[token] > -np.inf
+    stages = sampler.stages(logits, previous)
+    with np.errstate(over="ignore"):
+        for stage in stages:
+            p = probabilities(stage.logits)
+            assert np.isfinite(p).all() and abs(p.sum() - 1) < 1e-9 and not p[allowed:].any(), stage.name
+        assert probabilities(stages[-1].logits)[sampler.choose(stages)] > 0
 
 
 def test_the_library_and_the_cli_sample_no_padding_at_a_tiny_temperature(capsys):
@@ -226,3 +235,116 @@ def test_the_library_and_the_cli_sample_no_padding_at_a_tiny_temperature(capsys)
         assert main(["generate", "--no-chat-template", "-n", "12", "--temp", temp, "--seed", "5", "ROMEO:"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].strip()
+
+
+# ---------------------------------------------------------------- the per-stage view
+
+
+def names(stages):
+    return [stage.name for stage in stages]
+
+
+def test_stages_come_in_transformers_order_each_one_its_processor_applied():
+    """repetition penalty, temperature, top-k, top-p, min-p: each stage is the previous
+    one with its processor applied (the functions checked by hand above)."""
+    logits = np.log(np.array([0.4, 0.25, 0.2, 0.1, 0.05]))
+    settings = SamplingSettings(temperature=0.5, top_k=4, top_p=0.9, min_p=0.05, repetition_penalty=1.3)
+    stages = Sampler(settings, seed=0).stages(logits, previous_ids=[1, 1, 3])
+    assert names(stages) == ["logits", "repetition_penalty", "temperature", "top_k", "top_p", "min_p"]
+    expected = logits
+    for stage, step in zip(stages, [lambda x: x, lambda x: repetition_penalty(x, [1, 3], 1.3), lambda x: x / 0.5,
+                                    lambda x: top_k_filter(x, 4), lambda x: top_p_filter(x, 0.9),
+                                    lambda x: min_p_filter(x, 0.05)]):
+        expected = step(expected)
+        np.testing.assert_array_equal(stage.logits, expected)
+        assert stage.logits.dtype == np.float64 and stage.logits.shape == (5,)
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (SamplingSettings(temperature=0.0), ["logits"]),
+        (SamplingSettings(temperature=0.0, repetition_penalty=1.2, top_k=3), ["logits", "repetition_penalty"]),
+        (SamplingSettings(temperature=1.0), ["logits", "temperature"]),  # 1.0 is still sampling
+        (SamplingSettings(temperature=1e-310, top_p=0.5), ["logits"]),  # underflows: greedy
+        (SamplingSettings(temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0), ["logits", "temperature"]),
+    ],
+)
+def test_a_processor_that_is_off_adds_no_stage_and_greedy_ends_before_temperature(settings, expected):
+    stages = Sampler(settings, seed=0).stages(LOGITS, previous_ids=[0])
+    assert names(stages) == expected
+    assert is_sampled(stages) == ("temperature" in expected)
+
+
+def test_the_call_is_a_draw_from_the_last_stage_or_its_argmax():
+    """Same seed: __call__ and choose(stages(...)) give the same ids, draw for draw; greedy
+    settings give the argmax of the last stage (here after the penalty moved it)."""
+    logits = np.random.default_rng(2).normal(size=40)
+    settings = SamplingSettings(temperature=0.8, top_k=10, top_p=0.95)
+    a, b = Sampler(settings, seed=11), Sampler(settings, seed=11)
+    assert [a(logits, [3]) for _ in range(50)] == [b.choose(b.stages(logits, [3])) for _ in range(50)]
+    penalized = Sampler(SamplingSettings(temperature=0.0, repetition_penalty=50.0), seed=0)
+    best = int(np.argmax(logits))
+    stages = penalized.stages(logits, previous_ids=[best])
+    assert penalized(logits, [best]) == int(np.argmax(stages[-1].logits)) != best
+
+
+def test_draws_follow_the_last_stages_distribution():
+    settings = SamplingSettings(temperature=0.7, top_p=0.8)
+    sampler = Sampler(settings, seed=0)
+    p = probabilities(sampler.stages(LOGITS)[-1].logits)
+    n = 20000
+    counts = np.bincount([sampler(LOGITS) for _ in range(n)], minlength=4) / n
+    assert np.abs(counts - p).max() < 0.015  # > 4 binomial standard errors at n = 20000
+
+
+def test_the_grammar_mask_is_a_stage_before_the_processors_and_is_obeyed():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    mask = np.array([False, True, False, True])
+    sampler = Sampler(SamplingSettings(temperature=1.0, repetition_penalty=1.1), seed=0)
+    stages = sampler.stages(logits, [1], grammar_mask=mask)
+    assert names(stages) == ["logits", "grammar", "repetition_penalty", "temperature"]
+    assert kept(stages[1].logits) == {1, 3}
+    assert {sampler(logits, [1], grammar_mask=mask) for _ in range(300)} == {1, 3}
+    assert Sampler(SamplingSettings(), seed=0)(logits, grammar_mask=mask) == 1
+    with pytest.raises(MinislmError, match="JSON schema allows no token"):
+        sampler(logits, grammar_mask=np.zeros(4, bool))
+
+
+def test_log_probabilities_are_the_log_of_probabilities_without_underflow():
+    logits = np.array([0.0, -800.0, -np.inf, 3.0])
+    logp = log_probabilities(logits)
+    assert logp[2] == -np.inf and np.isfinite(logp[[0, 1, 3]]).all()  # exp(-800) underflows; its log does not
+    np.testing.assert_allclose(np.exp(logp), probabilities(logits), rtol=1e-12, atol=0)
+    assert probabilities(np.array([1.0, np.inf, np.inf])).tolist() == [0.0, 0.5, 0.5]
+
+
+def test_the_stages_match_transformers_logits_processors():
+    """transformers' own processors, in the order its generate() builds them, give the
+    last stage's logits (the reference for the order and for each filter's edge rules)."""
+    from conftest import import_reference
+
+    torch, transformers = import_reference()
+    from transformers.generation import logits_process as lp
+
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        logits = rng.normal(scale=3, size=64)
+        previous = rng.integers(0, 64, size=10)
+        settings = SamplingSettings(temperature=float(rng.uniform(0.3, 1.5)), top_k=int(rng.integers(0, 20)),
+                                    top_p=float(rng.uniform(0.3, 1.0)), min_p=float(rng.uniform(0, 0.2)),
+                                    repetition_penalty=float(rng.uniform(1.0, 1.5)))
+        processors = [lp.RepetitionPenaltyLogitsProcessor(settings.repetition_penalty),
+                      lp.TemperatureLogitsWarper(settings.temperature)]
+        if settings.top_k:
+            processors.append(lp.TopKLogitsWarper(settings.top_k))
+        processors += [lp.TopPLogitsWarper(settings.top_p), lp.MinPLogitsWarper(settings.min_p)]
+        scores = torch.tensor(logits[None], dtype=torch.float64)
+        input_ids = torch.tensor(previous[None])
+        for processor in processors:
+            scores = processor(input_ids, scores)
+        ours = Sampler(settings, seed=0).stages(logits, previous)[-1].logits
+        np.testing.assert_array_equal(np.isfinite(ours), torch.isfinite(scores[0]).numpy(), err_msg=f"trial {trial}")
+        kept_ids = np.isfinite(ours)
+        # float64 both sides; the order of operations differs only in the division
+        np.testing.assert_allclose(ours[kept_ids], scores[0].numpy()[kept_ids], rtol=1e-12)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minislm.bench.bandwidth import measure_bandwidth  # noqa: E402
 from minislm.cache import DTYPES  # noqa: E402
-from minislm.kernels.attention import quantize_int8  # noqa: E402
+from minislm.kernels.reference import quantize_cache_int8  # noqa: E402
 from minislm.kernels import set_threads  # noqa: E402
 from minislm.kernels.attention import attend_cached  # noqa: E402
 from minislm.model import attention_mask  # noqa: E402
@@ -39,7 +39,7 @@ def cache_layers(rng, dtype, positions):
         k = rng.standard_normal((HEADS, positions, HEAD_DIM), dtype=np.float32)
         v = rng.standard_normal((HEADS, positions, HEAD_DIM), dtype=np.float32)
         if dtype == "int8":
-            (k, ks), (v, vs) = quantize_int8(k), quantize_int8(v)
+            (k, ks), (v, vs) = quantize_cache_int8(k), quantize_cache_int8(v)
             layers.append((k, v, ks, vs))
         else:
             layers.append((k.astype(DTYPES[dtype]), v.astype(DTYPES[dtype]), None, None))

@@ -31,7 +31,7 @@ import numpy as np
 
 import minislm.kernels as K
 from minislm.bench.bandwidth import stream_sum  # the same probe as `minislm bench`
-from minislm.kernels import amx, bf16, cpu, fp32, packed
+from minislm.kernels import cpu, fp32, packed
 
 SHAPES = [(3072, 3072), (9216, 3072), (16384, 3072), (3072, 8192)]  # (out, in): o, qkv, gate_up, down
 ROTATION_BYTES = 640 << 20   # per kernel; all of one table's kernels are resident at once
@@ -70,9 +70,9 @@ def decode_cases(shape, rng, groups):
     out2 = out[None, :]
     path = cpu.int8_dot_path()
     cases = [("np.matmul fp32", w.nbytes, lambda a: a @ x, copies((w,), w.nbytes)),
-             ("numba fp32", w.nbytes, lambda a: fp32.gemv_f32(a, x2, out2), copies((w,), w.nbytes))]
+             ("numba fp32", w.nbytes, lambda a: fp32.gemv(a, x2, out2), copies((w,), w.nbytes))]
     bits = K.Bf16Weight(w).bits
-    cases.append(("bf16", bits.nbytes, lambda a: bf16.gemv_bf16(a, x2, out2), copies((bits,), bits.nbytes)))
+    cases.append(("bf16", bits.nbytes, lambda a: fp32.gemv(a, x2, out2), copies((bits,), bits.nbytes)))
     quantized = [(f"int4 sym g{g}", K.Int4Weight(w, group_size=g)) for g in groups]
     quantized.append(("int4 asym g32", K.Int4Weight(w, group_size=32, symmetric=False)))
     quantized.append(("int8 g32", K.Int8Weight(w, group_size=32)))

@@ -46,15 +46,16 @@ def random_picture(width: int, height: int, seed: int = 0):
 
 
 def tower_weights(config: VisionConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 CLIP ViT-L/14-336 weights under the checkpoint's names."""
+    """Random float32 CLIP ViT-L/14-336 weights under the checkpoint's names, scaled as
+    the random checkpoints are (`initial_value`)."""
+    from minislm.bench.random_checkpoint import initial_value
+
     rng = np.random.default_rng(seed)
     weights = {}
     for name, shape in vision_shapes(config, TEXT_HIDDEN).items():
-        if not name.startswith(VISION_MODEL):
-            continue
-        scale = 1 / np.sqrt(np.prod(shape[1:])) if len(shape) > 1 else 0.1
-        values = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
-        weights[name] = values + 1 if name.endswith("norm.weight") or "layrnorm.weight" in name else values
+        if name.startswith(VISION_MODEL):
+            uniform = rng.random(int(np.prod(shape)), dtype=np.float32) * np.float32(2) - np.float32(1)
+            weights[name] = initial_value(name, shape, uniform)
     return weights
 
 
@@ -162,13 +163,13 @@ def run_decode(args) -> None:
     from minislm.kernels import set_threads
     from minislm.sampling import Sampler, SamplingSettings
     from minislm.vision.embedding import encode_image
-    from minislm.vision.random_checkpoint import write_phi3_vision_shapes
+    from minislm.bench.random_checkpoint import PHI3_VISION_128K, write_random_checkpoint
 
     set_threads(args.threads)
     folder = Path(args.folder)
     if not (folder / "model.safetensors").is_file():
         start = time.perf_counter()
-        write_phi3_vision_shapes(folder)
+        write_random_checkpoint(folder, PHI3_VISION_128K, "BF16")
         print(f"wrote {folder} in {time.perf_counter() - start:.0f} s")
     model = minislm.load(folder, quant="bf16")
     # no tokenizer in a random checkpoint: Phi-3-vision's real ids around the image

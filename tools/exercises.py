@@ -14,6 +14,7 @@ Macbeth excerpt in tests/data, offline, in about a minute.
 """
 
 import argparse
+import dataclasses
 import re
 import shutil
 import sys
@@ -31,8 +32,10 @@ import minislm.model
 from minislm.load import BUNDLED_MODEL
 from minislm.generate import generate_tokens
 from minislm.perplexity import log_softmax, score_text
-from minislm.sampling import Sampler, SamplingSettings
+from minislm.runtime import make_sampler, sampling_settings
+from minislm.sampling import Sampler, SamplingSettings, probabilities
 from minislm.trace import Recorder
+from minislm.watch import session
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCERPT = ROOT / "tests" / "data" / "shakespeare_heldout.txt"
@@ -262,6 +265,84 @@ def knock_out_a_layer():
             print(f"  without layer {i}: {score_text(model, text).nats_per_char:.3f} nats/char")
 
 
+# ---------------------------------------------------------------- generation, as the explorer shows it
+#
+# These three change no code: a setting, the KV cache's dtype, a line of config.json.
+# Each measures what `python -m minislm explore` shows for it, with the explorer's own
+# session (minislm/watch/session.py): the sampling panel's stages, the cache's error
+# per position, the lens's measures, the attention of each new query.
+
+
+def top_p_survivors():
+    """How many ids top-p 0.9 keeps as the temperature rises (the explorer's sampling panel)."""
+    model = shipped()
+    for prompt in ("ROMEO:", "ROMEO: But soft, what light through yonder window"):
+        ids = model.tokenizer.encode(prompt)
+        logits = model.logits(ids)[-1]
+        counts = []
+        for temp in (0.5, 0.8, 1.0, 1.5):
+            settings = sampling_settings(model, temperature=temp, top_p=0.9)
+            stages = {s.name: s for s in make_sampler(model, settings, 0).stages(logits, ids)}
+            top = probabilities(stages["temperature"].logits).max()
+            counts.append(f"T {temp}: {np.count_nonzero(stages['top_p'].logits > -np.inf):>4} ids (top one {top:.2f})")
+        print(f"  after {prompt[-20:]!r:<24} " + ", ".join(counts))
+
+
+def explore_greedy(model, prompt: str, n: int):
+    """The explorer's session after `prompt` and n greedy steps (the shipped model's settings)."""
+    run = session.start(model, model.tokenizer.encode(prompt), *session.settings_from(model, {}))
+    for _ in range(n):
+        session.step(run)
+    return run
+
+
+def int8_cache_lens():
+    """Keep the KV cache in int8 instead of float32 and look at the lens (the explorer's cache and lens panels)."""
+    prompt, n = "ROMEO: But soft, what light", 40
+    runs = {dtype: explore_greedy(minislm.load(BUNDLED_MODEL, kv_cache=dtype), prompt, n) for dtype in ("float32", "int8")}
+    a, b = runs["float32"], runs["int8"]
+    start = a.prompt_length
+    same = first_difference(a.ids[start:].tolist(), b.ids[start:].tolist())
+    print(f"  greedy tokens after {prompt!r}: the first {same} of {n} agree")
+    for dtype, run in runs.items():
+        error = run.kv_error[: run.cache.length]
+        print(f"  {dtype:<7}: {run.cache.bytes_per_position} bytes a position; the largest error of a stored key "
+              f"{error[:, 0].max():.3g}, of a value {error[:, 1].max():.3g}")
+    shared = start + same  # positions whose inputs are the same ids in both runs
+    cells = (a.lens["top_ids"][:, :shared] == b.lens["top_ids"][:, :shared]).mean()
+    kl = np.abs(a.lens["kl_to_final"][:, :shared] - b.lens["kl_to_final"][:, :shared])
+    print(f"  the lens over the {shared} positions both runs share: the same top token in {cells:.1%} of "
+          f"(layer, position) cells; |change of KL to the final| {kl.mean():.4f} nats on average, at most {kl.max():.3f}")
+
+
+def sliding_window():
+    """Give the shipped model a sliding window of 16 keys and watch where each new query looks."""
+    window, prompt, n = 16, "ROMEO:", 40
+    model = shipped()
+    plain = explore_greedy(model, prompt, n)
+    model.config = dataclasses.replace(model.config, sliding_window=window)  # config.json's "sliding_window": 16
+    run = explore_greedy(model, prompt, n)
+    L = model.config.num_hidden_layers
+    first_key, sink = [], {True: [], False: []}
+    queries = np.arange(run.prompt_length, run.cache.length)  # each decode step's query
+    maps = np.stack([session.attention_rows(run, layer, queries) for layer in range(L)])  # (L, H, n, S)
+    for n, q in enumerate(queries):
+        rows = maps[:, :, n, : q + 1]  # (L, H, keys)
+        oldest = max(0, q - window + 1)
+        sink[oldest == 0].append(rows[:, :, 0].mean())
+        first_key.append(rows[:, :, oldest].mean())
+    visible = np.array([max(0, q - window + 1) == 0 for q in range(run.prompt_length, run.cache.length)])
+    first_key = np.array(first_key)
+    print(f"  {L} layers, window {window}: queries at positions {run.prompt_length}..{window - 1} still see <s>, "
+          f"later ones do not")
+    print(f"  attention on <s> while it is in the window: {np.mean(sink[True]):.2f} of each query's probability")
+    print(f"  attention on the oldest key in the window after <s> left: {first_key[~visible].mean():.2f} "
+          f"(on any other key: {1 / window:.2f} if spread evenly)")
+    same = first_difference(plain.ids.tolist(), run.ids.tolist())
+    print(f"  greedy tokens: the same as without a window up to position {same} (<s> leaves at position {window})")
+    print(f"    with the window: {model.tokenizer.decode(run.ids[run.prompt_length:].tolist())[:70]!r}")
+
+
 # ---------------------------------------------------------------- the hand edits of docs/exercises.md
 #
 # An exercise that changes code shows the change as a ```diff block: `--- path`, then
@@ -358,6 +439,9 @@ EXERCISES: list[tuple[str, Callable]] = [
     ("temperature", temperature),
     ("int4-groups", int4_groups),
     ("knock-out-a-layer", knock_out_a_layer),
+    ("top-p-survivors", top_p_survivors),
+    ("int8-cache-lens", int8_cache_lens),
+    ("sliding-window", sliding_window),
 ]
 
 

@@ -239,7 +239,7 @@ def main() -> None:
     if args.run_reference:
         return run_reference(args.run_reference)
 
-    from minislm.vision.random_checkpoint import write_hashed_checkpoint
+    from minislm.bench.random_checkpoint import write_hashed_checkpoint
 
     config = write_fixture_folder(FIXTURE)
     with tempfile.TemporaryDirectory() as tmp:

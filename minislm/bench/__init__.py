@@ -2,7 +2,8 @@
 
     run.py               the orchestration: prepare files, one worker per engine, report
     cli.py               the command's flags
-    random_checkpoint.py random-weight checkpoints with real shapes (Phi-3-mini, Phi-3.5-MoE)
+    random_checkpoint.py random-weight checkpoints with real shapes (Phi-3-mini, Phi-3.5-MoE,
+                         Phi-3-vision), and the hashed one the phi3_v test fixture rebuilds
     gguf_export.py       the same weights as GGUF for llama.cpp, then its own quantizer
     bandwidth.py         the memory-read roofline (Numba streaming sum)
     worker.py            one measurement in a fresh process, one JSON line out

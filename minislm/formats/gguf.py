@@ -2,8 +2,9 @@
 
 A GGUF file is a header of typed key/value metadata (`phi3.embedding_length`,
 `tokenizer.ggml.tokens`, ...), a table of tensors (name, shape, type, offset), and
-the tensor bytes, aligned. We read it with the `gguf` package, the llama.cpp
-project's own reader, which memory-maps the file: nothing is read until a tensor
+the tensor bytes, aligned. `gguf_file.read_gguf` reads the metadata and the table
+(with the `gguf` package's tables of types; its own reader takes over a minute on a
+200,000-token vocabulary) and memory-maps the file: nothing is read until a tensor
 is unpacked.
 
 Three layouts of the Phi-3 family exist in the wild, named by `general.architecture`:
@@ -34,6 +35,7 @@ from ..config import ModelConfig, parse_config
 from ..errors import MinislmError
 from ..weights import bf16_to_float32, expected_shapes
 from .gguf_blocks import BLOCK_TYPES, unpack_rows
+from .gguf_file import read_gguf
 from .grouped import GroupedCodes, RowStack, take_rows
 
 ARCHITECTURES = ("phi3", "llama", "phimoe")
@@ -58,7 +60,7 @@ class GgufFile:
     metadata: dict  # key -> value, tokenizer arrays included
     tensors: dict  # GGUF name -> gguf.ReaderTensor (memory-mapped)
     config: ModelConfig
-    reader: object  # the gguf.GGUFReader (its `fields` feed the tokenizer)
+    reader: object  # gguf_file.GgufContents (its `fields` feed the tokenizer)
     hub_config: dict | None = None  # the config.json the metadata amounts to
 
 
@@ -87,8 +89,7 @@ def open_gguf(path: Path) -> GgufFile:
 
 
 def open_reader(path: Path):
-    import gguf
-
+    """The file's metadata and tensor table (`gguf_file.read_gguf`), or one line saying why not."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -98,7 +99,7 @@ def open_reader(path: Path):
     if magic != b"GGUF":
         raise MinislmError(f"{path}: not a GGUF file (it starts with {magic!r}; a GGUF file starts with b'GGUF')")
     try:
-        return gguf.GGUFReader(path)
+        return read_gguf(path)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MinislmError(f"{path}: truncated or corrupt GGUF file ({size} bytes; {reason[:160]})") from None

@@ -1,5 +1,5 @@
 """The learner's commands, as rows of minislm/cli.py's table: tokenize, trace, lens,
-attention, rope, routing, explain.
+attention, rope, routing, explain, explore.
 
 Every command that runs the model takes the same model flags as `generate`
 (`--model`, `--quant`, ...) and reads PROMPT as plain text (BOS first when the
@@ -11,6 +11,7 @@ import argparse
 from ..flags import Command, add_model_flags, add_num_crops_flag, add_quant_flags
 from .attention import run_attention
 from .explain import run_explain
+from .explore import run_explore
 from .lens import run_lens
 from .rope import run_rope
 from .routing import run_routing
@@ -74,6 +75,14 @@ def add_explain_flags(explain: argparse.ArgumentParser) -> None:
     add_image_flags(explain)
 
 
+def add_explore_flags(explore: argparse.ArgumentParser) -> None:
+    add_model_flags(explore)
+    add_quant_flags(explore)
+    explore.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    explore.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free port, printed)")
+    add_image_flags(explore)
+
+
 def add_image_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="Phi-3-vision: an image for the prompt (repeatable; <|image_k|> tags place them, "
@@ -103,4 +112,6 @@ WATCH_COMMANDS = [
             add_rope_flags, run_rope),
     Command("routing", "PhiMoE: which 2 experts each token used, per layer", add_routing_flags, run_routing),
     Command("explain", "write one self-contained HTML page to explore a forward pass", add_explain_flags, run_explain),
+    Command("explore", "a live page on this machine: type a prompt, step through generation, watch sampling, "
+            "the KV cache and attention's arithmetic", add_explore_flags, run_explore),
 ]

@@ -39,7 +39,7 @@ def prompt_images(args) -> list:
     pictures = open_images(args.image)
     if args.num_crops is not None and not pictures:
         raise MinislmError("--num-crops: applies to --image only")
-    if pictures and args.no_bos:
+    if pictures and getattr(args, "no_bos", False):
         raise MinislmError("--no-bos: with --image every text chunk starts with BOS, as Phi-3-vision's processor does")
     return pictures
 

@@ -29,9 +29,15 @@ def lens_logits(model, stream: np.ndarray) -> np.ndarray:
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
     """softmax over the vocabulary in float64 (T, V)."""
+    return np.exp(log_probabilities(logits))
+
+
+def log_probabilities(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the vocabulary in float64 (T, V): exact where a probability
+    underflows, so entropies and KL divergences stay finite."""
     x = logits.astype(np.float64)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 @dataclass
@@ -49,6 +55,8 @@ class Lens:
     top_pieces: list[list[str]]  # (R, T) the tokenizer's piece of each top id
     logits: np.ndarray  # (T, V) the model's own logits (= the last row's)
     last_logits: np.ndarray  # (T, V) what the lens computed from the last layer's stream
+    entropy: np.ndarray  # (R, T) nats: how unsure each row's distribution is
+    kl_to_final: np.ndarray  # (R, T) nats: KL(final || row), what the row still lacks of the model's answer
 
 
 def logit_lens(model, ids: np.ndarray) -> Lens:
@@ -63,25 +71,50 @@ def lens_from_trace(model, ids: np.ndarray, trace: Recorder) -> Lens:
     logits = trace.get("logits")
     streams = [trace.get("embed")] + trace.per_layer("resid_post")
     rows = ["embed"] + [f"layer {i}" for i in range(len(streams) - 1)]
-    top_ids, top_probs, next_ranks, next_probs = [], [], [], []
-    nxt = np.asarray(ids[1:])
-    known = nxt >= 0  # an image placeholder (Phi-3-vision) has no id to rank: rank 0, probability 0
-    nxt = np.where(known, nxt, 0)
-    positions = np.arange(len(nxt))
+    nxt = np.append(np.asarray(ids[1:]), -1)  # the last position's next token is not known
+    final = log_probabilities(logits)  # (T, V)
+    measured = []
     for stream in streams:
-        row_logits = lens_logits(model, stream)  # (T, V)
-        p = probabilities(row_logits)
-        top = p.argmax(axis=-1)
-        top_ids.append(top)
-        top_probs.append(p[np.arange(len(ids)), top])
-        actual = row_logits[positions, nxt][:, None]  # (T-1, 1)
-        next_ranks.append(np.where(known, 1 + (row_logits[:-1] > actual).sum(axis=-1), 0))
-        next_probs.append(np.where(known, p[positions, nxt], 0.0))
+        row_logits = lens_logits(model, stream)  # (T, V); after the loop, the last layer's
+        measured.append(measures(log_probabilities(row_logits), final, nxt))
+    top_ids, top_probs, entropy, kl, next_ranks, next_probs = (np.array(m) for m in zip(*measured))
     top_pieces = [pieces(model.tokenizer, row) for row in top_ids]
     return Lens(
-        rows, np.array(top_ids), np.array(top_probs), np.array(next_ranks), np.array(next_probs), top_pieces,
-        logits, row_logits,
+        rows, top_ids, top_probs, next_ranks[:, :-1], next_probs[:, :-1], top_pieces, logits, row_logits, entropy, kl,
     )
+
+
+def measures(log_p: np.ndarray, final: np.ndarray, next_ids: np.ndarray):
+    """What lens rows say at each position, from their log-probabilities (..., T, V) and
+    the model's own (final, (T, V)): the top id and its probability, the entropy (nats),
+    the KL divergence KL(final || row) (nats), and the rank (1 = top) and probability of
+    `next_ids` (T,), the token that really came next (rank 0 and probability 0 where it
+    is not known, -1, or is an image placeholder, < 0). Each result has the shape (..., T)."""
+    T = log_p.shape[-2]
+    p = np.exp(log_p)
+    top = p.argmax(axis=-1)
+    known = next_ids >= 0
+    nxt = np.where(known, next_ids, 0)
+    at = (np.arange(T), nxt)
+    actual = log_p[..., at[0], at[1]]  # (..., T); log-softmax keeps the logits' order
+    ranks = np.where(known, 1 + np.count_nonzero(log_p > actual[..., None], axis=-1), 0)
+    finite = np.maximum(log_p, np.finfo(np.float64).min)  # 0 * log 0 counts as 0, not NaN
+    final_p, final_finite = np.exp(final), np.maximum(final, np.finfo(np.float64).min)
+    entropy = -np.einsum("...v,...v->...", p, finite)
+    # KL(final || row) = sum final_p * final - sum final_p * row, one pass over the rows
+    kl = np.einsum("tv,tv->t", final_p, final_finite) - np.einsum("tv,...tv->...t", final_p, finite)
+    kl = np.maximum(kl, 0.0)  # >= 0 by definition; rounding may land at -1e-16 for equal rows
+    top_p = np.take_along_axis(p, top[..., None], axis=-1)[..., 0]
+    return top, top_p, entropy, kl, ranks, np.where(known, p[..., at[0], at[1]], 0.0)
+
+
+def most_likely(p: np.ndarray, k: int) -> np.ndarray:
+    """(T, V) probabilities -> (T, k) ids, most likely first (ties: the smaller id first).
+    argpartition finds the k, so a long prompt's rows are never sorted whole."""
+    k = min(k, p.shape[-1])
+    best = np.argpartition(-p, k - 1, axis=-1)[:, :k]  # (T, k), unordered
+    order = np.lexsort((best, -np.take_along_axis(p, best, axis=-1)), axis=-1)
+    return np.take_along_axis(best, order, axis=-1)
 
 
 def top_k(logits_row: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -42,21 +42,31 @@ def save(fig, path: str, flag: str) -> None:
 
 
 def label_tokens(ax, labels: list[str], axis: str) -> None:
-    """Token pieces along an axis (▁ word starts and <0xNN> bytes as they are)."""
+    """Token pieces along an axis (▁ word starts and <0xNN> bytes as they are, never cut
+    short); past MAX_LABELLED_TOKENS, position numbers every few tokens instead."""
     if len(labels) > MAX_LABELLED_TOKENS:
-        return
-    ticks = np.arange(len(labels))
+        step = label_step(len(labels))
+        ticks = np.arange(0, len(labels), step)
+        labels = [str(t) for t in ticks]
+    else:
+        ticks = np.arange(len(labels))
     if axis == "x":
         ax.set_xticks(ticks, labels, rotation=90, fontsize=8)
     else:
         ax.set_yticks(ticks, labels, fontsize=8)
 
 
+def label_step(n: int) -> int:
+    """Label every k-th of n positions so that about 32 labels remain."""
+    return next(k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if n / k <= 32)
+
+
 def lens_figure(lens, labels: list[str]):
     """Rows: the streams (embed, layer 0..); columns: positions. Colour: the probability of
     the stream's top token; text: that token, in bold where it is the actual next token."""
     R, T = lens.top_probs.shape
-    fig = new_figure(max(8.5, 2.5 + 0.45 * T), 1.5 + 0.35 * R)
+    widest = max(len(piece) for row in lens.top_pieces for piece in row)  # cells grow to fit whole pieces
+    fig = new_figure(max(8.5, 2.5 + max(0.45, 0.07 * widest) * T), 1.5 + 0.35 * R)
     ax = fig.subplots()
     image = ax.imshow(lens.top_probs, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="probability of the top token", shrink=0.8)
@@ -68,7 +78,7 @@ def lens_figure(lens, labels: list[str]):
         for r in range(R):
             for t in range(T):
                 correct = t + 1 < T and lens.next_ranks[r, t] == 1
-                ax.text(t, r, lens.top_pieces[r][t][:6], ha="center", va="center", fontsize=6,
+                ax.text(t, r, lens.top_pieces[r][t], ha="center", va="center", fontsize=6,
                         color="black" if lens.top_probs[r, t] > 0.6 else "white",
                         fontweight="bold" if correct else "normal")
     return fig

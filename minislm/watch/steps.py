@@ -32,9 +32,9 @@ def format_table(summaries) -> str:
     lines = [f"{'step':<15}{'layer':>5}  {'shape':<{width}}{'dtype':<9}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}"]
     for s, shape in zip(summaries, shapes):
         layer = "-" if s.layer is None else str(s.layer)
-        lines.append(
-            f"{s.name:<15}{layer:>5}  {shape:<{width}}{s.dtype:<9}{number(s.mean)}{number(s.std)}{number(s.min)}{number(s.max)}"
-        )
+        # ids (PhiMoE's experts) are labels: their mean and std mean nothing
+        spread = f"{'-':>10}{'-':>10}" if np.issubdtype(np.dtype(s.dtype), np.integer) else number(s.mean) + number(s.std)
+        lines.append(f"{s.name:<15}{layer:>5}  {shape:<{width}}{s.dtype:<9}{spread}{number(s.min)}{number(s.max)}")
     return "\n".join(lines)
 
 
@@ -45,15 +45,22 @@ def number(x: float) -> str:
     return f"{x:>10.2e}" if math.isfinite(x) else f"{x:>10}"
 
 
+def step_rows(summaries) -> list[dict]:
+    """The table as JSON-ready rows (for --json and the explorer pages). Integer steps
+    (PhiMoE's expert ids) are labels: their mean and std are None."""
+    rows = []
+    for s in summaries:
+        ids = np.issubdtype(np.dtype(s.dtype), np.integer)
+        rows.append({"name": s.name, "layer": s.layer, "shape": list(s.shape), "dtype": s.dtype,
+                     "mean": None if ids else s.mean, "std": None if ids else s.std, "min": s.min, "max": s.max})
+    return rows
+
+
 def as_json(model, ids, summaries) -> dict:
     return {
         "model": str(model.path),
         "tokens": [{"id": int(i), "piece": p} for i, p in zip(ids, pieces(model.tokenizer, ids))],
-        "steps": [
-            {"name": s.name, "layer": s.layer, "shape": list(s.shape), "dtype": s.dtype,
-             "mean": s.mean, "std": s.std, "min": s.min, "max": s.max}
-            for s in summaries
-        ],
+        "steps": step_rows(summaries),
     }
 
 
