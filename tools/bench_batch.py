@@ -41,7 +41,6 @@ import argparse
 import http.client
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -49,7 +48,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+
+from bench_serve import Server  # a `minislm serve` process on a free port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "fixtures" / "phi3-tokenizer"
@@ -67,46 +67,26 @@ def int4_folder(source: Path, cache_dir: Path) -> Path:
     return folder
 
 
-class Server:
-    """A `minislm serve` process and its address."""
-
-    def __init__(self, model: str | None, threads: int, max_batch: int):
-        command = [sys.executable, "-m", "minislm", "serve", "--port", "0", "--threads", str(threads),
-                   "--max-batch", str(max_batch)] + (["--model", model] if model else [])
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-        banner = self.process.stderr.readline()
-        match = re.search(r"at (http://\S+/v1)", banner)
-        if match is None:
-            self.process.kill()
-            raise SystemExit(f"the server did not start: {banner.strip()}")
-        address = urlparse(match.group(1))
-        self.host, self.port = address.hostname, address.port
-        threading.Thread(target=lambda: [None for _ in self.process.stderr], daemon=True).start()  # drain the log
-
-    def stream(self, prompt: list[int], max_tokens: int) -> dict:
-        """One streamed greedy completion: the arrival time of each text event, and the
-        token count the server reports."""
-        body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                           "stream_options": {"include_usage": True}}).encode()
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=3600)
-        start = time.perf_counter()
-        connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        times, tokens = [], 0
-        for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            elif event["choices"] and event["choices"][0]["text"]:
-                times.append(time.perf_counter())
-        connection.close()
-        return {"start": start, "times": times, "tokens": tokens}
-
-    def close(self):
-        self.process.terminate()
-        self.process.wait(timeout=30)
+def stream(server: Server, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed greedy completion: the arrival time of each text event, and the
+    token count the server reports."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=3600)
+    start = time.perf_counter()
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    times, tokens = [], 0
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        elif event["choices"] and event["choices"][0]["text"]:
+            times.append(time.perf_counter())
+    connection.close()
+    return {"start": start, "times": times, "tokens": tokens}
 
 
 def prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -122,7 +102,7 @@ def run_clients(server: Server, batch: list[list[int]], max_tokens: int) -> list
     results = [None] * len(batch)
 
     def client(i):
-        results[i] = server.stream(batch[i], max_tokens)
+        results[i] = stream(server, batch[i], max_tokens)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(batch))]
     for t in threads:
@@ -227,7 +207,7 @@ def main() -> None:
         print(f"load average {os.getloadavg()[0]:.1f}")
         return
     vocab = 4000 if args.small else 32000
-    server = Server(model, args.threads, args.clients)
+    server = Server(model, args.threads, ["--max-batch", str(args.clients)])
     try:
         warm = prompts(args.clients, args.prompt_tokens, 0)
         run_clients(server, [[t % vocab for t in p] for p in warm], 4)  # compiles, faults the weights in
@@ -244,7 +224,7 @@ def main() -> None:
                   f"largest gap {together['max_gap_s'] * 1e3:.0f} ms) | load {load_before:.1f}-{os.getloadavg()[0]:.1f}",
                   flush=True)
     finally:
-        server.close()
+        server.process.terminate()
 
     ratio = [r["together"]["tok_s"] / r["alone"]["tok_s"] for r in rounds]
     worst_gap = [max(r["together"]["gap_s"]) / r["alone"]["gap_s"] for r in rounds]
