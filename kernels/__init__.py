@@ -1,6 +1,9 @@
 """Fast paths for minislm (Numba), each with a plain-NumPy twin in reference.py.
 
     Fp32Weight(w)           fp32 (out, in): Numba GEMV, BLAS GEMM
+    DecodeRows(w)           an fp32 array, Fp32Weight or Bf16Weight whose matmul takes
+                            the GEMV kernel for any number of rows (batched decoding:
+                            each row's bits as if it were alone)
     Bf16Weight(w)           bf16 kept as uint16 words, widened in the kernels
     Int4Weight(w, group_size=32, symmetric=True)
                             4-bit codes, a scale per group (llama.cpp Q4_0's rule)
@@ -88,8 +91,8 @@ else:
     from .threads import get_threads, set_threads, threading_layer  # noqa: F401  (sets the layer)
     from .bf16 import Bf16Weight
     from .cpu import kernel_paths
-    from .fp32 import Fp32Weight
+    from .fp32 import DecodeRows, Fp32Weight
     from .packed import Int4Weight, Int8Weight
 
-__all__ = ["Fp32Weight", "Bf16Weight", "Int4Weight", "Int8Weight",
+__all__ = ["Fp32Weight", "DecodeRows", "Bf16Weight", "Int4Weight", "Int8Weight",
            "set_threads", "get_threads", "threading_layer", "kernel_paths"]

@@ -2,7 +2,7 @@
 
 Layout: the hub's nn.Linear layout, w (out, in) row-major; y = x @ w.T.
 
-GEMV (one token) streams every weight once, so it runs at memory speed if
+GEMV (decode) streams every weight once, so it runs at memory speed if
 the arithmetic keeps up. `gemv` gives each thread a contiguous run of
 rows, four rows per step so one load of x feeds four multiply-adds;
 `fastmath` lets LLVM turn each row's sum into vector accumulators. It is as
@@ -10,6 +10,15 @@ fast as OpenBLAS's sgemv (docs/kernels.md has the figures). The same loop
 serves bf16 weights (`bf16.py`): each weight goes through `widen_weight`,
 which is nothing for float32 and a shift for a bf16 word, and Numba compiles
 one machine-code version per weight dtype.
+
+It takes a few rows of x at once, the next token of each of several sequences
+(batched decoding, minislm/batch.py): every token passes over a block of four
+weight rows while that block sits in cache, so the weights are read from memory
+once for all of them, and each token's sums run in the same order whatever the
+number of tokens. A sequence's result then does not depend on which others
+share the step, bit for bit; BLAS promises no such thing (its sgemv and sgemm
+sum in different orders). `DecodeRows` wraps a matrix so that `matmul` always
+takes this path.
 
 GEMM (prefill) is compute-bound: `gemm_f32` keeps a 4x4 block of outputs in
 registers so each loaded weight and activation feeds four multiply-adds.
@@ -27,28 +36,45 @@ from .reference import bf16_to_f32
 from .scalars import widen_weight
 
 
+@njit(inline="always", fastmath=True)
+def gemv_block(w, x, t, i, out):
+    """out[t, i:i+4] = widen(w[i:i+4]) @ x[t]: one token against one block of four
+    weight rows (fewer at the end); both GEMV kernels below are this block in a loop."""
+    n_out, n_in = w.shape
+    if i + 4 <= n_out:
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for k in range(n_in):
+            xk = x[t, k]   # one load of x feeds four rows
+            a0 += widen_weight(w[i, k]) * xk
+            a1 += widen_weight(w[i + 1, k]) * xk
+            a2 += widen_weight(w[i + 2, k]) * xk
+            a3 += widen_weight(w[i + 3, k]) * xk
+        out[t, i], out[t, i + 1], out[t, i + 2], out[t, i + 3] = a0, a1, a2, a3
+    else:  # the last 1-3 rows
+        for ii in range(i, n_out):
+            acc = np.float32(0.0)
+            for k in range(n_in):
+                acc += widen_weight(w[ii, k]) * x[t, k]
+            out[t, ii] = acc
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def gemv(w, x, out):
-    """out (out,) = widen(w (out, in)) @ x (in,), four rows per step; w float32,
-    or uint16 bf16 words."""
-    n_out, n_in = w.shape
-    for ib in prange((n_out + 3) // 4):
-        i = 4 * ib
-        if i + 4 <= n_out:
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for k in range(n_in):
-                xk = x[k]   # one load of x feeds four rows
-                a0 += widen_weight(w[i, k]) * xk
-                a1 += widen_weight(w[i + 1, k]) * xk
-                a2 += widen_weight(w[i + 2, k]) * xk
-                a3 += widen_weight(w[i + 3, k]) * xk
-            out[i], out[i + 1], out[i + 2], out[i + 3] = a0, a1, a2, a3
-        else:  # the last 1-3 rows
-            for ii in range(i, n_out):
-                acc = np.float32(0.0)
-                for k in range(n_in):
-                    acc += widen_weight(w[ii, k]) * x[k]
-                out[ii] = acc
+    """out (B, out) = x (B, in) @ widen(w (out, in)).T, four weight rows per step,
+    every token passing over a block while it sits in cache; w float32, or uint16
+    bf16 words."""
+    for ib in prange((w.shape[0] + 3) // 4):
+        for t in range(x.shape[0]):
+            gemv_block(w, x, t, 4 * ib, out)
+
+
+@njit(fastmath=True, cache=True)
+def gemv_serial(w, x, out):
+    """`gemv` on the calling thread alone, as BLAS runs a decode step's float32
+    matmuls (`minislm.runtime.blas_threads`): what `DecodeRows` multiplies float32 by."""
+    for ib in range((w.shape[0] + 3) // 4):
+        for t in range(x.shape[0]):
+            gemv_block(w, x, t, 4 * ib, out)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -132,10 +158,14 @@ class OneArrayWeight:
         has several (bf16: 'amx' or 'portable'), for tests and measurements."""
         x = as_activations(x, self.shape[1])  # (T, in)
         if x.shape[0] == 1:
-            out = np.empty((1, self.shape[0]), np.float32)
-            gemv(self.data, x[0], out[0])
-            return out
+            return self.gemv(x)
         return self.gemm(x, path)  # (T, out)
+
+    def gemv(self, x, kernel=gemv):
+        """x (B, in) -> (B, out) by the GEMV kernel: each row as it would be alone."""
+        out = np.empty((x.shape[0], self.shape[0]), np.float32)
+        kernel(self.data, x, out)
+        return out
 
 
 class Fp32Weight(OneArrayWeight):
@@ -154,6 +184,14 @@ class Fp32Weight(OneArrayWeight):
         check_finite(w, name)
         self.w = np.ascontiguousarray(w, dtype=np.float32)
 
+    @classmethod
+    def wrap(cls, w):
+        """A float32 array the loader has already checked, used as it is (no copy when
+        contiguous, no second pass over its values)."""
+        weight = cls.__new__(cls)
+        weight.w = np.ascontiguousarray(w, dtype=np.float32)
+        return weight
+
     @property
     def data(self):
         return self.w
@@ -163,3 +201,30 @@ class Fp32Weight(OneArrayWeight):
 
     def rows(self, ids):
         return self.w[as_row_ids(ids, self.shape[0])]
+
+
+class DecodeRows:
+    """A weight whose `matmul` treats every row of x as one token's decode step: the
+    GEMV kernel for float32 and bf16 matrices, however many rows come, so each row
+    gets exactly the bits it would get alone. (A plain matmul sends one row to GEMV
+    and several to BLAS's GEMM, whose sums run in another order.) float32 runs it on
+    the calling thread, as a decode step runs BLAS; bf16 on every thread, as before.
+
+    `weight` is a float32 array, an `Fp32Weight` or a `Bf16Weight`; nothing is
+    copied. `rows` (the embedding lookup) is the weight's own.
+    """
+
+    def __init__(self, weight):
+        self.weight = Fp32Weight.wrap(weight) if isinstance(weight, np.ndarray) else weight
+        self.shape = self.weight.shape
+
+    @property
+    def nbytes(self):
+        return self.weight.nbytes
+
+    def matmul(self, x):
+        x = as_activations(x, self.shape[1])  # (B, in)
+        return self.weight.gemv(x, gemv_serial if isinstance(self.weight, Fp32Weight) else gemv)  # (B, out)
+
+    def rows(self, ids):
+        return self.weight.rows(ids)

@@ -50,8 +50,10 @@ from .simd import packed_block_kernel
 
 # Up to this many tokens, one GEMV per token beats the GEMM (which computes 4
 # tokens per pass whatever T is); from AMX_MIN_TOKENS on, AMX (16 tokens per
-# tile) beats the VNNI GEMM. Measured on one thread (docs/kernels.md).
-GEMV_MAX_TOKENS = 2
+# tile) beats the VNNI GEMM. Measured on one thread (docs/kernels.md). Two
+# tokens go to the GEMM: two GEMVs read the weights twice, and in a batched
+# decode step of two sequences on Phi-3-mini that cost 440 ms against 381.
+GEMV_MAX_TOKENS = 1
 GEMM_TOKENS = 4
 AMX_MIN_TOKENS = 16
 
@@ -508,8 +510,8 @@ class PackedWeight:
         return self.scales.view(np.uint16) if self.scales.dtype == np.float16 else self.scales
 
     def matmul(self, x, path=None):
-        """x (T, in) -> (T, out). One token, or two: a GEMV each ('vnni' or
-        'portable'); more: a GEMM ('amx', 'vnni' or 'portable'). `path`
+        """x (T, in) -> (T, out). One token: a GEMV ('vnni' or 'portable');
+        more: a GEMM ('amx', 'vnni' or 'portable'). `path`
         overrides the CPU's choice (`cpu.py`), for tests and measurements;
         every path returns the same bits."""
         n, k = self.shape

@@ -17,7 +17,7 @@ from .flags import (
     add_sampling_flags, add_speculation_flags, check_flags,
 )
 from .perplexity import run_perplexity
-from .serve import run_serve
+from .serve import MAX_BATCH, PREFILL_CHUNK, run_serve
 from .verify import run_verify
 from .watch.cli import WATCH_COMMANDS
 
@@ -76,6 +76,10 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     serve.add_argument("--ctx-size", type=int, default=4096, help="KV cache size: prompt + completion tokens (default 4096)")
+    serve.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                       help=f"requests decoding together, each with its own --ctx-size KV cache; more wait (default {MAX_BATCH})")
+    serve.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                       help=f"prompt tokens fed per step while other requests decode (default {PREFILL_CHUNK})")
     add_speculation_flags(serve)
 
 

@@ -114,6 +114,9 @@ def check_flags(args) -> None:
         raise MinislmError(f"--stride must be >= 1, got {args.stride}")
     if getattr(args, "ctx_size", 1) < 1:
         raise MinislmError(f"--ctx-size must be >= 1, got {args.ctx_size}")
+    for flag in ("max_batch", "prefill_chunk"):
+        if getattr(args, flag, 1) < 1:
+            raise MinislmError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if getattr(args, "num_crops", None) is not None and not 1 <= args.num_crops <= 64:
         raise MinislmError(f"--num-crops must be from 1 to 64 (Phi-3-vision takes at most 16), got {args.num_crops}")
     if getattr(args, "model", None) is not None and not args.model.strip():

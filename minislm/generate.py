@@ -1,10 +1,11 @@
 """The generation loop: prefill the prompt once, then one cached forward per token.
 
 Two layers: `generate_tokens` yields ids (`minislm.runtime.generate_ids` checks the
-arguments and calls it, for `Model.generate`, the CLI and the server alike),
-`generate_text` turns them into streamed text and handles stop strings. Timing
-lives here too, measured around the forwards only: prefill and decode separately,
-and decode speed counts generated tokens only.
+arguments and calls it, for `Model.generate` and the CLI), `generate_text` turns them
+into streamed text and handles stop strings (`TextStream`). Timing lives here too,
+measured around the forwards only: prefill and decode separately, and decode speed
+counts generated tokens only. The server runs many sequences at once with the same
+rules (minislm/batch.py): when a sequence ends is `stop_reason`, for both loops.
 """
 
 import time
@@ -47,6 +48,22 @@ def check_context(prompt_len: int, cached: int, context: int, what: str = "promp
             f"{what} is {cached + prompt_len} tokens; the model's context is {context} "
             "(max_position_embeddings), so nothing can be generated"
         )
+
+
+def stop_reason(token: int, generated: int, max_new_tokens: int, stop_ids, cached: int, limit: int) -> str | None:
+    """Why a sequence ends right after its latest token (the `generated`-th), or None.
+
+    A stop id ends it ("eos", the id itself is kept); so does reaching max_new_tokens
+    ("length"); and so does a cache of `cached` positions that cannot take the next
+    token's forward within `limit` positions ("context").
+    """
+    if token in stop_ids:
+        return "eos"
+    if generated >= max_new_tokens:
+        return "length"
+    if cached + 1 >= limit:  # prompt + generated tokens fill the context
+        return "context"
+    return None
 
 
 def generate_tokens(
@@ -92,14 +109,9 @@ def generate_tokens(
         history.append(token)
         stats.generated_tokens += 1
         yield token
-        if token in stop_ids:
-            stats.stop_reason = "eos"
-            return
-        if n == max_new_tokens - 1:
-            stats.stop_reason = "length"
-            return
-        if cache.length + 1 >= limit:  # prompt + generated tokens fill the context
-            stats.stop_reason = "context"
+        reason = stop_reason(token, n + 1, max_new_tokens, stop_ids, cache.length, limit)
+        if reason:
+            stats.stop_reason = reason
             return
         start = time.perf_counter()
         logits = model.lm_head(model.forward(np.array([token]), cache, trace), trace)[0]
@@ -160,12 +172,9 @@ def generate_text(tokenizer, token_stream: Iterator[int], stop_strings=(), stats
     Text that could be the beginning of a stop string is held back until it is
     known not to be one, so a stop string is never half-printed.
     """
-    detokenizer = StreamingDetokenizer(tokenizer)
-    stop_strings = [s for s in stop_strings if s]
-    pending = ""
+    text = TextStream(tokenizer, stop_strings)
     for token in token_stream:
-        pending += detokenizer.add(token)
-        emit, pending, stopped = split_at_stop(pending, stop_strings)
+        emit, stopped = text.add(token)
         if emit:
             yield emit
         if stopped:
@@ -173,9 +182,30 @@ def generate_text(tokenizer, token_stream: Iterator[int], stop_strings=(), stats
             if stats is not None:
                 stats.stop_reason = "stop string"
             return
-    emit, _, _ = split_at_stop(pending + detokenizer.flush(), stop_strings, final=True)
+    emit = text.finish()
     if emit:
         yield emit
+
+
+class TextStream:
+    """Ids in, text out, one id at a time: the text safe to show so far, and whether a
+    stop string has been reached. `generate_text` pulls ids through one; the server
+    pushes each sequence's ids into its own as they come (minislm/batch.py)."""
+
+    def __init__(self, tokenizer, stop_strings=()):
+        self.detokenizer = StreamingDetokenizer(tokenizer)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.pending = ""  # held back: it could be the start of a stop string
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """(text to show now, whether a stop string was found: then nothing more comes)."""
+        emit, self.pending, stopped = split_at_stop(self.pending + self.detokenizer.add(token), self.stop_strings)
+        return emit, stopped
+
+    def finish(self) -> str:
+        """The text still held back, once the ids have ended."""
+        emit, _, _ = split_at_stop(self.pending + self.detokenizer.flush(), self.stop_strings, final=True)
+        return emit
 
 
 def split_at_stop(text: str, stop_strings, final: bool = False) -> tuple[str, str, bool]:

@@ -55,7 +55,7 @@ This file is the math and nothing else: the loaded model that calls it, with its
 checks and its generation policy, is minislm/runtime.py.
 """
 
-from typing import Protocol, Union
+from typing import NamedTuple, Protocol, Union
 
 import numpy as np
 
@@ -421,6 +421,22 @@ def moe(x: np.ndarray, weights: dict, layer: str, config: ModelConfig, trace=NO_
     return out
 
 
+def feed_forward(config: ModelConfig, weights: dict, i: int, h: np.ndarray, trace=NO_TRACE) -> np.ndarray:
+    """Layer i's feed-forward on normed rows h (T, D) -> (T, D): SwiGLU in Phi-3, two of
+    the experts in PhiMoE, the GEGELU MLP in Phi-3-small."""
+    layer = f"model.layers.{i}."
+    if config.model_type == "phimoe":
+        return moe(h, weights, layer, config, trace, i)
+    if config.model_type == "phi3small":
+        return gegelu_mlp(h, weights, layer, config.phi3small.gegelu_limit, trace, i)
+    return mlp(h, weights[layer + "mlp.gate_up_proj.weight"], weights[layer + "mlp.down_proj.weight"], trace, i)
+
+
+def output_projection(config: ModelConfig) -> str:
+    """The name of the matrix that mixes the heads back into the residual stream."""
+    return "self_attn.dense" if config.model_type == "phi3small" else "self_attn.o_proj"
+
+
 # ---------------------------------------------------------------- the spine
 
 
@@ -453,7 +469,7 @@ def forward(
     if image_features is not None:
         trace.record("image_positions", positions[token_ids < 0])
     trace.record("embed", x)
-    out_proj = "self_attn.dense" if config.model_type == "phi3small" else "self_attn.o_proj"
+    out_proj = output_projection(config)
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
         h = norm(config, w, layer + "input_layernorm", x)
@@ -469,12 +485,7 @@ def forward(
 
         h = norm(config, w, layer + "post_attention_layernorm", x)
         trace.record("ffn_norm", h, i)
-        if config.model_type == "phimoe":
-            f = moe(h, w, layer, config, trace, i)
-        elif config.model_type == "phi3small":
-            f = gegelu_mlp(h, w, layer, small.gegelu_limit, trace, i)
-        else:
-            f = mlp(h, w[layer + "mlp.gate_up_proj.weight"], w[layer + "mlp.down_proj.weight"], trace, i)
+        f = feed_forward(config, w, i, h, trace)  # (T, D)
         trace.record("ffn_out", f, i)
         x = x + f
         trace.record("resid_post", x, i)
@@ -482,6 +493,95 @@ def forward(
     x = norm(config, w, final_norm_name(config), x)  # (T, D)
     trace.record("final_norm", x)
     return x
+
+
+def forward_batch(config: ModelConfig, weights: dict, token_ids: np.ndarray, caches: list[KVCache]) -> np.ndarray:
+    """One decode step of B sequences at once: token_ids (B,) holds the next token of
+    each, caches[b] that sequence's own KV cache. Returns the final normed hidden
+    states (B, D), row b what `forward(config, weights, token_ids[b:b+1], caches[b])`
+    returns.
+
+    Everything but attention treats a token as a row on its own (embedding, norms,
+    projections, feed-forward), so the B rows go through each of them together, and
+    each weight matrix is read once per step instead of once per sequence: that is
+    what batching buys on a memory-bound decode. Attention is where the sequences
+    differ: each reads its own cache at its own position, so it runs per sequence.
+
+    For a row to get exactly the bits it gets alone, the matrices must multiply each
+    row the way they multiply one: pass weights whose `matmul` promises that
+    (`runtime.decode_weights`). Every cache must stay on its LongRoPE factor set
+    (`crosses_rope_switch`); `Model.decode_step` runs a sequence that crosses alone.
+    """
+    w = weights
+    B = len(token_ids)
+    small = config.phi3small
+    steps = [one_position(config, cache) for cache in caches]  # each sequence's position, rotation, mask
+
+    x = embed(w["model.embed_tokens.weight"], token_ids)  # (B, D)
+    if small and small.embedding_multiplier:
+        x = x * np.float32(small.embedding_multiplier)
+    out_proj = output_projection(config)
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        h = norm(config, w, layer + "input_layernorm", x)
+        q, k, v = project_qkv(config, w, layer, h)  # (B, H*hd), (B, KV*hd), (B, KV*hd)
+        sparse = bool(small) and not is_dense_layer(config, i)
+        heads = attention_batch(q, k, v, config, caches, i, steps, sparse)  # (B, H*hd)
+        x = x + linear(heads, w[layer + out_proj + ".weight"], w.get(layer + out_proj + ".bias"))  # (B, D)
+        h = norm(config, w, layer + "post_attention_layernorm", x)
+        x = x + feed_forward(config, w, i, h)  # (B, D)
+    for b, (cache, step) in enumerate(zip(caches, steps)):
+        cache.advance(token_ids[b : b + 1], step.long)
+    return norm(config, w, final_norm_name(config), x)  # (B, D)
+
+
+def attention_batch(q, k, v, config: ModelConfig, caches: list[KVCache], layer: int, steps, sparse: bool) -> np.ndarray:
+    """`attention` for one new token of each of B sequences: q (B, H*hd), k, v (B, KV*hd)
+    -> (B, H*hd), row b attending over caches[b] from its own position (`steps[b]`).
+
+    The rotation is elementwise, so it runs on all rows at once, each with its own
+    angles; storing and attending run per sequence, each over its own cache."""
+    B = q.shape[0]
+    H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    cos = np.concatenate([step.cos for step in steps])  # (B, rotary_dim), row b at sequence b's position
+    sin = np.concatenate([step.sin for step in steps])
+    q = apply_rope(q.reshape(B, H, hd).transpose(1, 0, 2), cos, sin)  # (H, B, hd)
+    k = apply_rope(k.reshape(B, KV, hd).transpose(1, 0, 2), cos, sin)  # (KV, B, hd)
+    v = v.reshape(B, KV, hd).transpose(1, 0, 2)  # (KV, B, hd)
+    scale = attention_scale(config)
+    out = np.empty((H, B, hd), dtype=np.float32)
+    for b, (cache, step) in enumerate(zip(caches, steps)):
+        cache.store(layer, k[:, b : b + 1], v[:, b : b + 1])  # at position cache.length
+        qb = q[:, b : b + 1]  # (H, 1, hd)
+        if sparse:
+            layout, first_block = step.sparse
+            out[:, b : b + 1] = attend_blocksparse(qb, *cache.layer(layer), np.arange(cache.length, cache.length + 1),
+                                                   layout, first_block, config.phi3small.block_size, scale)
+        else:
+            out[:, b : b + 1] = attend_cached(qb, *cache.layer(layer), step.allowed, scale)
+    return out.transpose(1, 0, 2).reshape(B, H * hd)  # heads side by side again; o_proj follows
+
+
+class OnePosition(NamedTuple):
+    """What one new token of a sequence needs to attend: its rotation and its mask row."""
+
+    long: bool  # LongRoPE's factor set
+    cos: np.ndarray  # (1, rotary_dim)
+    sin: np.ndarray  # (1, rotary_dim)
+    allowed: np.ndarray  # (1, S)
+    sparse: tuple | None  # Phi-3-small's block pattern for it
+
+
+def one_position(config: ModelConfig, cache: KVCache) -> OnePosition:
+    """The next position of `cache`'s sequence, computed as `forward` computes it for T = 1."""
+    positions = np.arange(cache.length, cache.length + 1)  # (1,)
+    long = use_long_factors(config.rope, cache.length + 1)
+    if cache.length and long != cache.rope_long:
+        raise ValueError("the cached keys use the other LongRoPE factor set; run the whole sequence again")
+    cos, sin = rope_tables(config.rope, positions, long)
+    allowed = attention_mask(positions, cache.length + 1, config.sliding_window)
+    sparse = forward_layout(config, positions) if config.phi3small else None
+    return OnePosition(long, cos, sin, allowed, sparse)
 
 
 def lm_head(config: ModelConfig, weights: dict, hidden: np.ndarray, trace=NO_TRACE) -> np.ndarray:

@@ -10,11 +10,14 @@ Two directions, both pure functions:
   `chat.completion`, `chat.completion.chunk`, `text_completion`, `list` of models.
 
 Clients send more fields than minislm implements. A field whose value asks for
-nothing (`n: 1`, `logprobs: false`, `frequency_penalty: 0`, `user`, ...) is
+nothing (`best_of: 1`, `logprobs: false`, `frequency_penalty: 0`, `user`, ...) is
 accepted and ignored, so the official `openai` package and the libraries built on it
-work unchanged; a value that asks for something minislm does not do (`n: 3`, tools,
-a JSON response format) is refused by name rather than silently ignored. Fields
-nobody has heard of are ignored, as most OpenAI-compatible servers do.
+work unchanged; a value that asks for something minislm does not do (`best_of: 3`,
+tools, a JSON response format) is refused by name rather than silently ignored.
+Fields nobody has heard of are ignored, as most OpenAI-compatible servers do.
+
+`n` asks for several samples of one prompt: the answer holds n choices, each with its
+`index` (streamed chunks carry it too, interleaved as the choices grow).
 
 Three extra sampling fields, as vLLM and llama.cpp's server accept them (the
 `openai` client sends them with `extra_body=`): `top_k`, `min_p` and
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 # cannot make the stop-string search arbitrarily slow.
 MAX_TEMPERATURE = 2.0
 MAX_STOP_STRINGS = 16
+# Samples of one prompt (`n`); the server allows at most its --max-batch.
+MAX_CHOICES = 128
 # /v1/completions' default max_tokens in OpenAI's API; chat has none (until the context is full).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 MESSAGE_ROLES = ("system", "developer", "user", "assistant")
@@ -43,7 +48,6 @@ MAX_COMPLETION_LOGPROBS = 5
 # Fields whose listed values ask for nothing beyond plain text generation. null
 # (None) is always neutral. Any other value is refused: minislm does not do it.
 NEUTRAL_VALUES = {
-    "n": (1,),
     "best_of": (1,),
     "echo": (False,),
     "frequency_penalty": (0, 0.0),
@@ -104,6 +108,7 @@ class ApiRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+    n: int = 1  # samples of the prompt: choice i samples with seed + i
     max_tokens_field: str = "max_tokens"  # the name the client sent it under, for error messages
     logprobs: bool = False  # return each token's log-probability
     top_logprobs: int = 0  # ... and this many most likely alternatives
@@ -176,13 +181,16 @@ def common_fields(body: dict) -> dict:
     seed = field(body, "seed", int)
     if seed is not None and not -1 <= seed < 2**64:
         raise ApiError(400, f"seed must be in [0, 2**64), or -1 for a random one, got {seed}", param="seed")
+    n = field(body, "n", int)
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"n must be in [1, {MAX_CHOICES}], got {n}", param="n")
     stream = field(body, "stream", bool) or False
     options = field(body, "stream_options", dict) or {}
     include_usage = field(options, "include_usage", bool, name="stream_options.include_usage") or False
     return dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=penalty,
                 seed=seed, stop=parse_stop(body.get("stop")), stream=stream, include_usage=include_usage and stream,
                 json_schema=parse_response_format(body.get("response_format")),
-                prediction=parse_prediction(body.get("prediction")))
+                prediction=parse_prediction(body.get("prediction")), n=n or 1)
 
 
 def parse_response_format(value) -> dict | None:
@@ -388,33 +396,37 @@ def choice_logprobs(request: ApiRequest, tokens: list[TokenInfo] | None) -> dict
     return chat_logprobs(tokens) if request.chat else completion_logprobs(tokens)
 
 
-def completion(request: ApiRequest, response_id: str, created: int, model: str, text: str,
-               reason: str, counts: dict, tokens: list[TokenInfo] | None = None) -> dict:
-    """The whole answer of a non-streamed request; `tokens` for logprobs."""
-    logprobs = choice_logprobs(request, tokens)
+def completion(request: ApiRequest, response_id: str, created: int, model: str, texts: list[str],
+               reasons: list[str], counts: dict, tokens: list[list[TokenInfo] | None] | None = None) -> dict:
+    """The whole answer of a non-streamed request: one choice per text (n of them);
+    `tokens[i]` for choice i's logprobs."""
+    tokens = tokens or [None] * len(texts)
     if request.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": reason}
+        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": choice_logprobs(request, toks), "finish_reason": reason}
+                   for i, (text, reason, toks) in enumerate(zip(texts, reasons, tokens))]
         kind = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        choices = [{"index": i, "text": text, "logprobs": choice_logprobs(request, toks), "finish_reason": reason}
+                   for i, (text, reason, toks) in enumerate(zip(texts, reasons, tokens))]
         kind = "text_completion"
-    return {"id": response_id, "object": kind, "created": created, "model": model, "choices": [choice],
+    return {"id": response_id, "object": kind, "created": created, "model": model, "choices": choices,
             "usage": counts}
 
 
 def chunk(request: ApiRequest, response_id: str, created: int, model: str, text: str | None = None,
-          reason: str | None = None, first: bool = False, tokens: list[TokenInfo] | None = None) -> dict:
-    """One server-sent event of a streamed answer: new text, or (with `reason`) the end.
-    A chat stream's first chunk carries the assistant role, as OpenAI's does. `tokens`:
-    the logprobs of the tokens read since the previous chunk."""
+          reason: str | None = None, first: bool = False, index: int = 0,
+          tokens: list[TokenInfo] | None = None) -> dict:
+    """One server-sent event of a streamed answer: new text of choice `index`, or (with
+    `reason`) its end. A chat stream's first chunk carries the assistant role, as OpenAI's
+    does. `tokens`: the logprobs of that choice's tokens read since its previous chunk."""
     logprobs = choice_logprobs(request, tokens) if not first else None
     if request.chat:
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         kind = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
         kind = "text_completion"
     body = {"id": response_id, "object": kind, "created": created, "model": model, "choices": [choice]}
     if request.include_usage:

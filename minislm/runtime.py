@@ -37,10 +37,11 @@ from .config import GenerationConfig, ModelConfig
 from .errors import MinislmError
 from .finite import check_logits
 from .generate import GenerationStats, check_context, generate_tokens
+from .formats.kernel_weights import GatheredInputs, StackedRows
 from .grammar import ANY_JSON_OBJECT, JsonGrammar
-from .kernels import Bf16Weight, Fp32Weight, Int4Weight, Int8Weight
+from .kernels import Bf16Weight, DecodeRows, Fp32Weight, Int4Weight, Int8Weight
 from .logprobs import Logprobs, TokenLogprob
-from .model import NO_TRACE, crosses_rope_switch, forward, lm_head
+from .model import NO_TRACE, crosses_rope_switch, forward, forward_batch, lm_head
 from .sampling import Sampler, SamplingSettings
 from .speculative import DEFAULT_NUM_DRAFT, DraftModel, PromptLookup, speculative_tokens
 
@@ -96,6 +97,47 @@ def matrix_kind(w) -> str:
     if isinstance(w, (Int4Weight, Int8Weight)):
         return f"int{w.BITS} g{w.group_size}"
     return type(w).__name__
+
+
+def decode_weights(weights: dict) -> dict:
+    """The same weights, each matrix multiplying every row of a decode step as it would
+    multiply that row alone (`decode_matrix`). Nothing is copied."""
+    return {name: decode_matrix(w) for name, w in weights.items()}
+
+
+def decode_matrix(w):
+    """`w`, multiplied the way one-token decoding multiplies it, for any number of rows.
+
+    Batched decoding (minislm/batch.py) sends the next token of several sequences through
+    one forward, and a sequence's tokens must not depend on its neighbours. The packed
+    int4/int8 kernels already give every row the same bits for one row or many. float32
+    and bf16 matrices would go to BLAS's GEMM for several rows, which sums in another
+    order than the one-row GEMV: they take the GEMV kernel for every row instead
+    (`kernels.DecodeRows`), still reading each weight once per step. Anything else is
+    multiplied one row at a time, which is invariant by construction.
+    """
+    if getattr(w, "ndim", 2) != 2 or isinstance(w, (Int4Weight, Int8Weight, DecodeRows, OneRowAtATime)):
+        return w  # vectors (norms, biases), and matrices already row-independent
+    if isinstance(w, (np.ndarray, Fp32Weight, Bf16Weight)):
+        return DecodeRows(w)
+    if isinstance(w, StackedRows):
+        return StackedRows([decode_matrix(part) for part in w.parts])
+    if isinstance(w, GatheredInputs):
+        return GatheredInputs(decode_matrix(w.weight), w.order)
+    return OneRowAtATime(w)
+
+
+class OneRowAtATime:
+    """A matrix of a kind `decode_matrix` knows nothing about, multiplied row by row."""
+
+    def __init__(self, weight):
+        self.weight, self.shape = weight, weight.shape
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.weight.matmul(x[t : t + 1]) for t in range(len(x))])  # (B, out)
+
+    def rows(self, ids):
+        return self.weight.rows(ids)
 
 
 # ---------------------------------------------------------------- threads
@@ -158,6 +200,8 @@ class Model:
         self.tokenizer = tokenizer
         self.generation_config = generation_config or GenerationConfig(eos_token_ids=config.eos_token_ids)
         self.path = path
+        # What every decode step multiplies by, one sequence or several (decode_matrix).
+        self.decode_weights = decode_weights(weights)
 
     def new_cache(self, capacity: int, dtype: str | None = None) -> KVCache:
         """An empty cache for `capacity` positions, in `dtype` or the model's `kv_cache`."""
@@ -209,11 +253,39 @@ class Model:
             with blas_threads(len(everything)):
                 return forward(self.config, self.weights, everything, cache, trace, features)[-len(ids) :]
         with blas_threads(len(ids)):  # BLAS on one thread for a short pass
-            return forward(self.config, self.weights, ids, cache, trace, image_features)
+            return forward(self.config, self.weights_for(len(ids)), ids, cache, trace, image_features)
 
     def lm_head(self, hidden: np.ndarray, trace=None) -> np.ndarray:
         with blas_threads(len(hidden)):
-            return lm_head(self.config, self.weights, hidden, NO_TRACE if trace is None else trace)
+            return lm_head(self.config, self.weights_for(len(hidden)), hidden, NO_TRACE if trace is None else trace)
+
+    def weights_for(self, n_tokens: int) -> dict:
+        """One token is a decode step: its matrices multiply as in `decode_step`, so a
+        sequence decoded alone and in a batch gets the same bits. More tokens (a prefill)
+        take the fast many-row paths (BLAS's GEMM, AMX)."""
+        return self.decode_weights if n_tokens == 1 else self.weights
+
+    def decode_step(self, token_ids, caches: list[KVCache]) -> np.ndarray:
+        """Next-token logits (B, V) of B sequences, each one new token after its own
+        cache (batched decoding, minislm/batch.py): row b equals, bit for bit, what
+        `lm_head(forward([token_ids[b]], caches[b]))` gives.
+
+        A sequence whose new token crosses LongRoPE's switch point has to run its whole
+        sequence again (`forward`): it goes alone, the others together.
+        """
+        ids = self.check_ids(token_ids)
+        if len(ids) != len(caches):
+            raise ValueError(f"{len(ids)} token ids for {len(caches)} caches: one new token per sequence")
+        logits = np.empty((len(ids), self.config.vocab_size), dtype=np.float32)
+        alone = [b for b, cache in enumerate(caches) if crosses_rope_switch(self.config, cache, 1)]
+        together = [b for b in range(len(ids)) if b not in alone]
+        with blas_threads(1):
+            if together:
+                hidden = forward_batch(self.config, self.decode_weights, ids[together], [caches[b] for b in together])
+                logits[together] = lm_head(self.config, self.decode_weights, hidden)
+            for b in alone:
+                logits[b] = self.lm_head(self.forward(ids[b : b + 1], caches[b]))[0]
+        return logits
 
     def logits(self, token_ids, trace=None, image_features=None) -> np.ndarray:
         """Full forward from an empty cache: float32 logits (T, vocab_size)."""

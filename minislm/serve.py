@@ -1,14 +1,15 @@
 """`python -m minislm serve`: one model behind an OpenAI-compatible HTTP API.
 
-    client threads (one per connection)          the model (one request at a time)
-    read body -> check JSON -> tokenize  ->  Turnstile  ->  generate -> write JSON / SSE
+    client threads (one per connection)                      the scheduler (one thread)
+    read body -> check JSON -> tokenize -> submit  ---->  waiting -> a slot -> batched steps
+                  write JSON / SSE  <-  text  <-  tokens  <----  one token per sequence per step
 
 The HTTP layer is the standard library's `ThreadingHTTPServer`: a thread per
 connection, so a slow client never blocks the others while they read, check and
 tokenize their requests; HTTP/1.1 keep-alive for the `openai` package's connection
 pool; and streamed answers written as server-sent events in chunked transfer
 encoding, each event one write. That is all an OpenAI-compatible server with one
-model and no batching needs (docs/serve.md says more), so no web framework.
+model needs (docs/serve.md says more), so no web framework.
 
 Threads share one interpreter, so "never blocks the others" also needs the heavy
 work of a request to let go of Python's GIL: the tokenizer does (`Tokenizer.encode`),
@@ -17,18 +18,22 @@ is refused from its length alone (`Tokenizer.fewest_tokens`), before it is token
 What a connection may hold is bounded too: a deadline for each request to arrive,
 an idle timeout between requests, and a cap on open connections.
 
-What is shared between requests is the model and its KV cache, and only the
-request holding the `Turnstile` touches them: requests run one at a time, in the
-order they arrived. The cache outlives a request: the next one starts from the
-longest prefix it shares with what is cached, so a chat follow-up whose messages
-extend the previous ones feeds only the new turn through the model, as
-`minislm chat` does (the `X-Minislm-Reused-Tokens` header and
+The model is driven by one thread, the scheduler (minislm/batch.py): up to
+--max-batch requests decode together, one forward per step over the next token of
+each, and a new request's prompt is prefilled a chunk per step between them; more
+requests wait their turn in the order they arrived. Each request's handler thread
+turns its tokens into text (stop strings included) and writes them out, and tells
+the scheduler to stop when its client has gone. A slot's KV cache outlives its
+request: the next one keeps the longest prefix it shares with what is cached, so a
+chat follow-up whose messages extend the previous ones feeds only the new turn
+through the model, as `minislm chat` does (the `X-Minislm-Reused-Tokens` header and
 `usage.prompt_tokens_details.cached_tokens` say how many tokens were reused).
 """
 
 import hmac
 import io
 import json
+import queue
 import secrets
 import select
 import socket
@@ -37,7 +42,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
@@ -48,10 +52,11 @@ from urllib.parse import unquote
 from . import openai_api as api
 from .commands import load_draft_model, load_model, model_argument
 from .errors import MinislmError
-from .generate import GenerationStats, generate_text
+from .batch import PREFILL_CHUNK, Admitted, Busy, Failed, Finished, Request, Scheduler, Token
+from .generate import GenerationStats, TextStream
 from .load import BUNDLED_MODEL
 from .logprobs import Logprobs, token_bytes, token_text
-from .runtime import generate_ids, json_grammar, make_drafter, make_sampler, reuse_cached_prefix, sampling_settings
+from .runtime import json_grammar, make_drafter, sampling_settings
 from .openai_api import ApiError, ApiRequest, TokenInfo
 from .tokenizer import StreamingDetokenizer
 
@@ -64,6 +69,9 @@ MAX_DISCARD_BYTES = 64 * 2**20
 # Requests allowed to wait for the model; more get a 503 (the server is not a queue
 # of unbounded length).
 MAX_WAITING = 64
+# Sequences that decode together (KV cache slots). Each slot holds --ctx-size positions,
+# allocated as they are used.
+MAX_BATCH = 4
 # Open connections, each a thread; past this a new one gets a 503 and is closed (and past
 # twice this it is closed unanswered). The openai package keeps a few per client.
 MAX_CONNECTIONS = 128
@@ -81,6 +89,9 @@ LINGER_BYTES = 2**20
 # How long to wait, when a waiting request's turn comes, to tell a client that only
 # half-closed its connection from one that left (see Handler.client_gone).
 PROBE_WAIT_S = 0.2
+# How often a request that waits (for its turn, or for its next token) looks at its
+# connection, to stop generating for a client that has left.
+CHECK_CLIENT_S = 0.1
 # The one thing HTTP lets a server send before the final status of its answer: an interim
 # response, which every HTTP/1.1 client must read past.
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -94,6 +105,8 @@ class ServeSettings:
     api_key: str | None = None  # if set, every request needs "Authorization: Bearer <key>"
     model_id: str = "minislm"  # the name /v1/models lists and responses carry
     ctx_size: int = 4096  # KV cache positions: prompt + completion must fit
+    max_batch: int = MAX_BATCH  # sequences decoding together; more requests wait
+    prefill_chunk: int = PREFILL_CHUNK  # prompt tokens fed per step while others decode
     max_body_bytes: int = MAX_BODY_BYTES
     max_waiting: int = MAX_WAITING
     max_connections: int = MAX_CONNECTIONS
@@ -104,73 +117,74 @@ class ServeSettings:
     num_draft: int = 4
 
 
-# ---------------------------------------------------------------- one request at a time
-
-
-class Turnstile:
-    """Lets one holder through at a time, in the order they arrived.
-
-    A `threading.Lock` alone would also serialize requests, but it promises nothing
-    about which waiter goes next; a request could wait while later ones overtake it.
-    Here each arrival draws the next ticket and waits until it is served.
-    """
-
-    def __init__(self, max_waiting: int):
-        self.condition = threading.Condition()
-        self.next_ticket = 0
-        self.now_serving = 0
-        self.max_waiting = max_waiting
-
-    @contextmanager
-    def turn(self):
-        with self.condition:
-            waiting = self.next_ticket - self.now_serving
-            if waiting > self.max_waiting:
-                raise ApiError(503, f"server busy: {waiting} requests are waiting for the model; retry later",
-                               kind="server_error", code="server_busy")
-            ticket = self.next_ticket
-            self.next_ticket += 1
-            self.condition.wait_for(lambda: self.now_serving == ticket)
-        try:
-            yield
-        finally:
-            with self.condition:
-                self.now_serving += 1
-                self.condition.notify_all()
-
-
 # ---------------------------------------------------------------- the model side
 
 
 @dataclass
 class Job:
-    """A checked, tokenized request, ready to wait for its turn."""
+    """A checked, tokenized request; once submitted, `batch` is its place in the
+    scheduler. Per choice (n of them): the text's end and the tokens behind the text."""
 
     request: ApiRequest
     ids: list[int]
-    settings: object  # SamplingSettings
-    max_new_tokens: int
-    stats: GenerationStats = field(default_factory=GenerationStats)
+    batch: Request
     reused: int = 0  # prompt tokens served from the cache
-    grammar: object = None  # the response_format's schema, compiled (minislm/grammar.py)
-    logprobs: Logprobs | None = None  # filled while generating, when the request asks for logprobs
-    prediction: list[int] = field(default_factory=list)  # ids of the request's `prediction`
-    speculative: bool = False
+    reasons: list[str] = field(default_factory=list)  # why each choice ended ("" while it runs)
+    generated: list[int] = field(default_factory=list)  # tokens behind each choice's text
+    speculative: bool = False  # decoded with a drafter: the usage reports its guesses
+
+    def __post_init__(self):
+        self.reasons = [""] * self.batch.n
+        self.generated = [0] * self.batch.n
+
+    @property
+    def finished(self) -> bool:
+        return all(self.reasons)
+
+    @property
+    def disconnected(self) -> bool:
+        return STOP_DISCONNECTED in self.reasons
+
+    def disconnect(self) -> None:
+        """The client left: every choice still running ends here, and generation stops."""
+        self.reasons = [r or STOP_DISCONNECTED for r in self.reasons]
+        self.batch.cancel()
+
+    @property
+    def stats(self) -> GenerationStats:
+        """For the log: the first choice's timings, every choice's tokens."""
+        first = self.batch.choices[0].stats if self.batch.choices else GenerationStats()
+        return GenerationStats(len(self.ids) - self.reused, first.prefill_seconds, sum(self.generated),
+                               first.decode_seconds, " / ".join(dict.fromkeys(r for r in self.reasons if r)),
+                               first.drafted_tokens, first.accepted_tokens)
+
+
+def grammars(model, schema, first):
+    """Makes each choice's own automaton for a request's schema (its state is per
+    sequence): `first`, compiled while checking the request, then fresh ones."""
+    made = [first]
+    return lambda: made.pop() if made else json_grammar(model, schema)
 
 
 class ServedModel:
-    """The loaded model, its KV cache, and the turnstile in front of them."""
+    """The loaded model behind its scheduler, and the checks a request passes first."""
 
     def __init__(self, model, settings: ServeSettings):
         self.model = model
         self.settings = settings
         self.capacity = min(settings.ctx_size, model.config.max_position_embeddings)
-        self.cache = model.new_cache(self.capacity)
-        self.turnstile = Turnstile(settings.max_waiting)
+        self.scheduler = Scheduler(model, self.capacity, settings.max_batch, settings.max_waiting,
+                                   settings.prefill_chunk)
         model.tokenizer.piece_bound  # read tokenizer.json's pipeline now, not during the first request
 
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
     def prepare(self, request: ApiRequest) -> Job:
-        """Tokenize and check a request against the context; needs no turn (only the
+        """Tokenize and check a request against the context; needs no slot (only the
         tokenizer, which is safe to share between threads)."""
         ids = self.prompt_ids(request)
         if not ids:
@@ -182,21 +196,48 @@ class ServedModel:
             raise ApiError(400, f"the context is {self.capacity} tokens, but {len(ids) + request.max_tokens} were "
                            f"requested ({len(ids)} in the prompt, {request.max_tokens} for the completion)",
                            param=request.max_tokens_field, code="context_length_exceeded")
+        if request.n > self.scheduler.max_batch:
+            raise ApiError(400, f"n = {request.n}: this server decodes at most {self.scheduler.max_batch} sequences "
+                           "together (--max-batch), and the n samples of a request decode together", param="n")
         try:
             settings = sampling_settings(self.model, **request.sampling())
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        job = Job(request, ids, settings, request.max_tokens if request.max_tokens is not None else room)
+        max_new_tokens = request.max_tokens if request.max_tokens is not None else room
+        grammar = top_logprobs = None
         if request.json_schema is not None:
-            try:
-                job.grammar = json_grammar(self.model, request.json_schema)
+            try:  # compiled now, so that a schema llguidance refuses is this request's 400
+                grammar = grammars(self.model, request.json_schema, json_grammar(self.model, request.json_schema))
             except MinislmError as e:
                 raise ApiError(400, f"response_format: {e}", param="response_format") from None
         if request.logprobs:
-            job.logprobs = Logprobs(request.top_logprobs)
-        if request.prediction:
-            job.prediction = self.encode(request.prediction, request, add_bos=False)
-        return job
+            top_logprobs = request.top_logprobs
+        prediction = self.encode(request.prediction, request, add_bos=False) if request.prediction else []
+        drafter = self.drafter(prediction)
+        if drafter is not None and request.n > 1:
+            raise ApiError(400, f"n = {request.n}: speculative decoding (--speculate, --draft-model or a prediction) "
+                           "follows one sequence; ask for n = 1", param="n")
+        batch = Request(ids, max_new_tokens, settings, request.seed, request.n, grammar=grammar,
+                        top_logprobs=top_logprobs, drafter=drafter, num_draft=self.settings.num_draft)
+        return Job(request, ids, batch, speculative=drafter is not None)
+
+    def drafter(self, prediction: list[int]):
+        """What makes a request's guesser from its sampler: speculative decoding as `serve
+        --speculate lookup / --draft-model` asks, or prompt lookup in the request's
+        `prediction` when it has one; None (plain decoding, batched) otherwise."""
+        speculate = self.settings.speculate
+        if speculate is None and self.settings.draft_model is None:
+            if not prediction:
+                return None
+            speculate = "lookup"
+        return lambda sampler: make_drafter(self.model, sampler, self.capacity, speculate, self.settings.draft_model,
+                                            extra=prediction)
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.scheduler.submit(job.batch)
+        except Busy as e:
+            raise ApiError(503, f"server busy: {e}; retry later", kind="server_error", code="server_busy") from None
 
     def prompt_ids(self, request: ApiRequest) -> list[int]:
         """Chat: the model's chat template (rendered in the tokenizer's sandbox), as
@@ -239,39 +280,12 @@ class ServedModel:
                         "max_position_embeddings), so nothing can be generated",
                         param="messages" if request.chat else "prompt", code="context_length_exceeded")
 
-    def generate(self, job: Job, client_gone: Callable[[], bool]) -> Iterator[str]:
-        """The text of a job, piece by piece. Call only while holding the turnstile.
-
-        The cache keeps the longest prefix it shares with this prompt; generation stops
-        at an end-of-sequence id, a stop string, max_tokens, the context, or as soon as
-        `client_gone()` says nobody is listening.
-        """
-        job.reused = reuse_cached_prefix(self.cache, job.ids)
-        sampler = make_sampler(self.model, job.settings, job.request.seed)
-        drafter = self.drafter(job, sampler)
-        tokens = generate_ids(self.model, job.ids[job.reused:], job.max_new_tokens, sampler, cache=self.cache,
-                              history=job.ids[:job.reused], stats=job.stats, grammar=job.grammar,
-                              logprobs=job.logprobs, drafter=drafter, num_draft=self.settings.num_draft)
-        return generate_text(self.model.tokenizer, until_gone(tokens, client_gone, job.stats), job.request.stop,
-                             job.stats)
-
-
-    def drafter(self, job: Job, sampler):
-        """Speculative decoding as `serve --speculate lookup / --draft-model` asks, or prompt
-        lookup in the request's `prediction` when it has one; None otherwise."""
-        speculate = self.settings.speculate
-        if speculate is None and self.settings.draft_model is None and job.prediction:
-            speculate = "lookup"
-        drafter = make_drafter(self.model, sampler, self.capacity, speculate, self.settings.draft_model,
-                               extra=job.prediction)
-        job.speculative = drafter is not None
-        return drafter
-
 
 class LogprobReader:
     """A job's recorded logprobs as the API shows them (minislm/openai_api.py's TokenInfo),
     each token once, in order: all at the end of a plain answer, or those read since
-    the previous chunk of a streamed one."""
+    the previous chunk of a streamed one. The scheduler records an entry before it hands
+    the token over, so the first `upto` entries exist when `upto` tokens have arrived."""
 
     def __init__(self, tokenizer, logprobs: Logprobs | None):
         self.tokenizer, self.logprobs = tokenizer, logprobs
@@ -279,27 +293,18 @@ class LogprobReader:
         self.text_length = 0  # characters of the reply before the next token (text_offset)
         self.sent = 0
 
-    def take(self) -> list[TokenInfo] | None:
+    def take(self, upto: int) -> list[TokenInfo] | None:
+        """The entries of tokens sent..upto-1 (those whose text has been read)."""
         if self.logprobs is None:
             return None
         tokenizer, out = self.tokenizer, []
-        for entry in self.logprobs.entries[self.sent :]:
+        for entry in self.logprobs.entries[self.sent : upto]:
             top = tuple((token_text(tokenizer, t), token_bytes(tokenizer, t), lp) for t, lp in entry.top)
             out.append(TokenInfo(token_text(tokenizer, entry.token), token_bytes(tokenizer, entry.token), entry.logprob,
                                  top, self.text_length))
             self.text_length += len(self.detokenizer.add(entry.token))
         self.sent += len(out)
         return out
-
-
-def until_gone(tokens: Iterator[int], client_gone: Callable[[], bool], stats: GenerationStats) -> Iterator[int]:
-    """Pass tokens on until the client has left; then stop generating (one check per token)."""
-    for token in tokens:
-        yield token
-        if client_gone():
-            tokens.close()
-            stats.stop_reason = STOP_DISCONNECTED
-            return
 
 
 # ---------------------------------------------------------------- HTTP
@@ -319,8 +324,9 @@ class RequestLog:
         parts = [f"{self.method} {self.path} {self.status}"]
         if self.job is not None:
             stats = self.job.stats
-            parts.append(f"prompt {stats.prompt_tokens + self.job.reused} tokens ({self.job.reused} reused)")
-            parts.append(generated(stats))
+            parts.append(f"prompt {len(self.job.ids)} tokens ({self.job.reused} reused)")
+            parts.append(generated(stats) if self.job.batch.n == 1 else f"generated {stats.generated_tokens} tokens "
+                         f"in {self.job.batch.n} choices")
             parts.append(f"stop: {stats.stop_reason or 'none'}")
         parts.append(f"{time.perf_counter() - self.started:.2f} s")
         return " | ".join(parts)
@@ -504,31 +510,91 @@ class Handler(BaseHTTPRequestHandler):
     def complete(self, request: ApiRequest, record: RequestLog) -> int:
         served = self.server.served
         job = served.prepare(request)
-        with served.turnstile.turn():
-            if self.client_gone(wait=PROBE_WAIT_S):  # it left while waiting: do not generate for nobody
-                record.job = job
-                job.stats.stop_reason = STOP_DISCONNECTED
+        served.submit(job)
+        record.job = job
+        try:
+            if not self.wait_for_turn(job):  # it left while waiting: nothing is generated for nobody
                 self.close_connection = True
                 return 499
-            pieces = served.generate(job, self.client_gone)
-            record.job = job
             if request.stream:
-                self.stream_answer(job, pieces)
-            else:
-                text = "".join(pieces)
-                if job.stats.stop_reason == STOP_DISCONNECTED:
-                    self.close_connection = True
-                    return 499
-                tokens = LogprobReader(served.model.tokenizer, job.logprobs).take()
-                self.send_json(200, api.completion(request, new_id(request), int(time.time()),
-                                                   self.server.settings.model_id, text,
-                                                   api.finish_reason(job.stats.stop_reason), counts(job), tokens),
-                               {"X-Minislm-Reused-Tokens": str(job.reused)})
-        return 200
+                self.stream_answer(job)
+                return 200
+            texts = [""] * request.n
+            for choice, text in self.pieces(job):
+                texts[choice] += text or ""
+            if job.disconnected:
+                self.close_connection = True
+                return 499
+            reasons = [api.finish_reason(r) for r in job.reasons]
+            tokens = [LogprobReader(served.model.tokenizer, c.logprobs).take(job.generated[c.index])
+                      for c in job.batch.choices]
+            self.send_json(200, api.completion(request, new_id(request), int(time.time()), self.server.settings.model_id,
+                                               texts, reasons, counts(job), tokens),
+                           {"X-Minislm-Reused-Tokens": str(job.reused)})
+            return 200
+        finally:
+            job.batch.cancel()  # done, failed or gone: the scheduler generates nothing more for it
 
-    def stream_answer(self, job: Job, pieces: Iterator[str]) -> None:
-        """Server-sent events: `data: {chunk}` per piece of text, then the finish reason,
-        then (if asked) the usage, then `data: [DONE]`."""
+    def wait_for_turn(self, job: Job) -> bool:
+        """Wait until the scheduler gives the job a slot (True), looking at the connection
+        meanwhile; False if the client has left (the job is then cancelled)."""
+        while True:
+            try:
+                event = job.batch.events.get(timeout=CHECK_CLIENT_S)
+            except queue.Empty:
+                if self.client_gone():
+                    job.disconnect()
+                    return False
+                continue
+            if isinstance(event, Failed):
+                raise event.error
+            assert isinstance(event, Admitted), event  # the scheduler's first event for a request
+            job.reused = event.reused
+            if self.client_gone(wait=PROBE_WAIT_S):
+                job.disconnect()
+                return False
+            return True
+
+    def pieces(self, job: Job) -> Iterator[tuple[int, str | None]]:
+        """(choice, text) as each choice's text grows, (choice, None) when it has ended
+        (`job.reasons` says why), until every choice has ended or the client has left.
+
+        Each choice's tokens become text in its own `TextStream`, which holds back what
+        could begin a stop string; at a stop string that choice ends and the scheduler
+        stops generating it. Between tokens, one `poll` looks at the connection.
+        """
+        streams = [TextStream(self.server.served.model.tokenizer, job.request.stop) for _ in range(job.batch.n)]
+        while not job.finished:
+            try:
+                event = job.batch.events.get(timeout=CHECK_CLIENT_S)
+            except queue.Empty:
+                event = None
+            if isinstance(event, Failed):
+                raise event.error
+            if event is not None and not job.reasons[event.choice]:  # nothing after a choice's end
+                i = event.choice
+                if isinstance(event, Token):
+                    job.generated[i] += 1
+                    text, stopped = streams[i].add(event.token)
+                    if text:
+                        yield i, text
+                    if stopped:
+                        job.reasons[i] = "stop string"
+                        job.batch.cancel(i)
+                        yield i, None
+                elif isinstance(event, Finished):
+                    text = streams[i].finish()
+                    if text:
+                        yield i, text
+                    job.reasons[i] = event.reason
+                    yield i, None
+            if not job.finished and self.client_gone():
+                job.disconnect()
+
+    def stream_answer(self, job: Job) -> None:
+        """Server-sent events: `data: {chunk}` per piece of text, then each choice's
+        finish reason, then (if asked) the usage, then `data: [DONE]`. With n > 1 the
+        choices' chunks interleave, each carrying its index."""
         request, model_id = job.request, self.server.settings.model_id
         response_id, created = new_id(request), int(time.time())
         self.send_response(200)
@@ -538,24 +604,26 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Minislm-Reused-Tokens", str(job.reused))
         self.end_headers()
         self.headers_sent = True
-        logprobs = LogprobReader(self.server.served.model.tokenizer, job.logprobs)
+        logprobs = [LogprobReader(self.server.served.model.tokenizer, c.logprobs) for c in job.batch.choices]
         try:
             if request.chat:
-                self.send_event(api.chunk(request, response_id, created, model_id, first=True))
-            for piece in pieces:
-                self.send_event(api.chunk(request, response_id, created, model_id, text=piece, tokens=logprobs.take()))
-            if job.stats.stop_reason == STOP_DISCONNECTED:
+                for i in range(request.n):
+                    self.send_event(api.chunk(request, response_id, created, model_id, first=True, index=i))
+            for i, text in self.pieces(job):
+                reason = None if text is not None else api.finish_reason(job.reasons[i])
+                if job.disconnected:
+                    break
+                self.send_event(api.chunk(request, response_id, created, model_id, text=text, reason=reason, index=i,
+                                          tokens=logprobs[i].take(job.generated[i])))
+            if job.disconnected:
                 self.close_connection = True
                 return
-            reason = api.finish_reason(job.stats.stop_reason)
-            self.send_event(api.chunk(request, response_id, created, model_id, reason=reason, tokens=logprobs.take()))
             if request.include_usage:
                 self.send_event(api.usage_chunk(request, response_id, created, model_id, counts(job)))
             self.send_event("[DONE]")
             self.write_chunk(b"")  # the end of a chunked body
         except OSError:  # the client left between two pieces: stop generating
-            pieces.close()
-            job.stats.stop_reason = STOP_DISCONNECTED
+            job.disconnect()
             self.close_connection = True
 
     # ------------------------------------------------------------ reading
@@ -739,9 +807,8 @@ def new_id(request: ApiRequest) -> str:
 
 
 def counts(job: Job) -> dict:
-    prompt = job.stats.prompt_tokens + job.reused
     drafted = job.stats.drafted_tokens if job.speculative else None
-    return api.usage(prompt, job.stats.generated_tokens, job.reused, drafted, job.stats.accepted_tokens)
+    return api.usage(len(job.ids), sum(job.generated), job.reused, drafted, job.stats.accepted_tokens)
 
 
 class Server(ThreadingHTTPServer):
@@ -761,6 +828,11 @@ class Server(ThreadingHTTPServer):
         self.open_connections = 0
         self.over_cap = set()  # sockets accepted past max_connections: their handler answers 503
         super().__init__((settings.host, settings.port), Handler)
+        self.served.start()  # the scheduler's thread, once the port is ours
+
+    def server_close(self):
+        super().server_close()
+        self.served.close()
 
     def process_request(self, request, client_address):
         """A thread for the new connection, unless too many are open. Past the cap the
@@ -822,8 +894,9 @@ def print_log(line: str) -> None:
 def run_serve(args) -> int:
     model = load_model(args)
     settings = ServeSettings(host=args.host, port=args.port, api_key=args.api_key, model_id=model_id(args),
-                             ctx_size=args.ctx_size, speculate=args.speculate,
-                             draft_model=load_draft_model(args, model), num_draft=args.num_draft)
+                             ctx_size=args.ctx_size, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                             speculate=args.speculate, draft_model=load_draft_model(args, model),
+                             num_draft=args.num_draft)
     try:
         server = Server(model, settings)
     except OSError as e:
@@ -832,7 +905,7 @@ def run_serve(args) -> int:
         print(f"minislm: warning: listening on {args.host} without --api-key: anyone who can reach this port "
               "can use the model", file=sys.stderr)
     print(f"minislm serve: {settings.model_id} at {server.url} (context {server.served.capacity} tokens, "
-          "one request at a time); Ctrl-C to stop", file=sys.stderr, flush=True)
+          f"up to {settings.max_batch} sequences decoding together); Ctrl-C to stop", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

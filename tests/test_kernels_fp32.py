@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minislm.kernels import Fp32Weight, fp32
+from minislm.kernels import Bf16Weight, DecodeRows, Fp32Weight, fp32
 from minislm.kernels import reference as ref
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -35,7 +35,7 @@ def problem(draw, max_tok=1):
 def test_gemv_matches_reference(case):
     w, x = case
     out = np.empty(w.shape[0], np.float32)
-    fp32.gemv(w, x[0], out)
+    fp32.gemv(w, x, out[None])
     assert (np.abs(out - ref.matmul_f32(x, w)[0]) <= f32_dot_bound(w, x)[0]).all()
 
 
@@ -70,3 +70,32 @@ def test_rows_tensors_and_errors():
     w[0, 0] = np.nan
     with pytest.raises(ValueError, match="q_proj: 1 of 12 values are NaN or inf"):
         Fp32Weight(w, name="q_proj")
+
+
+# ---------------------------------------------------------------- decode rows (batched decoding)
+
+
+@PROPERTY
+@given(problem(max_tok=9), st.booleans())
+def test_decode_rows_give_each_row_the_bits_it_gets_alone(case, bf16_weights):
+    """Batched decoding's rule (docs/serve.md): a sequence's next token must not depend on
+    which other sequences share the step. `DecodeRows` multiplies B rows at once with the
+    GEMV kernel, each row exactly as a one-row call does; and matches the reference."""
+    w, x = case
+    weight = Bf16Weight(ref.f32_to_bf16(np.clip(w, -1e38, 1e38))) if bf16_weights else w
+    rows = DecodeRows(weight)
+    together = rows.matmul(x)  # (B, out)
+    alone = np.concatenate([rows.matmul(x[t : t + 1]) for t in range(len(x))])
+    assert together.shape == (len(x), w.shape[0]) and together.dtype == np.float32
+    assert np.array_equal(together.view(np.uint32), alone.view(np.uint32))
+    exact = ref.bf16_to_f32(weight.bits) if bf16_weights else w
+    assert (np.abs(together - ref.matmul_f32(x, exact)) <= f32_dot_bound(exact, x)).all()
+
+
+def test_decode_rows_use_the_weight_in_place_and_its_own_rows():
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    rows = DecodeRows(w)
+    assert np.shares_memory(rows.weight.w, w) and rows.shape == (3, 4) and rows.nbytes == 48
+    assert np.array_equal(rows.rows([2, 0]), w[[2, 0]])
+    with pytest.raises(ValueError, match="do not fit a weight with 4 inputs"):
+        rows.matmul(np.ones((2, 5), np.float32))

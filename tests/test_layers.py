@@ -21,7 +21,7 @@ LAYERS = [
     ("model math", ["minislm.model", "minislm.moe", "minislm.blocksparse", "minislm.lora"]),
     ("vision", ["minislm.vision", "minislm.multimodal"]),
     ("runtime", ["minislm.finite", "minislm.generate", "minislm.speculative", "minislm.beam", "minislm.policy",
-                 "minislm.runtime", "minislm.quantize", "minislm.load"]),
+                 "minislm.runtime", "minislm.batch", "minislm.quantize", "minislm.load"]),
     ("commands", ["minislm.flags", "minislm.commands", "minislm.media_commands", "minislm.perplexity", "minislm.verify",
                   "minislm.openai_api", "minislm.serve", "minislm.watch", "minislm.bench"]),
     ("entry points", ["minislm.cli", "minislm.__main__", "minislm"]),

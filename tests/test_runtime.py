@@ -156,10 +156,13 @@ def test_a_file_quantized_elsewhere_reports_its_codes_not_float32(tmp_path):
 # ---------------------------------------------------------------- one token, few files
 
 
-def test_one_decode_step_runs_in_at_most_six_files():
+def test_one_decode_step_runs_in_at_most_eight_files():
     """A learner follows one token from its id to the next sampled id on the float32
     path through few files: counted by a profiler hook over one decode step of the
-    shipped model, every minislm source file one of whose functions runs."""
+    shipped model, every minislm source file one of whose functions runs. (Eight since
+    batched decoding: a decode step multiplies by the GEMV of kernels/fp32.py, which
+    gives a sequence the same bits alone and in a batch, and kernels/checks.py checks
+    its input; before, BLAS's GEMV was called from model.py.)"""
     import sys
 
     model = minislm.load(BUNDLED_MODEL)
@@ -180,5 +183,5 @@ def test_one_decode_step_runs_in_at_most_six_files():
         next(tokens)
     finally:
         sys.setprofile(None)
-    assert len(files) <= 6, sorted(files)
-    assert {"model.py", "sampling.py"} <= files
+    assert len(files) <= 8, sorted(files)
+    assert {"model.py", "sampling.py", "kernels/fp32.py"} <= files

@@ -19,8 +19,7 @@ import pytest
 import minislm
 from minislm.cli import main as minislm_main
 from minislm.load import BUNDLED_MODEL
-from minislm.serve import ServeSettings, Turnstile
-from minislm.openai_api import ApiError
+from minislm.serve import ServeSettings
 from served import CHAT, client, raw, running, wait_for_log
 
 # Sampled requests: the shipped model's generation_config.json asks for greedy decoding,
@@ -174,7 +173,9 @@ def test_api_key_is_required_when_set(model):
     ({"messages": CHAT, "seed": 1.5}, "seed"),
     ({"messages": CHAT, "stream": "yes"}, "stream"),
     ({"messages": CHAT, "stop": 5}, "stop"),
-    ({"messages": CHAT, "n": 2}, "n"),
+    ({"messages": CHAT, "n": 0}, "n"),
+    ({"messages": CHAT, "n": 5}, "n"),  # more than --max-batch (4): the samples decode together
+    ({"messages": CHAT, "n": "2"}, "n"),
     ({"messages": CHAT, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ({"messages": CHAT, "model": 3}, "model"),
 ])
@@ -297,34 +298,6 @@ def test_concurrent_clients_get_exactly_what_each_request_gets_alone(server):
     assert failures == []
     assert len(together) == clients * per_client
     assert together == alone
-
-
-def test_turnstile_admits_in_arrival_order():
-    turnstile, order = Turnstile(max_waiting=10), []
-
-    def request(n):
-        with turnstile.turn():
-            order.append(n)
-
-    threads = []
-    with turnstile.turn():  # hold the model while 6 requests arrive, one after another
-        for n in range(6):
-            threads.append(threading.Thread(target=request, args=(n,)))
-            threads[-1].start()
-            while turnstile.next_ticket < n + 2:  # it has drawn its ticket and waits
-                time.sleep(0.001)
-    for t in threads:
-        t.join()
-    assert order == list(range(6))
-
-
-def test_turnstile_refuses_beyond_the_waiting_limit():
-    turnstile = Turnstile(max_waiting=0)
-    with turnstile.turn():
-        with pytest.raises(ApiError) as e:
-            with turnstile.turn():
-                pass
-    assert e.value.status == 503
 
 
 # ---------------------------------------------------------------- the command

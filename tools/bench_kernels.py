@@ -70,9 +70,9 @@ def decode_cases(shape, rng, groups):
     out2 = out[None, :]
     path = cpu.int8_dot_path()
     cases = [("np.matmul fp32", w.nbytes, lambda a: a @ x, copies((w,), w.nbytes)),
-             ("numba fp32", w.nbytes, lambda a: fp32.gemv(a, x, out), copies((w,), w.nbytes))]
+             ("numba fp32", w.nbytes, lambda a: fp32.gemv(a, x2, out2), copies((w,), w.nbytes))]
     bits = K.Bf16Weight(w).bits
-    cases.append(("bf16", bits.nbytes, lambda a: fp32.gemv(a, x, out), copies((bits,), bits.nbytes)))
+    cases.append(("bf16", bits.nbytes, lambda a: fp32.gemv(a, x2, out2), copies((bits,), bits.nbytes)))
     if cpu.has_avx512():
         cases.append(("bf16 avx512", bits.nbytes, lambda a: bf16dot.gemv_bf16_dot(a, x2, out2),
                       copies((bits,), bits.nbytes)))

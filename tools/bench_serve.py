@@ -41,9 +41,9 @@ LINE = "ROMEO: But soft, what light through yonder window breaks? It is the east
 class Server:
     """A `minislm serve` process, its address and its log lines."""
 
-    def __init__(self, args):
-        command = [sys.executable, "-m", "minislm", "serve", "--port", "0"]
-        command += (["--model", args.model] if args.model else []) + (["--threads", str(args.threads)] if args.threads else [])
+    def __init__(self, model: str | None = None, threads: int | None = None, flags=()):
+        command = [sys.executable, "-m", "minislm", "serve", "--port", "0", *flags]
+        command += (["--model", model] if model else []) + (["--threads", str(threads)] if threads else [])
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         banner = self.process.stderr.readline()
         match = re.search(r"at (http://\S+/v1)", banner)
@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=13, help="followup: lines in the first turn (13: ~400 tokens)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    server = Server(args)
+    server = Server(args.model, args.threads)
     try:
         for part in args.parts.split(","):
             {"decode": bench_decode, "stall": bench_stall, "followup": bench_followup}[part](args, server)
