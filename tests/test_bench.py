@@ -108,11 +108,15 @@ def test_context_sweep_reports_speed_and_kv_bytes_at_each_context(tmp_path):
         assert (tmp_path / "out-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_unknown_engine_is_a_one_line_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "minislm", "bench", "--small", "--engines", "vllm",
-                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+def assert_one_line_error(tmp_path, flags, message):
+    done = subprocess.run([sys.executable, "-m", "minislm", "bench", "--small", *flags, "--cache-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "unknown engine 'vllm'" in done.stderr
+    assert done.stderr.count("\n") == 1 and message in done.stderr
+
+
+def test_unknown_engine_is_a_one_line_error(tmp_path):
+    assert_one_line_error(tmp_path, ["--engines", "vllm"], "unknown engine 'vllm'")
 
 
 def test_moe_bench_reports_bytes_per_active_parameter(tmp_path):
@@ -281,7 +285,4 @@ def test_thread_sweep_runs_each_count_and_reports_the_scaling(tmp_path):
 
 
 def test_more_threads_than_cores_alone_is_a_one_line_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "minislm", "bench", "--small", "--threads", "4096",
-                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "--threads 4096: this machine has" in done.stderr
+    assert_one_line_error(tmp_path, ["--threads", "4096"], "--threads 4096: this machine has")
