@@ -36,8 +36,6 @@ multiple of the group size (codes = zero code, scale 0); activations are
 zero-padded (a copy, only then). Phi-3 shapes need no padding.
 """
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
@@ -45,7 +43,8 @@ from . import amx, cpu
 from . import reference as ref
 from .activations import activation_buffers, check_shapes, prepare_token, quantize_activations  # noqa: F401
 from .checks import as_activations, as_row_ids
-from .scalars import bits_to_f32, f32_to_bits, widen
+from .quantizer import quantize_symmetric
+from .scalars import widen
 from .simd import packed_block_kernel
 
 # Up to this many tokens, one GEMV per token beats the GEMM (which computes 4
@@ -230,73 +229,6 @@ def group_scales(w, group_size, kind, d):
     return bad
 
 
-@njit(cache=True)
-def round_f16(d):
-    """`reference.round_f16` for one float32: nearest float16 (ties to even) when
-    |d| is a normal float16 number, else d. Bit arithmetic: drop 13 of the 23
-    mantissa bits, rounding to nearest even."""
-    mag = abs(d)
-    if not (mag >= ref.FP16_MIN_NORMAL and mag <= ref.FP16_MAX):
-        return d
-    bits = f32_to_bits(d)
-    bits = (bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-    return bits_to_f32(bits)
-
-
-@njit(cache=True)
-def not_underflowed(d, nonzero):
-    if d == 0 and nonzero:
-        return np.float32(ref.SMALLEST) if f32_to_bits(d) >> np.uint32(31) == 0 else -np.float32(ref.SMALLEST)
-    return d
-
-
-@njit(fastmath={"reassoc"}, cache=True)
-def _code_sums(w, d, fixed):
-    """sum(q w_fixed), sum(q q) for the codes q = clip(round(w / d), -8, 7) of one
-    group. Every term is an integer and the sums stay below 2**53, so they are
-    exact in any order: `reassoc` lets LLVM vectorise them without changing a
-    bit (and nothing else: the division stays a division)."""
-    safe = d if d != 0 else np.float32(1.0)
-    keep = np.float32(1.0) if d != 0 else np.float32(0.0)
-    wq = qq = 0.0
-    for k in range(w.size):
-        q = np.float64(keep * min(max(np.floor(w[k] / safe + np.float32(0.5)), np.float32(-8.0)), np.float32(7.0)))
-        wq += q * fixed[k]
-        qq += q * q
-    return wq, qq
-
-
-@njit(parallel=True, cache=True)
-def search_scales(w, group_size, candidates, d):
-    """d (out_p, groups): `reference.search_scales`, bit for bit, for the padded
-    (out_p, in_p) w."""
-    for row in prange(d.shape[0]):
-        fixed = np.empty(group_size)
-        for g in range(d.shape[1]):
-            group = w[row, g * group_size: (g + 1) * group_size]
-            amax, extreme = np.float32(-1.0), np.float32(0.0)
-            for k in range(group_size):
-                if abs(group[k]) > amax:   # the first of equal magnitudes, as argmax
-                    amax, extreme = abs(group[k]), group[k]
-            unit = math.ldexp(1.0, math.frexp(np.float64(amax))[1] - ref.FIXED_POINT_BITS)
-            steps = 1.0 / unit   # a power of two: multiplying by it is exact
-            for k in range(group_size):
-                fixed[k] = np.floor(np.float64(group[k]) * steps + 0.5)
-            best_d, best_e = np.float32(0.0), 0.0
-            for i in range(candidates.size):
-                d0 = round_f16(not_underflowed(extreme / candidates[i], extreme != 0))
-                wq, qq = _code_sums(group, d0, fixed)
-                wq = wq * unit
-                d1 = d0
-                if qq > 0:
-                    d1 = round_f16(not_underflowed(np.float32(wq / qq), extreme != 0))
-                d64 = np.float64(d1)
-                err = d64 * d64 * qq - 2 * d64 * wq
-                if i == 0 or err < best_e:
-                    best_d, best_e = d1, err
-            d[row, g] = best_d
-
-
 @njit(parallel=True, cache=True)
 def quantize_codes(w, group_size, kind, d, codes, zeros):
     """Codes from the stored scale values d (out_p, groups) float32, written as
@@ -366,23 +298,23 @@ class PackedWeight:
         if w.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D (out, in) array, got shape {w.shape}")
         cls._check_group_size(group_size)
-        if w.dtype == np.uint16:
-            w = ref.bf16_to_f32(w)
-        elif w.dtype not in (np.float32, np.float16):
+        if w.dtype not in (np.float32, np.float16, np.uint16):
             raise ValueError(f"{name}: cannot quantize dtype {w.dtype}; pass float32/float16 "
                              f"values or uint16 bf16 bits")
-        w = np.ascontiguousarray(w, dtype=np.float32)
         n_p, k_p = ref.padded_shape(w.shape, group_size)
-        d = np.empty((n_p, k_p // group_size), np.float32)
-        bad = group_scales(w, group_size, kind, d)
+        if kind == 0:   # the default: widening, scale search and codes in one pass (quantizer.py)
+            bad, codes, scales = quantize_symmetric(w, group_size)
+        else:
+            w = ref.bf16_to_f32(w) if w.dtype == np.uint16 else np.ascontiguousarray(w, dtype=np.float32)
+            d = np.empty((n_p, k_p // group_size), np.float32)
+            bad = group_scales(w, group_size, kind, d)
         if bad:
             raise ValueError(f"{name}: {bad} of {w.size} values are NaN, inf or beyond +-1.7e38; "
                              f"cannot quantize (the checkpoint is damaged or was saved after a "
                              f"diverged step)")
         if kind == 0:
-            padded = w if w.shape == (n_p, k_p) else np.pad(w, ((0, n_p - w.shape[0]), (0, k_p - w.shape[1])))
-            search_scales(padded, group_size, np.array(ref.SCALE_CANDIDATES, np.float32), d)
-        scales = ref.store_scales(d, round_up=kind != 0)
+            return codes, scales, np.zeros((n_p // 16, k_p // group_size, 16), np.uint8)
+        scales = ref.store_scales(d, round_up=True)
         codes = np.zeros((n_p // 16, k_p // ref.TILE_INPUTS[cls.BITS], 64), np.uint8)
         zeros = np.zeros((n_p // 16, d.shape[1], 16), np.uint8)
         quantize_codes(w, group_size, kind, ref.scale_values(scales), codes, zeros)

@@ -231,6 +231,15 @@ def quantize_int4(w, group_size, symmetric):
     return codes.reshape(g.shape[0], -1).astype(np.uint8), scales, zeros
 
 
+def quantize_int4_symmetric(w, group_size):
+    """(d (out_p, groups) float32, tiles): what the one-pass quantizer
+    (`quantizer.quantize_int4_symmetric`) writes, the scales of `search_scales` and
+    the codes of `quantize_int4(w, group_size, True)` in `pack_tiles`' layout."""
+    _check_quantizable(w)
+    codes, scales, _ = quantize_int4(w, group_size, True)
+    return search_scales(_groups(w, group_size)), pack_tiles(codes, 4)
+
+
 def quantize_int8(w, group_size):
     """Symmetric int8 (llama.cpp's Q8_0 rule): d = max|w| / 127 rounded up,
     c = round(w / d) + 128 in [1, 255], zero code 128."""

@@ -31,7 +31,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-I16, I32, F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
+I16, I32, F32, F64 = ir.IntType(16), ir.IntType(32), ir.FloatType(), ir.DoubleType()
 
 
 @intrinsic
@@ -65,6 +65,18 @@ def bits_to_f32(typingctx, bits):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], F32)
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_to_f64(typingctx, bits):
+    """The float64 whose bit pattern is `bits` (int64), e.g. a power of two built from
+    its exponent field, `(e + 1023) << 52`, where `math.ldexp` would call libm."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], F64)
 
     return sig, codegen
 

@@ -540,6 +540,19 @@ def run_quantize(args) -> int:
 
 
 def peak_memory_bytes() -> int:
+    """This process's own peak resident memory.
+
+    Linux: `VmHWM` of /proc/self/status, the high-water mark of this process's
+    own address space. Not `ru_maxrss`: exec() folds the replaced address space's
+    peak into it, and a child started by fork or vfork inherits its parent's
+    that way (a worker of a parent that once held 7 GB reports 7 GB)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

@@ -104,7 +104,7 @@ SAMPLING_FLAGS = {
 
 def check_flags(args) -> None:
     """Range checks with the flag's own name in the message."""
-    if getattr(args, "threads", None) is not None and args.threads < 1:
+    if isinstance(getattr(args, "threads", None), int) and args.threads < 1:  # bench: a list, checked by its type
         raise MinislmError(f"--threads must be >= 1, got {args.threads}")
     if getattr(args, "max_tokens", 0) < 0:
         raise MinislmError(f"--max-tokens must be >= 0, got {args.max_tokens}")

@@ -131,7 +131,8 @@ def stays_bf16(name: str, quant: QuantConfig) -> bool:
 
 def pack(name: str, tensor: StoredTensor, quant: QuantConfig, scratch: Scratch, is_output: bool = False):
     """One packed weight from a stored tensor. bf16 words are used as they are (still
-    mapped); f16 is rounded to bf16 in one pass; int4/int8 quantize float32 values
+    mapped); f16 is rounded to bf16 in one pass; the default int4 (symmetric) reads
+    the stored words as they are; int8 and asymmetric int4 quantize float32 values
     widened into the reusable `scratch` buffer. The image encoder stays bf16 under
     int4: CLIP's features feed every image token; the output layer is int8 unless
     `quant.output_bits` is 4."""
@@ -144,6 +145,9 @@ def pack(name: str, tensor: StoredTensor, quant: QuantConfig, scratch: Scratch, 
             if tensor.dtype == "F16":
                 return Bf16Weight(to_bf16_bits(name, tensor), name=name)
             return Bf16Weight(tensor.float32(), name=name)
+        if quant.symmetric and not (is_output and quant.output_bits == 8) and tensor.dtype in ("F32", "F16", "BF16"):
+            # the default int4 reads the checkpoint's words as they are (kernels/quantizer.py)
+            return Int4Weight(tensor.array, group_size=quant.group_size, name=name)
         values = widen(name, tensor, scratch.take(tensor.array.shape))
         if is_output and quant.output_bits == 8:
             return Int8Weight(values, group_size=quant.group_size, name=name)

@@ -49,6 +49,12 @@ def test_small_bench_gives_every_engine_a_row_and_writes_table_json_and_plot(tmp
         assert ours[key] > 0, key
     assert ours["other_load"] >= 0  # cores other processes kept busy meanwhile (Linux /proc/stat)
     assert results["bandwidth"]["roofline_gbs"] > 0
+    # a probe beside every row that ran, and one after the engines; the roofline is the highest
+    probes = results["bandwidth"]["probes"]
+    ran = [row["engine"] for row in results["engines"] if row["status"] == "ok"]
+    assert [p["beside"] for p in probes][:len(ran)] == ran and probes[-1]["beside"] == "after the engines"
+    assert results["bandwidth"]["roofline_gbs"] == max(p["gbs"] for p in probes)
+    assert all(row["bandwidth_beside_gbs"] > 0 for row in results["engines"] if row["status"] == "ok")
     assert results["settings"] == {"threads": 2, "prompt_lengths": [16, 48], "new_tokens": 6,
                                    "contexts": [64, 256], "sweep_tokens": 3}
     # the default sweep: int4 g128 and both peers (llama.cpp skipped when it is not installed or --offline)
@@ -102,11 +108,15 @@ def test_context_sweep_reports_speed_and_kv_bytes_at_each_context(tmp_path):
         assert (tmp_path / "out-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_unknown_engine_is_a_one_line_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "minislm", "bench", "--small", "--engines", "vllm",
-                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+def assert_one_line_error(tmp_path, flags, message):
+    done = subprocess.run([sys.executable, "-m", "minislm", "bench", "--small", *flags, "--cache-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "unknown engine 'vllm'" in done.stderr
+    assert done.stderr.count("\n") == 1 and message in done.stderr
+
+
+def test_unknown_engine_is_a_one_line_error(tmp_path):
+    assert_one_line_error(tmp_path, ["--engines", "vllm"], "unknown engine 'vllm'")
 
 
 def test_moe_bench_reports_bytes_per_active_parameter(tmp_path):
@@ -183,3 +193,96 @@ def test_minislm_runs_the_q4_0_gguf_llama_cpp_made_for_its_row(tmp_path):
     params = results["model"]["params"]
     assert row["decode_bytes_per_token"] < 1.0 * params
     assert list((tmp_path / "cache").glob("*/ggml-model-Q4_0.gguf"))
+
+
+def test_peak_rss_is_the_process_own_not_inherited_from_its_parent(tmp_path):
+    """A worker started by a parent that once held 600 MB must not report 600 MB:
+    ru_maxrss carries the parent's high-water mark across fork/exec, VmHWM does not."""
+    parent = (
+        "import subprocess, sys\n"
+        "import numpy as np\n"
+        "held = np.ones(600 * 2**20 // 8); del held\n"  # the parent's high-water mark: ~600 MB
+        "child = 'from minislm.commands import peak_memory_bytes; print(peak_memory_bytes())'\n"
+        "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120, check=True)
+    child_peak = int(done.stdout.split()[-1])
+    assert 0 < child_peak < 300 * 2**20  # the child imports numpy and minislm: well under 300 MB
+
+
+def test_bandwidth_probe_reads_every_byte_with_every_method_and_thread_count():
+    from minislm.bench.bandwidth import BLOCK, measure_bandwidth, read_blocks, thread_counts
+
+    words = np.random.default_rng(0).integers(0, 2**63, BLOCK // 8 * 3, dtype=np.uint64)
+    for ahead in (0, 4096):  # the prefetch is a hint: same result, never a fault past the end
+        assert int(read_blocks(words, ahead)) == int(np.bitwise_xor.reduce(words))
+    assert thread_counts(1) == [1] and thread_counts(2) == [1, 2] and thread_counts(6) == [1, 2, 4, 6]
+    assert thread_counts(16) == [1, 2, 4, 8, 16]
+    probe = measure_bandwidth(gib=1 / 64, threads=2, repeats=1)
+    assert {(m["method"], m["threads"]) for m in probe["methods"]} == {
+        (method, n) for method in ("sum", "xor", "xor+pf 1 KB", "xor+pf 4 KB", "gemv") for n in (1, 2)}
+    best = max(probe["methods"], key=lambda m: m["gbs"])
+    assert probe["gbs"] == best["gbs"] and (probe["method"], probe["method_threads"]) == (best["method"], best["threads"])
+    assert probe["spread_gbs"] == [min(m["gbs"] for m in probe["methods"]), best["gbs"]]
+
+
+def results_with(rows, roofline_gbs=20.0, threads=2, lengths=(128, 512)):
+    """A bench result around `rows` (engine name -> fields), for the report's pure functions."""
+    engines = [{"engine": name, "status": "ok", "prefill_tok_s": {}, "info": {}, "load_s": 1.0,
+                "peak_rss_bytes": 1, "weight_bytes": 1, **fields}
+               for name, fields in rows.items()]
+    return {"engines": engines, "settings": {"threads": threads, "prompt_lengths": list(lengths)},
+            "bandwidth": {"roofline_gbs": roofline_gbs}, "quantize": {}, "sweeps": []}
+
+
+def test_an_engine_faster_than_the_roofline_fails_the_probe_check():
+    from minislm.bench.report import probe_check
+
+    fast = {"decode_tok_s": 10.0, "decode_bytes_per_token": int(2.2e9)}  # 22 GB/s
+    assert probe_check(results_with({"minislm-int4-g128": fast}, roofline_gbs=20.0))["status"] == "not met"
+    assert "minislm-int4-g128 110%" in probe_check(results_with({"minislm-int4-g128": fast}, 20.0))["line"]
+    assert probe_check(results_with({"minislm-int4-g128": fast}, roofline_gbs=23.0))["status"] == "met"
+
+
+def test_decode_goals_use_90_percent_on_two_threads_85_above_and_the_roofline_clause_against_q4_0():
+    from minislm.bench.report import goals
+
+    def status(results, start):
+        return next(g for g in goals(results) if g["goal"].startswith(start))["status"]
+
+    g128 = {"decode_tok_s": 8.8, "decode_bytes_per_token": int(2e9)}  # 17.6 GB/s = 88 % of 20
+    roofline_goal = "goal 2: minislm-int4-g128 decode >= 90%"
+    assert status(results_with({"minislm-int4-g128": g128}, threads=2), roofline_goal) == "not met"
+    assert status(results_with({"minislm-int4-g128": g128}, threads=16), roofline_goal) == "met"
+    # llama.cpp at 7 tok/s: 1.5x (10.5) is above the roofline's 10 tok/s, so 90 % of it decides
+    q4_0 = {"decode_tok_s": 7.0, "decode_bytes_per_token": int(2.1e9)}
+    versus = "goal 2: minislm-int4-g128 decode >= 1.5x llama.cpp-Q4_0"
+    rows = {"minislm-int4-g128": {**g128, "decode_tok_s": 9.2}, "llama.cpp-Q4_0": q4_0}
+    assert status(results_with(rows), versus) == "met"  # 1.31x, but 92 % of the roofline
+    rows["llama.cpp-Q4_0"] = {**q4_0, "decode_tok_s": 5.0}  # 1.5x = 7.5 tok/s fits under the roofline
+    assert status(results_with(rows), versus) == "met"
+    rows["minislm-int4-g128"]["decode_tok_s"] = 7.0
+    assert status(results_with(rows), versus) == "not met"
+
+
+def test_thread_sweep_runs_each_count_and_reports_the_scaling(tmp_path):
+    done, results = bench(tmp_path, "--engines", "minislm-int4-g128", "--sweep-engines", "none",
+                          "--threads", "1,2,4096")
+    assert results["thread_counts"] == [1, 2, 4096]
+    one, two, many = results["runs"]
+    assert (one["settings"]["threads"], two["settings"]["threads"]) == (1, 2)
+    for run in (one, two):
+        (row,) = run["engines"]
+        assert row["status"] == "ok" and row["decode_tok_s"] > 0
+        assert run["bandwidth"]["probes"][0]["threads"] == run["settings"]["threads"]
+    assert many["status"] == "not measured" and "cores" in many["reason"]
+    assert "## Scaling: prefill tok/s @16 / decode tok/s at each thread count" in done.stdout
+    assert "| engine | 1 thread | 2 threads | 4096 threads |" in done.stdout
+    assert "| minislm-int4-g128 | " in done.stdout and "| not measured |" in done.stdout
+    assert "| goal 2: minislm-int4-g128 decode >= 90% of the roofline on 2 threads, >= 85% on more |" in done.stdout
+    if results["scaling_plot"]:
+        assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_more_threads_than_cores_alone_is_a_one_line_error(tmp_path):
+    assert_one_line_error(tmp_path, ["--threads", "4096"], "--threads 4096: this machine has")

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minislm.kernels import Int4Weight, Int8Weight, amx, cpu, packed
+from minislm.kernels import Int4Weight, Int8Weight, amx, cpu, packed, quantizer
 from minislm.kernels import reference as ref
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -85,6 +85,32 @@ def test_quantize_is_bit_identical_to_reference(w, group_size, kind):
     assert q.scales.dtype == scales.dtype and np.array_equal(q.scales.view(np.uint8), ref.by_block(scales).view(np.uint8))
     assert (q.zeros is None) == (zeros is None)
     assert zeros is None or np.array_equal(q.zeros, ref.by_block(zeros))
+
+
+@PROPERTY
+@given(weights(), st.sampled_from([8, 16, 32, 64, 128, 256]))
+def test_one_pass_int4_quantizer_is_bit_identical_to_its_twin(w, group_size):
+    """quantizer.quantize_int4_symmetric (the default int4: search and codes in one
+    vectorised pass per block) writes the scales of `reference.search_scales` and the
+    tiles of `reference.pack_tiles`, bit for bit, on every shape, magnitude and tie."""
+    bad, tiles, scales = quantizer.quantize_symmetric(w, group_size)
+    d, twin_tiles = ref.quantize_int4_symmetric(w, group_size)
+    assert bad == 0 and np.array_equal(tiles, twin_tiles)
+    assert np.array_equal(ref.scale_values(ref.by_row(scales)).view(np.uint32), d.view(np.uint32))
+
+
+def test_one_pass_int4_quantizer_counts_what_it_cannot_quantize_and_breaks_ties_as_argmax():
+    w = np.zeros((16, 64), np.float32)
+    w[1, :32] = -0.0                       # a zero group of -0: the first value (-0) is the extreme
+    w[2, 5], w[2, 9] = 1.0, -1.0           # +m first: the extreme is +1
+    w[3, 7], w[3, 8] = -2.0, 2.0           # -m first: the extreme is -2
+    w[4, 40] = 1e-44                       # a subnormal extreme
+    bad, tiles, scales = quantizer.quantize_symmetric(w, 32)
+    d, twin_tiles = ref.quantize_int4_symmetric(w, 32)
+    assert bad == 0 and np.array_equal(tiles, twin_tiles)
+    assert np.array_equal(ref.scale_values(ref.by_row(scales)).view(np.uint32), d.view(np.uint32))
+    w[5, 1], w[6, 2], w[7, 3] = np.nan, -np.inf, 2.0**127
+    assert quantizer.quantize_symmetric(w, 32)[0] == 3
 
 
 @PROPERTY

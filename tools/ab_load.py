@@ -8,7 +8,7 @@ tools/ab_decode.py) and every load runs in a fresh Python subprocess that import
 that revision's code: it reads the checkpoint once through the page cache (as the
 bench does, so no load waits on the disk), then times `minislm.load(...)` of the
 bench's Phi-3-mini-shaped f16 checkpoint and reports wall seconds, the CPU seconds
-of the process (user + system, all threads), and its peak RSS (ru_maxrss, which
+of the process (user + system, all threads), and its peak RSS (VmHWM, which
 counts the checkpoint's mapped pages it kept resident). Numba compiles once per
 side in an unmeasured run first. Runs alternate A, B, B, A, ...; on a shared
 machine compare CPU seconds and RSS first, wall seconds with care.
@@ -30,6 +30,8 @@ from ab_decode import BENCH_CHECKPOINT, checkout, remove, worker_env  # noqa: E4
 
 WORKER = r"""
 import json, resource, sys, time
+def vm_hwm():  # this process's own peak RSS (ru_maxrss would carry the parent's across exec)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 root, model_path, quant, threads = sys.argv[1:5]
 buffer = bytearray(64 << 20)
 from pathlib import Path
@@ -49,7 +51,7 @@ after = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({
     "wall_s": wall,
     "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-    "peak_rss_bytes": after.ru_maxrss * 1024,
+    "peak_rss_bytes": vm_hwm(),
     "weight_bytes": sum(w.nbytes for w in model.weights.values()),
     "minislm": minislm.__file__, "kernels": minislm.kernels.__file__,
 }))

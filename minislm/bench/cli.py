@@ -8,7 +8,9 @@ from ..errors import MinislmError
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small", action="store_true", help="a tiny model: the whole pipeline in under a minute")
     p.add_argument("--moe", action="store_true", help="Phi-3.5-MoE shapes, cut to 2 layers")
-    p.add_argument("--threads", "-t", type=int, default=2, help="threads for every engine (default 2)")
+    p.add_argument("--threads", "-t", type=thread_counts, default=[2],
+                   help="threads for every engine (default 2); several, e.g. 2,4,16: the whole bench at each, "
+                        "then a scaling table and plot (counts above the machine's cores: not measured)")
     p.add_argument("--engines", help="comma-separated rows to run (default: all; see the table for names)")
     p.add_argument("--cache-dir", default="bench-cache", help="where checkpoints and GGUFs are kept (default ./bench-cache)")
     p.add_argument("--json", help="write the results here (default: in --cache-dir)")
@@ -25,14 +27,22 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-tokens", type=int, default=16, help="decode steps timed at each context (default 16)")
 
 
-def lengths(text: str) -> list[int]:
+def counts(text: str, example: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 128,512, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected numbers like {example}, got {text!r}") from None
     if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"prompt lengths must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be >= 1, got {text!r}")
     return values
+
+
+def lengths(text: str) -> list[int]:
+    return counts(text, "128,512", "prompt lengths")
+
+
+def thread_counts(text: str) -> list[int]:
+    return counts(text, "2,4,16", "thread counts")
 
 
 def check_bench_flags(args) -> None:

@@ -2,12 +2,13 @@
 
     1. the random checkpoint (cached in --cache-dir; speed does not depend on
        the values) and, for llama.cpp, its GGUF F16 / Q8_0 / Q4_0 copies
-    2. read bandwidth (the roofline), in a worker
-    3. each engine in its own worker process, strictly one at a time
-    4. read bandwidth again: a drop says something else took the machine
-    5. the context sweep: decode speed at growing contexts (sweep.py)
-    6. with --profile, where minislm's time goes, per layer part
-    7. the tables on stdout, JSON and PNGs beside it
+    2. each engine in its own worker process, strictly one at a time, each right
+       after a read-bandwidth probe (the roofline) in a worker of its own
+    3. the context sweep: decode speed at growing contexts (sweep.py)
+    4. one more probe; with --profile, where minislm's time goes, per layer part
+    5. the tables on stdout, JSON and PNGs beside it
+With --threads 2,4,16 all of it runs once per thread count (a count above the
+machine's cores is "not measured"), then a scaling table and plot (report.py).
 
 An engine that cannot run here (not installed, not merged yet, not enough
 RAM) is a "skipped" row with its reason; one that crashes is a "failed" row;
@@ -33,7 +34,7 @@ from .measure import decode_bytes, experts_fraction
 from .random_checkpoint import (
     PHI3_MINI_4K, PHI3_TINY, PHI35_MOE_2LAYERS, PHIMOE_TINY, checkpoint_shapes, write_random_checkpoint,
 )
-from .report import plot, plot_sweep, summary
+from .report import plot, plot_scaling, plot_sweep, scaling_summary, summary
 
 # (--small, --moe) -> cache folder name and config.json
 MODELS = {
@@ -46,21 +47,47 @@ WORKER_TIMEOUT_S = {True: 300, False: 3600}  # small, full
 
 
 def run_bench(args, argv: list[str]) -> int:
+    """One run per --threads count (2,4,16: a scaling sweep), each a complete bench; with
+    several counts, the runs are written as one JSON with a scaling plot and table."""
     engines = selected_engines(args.engines)
     cache_dir = Path(args.cache_dir).expanduser()
     name, config = MODELS[(args.small, args.moe)]
-    threads = args.threads
     model = model_summary(name, config)
+    cores = available_cores()
+    counts = list(dict.fromkeys(args.threads))
+    if len(counts) == 1 and counts[0] > cores:
+        raise MinislmError(f"--threads {counts[0]}: this machine has {cores} cores; more threads than cores "
+                           "measures the scheduler, not the engines")
     checkpoint = ensure_checkpoint(cache_dir / name, config)
+    runs = []
+    for threads in counts:
+        if threads > cores:
+            progress(f"{threads} threads: not measured, this machine has {cores} cores")
+            runs.append({"settings": {"threads": threads}, "status": "not measured",
+                         "reason": f"this machine has {cores} cores"})
+            continue
+        progress(f"--- {threads} threads ---")
+        runs.append(run_at(args, argv, engines, checkpoint, cache_dir, model, threads))
+    json_path = Path(args.json) if args.json else cache_dir / f"bench-{name}.json"
+    plot_path = Path(args.plot) if args.plot else json_path.with_suffix(".png")
+    if len(counts) == 1:
+        write_outputs(runs[0], json_path, plot_path)
+    else:
+        write_sweep_outputs(runs, args, argv, model, json_path, plot_path)
+    return 0
+
+
+def run_at(args, argv, engines, checkpoint: Path, cache_dir: Path, model: dict, threads: int) -> dict:
+    """The whole bench at one thread count: every engine in its own worker, each beside
+    a read-bandwidth probe of its own; the context sweep; the profile."""
+    config = model["config"]
     loadavg_before = os.getloadavg()
     busy_before = busy_elsewhere(threads)
-
     worker = Worker(threads, WORKER_TIMEOUT_S[args.small])
-    reasons = prepare_ggufs(engines, checkpoint, cache_dir, worker, args.offline)
+    reasons = prepare_ggufs(engines, checkpoint, cache_dir, worker, args.offline)  # made once, then reused
     quantized, quantize_run = prepare_quantized(engines, checkpoint, cache_dir, worker)
     reasons.update(quantize_run.pop("reasons", {}))
-    gib = 0.5 if args.small else 2.0
-    bandwidth_before = worker.run("bandwidth", "--gib", str(gib))
+    probes = Probes(worker, 0.25 if args.small else 1.0)
     rows = []
     for i, engine in enumerate(engines, 1):
         progress(f"[{i}/{len(engines)}] {engine.name}")
@@ -68,35 +95,66 @@ def run_bench(args, argv: list[str]) -> int:
         if reason:
             rows.append({"engine": engine.name, "status": "skipped", "reason": reason})
         else:
-            rows.append(run_engine(worker, engine, quantized if engine.prequantized else checkpoint, args))
+            beside = probes.run(engine.name)
+            rows.append({**run_engine(worker, engine, quantized if engine.prequantized else checkpoint, args),
+                         "bandwidth_beside_gbs": beside.get("gbs")})
         progress(f"    {describe(rows[-1])}")
-    sweeps = sweep_engines(worker, args, engines, rows, checkpoint)
-    bandwidth_after = worker.run("bandwidth", "--gib", str(gib))
+    sweeps = sweep_engines(worker, args, engines, rows, checkpoint, probes)
+    probes.run("after the engines")
     profiles = profile_engines(worker, rows, checkpoint, args) if args.profile else []
-
-    results = {
+    return {
         "command": "python -m minislm " + shlex.join(argv),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {**machine(loadavg_before), "other_load_at_start": busy_before},
         "model": model,
         "settings": {"threads": threads, "prompt_lengths": args.prompt_lengths, "new_tokens": args.new_tokens,
                      "contexts": args.contexts, "sweep_tokens": args.sweep_tokens},
-        "bandwidth": {"before": bandwidth_before, "after": bandwidth_after,
-                      "roofline_gbs": max((b.get("gbs") or 0) for b in (bandwidth_before, bandwidth_after)) or None},
+        "bandwidth": probes.summary(),
         "engines": rows,
         "quantize": quantize_run,
         "sweeps": sweeps,
         "profiles": profiles,
     }
-    json_path = Path(args.json) if args.json else cache_dir / f"bench-{name}.json"
-    write_outputs(results, json_path, Path(args.plot) if args.plot else json_path.with_suffix(".png"))
-    return 0
+
+
+class Probes:
+    """The read-bandwidth probe (bandwidth.py), run in its own worker beside each
+    measured row, so every row has the machine's bandwidth of its own moment.
+
+    The roofline the goals use is the highest probe of the run: the most this
+    machine has been seen to read at this thread count. Judging every row against
+    the highest keeps a goal from being met because the host was slow while its
+    row ran (a lower probe would flatter the row), and an engine streaming faster
+    than it (the check in report.py) means the probe failed, not the engine won.
+    """
+
+    def __init__(self, worker, gib: float):
+        self.worker, self.gib, self.done = worker, gib, []
+
+    def run(self, beside: str) -> dict:
+        probe = {"beside": beside, **self.worker.run("bandwidth", "--gib", str(self.gib))}
+        self.done.append(probe)
+        return probe
+
+    def summary(self) -> dict:
+        ok = [p for p in self.done if p.get("gbs")]
+        best = max(ok, key=lambda p: p["gbs"], default=None)
+        return {
+            "roofline_gbs": best["gbs"] if best else None,
+            "roofline_from": {k: best[k] for k in ("beside", "method", "method_threads")} if best else None,
+            "spread_gbs": [min(p["gbs"] for p in ok), best["gbs"]] if ok else None,
+            "probes": self.done,
+        }
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 DEFAULT_SWEEP = ["minislm-int4-g128", "llama.cpp-Q4_0", "transformers-bf16"]
 
 
-def sweep_engines(worker, args, engines, rows, checkpoint: Path) -> list[dict]:
+def sweep_engines(worker, args, engines, rows, checkpoint: Path, probes=None) -> list[dict]:
     """The context sweep of each chosen engine that ran in the table (one worker each)."""
     if args.sweep_engines == "none":
         return []
@@ -112,7 +170,8 @@ def sweep_engines(worker, args, engines, rows, checkpoint: Path) -> list[dict]:
             continue
         progress(f"context sweep {name}: {', '.join(map(str, args.contexts))}")
         extra = model_file_args(engine, checkpoint)
-        results.append({"engine": name, **worker.run(
+        beside = probes.run(f"sweep {name}") if probes else {}
+        results.append({"engine": name, "bandwidth_beside_gbs": beside.get("gbs"), **worker.run(
             "sweep", "--engine", name, "--checkpoint", str(checkpoint), *extra,
             "--contexts", ",".join(map(str, args.contexts)), "--new-tokens", str(args.sweep_tokens))})
         progress(f"    {describe_sweep(results[-1])}")
@@ -151,6 +210,37 @@ def write_outputs(results: dict, json_path: Path, plot_path: Path) -> None:
     print(f"\nJSON: {json_path}\n" + (f"plot: {plot_path}" if not why_no_plot else f"plot skipped: {why_no_plot}"))
     if results.get("sweeps"):
         print(f"sweep plot: {sweep_path}" if not why_no_sweep_plot else f"sweep plot skipped: {why_no_sweep_plot}")
+
+
+def write_sweep_outputs(runs: list[dict], args, argv, model: dict, json_path: Path, plot_path: Path) -> None:
+    """Several thread counts: each run's plots beside the JSON (`-t4` in their names),
+    the scaling plot (tok/s against threads), one JSON, then every table."""
+    for run in runs:
+        if run.get("status") == "not measured":
+            continue
+        stem = plot_path.with_name(f"{plot_path.stem}-t{run['settings']['threads']}{plot_path.suffix}")
+        run["plot"] = None if plot(run, stem) else str(stem)
+        sweep_path = stem.with_name(stem.stem + "-sweep" + stem.suffix)
+        run["sweep_plot"] = None if plot_sweep(run, sweep_path) else str(sweep_path)
+    results = {
+        "command": "python -m minislm " + shlex.join(argv),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "model": model,
+        "thread_counts": [run["settings"]["threads"] for run in runs],
+        "runs": runs,
+    }
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    why_no_plot = plot_scaling(results, plot_path)
+    results["scaling_plot"] = None if why_no_plot else str(plot_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    for run in runs:
+        if run.get("status") == "not measured":
+            print(f"## {run['settings']['threads']} threads: not measured ({run['reason']})\n")
+        else:
+            print(summary(run) + "\n")
+    print(scaling_summary(results))
+    print(f"\nJSON: {json_path}\n" + (f"scaling plot: {plot_path}" if not why_no_plot else f"scaling plot skipped: {why_no_plot}"))
 
 
 def busy_elsewhere(threads: int, seconds: float = 1.0) -> float | None:

@@ -1,7 +1,8 @@
 """One measurement in a fresh process: `python -m minislm.bench.worker JOB ...`.
 
 The orchestrator starts one worker per engine, one at a time, so each engine
-gets its own memory (peak RSS is the worker's own `ru_maxrss`), its own
+gets its own memory (peak RSS is the worker's own `VmHWM`, not `ru_maxrss`,
+which exec() hands down from the parent: commands.peak_memory_bytes), its own
 libraries and thread pools, and nothing of the previous engine in its heap.
 The worker prints exactly one JSON line on stdout; everything the engines
 print goes to stderr.
@@ -15,7 +16,7 @@ Jobs:
     engine     load one engine and time it (measure.py)
     sweep      decode speed of one engine at growing contexts (sweep.py)
     profile    per-part time of a minislm engine's forward (profile.py)
-    bandwidth  the streaming-read roofline (bandwidth.py)
+    bandwidth  the read-bandwidth probe (bandwidth.py), run beside every row
     quantize   F16 GGUF -> Q8_0 / Q4_0 with llama.cpp's quantizer
     minislm-quantize   `python -m minislm quantize` of the checkpoint, timed
 """
@@ -67,7 +68,7 @@ def run_engine(args) -> dict:
         **result,
         "weight_bytes": sum(loaded.tensor_bytes.values()),
         "decode_bytes_per_token": decode_bytes(loaded.tensor_bytes, config["vocab_size"], experts_read),
-        "peak_rss_bytes": peak_memory_bytes(),  # this worker's ru_maxrss
+        "peak_rss_bytes": peak_memory_bytes(),  # this worker's own VmHWM
         "info": loaded.info,
     }
 
