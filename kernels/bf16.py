@@ -106,7 +106,7 @@ class Bf16Weight(OneArrayWeight):
             return bf16dot.matmul(self.bits, x)
         if x.shape[0] == 1:
             out = np.empty((1, self.shape[0]), np.float32)
-            gemv(self.bits, x[0], out[0])
+            gemv(self.bits, x, out)
             return out
         return self.gemm(x, path)
 

@@ -229,7 +229,9 @@ def test_readme_python_api_example_runs_as_written(capsys):
     printed = capsys.readouterr().out
     model, ids = namespace["model"], namespace["ids"]
     generated = list(model.generate(ids, max_new_tokens=40))
-    assert printed == model.tokenizer.decode(generated) + "\n"
+    logprob_lines = "".join(f"{e.token} {e.logprob} {e.top}\n" for e in model.generate(ids, 5, logprobs=3))
+    assert printed == model.tokenizer.decode(generated) + "\n" + logprob_lines
+    assert namespace["fast"] == generated and len(logprob_lines.splitlines()) == 5
     assert printed.count(" ") >= 5
     assert len(namespace["sampled"]) >= 1
 
