@@ -13,9 +13,10 @@ from .bench.cli import add_bench_arguments, run_bench_command
 from .commands import run_chat, run_generate, run_quantize
 from .errors import MinislmError
 from .flags import (
-    Command, add_audio_flag, add_group_flags, add_lora_flags, add_model_flags, add_num_crops_flag, add_quant_flags,
-    add_sampling_flags, add_speculation_flags, check_flags,
+    Command, add_audio_flag, add_group_flags, add_hide_reasoning_flag, add_lora_flags, add_model_flags,
+    add_num_crops_flag, add_quant_flags, add_sampling_flags, add_speculation_flags, check_flags,
 )
+from .openai_api import REASONING_FORMATS
 from .perplexity import run_perplexity
 from .serve import MAX_BATCH, PREFILL_CHUNK, run_serve
 from .verify import run_verify
@@ -34,6 +35,7 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--system", help="system message for the chat template")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    add_hide_reasoning_flag(gen)
     gen.add_argument("--show-experts", action="store_true", help="PhiMoE: print the experts each generated token used, per layer (stderr)")
     gen.add_argument("--save-experts", metavar="FILE", help="PhiMoE: save the experts and weights of every generated token as JSON")
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
@@ -63,6 +65,7 @@ def add_chat_flags(chat: argparse.ArgumentParser) -> None:
     chat.add_argument("--system", help="system message")
     chat.add_argument("--ctx-size", type=int, default=4096, help="KV cache size in tokens (default 4096)")
     chat.add_argument("--show-experts", action="store_true", help="PhiMoE: after each reply, print the experts each of its tokens used, per layer (stderr)")
+    add_hide_reasoning_flag(chat)
     add_num_crops_flag(chat)
     add_lora_flags(chat)
     add_sampling_flags(chat)
@@ -80,6 +83,10 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
                        help=f"requests decoding together, each with its own --ctx-size KV cache; more wait (default {MAX_BATCH})")
     serve.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                        help=f"prompt tokens fed per step while other requests decode (default {PREFILL_CHUNK})")
+    serve.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="deepseek",
+                       help="chat replies that open with <think>: deepseek puts the thinking in the message's "
+                            "reasoning_content and the answer in content (default); none leaves the raw text in "
+                            "content")
     add_speculation_flags(serve)
 
 

@@ -1,11 +1,13 @@
 """What `generate`, `chat` and `quantize` do once their flags are parsed and checked."""
 
 import argparse
+import itertools
 import json
 import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from .load import bundled_model, load
 from .media_commands import ChatMedia, apply_lora_flags, check_reads_audio, encode_multimodal_prompt, process_audios
 from .moe import routing_per_token
 from .quantize import save_quantized
+from .reasoning import THINK_CLOSE, ReasoningStream, prompt_opens_thinking, split_reasoning
 from .logprobs import Logprobs, token_text
 from .runtime import (
     beam_search, generate_ids, json_grammar, make_drafter, make_sampler, reuse_cached_prefix, sampling_settings,
@@ -123,17 +126,19 @@ def grammar_for(args, model, schema):
         raise MinislmError(f"--json-schema {args.json_schema}: {e}") from None
 
 
-def prompt_ids(model, prompt: str, system: str | None, use_template: bool) -> list[int]:
+def prompt_ids(model, prompt: str, system: str | None, use_template: bool) -> tuple[list[int], str]:
+    """The prompt's ids, and the text they encode: the chat template's output, or the
+    prompt as it is."""
     tokenizer = model.tokenizer
     if not use_template or not tokenizer.chat_template:
         if system:
             warn("--system needs a chat template; ignoring it")
-        return tokenizer.encode(prompt)
+        return tokenizer.encode(prompt), prompt
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     text = tokenizer.render_chat(messages)
     if system and system not in text:
         warn("this model's chat template drops system messages; --system has no effect")
-    return tokenizer.encode(text, add_bos=False)
+    return tokenizer.encode(text, add_bos=False), text
 
 
 def run_generate(args) -> int:
@@ -149,6 +154,7 @@ def run_generate(args) -> int:
     if trace is not None:
         check_has_experts(model, "--show-experts" if args.show_experts else "--save-experts")
     features = None
+    opened = False  # the prompt ends inside <think> (--hide-reasoning)
     if model.config.phi4mm is not None:  # Phi-4-multimodal: pictures, sound, and the adapter they ask for
         model, ids, features = encode_multimodal_prompt(model, prompt, pictures, audios, args)
     elif model.config.vision is not None:  # Phi-3-vision: tags, placeholders and encoded images
@@ -157,11 +163,12 @@ def run_generate(args) -> int:
     else:
         check_reads_images(model, pictures)
         check_reads_audio(model, audios)
-        ids = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
+        ids, text = prompt_ids(model, prompt, args.system, use_template=not args.no_chat_template)
+        opened = prompt_opens_thinking(text)
     if args.num_beams > 1:
         if features is not None:
             raise MinislmError("--num-beams: beam search does not take images yet; use greedy or sampling with --image")
-        return run_beam_search(args, model, ids)
+        return run_beam_search(args, model, ids, opened)
     stats = GenerationStats()
     generated = []
     sampler = sampler_for(args, model)
@@ -171,7 +178,8 @@ def run_generate(args) -> int:
     tokens = generate_ids(model, ids, args.max_tokens, sampler, stats=stats, trace=trace, image_features=features,
                           grammar=grammar_for(args, model, schema), logprobs=logprobs, drafter=drafter,
                           num_draft=args.num_draft)
-    for piece in generate_text(model.tokenizer, recording(tokens, generated), args.stop, stats):
+    pieces = generate_text(model.tokenizer, recording(tokens, generated), args.stop, stats)
+    for piece in answer_only(pieces, opened) if args.hide_reasoning else pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -217,9 +225,10 @@ def encode_image_prompt(model, prompt: str, pictures: list, args):
     return image_prompt.ids, image_prompt.features
 
 
-def run_beam_search(args, model, ids) -> int:
+def run_beam_search(args, model, ids, opened: bool = False) -> int:
     """generate --num-beams: the search runs to its end, then the best hypotheses print
-    (one: its text alone; several: each under a header with its score)."""
+    (one: its text alone; several: each under a header with its score). With
+    --hide-reasoning, each one's answer alone."""
     stats = BeamStats()
     try:
         hypotheses = beam_search(
@@ -234,7 +243,10 @@ def run_beam_search(args, model, ids) -> int:
     for n, hypothesis in enumerate(hypotheses, 1):
         if len(hypotheses) > 1:
             print(f"=== {n} of {len(hypotheses)}, score {hypothesis.score:.4f} ===")
-        print(model.tokenizer.decode(list(hypothesis.ids)), flush=True)
+        text = model.tokenizer.decode(list(hypothesis.ids))
+        if args.hide_reasoning:
+            text = "".join(answer_only([text], opened))
+        print(text, flush=True)
     best = hypotheses[0]
     steps_per_second = stats.forwards / stats.search_seconds if stats.search_seconds else 0.0
     parts = [
@@ -262,16 +274,34 @@ def print_logprobs(logprobs: Logprobs, tokenizer, file=None) -> None:
         print(line, file=file)
 
 
+def answer_only(pieces, opened: bool) -> Iterator[str]:
+    """--hide-reasoning: the answer of a reply streamed in `pieces`, without the <think>
+    section before it (minislm/reasoning.py). Once the thinking is over, one line on
+    stderr says how much of it was hidden; a reply with no think section passes unchanged.
+    `opened`: the prompt ended with <think>, so the reply starts inside it."""
+    stream, hidden, told = ReasoningStream(opened), 0, False
+    for piece in itertools.chain(pieces, [None]):  # None: the reply has ended
+        reasoning, answer = stream.add(piece) if piece is not None else stream.flush()
+        hidden += len(reasoning)
+        if stream.thought and not told and (answer or piece is None):
+            told = True
+            unclosed = f"; the reply ended before {THINK_CLOSE}, so it has no answer" if stream.thinking else ""
+            print(f"[reasoning hidden: {hidden} characters{unclosed}]", file=sys.stderr, flush=True)
+        if answer:
+            yield answer
+
+
 def routing_recorder() -> Recorder:
     """A recorder that keeps only what --show-experts / --save-experts print."""
     return Recorder(names=("experts", "expert_weights"))
 
 
-def recording(tokens, into: list):
-    """Pass `tokens` through, appending each to `into` (the ids behind the text)."""
-    for token in tokens:
-        into.append(token)
-        yield token
+def recording(items, into: list):
+    """Pass `items` through, appending each to `into` (the ids behind the text, the
+    pieces of a reply)."""
+    for item in items:
+        into.append(item)
+        yield item
 
 
 def check_has_experts(model, flag: str) -> None:
@@ -395,7 +425,11 @@ def run_chat(args) -> int:
             continue
         images.sent()
         turn_model = images.model_for_turn(cache)  # Phi-4-multimodal: the conversation's adapter
-        reply, stats, keep, routing = chat_turn(turn_model, cache, sampler, ids, features, args, capacity, drafter)
+        # --hide-reasoning: whether the template began the reply inside <think>. The whole
+        # reply, thinking included, stays in the conversation (the cache holds its tokens).
+        opened = args.hide_reasoning and prompt_opens_thinking(tokenizer.render_chat(messages))
+        reply, stats, keep, routing = chat_turn(turn_model, cache, sampler, ids, features, args, capacity, drafter,
+                                                opened)
         messages.append({"role": "assistant", "content": reply})
         if routing is not None:
             print_expert_trace(routing, model)
@@ -407,13 +441,15 @@ def run_chat(args) -> int:
                   "/clear to start over]", file=sys.stderr)
 
 
-def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: int, drafter=None):
-    """One reply, streamed; Ctrl-C stops it and keeps what was said so far.
+def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: int, drafter=None,
+              opened: bool = False):
+    """One reply, streamed; Ctrl-C stops it and keeps what was said so far. With
+    --hide-reasoning only its answer is printed (`opened`: the prompt ended with <think>).
 
     The cache stays consistent when a forward is interrupted: its length moves only
     after a whole forward (KVCache.advance), so the next turn reuses what is complete.
     `features`: the encoded images of the conversation's placeholders (Phi-3-vision), or None.
-    Returns the reply's text, its statistics, how many cached tokens were reused, and
+    Returns the reply's whole text, its statistics, how many cached tokens were reused, and
     (with --show-experts) the routing of each generated token.
     """
     # Reuse the cache for the longest prefix it shares with the new conversation (the
@@ -428,8 +464,8 @@ def chat_turn(model, cache, sampler, ids: list[int], features, args, capacity: i
     try:
         tokens = generate_ids(model, ids[keep:], max_new, sampler, cache=cache, history=ids[:keep], stats=stats,
                               trace=trace, image_features=new_features, drafter=drafter, num_draft=args.num_draft)
-        for piece in generate_text(model.tokenizer, recording(tokens, generated), (), stats):
-            reply.append(piece)
+        pieces = recording(generate_text(model.tokenizer, recording(tokens, generated), (), stats), reply)
+        for piece in answer_only(pieces, opened) if args.hide_reasoning else pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:

@@ -66,6 +66,12 @@ def add_audio_flag(p: argparse.ArgumentParser) -> None:
                         "<|audio_1|> ... in the prompt place them)")
 
 
+def add_hide_reasoning_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hide-reasoning", action="store_true",
+                   help="reasoning models: print only the answer, not the <think> section before it (stderr says "
+                        "how much was hidden)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Unset flags fall back to the model's generation_config.json (as in transformers),
     and to greedy decoding when it does not ask for sampling."""

@@ -28,6 +28,14 @@ schema, minislm/grammar.py), `logprobs`/`top_logprobs` (chat) and `logprobs` (le
 completions, an integer), and `prediction` (text the reply is expected to repeat: its
 tokens become guesses for speculative decoding, and `usage.completion_tokens_details`
 counts the accepted and rejected ones, as OpenAI's predicted outputs do).
+
+Reasoning models (Phi-4-reasoning, Phi-4-mini-reasoning) think between `<think>` and
+`</think>` before they answer. A chat reply that has such a section comes back split,
+as llama-server and DeepSeek's API return it: the thinking in the message's
+`reasoning_content`, the answer in `content` (streamed: `delta.reasoning_content`
+chunks, then `delta.content` chunks). A reply without one has no `reasoning_content`
+key at all. `reasoning_format: "none"` in a request (or `serve --reasoning-format none`)
+keeps the raw text in `content`; `/v1/completions` always returns the raw text.
 """
 
 from dataclasses import dataclass
@@ -44,6 +52,9 @@ MESSAGE_ROLES = ("system", "developer", "user", "assistant")
 # OpenAI's bounds: top_logprobs 0..20 in chat, logprobs 0..5 in completions.
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+# How a chat reply's <think> section comes back (llama-server's --reasoning-format names):
+# "deepseek": in reasoning_content, apart from the answer; "none": left in content.
+REASONING_FORMATS = ("deepseek", "none")
 
 # Fields whose listed values ask for nothing beyond plain text generation. null
 # (None) is always neutral. Any other value is refused: minislm does not do it.
@@ -114,6 +125,7 @@ class ApiRequest:
     top_logprobs: int = 0  # ... and this many most likely alternatives
     json_schema: dict | None = None  # response_format: the reply must be valid under this schema
     prediction: str | None = None  # text the reply is expected to repeat (speculative guesses)
+    reasoning_format: str | None = None  # chat: one of REASONING_FORMATS; None: the server's
 
     def sampling(self) -> dict:
         """The keyword arguments of `commands.sampling_settings`."""
@@ -136,7 +148,9 @@ def parse_chat_request(body) -> ApiRequest:
     if top and not logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     return ApiRequest(chat=True, messages=parse_messages(body.get("messages")), max_tokens=max_tokens,
-                      max_tokens_field=name, logprobs=logprobs, top_logprobs=top or 0, **common_fields(body))
+                      max_tokens_field=name, logprobs=logprobs, top_logprobs=top or 0,
+                      reasoning_format=parse_reasoning_format(field(body, "reasoning_format", str)),
+                      **common_fields(body))
 
 
 def parse_completion_request(body) -> ApiRequest:
@@ -191,6 +205,17 @@ def common_fields(body: dict) -> dict:
                 seed=seed, stop=parse_stop(body.get("stop")), stream=stream, include_usage=include_usage and stream,
                 json_schema=parse_response_format(body.get("response_format")),
                 prediction=parse_prediction(body.get("prediction")), n=n or 1)
+
+
+def parse_reasoning_format(value: str | None) -> str | None:
+    """llama-server's per-request `reasoning_format`: "none", "deepseek", or "auto" (and
+    null): the server's own setting."""
+    if value is None or value == "auto":
+        return None
+    if value not in REASONING_FORMATS:
+        raise ApiError(400, f"reasoning_format must be auto, {' or '.join(REASONING_FORMATS)}, got {value!r:.40}",
+                       param="reasoning_format")
+    return value
 
 
 def parse_response_format(value) -> dict | None:
@@ -397,14 +422,17 @@ def choice_logprobs(request: ApiRequest, tokens: list[TokenInfo] | None) -> dict
 
 
 def completion(request: ApiRequest, response_id: str, created: int, model: str, texts: list[str],
-               reasons: list[str], counts: dict, tokens: list[list[TokenInfo] | None] | None = None) -> dict:
+               reasons: list[str], counts: dict, tokens: list[list[TokenInfo] | None] | None = None,
+               reasonings: list[str | None] | None = None) -> dict:
     """The whole answer of a non-streamed request: one choice per text (n of them);
-    `tokens[i]` for choice i's logprobs."""
+    `tokens[i]` for choice i's logprobs; `reasonings[i]` for a chat choice's thinking
+    (None: it had no think section, and its message no reasoning_content)."""
     tokens = tokens or [None] * len(texts)
+    reasonings = reasonings or [None] * len(texts)
     if request.chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+        choices = [{"index": i, "message": assistant_message(text, reasoning),
                     "logprobs": choice_logprobs(request, toks), "finish_reason": reason}
-                   for i, (text, reason, toks) in enumerate(zip(texts, reasons, tokens))]
+                   for i, (text, reason, toks, reasoning) in enumerate(zip(texts, reasons, tokens, reasonings))]
         kind = "chat.completion"
     else:
         choices = [{"index": i, "text": text, "logprobs": choice_logprobs(request, toks), "finish_reason": reason}
@@ -414,15 +442,27 @@ def completion(request: ApiRequest, response_id: str, created: int, model: str, 
             "usage": counts}
 
 
+def assistant_message(text: str, reasoning: str | None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    return message
+
+
 def chunk(request: ApiRequest, response_id: str, created: int, model: str, text: str | None = None,
           reason: str | None = None, first: bool = False, index: int = 0,
-          tokens: list[TokenInfo] | None = None) -> dict:
-    """One server-sent event of a streamed answer: new text of choice `index`, or (with
-    `reason`) its end. A chat stream's first chunk carries the assistant role, as OpenAI's
-    does. `tokens`: the logprobs of that choice's tokens read since its previous chunk."""
+          tokens: list[TokenInfo] | None = None, reasoning: str | None = None) -> dict:
+    """One server-sent event of a streamed answer: new text of choice `index` (`reasoning`:
+    new text of its thinking), or (with `reason`) its end. A chat stream's first chunk
+    carries the assistant role, as OpenAI's does. `tokens`: the logprobs of that choice's
+    tokens read since its previous chunk."""
     logprobs = choice_logprobs(request, tokens) if not first else None
     if request.chat:
-        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+        delta = {"role": "assistant", "content": ""} if first else {}
+        if reasoning is not None:
+            delta["reasoning_content"] = reasoning
+        if text is not None and not first:
+            delta["content"] = text
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         kind = "chat.completion.chunk"
     else:

@@ -20,7 +20,9 @@ thinking) is all reasoning. Where a chat template itself ends the prompt with
 
 Two forms with one meaning: `split_reasoning` for a whole text, and
 `ReasoningStream` for text arriving in pieces, where a tag may be cut anywhere
-("</th" + "ink>"): it holds back a tail that could still become a tag.
+("</th" + "ink>"): it holds back a tail that could still become a tag. Their users:
+`generate --hide-reasoning` and `chat --hide-reasoning` (minislm/commands.py), and
+the server's `reasoning_content` (minislm/serve.py).
 """
 
 THINK_OPEN = "<think>"
@@ -38,10 +40,17 @@ def split_reasoning(text: str, opened: bool = False) -> tuple[str, str]:
     return reasoning, answer.lstrip() if closed else ""
 
 
+def has_thinking(text: str, opened: bool = False) -> bool:
+    """Whether a reply has a think section at all (it may be empty, or never closed):
+    what decides if an answer carries a `reasoning_content`."""
+    return opened or text.lstrip().startswith(THINK_OPEN)
+
+
 def prompt_opens_thinking(prompt: str) -> bool:
-    """True when the rendered prompt already ends inside `<think>`."""
-    head, opened, tail = prompt.rpartition(THINK_OPEN)
-    return bool(opened) and THINK_CLOSE not in tail
+    """True when the rendered prompt ends with `<think>` (whitespace after it aside):
+    the chat template began the reply inside the thinking. Only the end counts: a user
+    message that mentions `<think>` earlier in the prompt opens nothing."""
+    return prompt.rstrip().endswith(THINK_OPEN)
 
 
 class ReasoningStream:
@@ -53,6 +62,7 @@ class ReasoningStream:
     def __init__(self, opened: bool = False):
         self.state = "reasoning" if opened else "start"  # start -> reasoning -> closing -> answer
         self.held = ""
+        self.thought = opened  # a think section was opened (by the prompt or the reply)
 
     def add(self, piece: str) -> tuple[str, str]:
         self.held += piece
@@ -62,6 +72,7 @@ class ReasoningStream:
                 stripped = self.held.lstrip()
                 if stripped.startswith(THINK_OPEN):
                     self.state, self.held = "reasoning", stripped[len(THINK_OPEN):]
+                    self.thought = True
                 elif THINK_OPEN.startswith(stripped):  # whitespace, or "<thi": wait and see
                     break
                 else:
@@ -84,6 +95,11 @@ class ReasoningStream:
                 answer.append(self.held)
                 self.held = ""
         return "".join(reasoning), "".join(answer)
+
+    @property
+    def thinking(self) -> bool:
+        """Inside the think section: it was opened and has not closed (yet, or ever)."""
+        return self.state == "reasoning"
 
     def flush(self) -> tuple[str, str]:
         """Whatever is held back at the end of the reply."""

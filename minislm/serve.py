@@ -28,6 +28,10 @@ request: the next one keeps the longest prefix it shares with what is cached, so
 chat follow-up whose messages extend the previous ones feeds only the new turn
 through the model, as `minislm chat` does (the `X-Minislm-Reused-Tokens` header and
 `usage.prompt_tokens_details.cached_tokens` say how many tokens were reused).
+
+A reasoning model's chat reply is split into its thinking and its answer on the way
+out (`reasoning_content` and `content`, minislm/reasoning.py), each choice on its own;
+the tokens and the cache are the same either way.
 """
 
 import hmac
@@ -58,6 +62,7 @@ from .load import BUNDLED_MODEL
 from .logprobs import Logprobs, token_bytes, token_text
 from .runtime import json_grammar, make_drafter, sampling_settings
 from .openai_api import ApiError, ApiRequest, TokenInfo
+from .reasoning import ReasoningStream, has_thinking, prompt_opens_thinking, split_reasoning
 from .tokenizer import StreamingDetokenizer
 
 # A request body larger than this is refused (413). 8 MiB holds a 128k-token prompt
@@ -115,6 +120,7 @@ class ServeSettings:
     speculate: str | None = None  # "lookup": speculative decoding with prompt lookup for every request
     draft_model: object = None  # a loaded Model: speculative decoding with it for every request
     num_draft: int = 4
+    reasoning_format: str = "deepseek"  # one of REASONING_FORMATS: chat replies' <think> section apart, or not
 
 
 # ---------------------------------------------------------------- the model side
@@ -132,6 +138,8 @@ class Job:
     reasons: list[str] = field(default_factory=list)  # why each choice ended ("" while it runs)
     generated: list[int] = field(default_factory=list)  # tokens behind each choice's text
     speculative: bool = False  # decoded with a drafter: the usage reports its guesses
+    split_reasoning: bool = False  # a chat reply's <think> section goes to reasoning_content
+    opened: bool = False  # the chat template ended the prompt with <think>: replies start inside it
 
     def __post_init__(self):
         self.reasons = [""] * self.batch.n
@@ -186,7 +194,7 @@ class ServedModel:
     def prepare(self, request: ApiRequest) -> Job:
         """Tokenize and check a request against the context; needs no slot (only the
         tokenizer, which is safe to share between threads)."""
-        ids = self.prompt_ids(request)
+        ids, opened = self.prompt_ids(request)
         if not ids:
             raise ApiError(400, "the prompt is empty (no tokens)", param="prompt")
         if len(ids) >= self.capacity:
@@ -219,7 +227,9 @@ class ServedModel:
                            "follows one sequence; ask for n = 1", param="n")
         batch = Request(ids, max_new_tokens, settings, request.seed, request.n, grammar=grammar,
                         top_logprobs=top_logprobs, drafter=drafter, num_draft=self.settings.num_draft)
-        return Job(request, ids, batch, speculative=drafter is not None)
+        reasoning_format = request.reasoning_format or self.settings.reasoning_format
+        return Job(request, ids, batch, speculative=drafter is not None,
+                   split_reasoning=request.chat and reasoning_format != "none", opened=opened)
 
     def drafter(self, prediction: list[int]):
         """What makes a request's guesser from its sampler: speculative decoding as `serve
@@ -239,19 +249,22 @@ class ServedModel:
         except Busy as e:
             raise ApiError(503, f"server busy: {e}; retry later", kind="server_error", code="server_busy") from None
 
-    def prompt_ids(self, request: ApiRequest) -> list[int]:
+    def prompt_ids(self, request: ApiRequest) -> tuple[list[int], bool]:
         """Chat: the model's chat template (rendered in the tokenizer's sandbox), as
         `minislm generate`/`chat` do. Completions: the text as is (BOS per the
-        tokenizer config), as `minislm generate --no-chat-template` does; or ids."""
+        tokenizer config), as `minislm generate --no-chat-template` does; or ids.
+        With the ids: whether a chat template ended the prompt with <think>."""
         tokenizer = self.model.tokenizer
         try:
             if request.chat:
                 if not tokenizer.chat_template:
                     raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
-                return self.encode(tokenizer.render_chat(list(request.messages)), request, add_bos=False)
+                text = tokenizer.render_chat(list(request.messages))
+                return self.encode(text, request, add_bos=False), prompt_opens_thinking(text)
             if isinstance(request.prompt, str):
-                return self.encode(request.prompt, request, add_bos=tokenizer.add_bos and tokenizer.bos_id is not None)
-            return self.checked_ids(request)
+                add_bos = tokenizer.add_bos and tokenizer.bos_id is not None
+                return self.encode(request.prompt, request, add_bos=add_bos), False
+            return self.checked_ids(request), False
         except MinislmError as e:
             raise ApiError(400, str(e), param="messages" if request.chat else "prompt") from None
 
@@ -528,8 +541,11 @@ class Handler(BaseHTTPRequestHandler):
             reasons = [api.finish_reason(r) for r in job.reasons]
             tokens = [LogprobReader(served.model.tokenizer, c.logprobs).take(job.generated[c.index])
                       for c in job.batch.choices]
+            reasonings = None
+            if job.split_reasoning:
+                reasonings, texts = split_replies(texts, job.opened)
             self.send_json(200, api.completion(request, new_id(request), int(time.time()), self.server.settings.model_id,
-                                               texts, reasons, counts(job), tokens),
+                                               texts, reasons, counts(job), tokens, reasonings),
                            {"X-Minislm-Reused-Tokens": str(job.reused)})
             return 200
         finally:
@@ -605,16 +621,21 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.headers_sent = True
         logprobs = [LogprobReader(self.server.served.model.tokenizer, c.logprobs) for c in job.batch.choices]
+        thinking = [ReasoningStream(job.opened) for _ in range(request.n)] if job.split_reasoning else None
         try:
             if request.chat:
                 for i in range(request.n):
                     self.send_event(api.chunk(request, response_id, created, model_id, first=True, index=i))
             for i, text in self.pieces(job):
-                reason = None if text is not None else api.finish_reason(job.reasons[i])
                 if job.disconnected:
                     break
-                self.send_event(api.chunk(request, response_id, created, model_id, text=text, reason=reason, index=i,
-                                          tokens=logprobs[i].take(job.generated[i])))
+                for reasoning, answer in delta_parts(thinking[i] if thinking else None, text):
+                    self.send_event(api.chunk(request, response_id, created, model_id, text=answer, reasoning=reasoning,
+                                              index=i, tokens=logprobs[i].take(job.generated[i])))
+                if text is None:
+                    self.send_event(api.chunk(request, response_id, created, model_id, index=i,
+                                              reason=api.finish_reason(job.reasons[i]),
+                                              tokens=logprobs[i].take(job.generated[i])))
             if job.disconnected:
                 self.close_connection = True
                 return
@@ -802,6 +823,27 @@ def parse_json(body: bytes):
         raise ApiError(400, "invalid JSON in the request body: nested too deeply") from None
 
 
+def split_replies(texts: list[str], opened: bool) -> tuple[list[str | None], list[str]]:
+    """Each chat reply as (its thinking, or None without a think section; its answer)."""
+    reasonings, answers = [], []
+    for text in texts:
+        reasoning, answer = split_reasoning(text, opened) if has_thinking(text, opened) else (None, text)
+        reasonings.append(reasoning)
+        answers.append(answer)
+    return reasonings, answers
+
+
+def delta_parts(thinking: ReasoningStream | None, text: str | None) -> list[tuple[str | None, str | None]]:
+    """The chunks a piece of a choice's text becomes, as (reasoning, answer) with one of
+    the two set: the piece as it is without `thinking`; with it, what the piece settles of
+    the thinking, then of the answer (`text` None: the choice has ended, so whatever was
+    held back). A piece that may still be part of a tag becomes no chunk yet."""
+    if thinking is None:
+        return [(None, text)] if text is not None else []
+    reasoning, answer = thinking.add(text) if text is not None else thinking.flush()
+    return [part for part in ((reasoning, None), (None, answer)) if part[0] or part[1]]
+
+
 def new_id(request: ApiRequest) -> str:
     return ("chatcmpl-" if request.chat else "cmpl-") + secrets.token_hex(12)
 
@@ -896,7 +938,7 @@ def run_serve(args) -> int:
     settings = ServeSettings(host=args.host, port=args.port, api_key=args.api_key, model_id=model_id(args),
                              ctx_size=args.ctx_size, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                              speculate=args.speculate, draft_model=load_draft_model(args, model),
-                             num_draft=args.num_draft)
+                             num_draft=args.num_draft, reasoning_format=args.reasoning_format)
     try:
         server = Server(model, settings)
     except OSError as e:

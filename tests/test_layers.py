@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("foundation", ["minislm.errors", "minislm.config", "minislm.phi3small_config", "minislm.vision.config",
                     "minislm.multimodal.config", "minislm.sampling", "minislm.logprobs", "minislm.grammar", "minislm.trace",
-                    "minislm.hub", "minislm.text_input", "minislm.compile_notice", "minislm.chat_sandbox"]),
+                    "minislm.hub", "minislm.text_input", "minislm.compile_notice", "minislm.chat_sandbox",
+                    "minislm.reasoning"]),
     ("storage and kernels", ["minislm.kernels", "minislm.weights", "minislm.streaming", "minislm.cache",
                              "minislm.tokenizer", "minislm.tiktoken_bpe", "minislm.formats"]),
     ("model math", ["minislm.model", "minislm.moe", "minislm.blocksparse", "minislm.lora"]),

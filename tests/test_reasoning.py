@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minislm.reasoning import ReasoningStream, prompt_opens_thinking, split_reasoning
+from minislm.reasoning import ReasoningStream, has_thinking, prompt_opens_thinking, split_reasoning
 
 
 @pytest.mark.parametrize(
@@ -64,3 +64,26 @@ def test_a_prompt_that_ends_inside_think():
     assert prompt_opens_thinking("<|im_start|>assistant<|im_sep|><think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant<|im_sep|>")
     assert not prompt_opens_thinking("<think>old</think><|im_start|>assistant<|im_sep|>")
+    assert not prompt_opens_thinking("<|user|>what does <think> mean?<|end|><|assistant|>")  # only the end counts
+    assert prompt_opens_thinking("<｜Assistant｜><think>\n")
+
+
+@pytest.mark.parametrize(
+    "text, opened, expected",
+    [("<think></think>answer", False, True), ("\n <think>unclosed", False, True), ("answer <think>", False, False),
+     ("", False, False), ("", True, True), ("answer", True, True)],
+)
+def test_has_thinking_tells_an_empty_section_from_none(text, opened, expected):
+    assert has_thinking(text, opened) == expected
+    s = ReasoningStream(opened)
+    s.add(text)
+    s.flush()
+    assert s.thought == expected
+
+
+def test_the_stream_says_whether_it_is_still_thinking():
+    s = ReasoningStream()
+    s.add("<think>still")
+    assert s.thought and s.thinking
+    s.add("</think> done")
+    assert s.thought and not s.thinking
