@@ -57,6 +57,7 @@ from .generate import GenerationStats, TextStream
 from .load import BUNDLED_MODEL
 from .logprobs import Logprobs, token_bytes, token_text
 from .runtime import json_grammar, make_drafter, sampling_settings
+from .serve_media import media_prompt
 from .openai_api import ApiError, ApiRequest, TokenInfo
 from .tokenizer import StreamingDetokenizer
 
@@ -185,8 +186,10 @@ class ServedModel:
 
     def prepare(self, request: ApiRequest) -> Job:
         """Tokenize and check a request against the context; needs no slot (only the
-        tokenizer, which is safe to share between threads)."""
-        ids = self.prompt_ids(request)
+        tokenizer, which is safe to share between threads, and for pictures and sounds
+        the encoders, which only read the weights)."""
+        media = self.media_prompt(request) if request.has_media else None
+        ids = media.ids if media is not None else self.prompt_ids(request)
         if not ids:
             raise ApiError(400, "the prompt is empty (no tokens)", param="prompt")
         if len(ids) >= self.capacity:
@@ -213,24 +216,31 @@ class ServedModel:
         if request.logprobs:
             top_logprobs = request.top_logprobs
         prediction = self.encode(request.prediction, request, add_bos=False) if request.prediction else []
-        drafter = self.drafter(prediction)
+        drafter = self.drafter(prediction, media is not None)
         if drafter is not None and request.n > 1:
             raise ApiError(400, f"n = {request.n}: speculative decoding (--speculate, --draft-model or a prediction) "
                            "follows one sequence; ask for n = 1", param="n")
+        if media is not None and request.n > 1:
+            raise ApiError(400, f"n = {request.n}: a request with pictures or sound decodes alone, one sequence; "
+                           "ask for n = 1", param="n")
         batch = Request(ids, max_new_tokens, settings, request.seed, request.n, grammar=grammar,
-                        top_logprobs=top_logprobs, drafter=drafter, num_draft=self.settings.num_draft)
+                        top_logprobs=top_logprobs, drafter=drafter, num_draft=self.settings.num_draft,
+                        features=None if media is None else media.features,
+                        adapter=None if media is None else media.adapter)
         return Job(request, ids, batch, speculative=drafter is not None)
 
-    def drafter(self, prediction: list[int]):
+    def drafter(self, prediction: list[int], media: bool = False):
         """What makes a request's guesser from its sampler: speculative decoding as `serve
         --speculate lookup / --draft-model` asks, or prompt lookup in the request's
-        `prediction` when it has one; None (plain decoding, batched) otherwise."""
+        `prediction` when it has one; None (plain decoding, batched) otherwise. A draft
+        model cannot see pictures or hear sounds: a request with media skips it."""
         speculate = self.settings.speculate
-        if speculate is None and self.settings.draft_model is None:
+        draft_model = None if media else self.settings.draft_model
+        if speculate is None and draft_model is None:
             if not prediction:
                 return None
             speculate = "lookup"
-        return lambda sampler: make_drafter(self.model, sampler, self.capacity, speculate, self.settings.draft_model,
+        return lambda sampler: make_drafter(self.model, sampler, self.capacity, speculate, draft_model,
                                             extra=prediction)
 
     def submit(self, job: Job) -> None:
@@ -238,6 +248,15 @@ class ServedModel:
             self.scheduler.submit(job.batch)
         except Busy as e:
             raise ApiError(503, f"server busy: {e}; retry later", kind="server_error", code="server_busy") from None
+
+    def media_prompt(self, request: ApiRequest):
+        """A chat whose messages hold pictures or sounds: ids with placeholders, their
+        vectors, and the adapter they choose (minislm/serve_media.py)."""
+        def fits(n_tokens: int) -> None:
+            if n_tokens >= self.capacity:
+                raise self.too_long(f"the prompt is {n_tokens} tokens with its pictures and sounds", request)
+
+        return media_prompt(self.model, request.messages, fits)
 
     def prompt_ids(self, request: ApiRequest) -> list[int]:
         """Chat: the model's chat template (rendered in the tokenizer's sandbox), as
@@ -325,6 +344,8 @@ class RequestLog:
         if self.job is not None:
             stats = self.job.stats
             parts.append(f"prompt {len(self.job.ids)} tokens ({self.job.reused} reused)")
+            if self.job.batch.features is not None:
+                parts.append(f"{len(self.job.batch.features)} media vectors, adapter {self.job.batch.adapter}")
             parts.append(generated(stats) if self.job.batch.n == 1 else f"generated {stats.generated_tokens} tokens "
                          f"in {self.job.batch.n} choices")
             parts.append(f"stop: {stats.stop_reason or 'none'}")
