@@ -134,21 +134,24 @@ class Request:
 
     def __init__(self, ids, max_new_tokens: int, settings: SamplingSettings, seed: int | None = None, n: int = 1,
                  grammar=None, top_logprobs: int | None = None, drafter=None, num_draft: int = 4,
-                 features=None, adapter: str | None = None):
+                 features=None, encode=None, adapter: str | None = None):
         """`grammar`: makes a fresh JSON-schema automaton (one per choice); `top_logprobs`:
         record each token's log-probability and that many alternatives (None: nothing);
         `drafter`: makes the guesser of speculative decoding from the choice's sampler
         (`runtime.make_drafter`): then the request decodes alone (n must be 1).
         `features` (k, D): the vectors of the prompt's k placeholders (pictures, sounds),
-        and `adapter` the model's LoRA adapter they call for: such a request decodes
+        or `encode`, which makes them on the scheduler's thread when the request's turn
+        comes; `adapter`: the model's LoRA adapter they call for. Such a request decodes
         alone too."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if (drafter is not None or features is not None) and n != 1:
+        media = features is not None or encode is not None
+        if (drafter is not None or media) and n != 1:
             raise ValueError(f"speculative decoding and media follow one sequence; n must be 1, got {n}")
-        if adapter is not None and features is None:
+        if adapter is not None and not media:
             raise ValueError("an adapter is chosen by a prompt's pictures or sounds: pass their features")
         self.features = features
+        self.encode = encode
         self.adapter = adapter
         self.grammar = grammar
         self.top_logprobs = top_logprobs
@@ -169,7 +172,7 @@ class Request:
     @property
     def alone(self) -> bool:
         """Speculative decoding, or media: this request decodes with nobody else."""
-        return self.drafter is not None or self.features is not None
+        return self.drafter is not None or self.features is not None or self.encode is not None
 
     def cancel(self, choice: int | None = None) -> None:
         """Stop generating for every choice, or for one."""
@@ -289,7 +292,21 @@ class Scheduler:
                 if self.waiting[0].alone and self.requests:  # it waits until the others are done
                     return
                 request = self.waiting.popleft()
-            self.start_request(request, free)
+            if self.encoded(request):
+                self.start_request(request, free)
+
+    def encoded(self, request: Request) -> bool:
+        """Run a media request's encoders, here on the model's thread, where Numba's
+        kernels run (its threading layer need not take parallel calls from two threads),
+        now that the request has the model to itself. False if they failed: the request
+        is told so and dropped."""
+        if request.features is None and request.encode is not None:
+            try:
+                request.features = request.encode()
+            except Exception as error:  # noqa: BLE001 - handed to the request's thread, which reports it
+                request.events.put(Failed(error))
+                return False
+        return True
 
     def in_use(self, slot: Slot) -> bool:
         return any(c.slot is slot for c in self.requests)

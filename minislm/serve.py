@@ -187,7 +187,8 @@ class ServedModel:
     def prepare(self, request: ApiRequest) -> Job:
         """Tokenize and check a request against the context; needs no slot (only the
         tokenizer, which is safe to share between threads, and for pictures and sounds
-        the encoders, which only read the weights)."""
+        for pictures and sounds Pillow, libsndfile and NumPy; their encoders run later,
+        on the scheduler's thread)."""
         media = self.media_prompt(request) if request.has_media else None
         ids = media.ids if media is not None else self.prompt_ids(request)
         if not ids:
@@ -225,7 +226,7 @@ class ServedModel:
                            "ask for n = 1", param="n")
         batch = Request(ids, max_new_tokens, settings, request.seed, request.n, grammar=grammar,
                         top_logprobs=top_logprobs, drafter=drafter, num_draft=self.settings.num_draft,
-                        features=None if media is None else media.features,
+                        encode=None if media is None else media.encode,
                         adapter=None if media is None else media.adapter)
         return Job(request, ids, batch, speculative=drafter is not None)
 

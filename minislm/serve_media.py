@@ -6,7 +6,7 @@ parts -> a prompt with placeholders, their vectors, and the adapter they choose.
                      --chat template--> the prompt text
                      --processor-------> crops and mel frames: how many tokens each takes
                      --length check----> refused here if the context cannot hold it
-                     --encoders--------> ids with placeholders (< 0) and their vectors (k, D)
+                     --encoders--------> the placeholders' vectors (k, D), made later
 
 Phi-4-multimodal reads both, under the LoRA adapter its media choose (vision with a
 picture, speech with sound alone); Phi-3-vision reads pictures, with no adapter. The
@@ -15,9 +15,14 @@ tags and the prompt are the ones `minislm generate --image/--audio` and
 same tokens. The pictures and sounds come only as data (data URLs, base64 audio):
 nothing is fetched from the network. Every problem is a 400 naming the part.
 
-This runs in the request's own thread, before the request waits for the model: the
-encoders read the weights and never write them.
+Decoding, checking and cutting run in the request's own thread, before it waits for
+the model (Pillow, libsndfile, NumPy). The encoders are left to `encode`, which the
+scheduler runs on its own thread when the request's turn comes (minislm/batch.py):
+they use Numba's kernels, whose threading layer may not take parallel calls from two
+threads at once, and the request then decodes alone anyway.
 """
+
+from collections.abc import Callable
 
 import re
 from dataclasses import dataclass
@@ -32,11 +37,11 @@ PART = re.compile(r"^(messages\[\d+\]\.content\[\d+\])")
 
 @dataclass(frozen=True)
 class MediaPrompt:
-    """ids (T,) with placeholders, features (k, D) for the k placeholders in position
-    order, and the adapter ("vision", "speech" or None)."""
+    """ids (T,) with placeholders; `encode()` makes their vectors (k, D), in position
+    order; the adapter ("vision", "speech" or None)."""
 
     ids: list[int]
-    features: np.ndarray
+    encode: Callable[[], np.ndarray]
     adapter: str | None
 
 
@@ -88,14 +93,15 @@ def media_prompt(model, messages, fits) -> MediaPrompt:
 
 def phi4mm_prompt(model, text: str, pictures: list, sounds: list, fits) -> MediaPrompt:
     from .multimodal.image import process_image
-    from .multimodal.prompt import build_multimodal_prompt, tokenize_with_media
+    from .multimodal.prompt import adapter_for, build_multimodal_prompt, tokenize_with_media
 
     mm = model.config.phi4mm
     processed = [process_image(p, mm.max_crops) for p in pictures]
-    fits(len(tokenize_with_media(model.tokenizer, text, [p.num_tokens for p in processed],
-                                 [s.num_tokens for s in sounds], mm)))
-    prompt = build_multimodal_prompt(model, text, processed, sounds)
-    return MediaPrompt([int(t) for t in prompt.ids], prompt.features, prompt.adapter)
+    ids = tokenize_with_media(model.tokenizer, text, [p.num_tokens for p in processed], [s.num_tokens for s in sounds], mm)
+    fits(len(ids))
+    adapter = adapter_for(len(processed), len(sounds))
+    return MediaPrompt([int(t) for t in ids], lambda: build_multimodal_prompt(model, text, processed, sounds).features,
+                       adapter)
 
 
 def phi3_vision_prompt(model, text: str, pictures: list, fits) -> MediaPrompt:
@@ -103,6 +109,6 @@ def phi3_vision_prompt(model, text: str, pictures: list, fits) -> MediaPrompt:
     from .vision.prompt import build_image_prompt, tokenize_with_images
 
     processed = [process_image(p, model.config.vision.num_crops) for p in pictures]
-    fits(len(tokenize_with_images(model.tokenizer, text, [p.num_tokens for p in processed])))
-    prompt = build_image_prompt(model, text, processed)
-    return MediaPrompt([int(t) for t in prompt.ids], prompt.features, None)
+    ids = tokenize_with_images(model.tokenizer, text, [p.num_tokens for p in processed])
+    fits(len(ids))
+    return MediaPrompt([int(t) for t in ids], lambda: build_image_prompt(model, text, processed).features, None)

@@ -108,7 +108,44 @@ def test_no_cache_is_reused_across_adapters(phi4mm, phi4mm_dir):
     expected_again, _ = greedy(phi4mm, [system, {"role": "user", "content": "<|image_1|>\n" + QUESTION},
                                         *follow_up[2:]], [picture])
     assert again.choices[0].message.content == expected_again
-    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    # the whole picture turn is reused: at its placeholders, the same picture's vectors
+    assert again.usage.prompt_tokens_details.cached_tokens >= after_text.usage.prompt_tokens
+
+
+def test_another_picture_of_the_same_size_is_not_reused(phi3_v_dir):
+    """Two pictures of one size give the same placeholder ids; only their vectors tell
+    them apart, so the cache is kept up to the first placeholder and no further."""
+    model = minislm.load(phi3_v_dir)
+    picture = phi3_v_dir / "landscape.png"
+    flipped = Image.open(picture).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    question = {"type": "text", "text": QUESTION}
+    p = model.image_prompt("<|image_1|>\n" + QUESTION, [flipped])
+    expected = model.tokenizer.decode(list(model.generate(p.ids, N, temperature=0, image_features=p.features)))
+    with running(model, max_batch=1) as server:
+        ask(server, [{"role": "user", "content": [image_part(picture), question]}])
+        other = ask(server, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(flipped)}},
+                                                          question]}])
+    assert other.choices[0].message.content == expected
+    assert other.usage.prompt_tokens_details.cached_tokens == int(np.argmax(p.ids < 0))
+
+
+def test_the_encoders_run_on_the_scheduler_thread(phi4mm, phi4mm_dir, monkeypatch):
+    """Numba's threading layer need not take parallel calls from two threads: the
+    request's thread only decodes and cuts, the model's thread encodes."""
+    import threading
+
+    import minislm.multimodal.prompt as prompt
+
+    threads, build = [], prompt.build_multimodal_prompt
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(prompt, "build_multimodal_prompt", recorded)
+    with running(phi4mm) as server:
+        ask(server, [{"role": "user", "content": [audio_part(phi4mm_dir / "speech.wav")]}], n=1)
+    assert threads == ["minislm-scheduler"]
 
 
 def test_phi3_vision_reads_image_url(phi3_v_dir, phi4mm_dir):
