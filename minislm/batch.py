@@ -36,11 +36,12 @@ read. A request with a drafter therefore decodes alone, through `runtime.generat
 it waits until the running sequences are done, and the requests behind it wait for it.
 
 A request with pictures or sound (Phi-4-multimodal, Phi-3-vision) decodes alone the
-same way: its prompt holds placeholder ids (< 0) whose vectors (`features`) the decoder
-puts in their place, and Phi-4-multimodal runs it under the LoRA adapter its media
-choose (`adapter`: "vision" or "speech"), other weights than the batch's. A slot
-remembers the adapter its cache was computed under, and a request under another one
-reuses nothing from it: every cached key and value would be another model's.
+same way: its prompt holds placeholder ids (< 0) whose vectors (`features`, or
+`encode()` run here when its turn comes) the decoder puts in their place, and
+Phi-4-multimodal runs it under the LoRA adapter its media choose (`adapter`: "vision"
+or "speech"), other weights than the batch's. A slot remembers the adapter its cache
+was computed under, and a request under another one reuses nothing from it: every
+cached key and value would be another model's.
 
 The scheduler runs in its own thread (`start`), or by hand, one `step()` at a time
 (the tests do that, to make requests join at chosen steps).

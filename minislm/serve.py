@@ -28,6 +28,11 @@ request: the next one keeps the longest prefix it shares with what is cached, so
 chat follow-up whose messages extend the previous ones feeds only the new turn
 through the model, as `minislm chat` does (the `X-Minislm-Reused-Tokens` header and
 `usage.prompt_tokens_details.cached_tokens` say how many tokens were reused).
+
+Pictures and sounds (`image_url` data URLs, `input_audio`; Phi-4-multimodal and
+Phi-3-vision) are decoded and checked in the handler's thread (minislm/serve_media.py),
+encoded on the scheduler's, and decode alone under the adapter they choose; a slot's
+cache is reused only by a request under the adapter it was computed with.
 """
 
 import hmac
