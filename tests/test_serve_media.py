@@ -70,6 +70,13 @@ def test_media_parts_answer_as_the_api(phi4mm, phi4mm_dir, inputs):
     assert answer.choices[0].message.content == expected
     assert answer.usage.prompt_tokens == prompt_tokens
     assert answer.usage.completion_tokens == N
+    if len(inputs) == 2:  # and what the command line prints for the same files and tags
+        from test_vision_cli import minislm_cli
+
+        result = minislm_cli("generate", "-m", phi4mm_dir, "--image", picture, "--audio", speech, tags + QUESTION,
+                             "-n", N, "--temp", 0)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == answer.choices[0].message.content + "\n"
 
 
 def test_streamed_media_answer_is_the_same(phi4mm, phi4mm_dir):
