@@ -35,6 +35,14 @@ guessed tokens of one sequence in one forward, which is its own way of sharing a
 read. A request with a drafter therefore decodes alone, through `runtime.generate_ids`:
 it waits until the running sequences are done, and the requests behind it wait for it.
 
+A request with pictures or sound (Phi-4-multimodal, Phi-3-vision) decodes alone the
+same way: its prompt holds placeholder ids (< 0) whose vectors (`features`, or
+`encode()` run here when its turn comes) the decoder puts in their place, and
+Phi-4-multimodal runs it under the LoRA adapter its media choose (`adapter`: "vision"
+or "speech"), other weights than the batch's. A slot remembers the adapter its cache
+was computed under, and a request under another one reuses nothing from it: every
+cached key and value would be another model's.
+
 The scheduler runs in its own thread (`start`), or by hand, one `step()` at a time
 (the tests do that, to make requests join at chosen steps).
 """
@@ -100,6 +108,7 @@ class Slot:
     index: int
     cache: KVCache
     last_used: int = 0
+    adapter: str | None = None  # the LoRA adapter its cached keys and values were computed under
 
 
 @dataclass(eq=False)  # each one is itself: a dict key
@@ -125,15 +134,26 @@ class Request:
     """
 
     def __init__(self, ids, max_new_tokens: int, settings: SamplingSettings, seed: int | None = None, n: int = 1,
-                 grammar=None, top_logprobs: int | None = None, drafter=None, num_draft: int = 4):
+                 grammar=None, top_logprobs: int | None = None, drafter=None, num_draft: int = 4,
+                 features=None, encode=None, adapter: str | None = None):
         """`grammar`: makes a fresh JSON-schema automaton (one per choice); `top_logprobs`:
         record each token's log-probability and that many alternatives (None: nothing);
         `drafter`: makes the guesser of speculative decoding from the choice's sampler
-        (`runtime.make_drafter`): then the request decodes alone (n must be 1)."""
+        (`runtime.make_drafter`): then the request decodes alone (n must be 1).
+        `features` (k, D): the vectors of the prompt's k placeholders (pictures, sounds),
+        or `encode`, which makes them on the scheduler's thread when the request's turn
+        comes; `adapter`: the model's LoRA adapter they call for. Such a request decodes
+        alone too."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if drafter is not None and n != 1:
-            raise ValueError(f"speculative decoding follows one sequence; n must be 1, got {n}")
+        media = features is not None or encode is not None
+        if (drafter is not None or media) and n != 1:
+            raise ValueError(f"speculative decoding and media follow one sequence; n must be 1, got {n}")
+        if adapter is not None and not media:
+            raise ValueError("an adapter is chosen by a prompt's pictures or sounds: pass their features")
+        self.features = features
+        self.encode = encode
+        self.adapter = adapter
         self.grammar = grammar
         self.top_logprobs = top_logprobs
         self.drafter = drafter
@@ -152,8 +172,8 @@ class Request:
 
     @property
     def alone(self) -> bool:
-        """Speculative decoding: this request decodes with nobody else."""
-        return self.drafter is not None
+        """Speculative decoding, or media: this request decodes with nobody else."""
+        return self.drafter is not None or self.features is not None or self.encode is not None
 
     def cancel(self, choice: int | None = None) -> None:
         """Stop generating for every choice, or for one."""
@@ -187,6 +207,7 @@ class Scheduler:
         self.decoding: list[Choice] = []
         self.alone: Request | None = None  # admitted to decode by itself (speculative decoding)
         self.requests: dict[Choice, Request] = {}
+        self.adapted = {None: model}  # the model under each LoRA adapter a request asked for
         self.clock = itertools.count(1)  # for least-recently-used slots
         self.condition = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -272,20 +293,42 @@ class Scheduler:
                 if self.waiting[0].alone and self.requests:  # it waits until the others are done
                     return
                 request = self.waiting.popleft()
-            self.start_request(request, free)
+            if self.encoded(request):
+                self.start_request(request, free)
+
+    def encoded(self, request: Request) -> bool:
+        """Run a media request's encoders, here on the model's thread, where Numba's
+        kernels run (its threading layer need not take parallel calls from two threads),
+        now that the request has the model to itself. False if they failed: the request
+        is told so and dropped."""
+        if request.features is None and request.encode is not None:
+            try:
+                request.features = request.encode()
+            except Exception as error:  # noqa: BLE001 - handed to the request's thread, which reports it
+                request.events.put(Failed(error))
+                return False
+        return True
 
     def in_use(self, slot: Slot) -> bool:
         return any(c.slot is slot for c in self.requests)
 
     def start_request(self, request: Request, free: list[Slot]) -> None:
         """The free slot caching the longest start of the prompt prefills it (the least
-        recently used among equals, so recent conversations stay for their follow-ups)."""
+        recently used among equals, so recent conversations stay for their follow-ups).
+        Only a cache computed under the request's adapter counts: another one starts over."""
         ids = np.asarray(request.ids)
-        best = max(free, key=lambda s: (s.cache.shared_prefix(ids), -s.last_used))
+
+        def shared(slot: Slot) -> int:
+            return slot.cache.shared_prefix(ids, request.features) if slot.adapter == request.adapter else 0
+
+        best = max(free, key=lambda s: (shared(s), -s.last_used))
         others = sorted((s for s in free if s is not best), key=lambda s: s.last_used)[: request.n - 1]
-        request.reused = reuse_cached_prefix(best.cache, ids)
+        if best.adapter != request.adapter:
+            best.cache.truncate(0)
+        request.reused = reuse_cached_prefix(best.cache, ids, request.features)
         request.fed = request.reused
         for i, slot in enumerate([best, *others]):
+            slot.adapter = request.adapter
             choice = Choice(i, make_sampler(self.model, request.settings, request.seed_of(i)), list(request.ids), slot=slot,
                             grammar=request.grammar() if request.grammar is not None else None,
                             logprobs=Logprobs(request.top_logprobs) if request.top_logprobs is not None else None)
@@ -350,14 +393,19 @@ class Scheduler:
             choice.next_token = token
 
     def decode_alone(self, request: Request) -> None:
-        """A speculative request, start to end: the one loop of `runtime.generate_ids`
-        with its drafter, on its slot's cache, its tokens handed over as they come.
-        Between tokens it looks for a cancel; nobody else runs meanwhile."""
+        """A speculative or media request, start to end: the one loop of
+        `runtime.generate_ids` (with its drafter, its adapter, the vectors of the
+        placeholders its slot does not hold yet), on its slot's cache, its tokens handed
+        over as they come. Between tokens it looks for a cancel; nobody else runs meanwhile."""
         choice = request.choices[0]
-        tokens = generate_ids(self.model, request.ids[request.reused:], request.max_new_tokens, choice.sampler,
-                              cache=choice.slot.cache, history=request.ids[:request.reused], stats=choice.stats,
-                              grammar=choice.grammar, logprobs=choice.logprobs,
-                              drafter=request.drafter(choice.sampler), num_draft=request.num_draft)
+        features = request.features
+        if features is not None:  # the cached placeholders' vectors are in the cache already
+            features = features[choice.slot.cache.placeholders(request.reused):]
+        tokens = generate_ids(self.model_for(request.adapter), request.ids[request.reused:], request.max_new_tokens,
+                              choice.sampler, cache=choice.slot.cache, history=request.ids[:request.reused],
+                              stats=choice.stats, image_features=features, grammar=choice.grammar,
+                              logprobs=choice.logprobs, num_draft=request.num_draft,
+                              drafter=request.drafter(choice.sampler) if request.drafter is not None else None)
         try:
             for token in tokens:
                 choice.history.append(token)
@@ -370,6 +418,12 @@ class Scheduler:
             tokens.close()
             self.alone = None
             self.retire(choice)
+
+    def model_for(self, adapter: str | None):
+        """The model under `adapter` (made once: `Model.with_adapter` shares the weights)."""
+        if adapter not in self.adapted:
+            self.adapted[adapter] = self.model.with_adapter(adapter)
+        return self.adapted[adapter]
 
     def retire(self, choice: Choice) -> None:
         """The sequence is done: its slot is free (its cache stays, for reuse)."""

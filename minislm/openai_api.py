@@ -27,7 +27,10 @@ Beyond plain text: `response_format` (json_object, json_schema: the reply follow
 schema, minislm/grammar.py), `logprobs`/`top_logprobs` (chat) and `logprobs` (legacy
 completions, an integer), and `prediction` (text the reply is expected to repeat: its
 tokens become guesses for speculative decoding, and `usage.completion_tokens_details`
-counts the accepted and rejected ones, as OpenAI's predicted outputs do).
+counts the accepted and rejected ones, as OpenAI's predicted outputs do). A chat
+message may also hold pictures and sounds (`image_url` parts with data URLs,
+`input_audio` parts): their shape is checked here, their bytes by the server
+(minislm/serve_media.py), which knows whether its model reads them.
 
 Reasoning models (Phi-4-reasoning, Phi-4-mini-reasoning) think between `<think>` and
 `</think>` before they answer. A chat reply that has such a section comes back split,
@@ -49,6 +52,8 @@ MAX_CHOICES = 128
 # /v1/completions' default max_tokens in OpenAI's API; chat has none (until the context is full).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 MESSAGE_ROLES = ("system", "developer", "user", "assistant")
+# Content parts that carry a picture or a sound (OpenAI's names), beside "text".
+MEDIA_PARTS = ("image_url", "input_audio")
 # OpenAI's bounds: top_logprobs 0..20 in chat, logprobs 0..5 in completions.
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
@@ -107,7 +112,7 @@ class ApiRequest:
     """
 
     chat: bool
-    messages: tuple[dict, ...] | None = None  # chat: {"role", "content"} with text content
+    messages: tuple[dict, ...] | None = None  # chat: {"role", "content"}: text, or parts with media
     prompt: str | tuple[int, ...] | None = None  # completions: text, or token ids
     max_tokens: int | None = None
     temperature: float | None = None
@@ -126,6 +131,11 @@ class ApiRequest:
     json_schema: dict | None = None  # response_format: the reply must be valid under this schema
     prediction: str | None = None  # text the reply is expected to repeat (speculative guesses)
     reasoning_format: str | None = None  # chat: one of REASONING_FORMATS; None: the server's
+
+    @property
+    def has_media(self) -> bool:
+        """A chat request with pictures or sound in its messages."""
+        return self.chat and any(isinstance(m["content"], list) for m in self.messages)
 
     def sampling(self) -> dict:
         """The keyword arguments of `commands.sampling_settings`."""
@@ -282,7 +292,9 @@ def parse_messages(messages) -> tuple[dict, ...]:
 
     Content may be a string or a list of text parts ({"type": "text", "text": ...}),
     joined with newlines as vLLM does. "developer" is OpenAI's newer name for
-    "system" (the templates of Phi models know only "system").
+    "system" (the templates of Phi models know only "system"). A message with pictures
+    or sound (`image_url`, `input_audio` parts) keeps its list of parts: only the server,
+    which knows the model, can say whether it reads them (minislm/serve_media.py).
     """
     if messages is None:
         raise ApiError(400, "messages is required", param="messages")
@@ -297,9 +309,39 @@ def parse_messages(messages) -> tuple[dict, ...]:
         if role not in MESSAGE_ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}, got {role!r:.40}",
                            param=f"{where}.role")
-        content = unicode_text(message_text(message.get("content"), role, f"{where}.content"), f"{where}.content")
+        content = message.get("content")
+        if isinstance(content, list):
+            content = media_parts(content, f"{where}.content")
+            if not has_media(content):
+                content = unicode_text("\n".join(part["text"] for part in content), f"{where}.content")
+        else:
+            content = unicode_text(message_text(content, role, f"{where}.content"), f"{where}.content")
         parsed.append({"role": "system" if role == "developer" else role, "content": content})
     return tuple(parsed)
+
+
+def has_media(content) -> bool:
+    """Whether a message's content is a list of parts with a picture or a sound in it."""
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in MEDIA_PARTS for p in content)
+
+
+def media_parts(content: list, where: str) -> list:
+    """A list of text, image_url and input_audio parts, with each part's shape checked
+    (what is inside a picture or a sound is checked when it is decoded, by the server,
+    which knows whether its model reads them)."""
+    media = has_media(content)
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}[{j}].text must be a string", param=f"{where}[{j}]")
+            if media:  # else the joined text is checked, as one
+                unicode_text(part["text"], f"{where}[{j}].text")
+        elif kind not in MEDIA_PARTS or not isinstance(part.get(kind), dict):
+            raise ApiError(400, f"{where}[{j}]: a part is {{\"type\": \"text\", \"text\": ...}}, "
+                           '{"type": "image_url", "image_url": {"url": "data:..."}} or '
+                           '{"type": "input_audio", "input_audio": {"data": ..., "format": ...}}', param=f"{where}[{j}]")
+    return list(content)
 
 
 def message_text(content, role: str, where: str) -> str:
@@ -315,7 +357,7 @@ def message_text(content, role: str, where: str) -> str:
                                param=f"{where}[{j}]")
             texts.append(part["text"])
         return "\n".join(texts)
-    raise ApiError(400, f"{where} must be a string or an array of text parts, got {json_type(content)}", param=where)
+    raise ApiError(400, f"{where} must be a string or an array of content parts, got {json_type(content)}", param=where)
 
 
 def parse_prompt(prompt) -> str | tuple[int, ...]:

@@ -32,6 +32,11 @@ through the model, as `minislm chat` does (the `X-Minislm-Reused-Tokens` header 
 A reasoning model's chat reply is split into its thinking and its answer on the way
 out (`reasoning_content` and `content`, minislm/reasoning.py), each choice on its own;
 the tokens and the cache are the same either way.
+
+Pictures and sounds (`image_url` data URLs, `input_audio`; Phi-4-multimodal and
+Phi-3-vision) are decoded and checked in the handler's thread (minislm/serve_media.py),
+encoded on the scheduler's, and decode alone under the adapter they choose; a slot's
+cache is reused only by a request under the adapter it was computed with.
 """
 
 import hmac
@@ -61,6 +66,7 @@ from .generate import GenerationStats, TextStream
 from .load import BUNDLED_MODEL
 from .logprobs import Logprobs, token_bytes, token_text
 from .runtime import json_grammar, make_drafter, sampling_settings
+from .serve_media import media_prompt
 from .openai_api import ApiError, ApiRequest, TokenInfo
 from .reasoning import ReasoningStream, has_thinking, prompt_opens_thinking, split_reasoning
 from .tokenizer import StreamingDetokenizer
@@ -193,8 +199,10 @@ class ServedModel:
 
     def prepare(self, request: ApiRequest) -> Job:
         """Tokenize and check a request against the context; needs no slot (only the
-        tokenizer, which is safe to share between threads)."""
-        ids, opened = self.prompt_ids(request)
+        tokenizer, which is safe to share between threads, and for pictures and sounds
+        Pillow, libsndfile and NumPy; their encoders run later, on the scheduler's thread)."""
+        media = self.media_prompt(request) if request.has_media else None
+        ids, opened = (media.ids, False) if media is not None else self.prompt_ids(request)
         if not ids:
             raise ApiError(400, "the prompt is empty (no tokens)", param="prompt")
         if len(ids) >= self.capacity:
@@ -221,26 +229,33 @@ class ServedModel:
         if request.logprobs:
             top_logprobs = request.top_logprobs
         prediction = self.encode(request.prediction, request, add_bos=False) if request.prediction else []
-        drafter = self.drafter(prediction)
+        drafter = self.drafter(prediction, media is not None)
         if drafter is not None and request.n > 1:
             raise ApiError(400, f"n = {request.n}: speculative decoding (--speculate, --draft-model or a prediction) "
                            "follows one sequence; ask for n = 1", param="n")
+        if media is not None and request.n > 1:
+            raise ApiError(400, f"n = {request.n}: a request with pictures or sound decodes alone, one sequence; "
+                           "ask for n = 1", param="n")
         batch = Request(ids, max_new_tokens, settings, request.seed, request.n, grammar=grammar,
-                        top_logprobs=top_logprobs, drafter=drafter, num_draft=self.settings.num_draft)
+                        top_logprobs=top_logprobs, drafter=drafter, num_draft=self.settings.num_draft,
+                        encode=None if media is None else media.encode,
+                        adapter=None if media is None else media.adapter)
         reasoning_format = request.reasoning_format or self.settings.reasoning_format
         return Job(request, ids, batch, speculative=drafter is not None,
                    split_reasoning=request.chat and reasoning_format != "none", opened=opened)
 
-    def drafter(self, prediction: list[int]):
+    def drafter(self, prediction: list[int], media: bool = False):
         """What makes a request's guesser from its sampler: speculative decoding as `serve
         --speculate lookup / --draft-model` asks, or prompt lookup in the request's
-        `prediction` when it has one; None (plain decoding, batched) otherwise."""
+        `prediction` when it has one; None (plain decoding, batched) otherwise. A draft
+        model cannot see pictures or hear sounds: a request with media skips it."""
         speculate = self.settings.speculate
-        if speculate is None and self.settings.draft_model is None:
+        draft_model = None if media else self.settings.draft_model
+        if speculate is None and draft_model is None:
             if not prediction:
                 return None
             speculate = "lookup"
-        return lambda sampler: make_drafter(self.model, sampler, self.capacity, speculate, self.settings.draft_model,
+        return lambda sampler: make_drafter(self.model, sampler, self.capacity, speculate, draft_model,
                                             extra=prediction)
 
     def submit(self, job: Job) -> None:
@@ -248,6 +263,15 @@ class ServedModel:
             self.scheduler.submit(job.batch)
         except Busy as e:
             raise ApiError(503, f"server busy: {e}; retry later", kind="server_error", code="server_busy") from None
+
+    def media_prompt(self, request: ApiRequest):
+        """A chat whose messages hold pictures or sounds: ids with placeholders, their
+        vectors, and the adapter they choose (minislm/serve_media.py)."""
+        def fits(n_tokens: int) -> None:
+            if n_tokens >= self.capacity:
+                raise self.too_long(f"the prompt is {n_tokens} tokens with its pictures and sounds", request)
+
+        return media_prompt(self.model, request.messages, fits)
 
     def prompt_ids(self, request: ApiRequest) -> tuple[list[int], bool]:
         """Chat: the model's chat template (rendered in the tokenizer's sandbox), as
@@ -338,6 +362,8 @@ class RequestLog:
         if self.job is not None:
             stats = self.job.stats
             parts.append(f"prompt {len(self.job.ids)} tokens ({self.job.reused} reused)")
+            if self.job.batch.features is not None:
+                parts.append(f"{len(self.job.batch.features)} media vectors, adapter {self.job.batch.adapter}")
             parts.append(generated(stats) if self.job.batch.n == 1 else f"generated {stats.generated_tokens} tokens "
                          f"in {self.job.batch.n} choices")
             parts.append(f"stop: {stats.stop_reason or 'none'}")

@@ -24,7 +24,7 @@ LAYERS = [
     ("runtime", ["minislm.finite", "minislm.generate", "minislm.speculative", "minislm.beam", "minislm.policy",
                  "minislm.runtime", "minislm.batch", "minislm.quantize", "minislm.load"]),
     ("commands", ["minislm.flags", "minislm.commands", "minislm.media_commands", "minislm.perplexity", "minislm.verify",
-                  "minislm.openai_api", "minislm.serve", "minislm.watch", "minislm.bench"]),
+                  "minislm.openai_api", "minislm.serve", "minislm.serve_media", "minislm.watch", "minislm.bench"]),
     ("entry points", ["minislm.cli", "minislm.__main__", "minislm"]),
 ]
 

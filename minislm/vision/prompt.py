@@ -86,8 +86,8 @@ def as_picture(image):
 
 
 def build_image_prompt(model, text: str, images, num_crops: int | None = None, trace=None) -> ImagePrompt:
-    """Final prompt text (chat template already applied) and images (paths or Pillow
-    images) -> ids with placeholders and the encoded images, in tag order."""
+    """Final prompt text (chat template already applied) and images (paths, Pillow
+    images or ProcessedImage) -> ids with placeholders and the encoded images, in tag order."""
     from ..model import NO_TRACE
     from .embedding import encode_image
     from .image import check_num_crops, process_image
@@ -104,7 +104,7 @@ def build_image_prompt(model, text: str, images, num_crops: int | None = None, t
     num_crops = vision.num_crops if num_crops is None else num_crops
     check_num_crops(num_crops)
     check_image_tags(text, len(images))
-    processed = tuple(process_image(as_picture(image), num_crops) for image in images)
+    processed = tuple(p if isinstance(p, ProcessedImage) else process_image(as_picture(p), num_crops) for p in images)
     ids = tokenize_with_images(model.tokenizer, text, [p.num_tokens for p in processed])
     trace = NO_TRACE if trace is None else trace
     features = [encode_image(vision, model.weights, p, trace) for p in processed]
