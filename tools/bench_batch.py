@@ -60,6 +60,7 @@ def int4_folder(source: Path, cache_dir: Path) -> Path:
     """The int4 g128 folder of `source`, with Phi-3's tokenizer, made once."""
     folder = cache_dir / SERVED_FOLDER
     if not (folder / "tokenizer.json").is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "minislm", "quantize", "--model", str(source), "--group-size", "128",
                         "--out", str(folder)], check=True)
         for name in ("tokenizer.json", "tokenizer_config.json"):

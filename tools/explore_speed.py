@@ -199,7 +199,9 @@ def main() -> int:
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start"
           + (f"; {args.threads} threads" if args.threads else ""))
-    parts = set(args.parts.split(","))
+    parts = {"shipped", "mini"} if args.parts == "both" else set(args.parts.split(","))
+    if not parts <= {"shipped", "mini"}:
+        parser.error(f"--parts: shipped, mini, shipped,mini or both, got {args.parts!r}")
     if "shipped" in parts:
         shipped_part(args)
     if "mini" in parts:
