@@ -60,6 +60,7 @@ from .cache import KVCache, available_memory_bytes
 from .errors import MinislmError
 from .finite import check_logits
 from .generate import GenerationStats, choose, stop_reason
+from .kernels import get_threads, set_threads
 from .logprobs import Logprobs
 from .runtime import generate_ids, make_sampler, reuse_cached_prefix, stop_ids
 from .sampling import Sampler, SamplingSettings
@@ -226,7 +227,10 @@ class Scheduler:
             self.condition.notify_all()
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="minislm-scheduler", daemon=True)
+        """Step in a thread of its own, with the kernel threads of the thread that starts
+        it (`serve --threads`): Numba keeps that count per thread, and a new thread would
+        start with every core."""
+        self.thread = threading.Thread(target=self.run, args=(get_threads(),), name="minislm-scheduler", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -236,8 +240,10 @@ class Scheduler:
         if self.thread is not None:
             self.thread.join(timeout=30)
 
-    def run(self) -> None:
+    def run(self, threads: int | None = None) -> None:
         """Step while there is work; sleep until a request comes (or is cancelled)."""
+        if threads is not None:
+            set_threads(threads)
         while True:
             with self.condition:
                 self.condition.wait_for(lambda: self.stopping or self.has_work())

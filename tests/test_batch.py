@@ -291,3 +291,31 @@ def test_schemas_logprobs_and_speculation_in_a_batch_give_what_model_generate_gi
     assert tokens_of(speculating) == list(shipped.generate(speculating.ids, 12, temperature=0, speculate="lookup"))
     assert speculating.choices[0].stats.drafted_tokens >= speculating.choices[0].stats.accepted_tokens
     assert tokens_of(behind) == tokens_of(alone(shipped, 4, 6, 9))
+
+
+def test_the_scheduler_thread_uses_the_kernel_threads_of_the_thread_that_starts_it(shipped):
+    """`serve --threads 1` sets Numba's count in the main thread; Numba keeps it per
+    thread, so the scheduler's own thread must be given it (else it takes every core)."""
+    import numba
+
+    seen = []
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        scheduler = Scheduler(shipped, CAPACITY, max_batch=1)
+        step = scheduler.step
+
+        def watched_step():
+            seen.append(numba.get_num_threads())
+            step()
+
+        scheduler.step = watched_step
+        scheduler.start()
+        request = make_request(shipped, 4, 3, None)
+        scheduler.submit(request)
+        while not any(isinstance(e, (Finished, Failed)) for e in [request.events.get(timeout=60)]):
+            pass
+        scheduler.stop()
+    finally:
+        numba.set_num_threads(before)
+    assert seen and set(seen) == {1}
