@@ -19,7 +19,7 @@ from .load import bundled_model, load
 from .media_commands import ChatMedia, apply_lora_flags, check_reads_audio, encode_multimodal_prompt, process_audios
 from .moe import routing_per_token
 from .quantize import save_quantized
-from .reasoning import THINK_CLOSE, ReasoningStream, prompt_opens_thinking, split_reasoning
+from .reasoning import THINK_CLOSE, ReasoningStream, prompt_opens_thinking
 from .logprobs import Logprobs, token_text
 from .runtime import (
     beam_search, generate_ids, json_grammar, make_drafter, make_sampler, reuse_cached_prefix, sampling_settings,
