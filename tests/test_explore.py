@@ -197,6 +197,17 @@ def test_generation_ends_at_a_stop_id_or_at_the_pages_capacity(shipped):
     run.logits[4096] = 10.0  # <|endoftext|>, one of generation_config.json's stop ids
     session.step(run)
     assert "is a stop id" in run.ended and run.ids[-1] == 4096
+    # a speculative step ends the same two ways, its guesses cut to fit the page
+    run = session.start(shipped, ids, *session.settings_from(shipped, {}))
+    while not run.ended:
+        session.speculative_step(run)
+    assert run.ended == f"the explorer follows {session.MAX_EXPLORE_TOKENS} tokens"
+    assert len(run.ids) == session.MAX_EXPLORE_TOKENS and run.cache.length == len(run.ids) - 1
+    run = session.start(shipped, ids[:10], *session.settings_from(shipped, {}))
+    run.logits = np.full_like(run.logits, -10.0)
+    run.logits[4096] = 10.0
+    session.speculative_step(run)
+    assert "is a stop id" in run.ended and run.ids[-1] == 4096 and run.cache.length == 10
 
 
 # ---------------------------------------------------------------- speculative decoding, one round a step
@@ -472,6 +483,31 @@ def test_a_learner_types_steps_moves_the_sliders_and_opens_the_arithmetic(browse
     act(browser, lambda: browser.click("#next"))
     chosen = int(browser.run("return document.getElementById('last-pick').dataset.token"))
     assert stages[-1].logits[chosen] > -np.inf
+
+    # speculative decoding: off until the box is ticked, then three steps on a prompt that repeats itself
+    act(browser, lambda: (browser.type("#prompt", COPYING, clear=True), browser.click("#run")))
+    before = browser.run("return document.querySelectorAll('#tokens .tok').length")
+    assert browser.run("return document.getElementById('spec-step').disabled") is True
+    browser.click("#speculate")
+    for _ in range(3):
+        act(browser, lambda: browser.click("#spec-step"))
+    chips = browser.run("return Array.from(document.querySelectorAll('#spec-rounds .tok'), t => [t.dataset.verdict, "
+                        "+t.dataset.id, getComputedStyle(t).backgroundColor, +t.parentNode.dataset.round])")
+    assert {round for *_, round in chips} == {0, 1, 2}
+    guesses = [c for c in chips if c[0] in ("accepted", "rejected", "unchecked")]
+    assert guesses, "prompt lookup guessed nothing on a prompt that repeats itself"
+    colours = {verdict: colour for verdict, _, colour, _ in chips}
+    assert len(set(colours.values())) == len(colours)  # each verdict its own colour
+    legend = browser.run("return Array.from(document.querySelectorAll('#spec-legend .key'), k => [k.dataset.kind, "
+                         "+k.dataset.count])")
+    assert dict(legend) == {v: sum(c[0] == v for c in chips) for v in colours}  # the legend counts what is drawn
+    drafted, accepted = browser.run("const d = document.getElementById('spec-legend').dataset; "
+                                    "return [+d.drafted, +d.accepted]")
+    assert (drafted, accepted) == (len(guesses), sum(c[0] == "accepted" for c in chips))
+    kept = [i for verdict, i, _, _ in chips if verdict in ("accepted", "corrected", "bonus")]
+    shown = browser.run("return Array.from(document.querySelectorAll('#tokens .tok'), t => +t.querySelector('small')"
+                        ".textContent.split(':')[1])")
+    assert shown[before:] == kept  # the text grew by the accepted guesses and the model's own tokens
 
 
 def test_phi3_vision_explores_a_prompt_with_the_image_given_at_start(phi3_v_dir):

@@ -195,16 +195,23 @@ def step(run: Exploration) -> Step:
     run.last_round = False
     record = Step(len(run.steps), token, stages, 0.0, False)
     run.steps.append(record)
-    if token in stop_ids(run.model):
-        run.ended = f"{run.model.tokenizer.token_piece(token)!r} is a stop id"
-        return record
-    if len(run.ids) >= run.capacity:
-        run.ended = f"the explorer follows {run.capacity} tokens"
+    run.ended = ending(run, token, len(run.ids))
+    if run.ended:
         return record
     positions = forward(run, np.array([token]))
     record.forward_ms = run.forward_ms
     record.reprefilled = len(positions) > 1  # one new token, yet the forward ran from position 0
     return record
+
+
+def ending(run: Exploration, token: int, length: int) -> str | None:
+    """Why no step can follow `token`, the text now `length` ids long: a stop id, or the
+    page's capacity; None while generation goes on."""
+    if token in stop_ids(run.model):
+        return f"{run.model.tokenizer.token_piece(token)!r} is a stop id"
+    if length >= run.capacity:
+        return f"the explorer follows {run.capacity} tokens"
+    return None
 
 
 def speculative_step(run: Exploration, num_draft: int = DEFAULT_NUM_DRAFT) -> Round:
@@ -233,15 +240,11 @@ def speculative_step(run: Exploration, num_draft: int = DEFAULT_NUM_DRAFT) -> Ro
         hidden = model.forward(np.array(draft.tokens), cache, recorder)
         rows = np.concatenate([rows, model.lm_head(hidden)])  # (1 + guesses, V)
     record = Round(n, list(draft.tokens), [], [], 1000 * (time.perf_counter() - begin))
-    stops = stop_ids(model)
     for token, verdict, stages in judge(run.sampler, rows, draft, history):
         record.tokens.append(token)
         record.verdicts.append(verdict)
         run.steps.append(Step(len(run.steps), token, stages, 0.0, False))
-        if token in stops:
-            run.ended = f"{model.tokenizer.token_piece(token)!r} is a stop id"
-        elif n + len(record.tokens) >= run.capacity:
-            run.ended = f"the explorer follows {run.capacity} tokens"
+        run.ended = ending(run, token, n + len(record.tokens))
         if run.ended:
             break
     rank_pending(run, record.tokens[0])  # the last forward's lens ranks the first new token
