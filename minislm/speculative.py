@@ -150,6 +150,35 @@ def verify(sampler: Sampler, stages: list[Stage], guess: int, q: np.ndarray | No
     return False, draw(residual, sampler.rng)
 
 
+# What `judge` says of each token it yields.
+ACCEPTED = "accepted"  # a guess the target agrees with
+CORRECTED = "corrected"  # the target's token in place of the first rejected guess
+BONUS = "bonus"  # every guess passed: the last row gives one more token
+
+
+def judge(sampler: Sampler, rows: np.ndarray, draft: Draft, history: list[int], grammar=None,
+          logprobs: Logprobs | None = None) -> Iterator[tuple[int, str, list[Stage]]]:
+    """One round's verdicts, in order: (token, ACCEPTED / CORRECTED / BONUS, the stages
+    it came from) for the guesses the target agrees with, then the token in place of
+    the first rejected one, or the bonus after the last. `rows` (1 + guesses, V): the
+    target's logits before each guess and after the last. Each token joins `history` (and the grammar's state and
+    `logprobs`) before it is yielded, so a caller may stop at any of them (a stop id);
+    the guesses after a rejection are never looked at. The one accept loop of
+    speculative decoding: `speculative_tokens` and the explorer's step both run it."""
+    for i in range(len(draft.tokens) + 1):
+        stages = sampler.stages(rows[i], history, None if grammar is None else grammar.mask())
+        if i < len(draft.tokens):
+            accepted, token = verify(sampler, stages, draft.tokens[i], draft.q[i])
+            verdict = ACCEPTED if accepted else CORRECTED
+        else:  # every guess passed (or none was made): the last row gives one more token
+            token, verdict = sampler.choose(stages), BONUS
+        record(token, stages, grammar, logprobs)
+        history.append(token)
+        yield token, verdict, stages
+        if verdict != ACCEPTED:
+            return
+
+
 def speculative_tokens(
     model,
     prompt_ids,
@@ -191,23 +220,14 @@ def speculative_tokens(
     while True:
         produced = 0
         try:
-            for i in range(len(draft.tokens) + 1):
-                stages = sampler.stages(rows[i], history, None if grammar is None else grammar.mask())
-                if i < len(draft.tokens):
-                    accepted, token = verify(sampler, stages, draft.tokens[i], draft.q[i])
-                    stats.accepted_tokens += accepted
-                else:  # every guess passed (or none was made): the last row gives one more token
-                    accepted, token = False, sampler.choose(stages)
-                record(token, stages, grammar, logprobs)
-                history.append(token)
+            for token, verdict, _ in judge(sampler, rows, draft, history, grammar, logprobs):
+                stats.accepted_tokens += verdict == ACCEPTED
                 stats.generated_tokens += 1
                 produced += 1
                 cache_length = before + produced
                 yield token
                 if finished(token):
                     return
-                if not accepted:
-                    break
         finally:
             # Keep [last, the guesses kept before the newest token]: every token but the newest.
             cache.truncate(before + produced)

@@ -85,6 +85,13 @@ def test_explore_listens_on_this_machine_only_by_default(explorer):
     ("POST", "/api/step", {"n": 0}, {}, 400),
     ("POST", "/api/step", {"n": session.MAX_STEPS + 1}, {}, 400),
     ("POST", "/api/step", {"n": True}, {}, 400),
+    ("POST", "/api/speculate", {"num_draft": 0}, {}, 400),
+    ("POST", "/api/speculate", {"num_draft": session.MAX_DRAFT + 1}, {}, 400),
+    ("POST", "/api/speculate", {"num_draft": "4"}, {}, 400),
+    ("POST", "/api/speculate", {"num_draft": 2.5}, {}, 400),
+    ("POST", "/api/speculate", {"settings": {"top_p": 2}}, {}, 400),
+    ("POST", "/api/speculate", {"layer": -1}, {}, 400),
+    ("GET", "/api/speculate", None, {}, 405),
     ("POST", "/api/arithmetic", {"head": -1}, {}, 400),
     ("POST", "/api/arithmetic", {"query": 10 ** 30}, {}, 400),
     ("POST", "/api/prompt", b"x" * (MAX_BODY_BYTES + 1), {}, 413),
@@ -119,8 +126,9 @@ def test_explore_sends_phi4_multimodal_pictures_to_explain(capsys, phi4mm_dir):
 
 def test_a_step_before_any_prompt_is_a_conflict(shipped):
     with serving(shipped) as server:
-        status, _, payload = raw(server, "POST", "/api/step", {"n": 1})
-        assert status == 409 and "prompt" in payload["error"]["message"]
+        for path in ("/api/step", "/api/speculate"):
+            status, _, payload = raw(server, "POST", path, {})
+            assert status == 409 and "prompt" in payload["error"]["message"]
 
 
 def test_the_page_and_the_source_it_links_are_served(explorer):
@@ -189,6 +197,103 @@ def test_generation_ends_at_a_stop_id_or_at_the_pages_capacity(shipped):
     run.logits[4096] = 10.0  # <|endoftext|>, one of generation_config.json's stop ids
     session.step(run)
     assert "is a stop id" in run.ended and run.ids[-1] == 4096
+    # a speculative step ends the same two ways, its guesses cut to fit the page
+    run = session.start(shipped, ids, *session.settings_from(shipped, {}))
+    while not run.ended:
+        session.speculative_step(run)
+    assert run.ended == f"the explorer follows {session.MAX_EXPLORE_TOKENS} tokens"
+    assert len(run.ids) == session.MAX_EXPLORE_TOKENS and run.cache.length == len(run.ids) - 1
+    run = session.start(shipped, ids[:10], *session.settings_from(shipped, {}))
+    run.logits = np.full_like(run.logits, -10.0)
+    run.logits[4096] = 10.0
+    session.speculative_step(run)
+    assert "is a stop id" in run.ended and run.ids[-1] == 4096 and run.cache.length == 10
+
+
+# ---------------------------------------------------------------- speculative decoding, one round a step
+
+# A prompt that repeats itself, so prompt lookup has something to guess from; with no
+# repetition penalty the guesses are not pushed down for being repeats (docs/decoding.md).
+COPYING = ("ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+           "ROMEO:\nBut soft, what light")
+
+
+@pytest.fixture(scope="module")
+def packed():
+    """The shipped model with int4 weights: its kernels give the same bits for one row
+    and for many, so a verify forward's logits are those of one-token steps (the
+    float32 path rounds differently; docs/decoding.md)."""
+    return minislm.load(BUNDLED_MODEL, quant="int4")
+
+
+def test_speculative_steps_keep_greedys_tokens_and_roll_the_cache_back(packed):
+    ids = packed.tokenizer.encode(COPYING)
+    run = session.start(packed, ids, *session.settings_from(packed, {"repetition_penalty": 1}))
+    rolled = []
+    for _ in range(10):
+        session.speculative_step(run, 4)
+        rolled.append(session.kv_view(run)["rolled_back"])
+    view = session.speculative_view(run)
+    verdicts = [g["verdict"] for r in view["rounds"] for g in r["guesses"]]
+    assert view["drafted"] == len(verdicts) > 0
+    assert view["accepted"] == verdicts.count("accepted") > 0 and verdicts.count("rejected") > 0
+    assert all(r["token"]["kind"] == ("bonus" if all(g["verdict"] == "accepted" for g in r["guesses"]) else "corrected")
+               for r in view["rounds"])
+    new = run.ids[len(ids):].tolist()
+    assert [t for r in run.rounds for t in r.tokens] == new
+    assert new == list(packed.generate(ids, len(new), repetition_penalty=1))  # plain greedy, token for token
+    assert any(r is not None and r[1] > r[0] for r in rolled)  # some step wrote guesses the cache forgot
+
+    # the same text by plain steps: the cache and every view of it match, nothing of the
+    # forgotten guesses shows
+    plain = session.start(packed, ids, *session.settings_from(packed, {"repetition_penalty": 1}))
+    while len(plain.ids) < len(run.ids):
+        session.step(plain)
+    assert plain.ids.tolist() == run.ids.tolist() and plain.cache.length == run.cache.length == len(run.ids)
+    S = run.cache.length
+    for layer in range(packed.config.num_hidden_layers):
+        for ours, theirs in zip(run.cache.read(layer, S), plain.cache.read(layer, S)):
+            assert np.allclose(ours, theirs, atol=1e-5)
+    kv, plain_kv = session.kv_view(run), session.kv_view(plain)
+    assert {k: v for k, v in kv.items() if k != "rolled_back"} == {k: v for k, v in plain_kv.items() if k != "rolled_back"}
+    lens, plain_lens = session.lens_view(run), session.lens_view(plain)
+    assert lens["top_ids"] == plain_lens["top_ids"] and lens["next_ranks"] == plain_lens["next_ranks"]
+    assert np.allclose(lens["entropy"], plain_lens["entropy"], atol=1e-3)
+    assert [row[0][0] for row in run.next[:S]] == [row[0][0] for row in plain.next[:S]]
+    assert np.allclose(session.attention_rows(run, 2, np.arange(S)), session.attention_rows(plain, 2, np.arange(S)),
+                       atol=1e-5)
+    assert np.allclose(run.logits, plain.logits, atol=1e-5)
+    session.step(run)
+    assert session.kv_view(run)["rolled_back"] is None  # a plain step after it forgets nothing
+
+
+def test_a_sampled_speculative_step_draws_as_generate_speculating_draws(packed):
+    """The same seed, the same rounds (one plain token from the prompt, then guesses
+    after each newest token, as speculative_tokens runs them): the same tokens."""
+    values = {"temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1, "seed": 0}
+    ids = packed.tokenizer.encode(COPYING)
+    run = session.start(packed, ids, *session.settings_from(packed, values))
+    session.step(run)
+    for _ in range(6):
+        session.speculative_step(run, 3)
+    new = run.ids[len(ids):].tolist()
+    settings = {k: v for k, v in values.items() if k != "seed"}
+    expected = list(packed.generate(ids, len(new) + 8, seed=0, speculate="lookup", num_draft=3, **settings))
+    assert new == expected[: len(new)]
+    assert session.speculative_view(run)["drafted"] > 0
+
+
+def test_the_speculative_endpoint_answers_with_the_rounds(explorer):
+    state = post(explorer, "/api/prompt", {"text": COPYING, "settings": {"repetition_penalty": 1}})
+    assert state["speculative"] is None
+    n = len(state["tokens"])
+    state = post(explorer, "/api/speculate", {"num_draft": 3, "settings": {"repetition_penalty": 1}})
+    (r,) = state["speculative"]["rounds"]
+    assert r["position"] == n and 0 < len(r["guesses"]) <= 3
+    kept = [g["id"] for g in r["guesses"] if g["verdict"] == "accepted"] + [r["token"]["id"]]
+    assert [t["id"] for t in state["tokens"][n:]] == kept and state["positions"] == n + len(kept)
+    assert [h["token"] for h in state["history"]] == kept
+    assert state["speculative"]["last"] and state["kv"]["length"] == n + len(kept)
 
 
 # ---------------------------------------------------------------- the views, against a full forward
@@ -378,6 +483,31 @@ def test_a_learner_types_steps_moves_the_sliders_and_opens_the_arithmetic(browse
     act(browser, lambda: browser.click("#next"))
     chosen = int(browser.run("return document.getElementById('last-pick').dataset.token"))
     assert stages[-1].logits[chosen] > -np.inf
+
+    # speculative decoding: off until the box is ticked, then three steps on a prompt that repeats itself
+    act(browser, lambda: (browser.type("#prompt", COPYING, clear=True), browser.click("#run")))
+    before = browser.run("return document.querySelectorAll('#tokens .tok').length")
+    assert browser.run("return document.getElementById('spec-step').disabled") is True
+    browser.click("#speculate")
+    for _ in range(3):
+        act(browser, lambda: browser.click("#spec-step"))
+    chips = browser.run("return Array.from(document.querySelectorAll('#spec-rounds .tok'), t => [t.dataset.verdict, "
+                        "+t.dataset.id, getComputedStyle(t).backgroundColor, +t.parentNode.dataset.round])")
+    assert {round for *_, round in chips} == {0, 1, 2}
+    guesses = [c for c in chips if c[0] in ("accepted", "rejected", "unchecked")]
+    assert guesses, "prompt lookup guessed nothing on a prompt that repeats itself"
+    colours = {verdict: colour for verdict, _, colour, _ in chips}
+    assert len(set(colours.values())) == len(colours)  # each verdict its own colour
+    legend = browser.run("return Array.from(document.querySelectorAll('#spec-legend .key'), k => [k.dataset.kind, "
+                         "+k.dataset.count])")
+    assert dict(legend) == {v: sum(c[0] == v for c in chips) for v in colours}  # the legend counts what is drawn
+    drafted, accepted = browser.run("const d = document.getElementById('spec-legend').dataset; "
+                                    "return [+d.drafted, +d.accepted]")
+    assert (drafted, accepted) == (len(guesses), sum(c[0] == "accepted" for c in chips))
+    kept = [i for verdict, i, _, _ in chips if verdict in ("accepted", "corrected", "bonus")]
+    shown = browser.run("return Array.from(document.querySelectorAll('#tokens .tok'), t => +t.querySelector('small')"
+                        ".textContent.split(':')[1])")
+    assert shown[before:] == kept  # the text grew by the accepted guesses and the model's own tokens
 
 
 def test_phi3_vision_explores_a_prompt_with_the_image_given_at_start(phi3_v_dir):

@@ -2,13 +2,15 @@
 
     python tools/explore_screenshot.py [--out-dir docs]
 
-Starts `python -m minislm explore` (twice: with the shipped model's float32 KV cache,
-then with --kv-cache int8), opens it in headless Chromium through tests/browser.py's
-WebDriver client, and does what the tour describes: types the tour's prompt, presses
-"next token" five times, moves the temperature and top-p sliders, opens attention's
-arithmetic for one query and head; then, on the int8 explorer, twenty tokens. Each
-picture is one section of the page, reduced to a 64-colour palette PNG; its text field
-`minislm-scenario` says what was done, so a reader can do it again.
+Starts `python -m minislm explore` (three times: with the shipped model's float32 KV
+cache, with --quant int4, then with --kv-cache int8), opens it in headless Chromium
+through tests/browser.py's WebDriver client, and does what the tour describes: types
+the tour's prompt, presses "next token" five times, moves the temperature and top-p
+sliders, opens attention's arithmetic for one query and head; then, on the int4
+explorer, a prompt that repeats itself and eight speculative steps with prompt
+lookup; then, on the int8 explorer, twenty tokens. Each picture is one section of the
+page, reduced to a 64-colour palette PNG; its text field `minislm-scenario` says what
+was done, so a reader can do it again.
 """
 
 import argparse
@@ -26,6 +28,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from browser import Browser, find_programs  # noqa: E402  (the suite's standard-library WebDriver client)
 
 PROMPT = "To be, or not to"
+COPYING = ("ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+           "ROMEO:\nBut soft, what light")
 SCENARIO_KEY = "minislm-scenario"
 
 
@@ -66,10 +70,10 @@ def save(browser, css: str, path: Path, scenario: str) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB): {scenario}")
 
 
-def start(browser, url: str) -> None:
+def start(browser, url: str, prompt: str = PROMPT) -> None:
     browser.open(url)
     browser.wait_for("return document.body.dataset.ready === '1'", 120)
-    act(browser, lambda: (browser.type("#prompt", PROMPT, clear=True), browser.click("#run")))
+    act(browser, lambda: (browser.type("#prompt", prompt, clear=True), browser.click("#run")))
 
 
 def main() -> int:
@@ -95,6 +99,18 @@ def main() -> int:
             browser.click("#head option[value='3']")
             act(browser, lambda: browser.click("#open-arithmetic"))
             save(browser, "#arithmetic", out / "explore-arithmetic.png", done + "; position 5, layer 2, head 3, arithmetic")
+        finally:
+            explorer.close()
+        explorer = Explorer("--quant", "int4")  # int4: the shipped model copies a little more there
+        try:
+            start(browser, explorer.url, COPYING)
+            act(browser, lambda: browser.type("#repetition-penalty", "\ue012" * 4))  # 1.2 -> 1
+            browser.click("#speculate")
+            for _ in range(8):
+                act(browser, lambda: browser.click("#spec-step"))
+            save(browser, "#speculative", out / "explore-speculative.png",
+                 f"python -m minislm explore --quant int4; prompt {COPYING!r}; repetition penalty 1; "
+                 "speculative decoding (prompt lookup), speculative step x8")
         finally:
             explorer.close()
         explorer = Explorer("--kv-cache", "int8")

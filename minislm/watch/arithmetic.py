@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import model as spine
-from .. import sampling
+from .. import sampling, speculative
 from ..blocksparse import is_dense_layer, token_mask
 from ..kernels import attention as kernel
 from .session import attention_rows
@@ -34,7 +34,7 @@ def source_link(function) -> str:
 
 # The only files the explorer serves (under /source/NAME): the ones its links point into.
 SOURCE_FILES = {"model.py": Path(spine.__file__).resolve(), "kernels/attention.py": Path(kernel.__file__).resolve(),
-                "sampling.py": Path(sampling.__file__).resolve()}
+                "sampling.py": Path(sampling.__file__).resolve(), "speculative.py": Path(speculative.__file__).resolve()}
 SOURCE_FILES_BY_PATH = {path: name for name, path in SOURCE_FILES.items()}
 
 def arithmetic(run, layer: int, head: int, query: int) -> dict:

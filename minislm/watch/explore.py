@@ -4,7 +4,8 @@ Type a prompt and the page shows its forward pass (the views of `explain`: token
 attention per layer and head, the logit lens with its measures, the next-token
 distribution, the step table, PhiMoE's routing); press "next token" and the sampler's
 stages, the chosen id and one decode step follow, with the KV cache as it fills and
-attention's arithmetic for any query and head. session.py holds the state and does
+attention's arithmetic for any query and head; "speculative step" guesses a few ids
+by prompt lookup and shows which of them the model accepted. session.py holds the state and does
 the work; this file is the HTTP side, kept small and strict:
 
 - it listens on 127.0.0.1 unless told otherwise, on a free port it prints;
@@ -36,6 +37,7 @@ from ..runtime import sampling_settings
 from ..serve import is_loopback, json_bytes, parse_json
 from . import session
 from ..sampling import Sampler
+from ..speculative import DEFAULT_NUM_DRAFT, judge
 from .arithmetic import arithmetic, source_link, source_page
 from .explain import HERE, attention_data, image_data, model_data, render
 from .inputs import check_reads_images, encode_prompt, pieces, prompt_images
@@ -167,7 +169,8 @@ def route(server: ExploreServer, method: str, path: str, body) -> tuple[int, byt
             raise ApiError(404, "no such source file here", code="not_found")
         return 200, page.encode(), HTML
     routes = {("GET", "/api/model"): describe, ("POST", "/api/prompt"): new_prompt,
-              ("POST", "/api/step"): next_tokens, ("POST", "/api/sampling"): resample,
+              ("POST", "/api/step"): next_tokens, ("POST", "/api/speculate"): speculative_step,
+              ("POST", "/api/sampling"): resample,
               ("POST", "/api/attention"): attention_of_layer, ("POST", "/api/arithmetic"): arithmetic_of}
     handler = routes.get((method, path))
     if handler is None:
@@ -187,8 +190,10 @@ def describe(server: ExploreServer, body: dict) -> dict:
                      "min_p": defaults.min_p, "repetition_penalty": defaults.repetition_penalty, "seed": 0},
         "chat_template": bool(model.tokenizer.chat_template),
         "sampler_source": source_link(Sampler.processed),
+        "speculative_source": source_link(judge),
         "limits": {"tokens": min(session.MAX_EXPLORE_TOKENS, model.config.max_position_embeddings),
-                   "steps": session.MAX_STEPS, "text": MAX_TEXT_CHARS},
+                   "steps": session.MAX_STEPS, "text": MAX_TEXT_CHARS, "draft": session.MAX_DRAFT},
+        "num_draft": DEFAULT_NUM_DRAFT,
     }
 
 
@@ -222,6 +227,17 @@ def next_tokens(server: ExploreServer, body: dict) -> dict:
         session.step(run)
         if run.ended:
             break
+    return state(run, layer_of(server.model, body))
+
+
+def speculative_step(server: ExploreServer, body: dict) -> dict:
+    """One speculative round with prompt lookup: `num_draft` guesses verified in one forward."""
+    run = current(server)
+    k = field(body, "num_draft", int, DEFAULT_NUM_DRAFT)
+    if not 1 <= k <= session.MAX_DRAFT:
+        raise ApiError(400, f"num_draft: 1 to {session.MAX_DRAFT} guesses a step, got {k}", param="num_draft")
+    session.retune(run, *settings_of(server.model, body))
+    session.speculative_step(run, k)
     return state(run, layer_of(server.model, body))
 
 
@@ -322,6 +338,7 @@ def state(run, layer: int) -> dict:
         "last_pick": None if last is None else session.sampling_view(run, last.stages, last.token),
         "history": [{"index": s.index, "token": s.token, "piece": tokenizer.token_piece(s.token),
                      "forward_ms": round(s.forward_ms, 1), "reprefilled": s.reprefilled} for s in run.steps],
+        "speculative": session.speculative_view(run),
         "ended": run.ended,
         "images": run.images or None,
     }

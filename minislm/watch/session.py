@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MinislmError
-from ..runtime import make_sampler, sampling_settings, stop_ids
+from ..runtime import make_drafter, make_sampler, sampling_settings, stop_ids
 from ..sampling import SamplingSettings, is_sampled, probabilities
+from ..speculative import ACCEPTED, CORRECTED, DEFAULT_NUM_DRAFT, Draft, judge
 from .. import model as spine
 from ..blocksparse import is_dense_layer, token_mask
 from ..trace import STEPS, StepSummary, SummaryRecorder
@@ -34,6 +35,7 @@ from .lens import lens_logits, log_probabilities, measures, most_likely
 
 MAX_EXPLORE_TOKENS = MAX_PICTURE_TOKENS  # prompt + generated tokens the page follows
 MAX_STEPS = 32  # tokens one "next N tokens" request may ask for
+MAX_DRAFT = 8  # guesses one speculative step may verify
 TOP_CANDIDATES = 10  # next-token candidates kept per position
 SAMPLING_CANDIDATES = 12  # ids the sampling panel follows through its stages
 LENS_ROWS_PER_PASS = 128  # lens rows sent through lm_head together: one read of its weights
@@ -88,6 +90,18 @@ class Step:
 
 
 @dataclass
+class Round:
+    """One speculative step: the guesses, the target's verdict on each token it kept
+    (speculative.judge), and the cache positions the verify forward wrote."""
+
+    position: int  # where the first guess went: the text's length before the round
+    guesses: list  # the drafter's ids
+    tokens: list  # what joined the text: the accepted guesses, then the correction or the bonus
+    verdicts: list  # speculative.ACCEPTED / CORRECTED / BONUS, one per token
+    verify_ms: float  # the one forward of the guesses
+
+
+@dataclass
 class Exploration:
     model: object
     ids: np.ndarray  # (n,) the prompt, then every chosen id
@@ -103,6 +117,8 @@ class Exploration:
     ended: str | None = None  # why no further step can be taken
     images: list | None = None  # Phi-3-vision: explain.image_data of the prompt's images
     forward_ms: float = 0.0
+    rounds: list = field(default_factory=list)  # Round, one per speculative step
+    last_round: bool = False  # the latest step was speculative
 
 
 def start(model, ids, settings: SamplingSettings, seed: int, kv_cache: str | None = None,
@@ -176,17 +192,74 @@ def step(run: Exploration) -> Step:
     token = run.sampler.choose(stages)
     rank_pending(run, token)
     run.ids = np.append(run.ids, token)
+    run.last_round = False
     record = Step(len(run.steps), token, stages, 0.0, False)
     run.steps.append(record)
-    if token in stop_ids(run.model):
-        run.ended = f"{run.model.tokenizer.token_piece(token)!r} is a stop id"
-        return record
-    if len(run.ids) >= run.capacity:
-        run.ended = f"the explorer follows {run.capacity} tokens"
+    run.ended = ending(run, token, len(run.ids))
+    if run.ended:
         return record
     positions = forward(run, np.array([token]))
     record.forward_ms = run.forward_ms
     record.reprefilled = len(positions) > 1  # one new token, yet the forward ran from position 0
+    return record
+
+
+def ending(run: Exploration, token: int, length: int) -> str | None:
+    """Why no step can follow `token`, the text now `length` ids long: a stop id, or the
+    page's capacity; None while generation goes on."""
+    if token in stop_ids(run.model):
+        return f"{run.model.tokenizer.token_piece(token)!r} is a stop id"
+    if length >= run.capacity:
+        return f"the explorer follows {run.capacity} tokens"
+    return None
+
+
+def speculative_step(run: Exploration, num_draft: int = DEFAULT_NUM_DRAFT) -> Round:
+    """One round of speculative decoding with prompt lookup, through the library's own
+    accept loop (speculative.judge): guess up to `num_draft` ids from the text, run
+    them through the cache in one forward, keep the guesses the target agrees with and
+    its token after them. The cache then forgets the rejected guesses' positions
+    (KVCache.truncate) and takes the newest token in one more forward, as `step` leaves
+    it; the page's per-position views of the forgotten positions lie past the cache's
+    length, unseen, until later tokens write over them."""
+    if run.ended:
+        raise MinislmError(f"generation has ended ({run.ended}); type a new prompt")
+    model, cache = run.model, run.cache
+    n = len(run.ids)  # the cache holds every id, and run.logits come after the last
+    history = [int(t) for t in run.ids if t >= 0]
+    k = min(num_draft, run.capacity - n - 1)  # the guesses and one token more fit
+    rope = model.config.rope
+    if rope.kind == "longrope" and not cache.rope_long:  # the verify forward stays before LongRoPE's switch;
+        k = max(0, min(k, rope.original_max_position_embeddings - n))  # a one-token forward re-prefills after it
+    drafter = make_drafter(model, run.sampler, run.capacity, "lookup")
+    draft = drafter.propose(history, k) if k > 0 else Draft([], [])
+    rows, recorder = run.logits[None], None  # (1, V): the row before the first guess
+    begin = time.perf_counter()
+    if draft.tokens:
+        recorder = ViewRecorder()
+        hidden = model.forward(np.array(draft.tokens), cache, recorder)
+        rows = np.concatenate([rows, model.lm_head(hidden)])  # (1 + guesses, V)
+    record = Round(n, list(draft.tokens), [], [], 1000 * (time.perf_counter() - begin))
+    for token, verdict, stages in judge(run.sampler, rows, draft, history):
+        record.tokens.append(token)
+        record.verdicts.append(verdict)
+        run.steps.append(Step(len(run.steps), token, stages, 0.0, False))
+        run.ended = ending(run, token, n + len(record.tokens))
+        if run.ended:
+            break
+    rank_pending(run, record.tokens[0])  # the last forward's lens ranks the first new token
+    run.ids = np.append(run.ids, record.tokens)
+    if recorder is not None:  # the guesses' positions, ranked against the tokens that really followed
+        keep_attention(run, recorder, recorder.positions)
+        keep_lens(run, recorder, recorder.positions)
+        keep_kv_error(run, recorder, recorder.positions)
+    cache.truncate(len(run.ids) - 1)  # every token but the newest, which the next forward adds
+    run.rounds.append(record)
+    run.last_round = True
+    if not run.ended:
+        positions = forward(run, np.array(record.tokens[-1:]))
+        run.steps[-1].forward_ms = run.forward_ms
+        run.steps[-1].reprefilled = len(positions) > 1
     return record
 
 
@@ -335,7 +408,43 @@ def kv_view(run: Exploration) -> dict:
             "switch_after": rope.original_max_position_embeddings, "long": bool(cache.rope_long),
             "reprefills": [s.index for s in run.steps if s.reprefilled]},
         "error": np.round(run.kv_error[:S], 6).tolist(),
+        "rolled_back": rolled_back(run),
     }
+
+
+def rolled_back(run: Exploration) -> list[int] | None:
+    """[first, end) of the positions the last speculative step's verify forward wrote and
+    the cache then forgot: the rejected and unchecked guesses' (the first of them holds
+    the target's correction now), or None after a plain step."""
+    if not run.last_round:
+        return None
+    r = run.rounds[-1]
+    kept = sum(v == ACCEPTED for v in r.verdicts)
+    return [r.position + kept, r.position + len(r.guesses)]
+
+
+def speculative_view(run: Exploration) -> dict | None:
+    """Every speculative round: each guess as accepted, rejected (the first the target
+    disagreed with) or unchecked (after a rejection, or after a stop id ended the text),
+    the target's own token after them, and the counts so far."""
+    if not run.rounds:
+        return None
+    tokenizer = run.model.tokenizer
+    rounds = []
+    for r in run.rounds:
+        judged = dict(enumerate(r.verdicts[: len(r.guesses)]))
+        guesses = [{"id": g, "piece": tokenizer.token_piece(g),
+                    "verdict": {ACCEPTED: "accepted", CORRECTED: "rejected"}.get(judged.get(i), "unchecked")}
+                   for i, g in enumerate(r.guesses)]
+        last = r.verdicts[-1]
+        rounds.append({
+            "position": r.position, "guesses": guesses, "verify_ms": round(r.verify_ms, 1),
+            "token": None if last == ACCEPTED else {"id": r.tokens[-1], "piece": tokenizer.token_piece(r.tokens[-1]),
+                                                    "kind": "corrected" if last == CORRECTED else "bonus"},
+        })
+    return {"rounds": rounds, "drafted": sum(len(r.guesses) for r in run.rounds),
+            "accepted": sum(v == ACCEPTED for r in run.rounds for v in r.verdicts),
+            "last": run.last_round, "max_draft": MAX_DRAFT}
 
 
 def lens_view(run: Exploration) -> dict:
