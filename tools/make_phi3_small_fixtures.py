@@ -79,6 +79,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from reference_venv import ensure_reference_venv  # tools/reference_venv.py
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 REFERENCE_FILE = "reference_phi3small.safetensors"
@@ -223,15 +225,6 @@ def remote_code_folder(given: Path) -> Path:
     return given
 
 
-def ensure_reference_venv(venv: Path) -> Path:
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", REFERENCE_PACKAGES[0]], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REFERENCE_PACKAGES[1:]], check=True)
-    return python
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--remote-code", type=Path, help="folder with the hub repo's *.py files (required)")
@@ -244,7 +237,7 @@ def main() -> None:
     if args.remote_code is None:
         parser.error("--remote-code is required")
     code = remote_code_folder(args.remote_code)
-    python = ensure_reference_venv(args.ref_venv)
+    python = ensure_reference_venv(args.ref_venv, REFERENCE_PACKAGES)
     for i, name in enumerate(FIXTURE_CONFIGS):
         config = write_fixture_folder(name)
         sample_ids = config.pop("sample_ids")

@@ -67,6 +67,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from reference_venv import ensure_reference_venv  # tools/reference_venv.py
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "phi4mm"
 REFERENCE_FILE = "reference_phi4mm.safetensors"
@@ -266,15 +268,6 @@ def write_fixture_folder(folder: Path) -> dict:
     return config
 
 
-def ensure_reference_venv(venv: Path) -> Path:
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REFERENCE_PACKAGES[:2]], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REFERENCE_PACKAGES[2:]], check=True)
-    return python
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--convert-script", type=Path, required=True,
@@ -301,7 +294,7 @@ def main() -> None:
             "convert_script_sha256": hashlib.sha256(args.convert_script.read_bytes()).hexdigest(),
         }
         (work / "job.json").write_text(json.dumps(job))
-        python = ensure_reference_venv(args.ref_venv)
+        python = ensure_reference_venv(args.ref_venv, REFERENCE_PACKAGES)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2")
         subprocess.run([str(python), __file__, "--convert-script", str(args.convert_script.resolve()),
                         "--run-reference", str(work)], check=True, env=env)

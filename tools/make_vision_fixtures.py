@@ -56,6 +56,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from reference_venv import ensure_reference_venv  # tools/reference_venv.py
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "phi3_v"
 REFERENCE_FILE = "reference_vision.safetensors"
@@ -221,15 +223,6 @@ def remote_code_folder(given: Path | None, work: Path) -> Path:
     return work
 
 
-def ensure_reference_venv(venv: Path) -> Path:
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REFERENCE_PACKAGES[:2]], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REFERENCE_PACKAGES[2:]], check=True)
-    return python
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--remote-code", type=Path, help="folder with the hub repo's *_phi3_v.py files")
@@ -259,7 +252,7 @@ def main() -> None:
             "remote_code": {n: hashlib.sha256((code / n).read_bytes()).hexdigest() for n in REMOTE_FILES},
         }
         (work / "job.json").write_text(json.dumps(job))
-        python = ensure_reference_venv(args.ref_venv)
+        python = ensure_reference_venv(args.ref_venv, REFERENCE_PACKAGES)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(work))
         subprocess.run([str(python), __file__, "--run-reference", str(work)], check=True, env=env)
         shutil.copyfile(work / REFERENCE_FILE, FIXTURE / REFERENCE_FILE)
