@@ -16,15 +16,9 @@ from hypothesis import strategies as st
 from minislm.kernels import reference as ref
 from minislm.kernels.attention import QUERY_TILE
 from minislm.kernels.blocksparse import attend_blocksparse, attend_blocksparse_kernel, attend_blocksparse_serial
+from test_attention_kernel import storage  # random keys or values in a cache format
 
 ATOL_KERNEL = 2e-5
-
-
-def storage(rng, kv_heads, capacity, head_dim, dtype):
-    x = rng.standard_normal((kv_heads, capacity, head_dim), dtype=np.float32)
-    if dtype == "int8":
-        return ref.quantize_cache_int8(x)
-    return x.astype(dtype), None
 
 
 @settings(max_examples=40, deadline=None)
@@ -41,8 +35,8 @@ def storage(rng, kv_heads, capacity, head_dim, dtype):
 def test_kernel_equals_its_twin(dtype, kv_heads, group, head_dim, block, cached, new, seed):
     rng = np.random.default_rng(seed)
     H, S = kv_heads * group, cached + new
-    keys, key_scales = storage(rng, kv_heads, S + 7, head_dim, dtype)
-    values, value_scales = storage(rng, kv_heads, S + 7, head_dim, dtype)
+    keys, key_scales = storage(rng, kv_heads, S + 7, head_dim, dtype, 1.0)
+    values, value_scales = storage(rng, kv_heads, S + 7, head_dim, dtype, 1.0)
     q = rng.standard_normal((H, new, head_dim), dtype=np.float32)
     positions = np.arange(cached, S)
     first, last = cached // block, (S - 1) // block
