@@ -513,7 +513,6 @@ def forward_batch(config: ModelConfig, weights: dict, token_ids: np.ndarray, cac
     (`crosses_rope_switch`); `Model.decode_step` runs a sequence that crosses alone.
     """
     w = weights
-    B = len(token_ids)
     small = config.phi3small
     steps = [one_position(config, cache) for cache in caches]  # each sequence's position, rotation, mask
 

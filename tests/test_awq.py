@@ -8,7 +8,6 @@ own unpacker (awq/utils/packing_utils.py, plain torch) is the second reference.
 """
 
 import importlib.util
-import os
 
 import numpy as np
 import pytest

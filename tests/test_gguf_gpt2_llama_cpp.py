@@ -16,10 +16,7 @@ and the hub's tokenizer.json there. The test pins exactly that: every sweep text
 a combining mark agrees with llama.cpp, and every disagreement holds one.
 """
 
-import json
 import unicodedata
-
-import pytest
 
 from optional import require_module
 

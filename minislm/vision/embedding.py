@@ -22,7 +22,7 @@ from numba import vectorize
 
 from ..model import NO_TRACE, linear
 from .config import IMAGE_EMBED, VisionConfig
-from .image import CELLS_PER_SIDE, ProcessedImage
+from .image import ProcessedImage
 from .tower import vision_tower
 
 

@@ -156,7 +156,7 @@ def weights_read_per_token(model) -> int:
 
 def allocate(run: Exploration) -> None:
     c, C = run.model.config, run.capacity
-    L, H, KV, hd = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    L, H, hd = c.num_hidden_layers, c.num_attention_heads, c.head_dim
     R = L + 1
     run.q = np.zeros((L, H, C, hd), np.float32)
     run.heads = np.zeros((L, C, H * hd), np.float32)
