@@ -178,8 +178,9 @@ def _half_at(rec, at):
 @njit(parallel=True, cache=True)
 def dequantize_kquant_rows(records, bits, offsets, ids, out):
     """out (len(ids), in) float32 = rows `ids` of W, as `reference.dequantize_kquant`.
-    offsets: the record's (d, dmin, scales, mins, codes, high) byte offsets, -1 where absent."""
-    d_at, dmin_at, sc_at, m_at, codes_at, high_at = offsets
+    offsets: the record's (d, dmin, scales, mins, chunks, chunk) byte offsets (and
+    size of a chunk), -1 where absent (`reference.kquant_layout`)."""
+    d_at, dmin_at, sc_at, m_at, chunks_at, chunk = offsets
     sub_block = SUB_BLOCK[bits]
     hb = bits - 4
     zero = np.float32(32.0) if bits == 6 else np.float32(0.0)
@@ -191,11 +192,13 @@ def dequantize_kquant_rows(records, bits, offsets, ids, out):
             dmin = _half_at(rec, dmin_at + 2 * r) if dmin_at >= 0 else np.float32(0.0)
             for kk in range(QK_K):
                 j = kk // sub_block
-                byte = rec[codes_at + 64 * (kk // 8) + 4 * r + kk % 4]
+                chunk_at = chunks_at + chunk * (kk // 32)
+                byte = rec[chunk_at + 64 * ((kk % 32) // 8) + 4 * r + kk % 4]
                 c = (byte >> np.uint8(4)) if kk % 8 >= 4 else (byte & np.uint8(15))
                 if hb > 0:
                     per = 32 // hb
-                    top = rec[high_at + 64 * (kk // per) + 4 * r + kk % 4] >> np.uint8(hb * ((kk % per) // 4))
+                    high_at = chunk_at + 256 + 64 * ((kk % 32) // per)
+                    top = rec[high_at + 4 * r + kk % 4] >> np.uint8(hb * ((kk % per) // 4))
                     c = c | ((top & np.uint8((1 << hb) - 1)) << np.uint8(4))
                 sc = np.int32(rec[sc_at + 16 * j + r])
                 if bits == 6 and sc >= 128:   # Q6_K's scales are int8
@@ -299,7 +302,7 @@ class KQuantWeight:
     def rows(self, ids):
         ids = as_row_ids(ids, self.shape[0])
         at = ref.kquant_layout(self.bits)
-        offsets = tuple(-1 if at[p] is None else at[p] for p in ("d", "dmin", "scales", "mins", "codes", "high"))
+        offsets = tuple(-1 if at[p] is None else at[p] for p in ("d", "dmin", "scales", "mins", "chunks", "chunk"))
         out = np.empty((ids.size, self.shape[1]), np.float32)
         dequantize_kquant_rows(self.records, self.bits, offsets, ids, out)
         return out
