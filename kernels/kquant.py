@@ -41,7 +41,7 @@ from .activations import quantize_activations
 from .checks import as_activations, as_row_ids
 from .kquant_simd import kquant_block_kernel
 from .packed import GEMM_TOKENS, GEMV_MAX_TOKENS
-from .scalars import half_to_f32
+from .scalars import f32_to_half_bits, half_to_f32
 
 QK_K = ref.QK_K
 # bits -> bytes of one record (16 rows x 256 inputs); index 0-3 unused (a tuple Numba can index)
@@ -166,7 +166,52 @@ GEMV = {"vnni": gemv_kquant_vnni, "portable": gemv_kquant_portable}
 GEMM = {"vnni": gemm_kquant_vnni, "portable": gemm_kquant_portable}
 
 
-# ---------------------------------------------------------------- rows
+# ---------------------------------------------------------------- packing and rows
+
+
+def layout_offsets(bits):
+    """`reference.kquant_layout` as the tuple the Numba kernels take: byte offsets of
+    (d, dmin, scales, mins, chunks) in a record, -1 where absent, and a chunk's size."""
+    at = ref.kquant_layout(bits)
+    return tuple(-1 if at[p] is None else at[p] for p in ("d", "dmin", "scales", "mins", "chunks", "chunk"))
+
+
+@njit(parallel=True, cache=True)
+def pack_superblocks(codes, d, sub_scales, dmin, sub_mins, bits, offsets, records):
+    """Fill zeroed `records` (out_p/16, in/256, record) from the fields, as
+    `reference.pack_superblocks` (its twin) lays them out; one pass, a row block per
+    thread. sub_scales as uint8 (Q6_K's int8 bytes as they are); dmin and sub_mins
+    (rows, 0)-shaped where the kind has none. Rows beyond codes' stay zero (w = 0)."""
+    d_at, dmin_at, sc_at, m_at, chunks_at, chunk = offsets
+    n, k = codes.shape
+    n_sub = sub_scales.shape[1] // d.shape[1]
+    hb = bits - 4
+    for b in prange(records.shape[0]):
+        for r in range(16):
+            row = 16 * b + r
+            if row >= n:
+                break
+            for s in range(records.shape[1]):
+                rec = records[b, s]
+                half = f32_to_half_bits(d[row, s])
+                rec[d_at + 2 * r], rec[d_at + 2 * r + 1] = np.uint8(half & 255), np.uint8(half >> 8)
+                if dmin_at >= 0:
+                    half = f32_to_half_bits(dmin[row, s])
+                    rec[dmin_at + 2 * r], rec[dmin_at + 2 * r + 1] = np.uint8(half & 255), np.uint8(half >> 8)
+                for j in range(n_sub):
+                    rec[sc_at + 16 * j + r] = sub_scales[row, s * n_sub + j]
+                    if m_at >= 0:
+                        rec[m_at + 16 * j + r] = sub_mins[row, s * n_sub + j]
+                for kk in range(0, QK_K, 8):   # one nibble tile: inputs kk..kk+7 of the super-block
+                    chunk_at = chunks_at + chunk * (kk // 32)
+                    for e in range(4):
+                        low, high = codes[row, s * QK_K + kk + e], codes[row, s * QK_K + kk + 4 + e]
+                        rec[chunk_at + 64 * ((kk % 32) // 8) + 4 * r + e] = (low & np.uint8(15)) | ((high & np.uint8(15)) << np.uint8(4))
+                if hb > 0:
+                    per = 32 // hb
+                    for kk in range(QK_K):
+                        at = chunks_at + chunk * (kk // 32) + 256 + 64 * ((kk % 32) // per) + 4 * r + kk % 4
+                        rec[at] |= (codes[row, s * QK_K + kk] >> np.uint8(4)) << np.uint8(hb * ((kk % per) // 4))
 
 
 @njit(cache=True)
@@ -178,8 +223,7 @@ def _half_at(rec, at):
 @njit(parallel=True, cache=True)
 def dequantize_kquant_rows(records, bits, offsets, ids, out):
     """out (len(ids), in) float32 = rows `ids` of W, as `reference.dequantize_kquant`.
-    offsets: the record's (d, dmin, scales, mins, chunks, chunk) byte offsets (and
-    size of a chunk), -1 where absent (`reference.kquant_layout`)."""
+    offsets: `layout_offsets(bits)`."""
     d_at, dmin_at, sc_at, m_at, chunks_at, chunk = offsets
     sub_block = SUB_BLOCK[bits]
     hb = bits - 4
@@ -257,7 +301,7 @@ class KQuantWeight:
                     or not np.array_equal(a.astype(np.float16).astype(a.dtype), a):
                 raise ValueError(f"{name}: {what} must be finite float16 values of shape {supers}, "
                                  f"got {a.dtype} {a.shape}")
-            return a.astype(np.float16)
+            return np.ascontiguousarray(a, np.float32)
 
         def small_ints(a, what, dtype):
             a = np.asarray(a)
@@ -272,7 +316,12 @@ class KQuantWeight:
         sub_scales = small_ints(sub_scales, "sub_scales", np.uint8 if has_mins else np.int8)
         if has_mins:
             dmin, sub_mins = scale_of_scales(dmin, "dmin"), small_ints(sub_mins, "sub_mins", np.uint8)
-        return cls(ref.pack_superblocks(codes, d, sub_scales, dmin, sub_mins, bits), bits, (n, k))
+        records = np.zeros((-(-n // 16), k // QK_K, RECORD_BYTES[bits]), np.uint8)
+        if not has_mins:   # the kernel takes arrays: empty ones
+            dmin, sub_mins = np.zeros((n, 0), np.float32), np.zeros((n, 0), np.uint8)
+        pack_superblocks(np.ascontiguousarray(codes), d, np.ascontiguousarray(sub_scales).view(np.uint8), dmin,
+                         np.ascontiguousarray(sub_mins), bits, layout_offsets(bits), records)
+        return cls(records, bits, (n, k))
 
     @property
     def nbytes(self):
@@ -301,10 +350,8 @@ class KQuantWeight:
 
     def rows(self, ids):
         ids = as_row_ids(ids, self.shape[0])
-        at = ref.kquant_layout(self.bits)
-        offsets = tuple(-1 if at[p] is None else at[p] for p in ("d", "dmin", "scales", "mins", "chunks", "chunk"))
         out = np.empty((ids.size, self.shape[1]), np.float32)
-        dequantize_kquant_rows(self.records, self.bits, offsets, ids, out)
+        dequantize_kquant_rows(self.records, self.bits, layout_offsets(self.bits), ids, out)
         return out
 
     def dequantize(self):

@@ -74,9 +74,10 @@ def make(fields):
 
 @PROPERTY
 @given(kquant_fields())
-def test_records_hold_exactly_the_fields_weights(fields):
+def test_records_are_the_twins_and_hold_exactly_the_fields_weights(fields):
     bits, codes, d, sc, dmin, m = fields
     q = make(fields)
+    assert np.array_equal(q.records, ref.pack_superblocks(codes, d, sc, dmin, m, bits))   # the Numba packer's twin
     want = ref.dequantize_kquant(codes, d, sc, dmin, m, bits)
     assert np.array_equal(q.dequantize().view(np.uint32), want.view(np.uint32))   # -0.0 too
     back = ref.unpack_superblocks(q.records, bits)
