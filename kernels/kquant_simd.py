@@ -27,10 +27,13 @@ high tile whose 32-bit lane holds the top bits of the same 4 inputs at the same 
 positions (`reference.pack_high_bits`), so one shift and one `and` put them beside
 the nibble: `c = nibble | ((high << (4 - hb * t)) & top)`.
 
-The records of a row block are one sequential stream, read front to back, and the
-hardware prefetcher follows it: software prefetches 4 KB ahead, one per 64-byte line
-as `simd.packed_block_kernel` issues them, made one thread on the Zen 4 test machine
-slower (Q4_K from memory: 18 against 30 GB/s; Q5_K 8 against 25), so there are none.
+Loops: over the super-blocks of the row block, then over its 8 chunks of 32 inputs
+(`reference.kquant_layout`), whose tiles and sub-blocks are unrolled here. The
+records of a row block are one sequential stream, read front to back, and the
+hardware prefetcher follows it: software prefetches (1-8 KB ahead, one per 64-byte
+line, as `simd.packed_block_kernel` issues them) measured no faster on the Zen 4 test
+machine, on one thread or two, so there are none. (Unrolling the 8 chunks too gave
+the same speed and 8 times the code to compile.)
 
 Numba inlines this into the kernels of `kquant.py` and keys its on-disk cache on
 *that* file: after editing this one, delete the cache
@@ -113,17 +116,16 @@ def _emit_kquant_block(context, builder, signature, args, n_tok, bits, dot4):
         v = load_rows(base, offset, h, _vec(I8, 8))
         return builder.sext(v, v8i32) if signed else builder.zext(v, v8i32)
 
-    def code_operands(base, tile, h):
-        """The two <32 x i8> operands of nibble tile `tile` (inputs 8 tile .. +3 and
-        8 tile + 4 .. +7) for rows 8h..8h+7, with their high bits where the kind has them."""
-        chunk_at = at["chunks"] + at["chunk"] * (tile // 4)          # the tile's chunk of 32 inputs
-        v = _load_vec(builder, records_a.data, builder.add(base, const(chunk_at + 64 * (tile % 4) + 32 * h)), v32i8)
+    def code_operands(chunk_base, tile, h):
+        """The two <32 x i8> operands of nibble tile `tile` (0..3) of a chunk (its inputs
+        0..3 and 4..7) for rows 8h..8h+7, with their high bits where the kind has them."""
+        v = _load_vec(builder, records_a.data, builder.add(chunk_base, const(64 * tile + 32 * h)), v32i8)
         nibbles = [builder.and_(v, bytes_of(15)), builder.lshr(v, bytes_of(4))]
         if not hb:
             return nibbles
-        first = 8 * tile                                   # first input of the tile, within the super-block
-        high_at = chunk_at + 256 + 64 * ((first % 32) // per_high)
-        high = _load_vec(builder, records_a.data, builder.add(base, const(high_at + 32 * h)), v32i8)
+        first = 8 * tile                                   # first input of the tile, within the chunk
+        high_at = 256 + 64 * (first // per_high)
+        high = _load_vec(builder, records_a.data, builder.add(chunk_base, const(high_at + 32 * h)), v32i8)
         top = bytes_of(((1 << hb) - 1) << 4)
         out = []
         for i, nibble in enumerate(nibbles):
@@ -134,39 +136,53 @@ def _emit_kquant_block(context, builder, signature, args, n_tok, bits, dot4):
             out.append(builder.or_(nibble, builder.and_(moved, top)))
         return out
 
+    subs_per_chunk = 32 // sub_block
+    acc = [[cgutils.alloca_once_value(builder, zero_i) for _ in range(2)] for _ in range(n_tok)]
     with cgutils.for_range(builder, n_super) as super_loop:
         s = super_loop.index
         base = builder.add(block_at, builder.mul(s, const(record)))
-        acc = [[zero_i, zero_i] for _ in range(n_tok)]
-        bsum = [[None] * n_sub for _ in range(n_tok)]
         for t in range(n_tok):
-            for j in range(n_sub):
-                at_j = builder.add(token_row(t, bs_stride), builder.add(builder.mul(s, const(n_sub)), const(j)))
-                bsum[t][j] = builder.load(builder.gep(bs_a.data, [at_j]))
-        for j in range(n_sub):
-            # Q6_K's zero code: the first chain starts at -z * bsum (sum (c - z) x = sum c x - z sum x)
-            start = [_splat(builder, builder.mul(bsum[t][j], ir.Constant(I32, -zero)), 8) if zero else zero_i
-                     for t in range(n_tok)]
-            dots = [[[start[t]] + [zero_i] * (parts - 1) for _ in range(2)] for t in range(n_tok)]
-            for u in range(sub_block // 8):
-                tile = j * (sub_block // 8) + u
-                operands = [code_operands(base, tile, h) for h in (0, 1)]
+            for h in range(2):
+                builder.store(zero_i, acc[t][h])
+        with cgutils.for_range(builder, const(ref.QK_K // 32)) as chunk_loop:   # 8 chunks of 32 inputs
+            c = chunk_loop.index
+            chunk_base = builder.add(base, builder.add(const(at["chunks"]), builder.mul(c, const(at["chunk"]))))
+            for jl in range(subs_per_chunk):
+                j = builder.add(builder.mul(c, const(subs_per_chunk)), const(jl))   # sub-block within the super-block
+                # Q6_K's zero code: the first chain starts at -z * bsum (sum (c - z) x = sum c x - z sum x)
+                start = []
                 for t in range(n_tok):
-                    word = builder.add(token_row(t, xq_stride), builder.add(builder.mul(s, const(ref.QK_K // 4)),
-                                                                             const(2 * tile)))
-                    xw = [builder.bitcast(_splat(builder, builder.load(builder.gep(xq_a.data, [builder.add(word, const(i))])), 8),
-                                          v32i8) for i in (0, 1)]
-                    for h in (0, 1):
-                        for i in (0, 1):
-                            slot = (2 * u + i) % parts
-                            dots[t][h][slot] = dot4(builder, dots[t][h][slot], operands[h][i], xw[i])
-            for h in (0, 1):
-                sc = widen_rows(base, at["scales"] + 16 * j, h, signed=not has_mins)
-                for t in range(n_tok):
-                    dot = dots[t][h][0]
-                    for other in dots[t][h][1:]:
-                        dot = builder.add(dot, other)
-                    acc[t][h] = builder.add(acc[t][h], builder.mul(sc, dot))
+                    b_at = builder.add(token_row(t, bs_stride), builder.add(builder.mul(s, const(n_sub)), j))
+                    bsum = builder.load(builder.gep(bs_a.data, [b_at]))
+                    start.append(_splat(builder, builder.mul(bsum, ir.Constant(I32, -zero)), 8) if zero else zero_i)
+                dots = [[[start[t]] + [zero_i] * (parts - 1) for _ in range(2)] for t in range(n_tok)]
+                for u in range(sub_block // 8):
+                    tile = jl * (sub_block // 8) + u               # within the chunk
+                    operands = [code_operands(chunk_base, tile, h) for h in (0, 1)]
+                    for t in range(n_tok):
+                        word = builder.add(token_row(t, xq_stride), builder.add(
+                            builder.add(builder.mul(s, const(ref.QK_K // 4)), builder.mul(c, const(8))), const(2 * tile)))
+                        xw = [builder.bitcast(_splat(builder, builder.load(builder.gep(xq_a.data, [builder.add(word, const(i))])), 8),
+                                              v32i8) for i in (0, 1)]
+                        for h in (0, 1):
+                            for i in (0, 1):
+                                slot = (2 * u + i) % parts
+                                dots[t][h][slot] = dot4(builder, dots[t][h][slot], operands[h][i], xw[i])
+                for h in (0, 1):
+                    sc_at = builder.add(base, builder.add(const(at["scales"] + 8 * h), builder.mul(j, const(16))))
+                    sc = _load_vec(builder, records_a.data, sc_at, _vec(I8, 8))
+                    sc = builder.zext(sc, v8i32) if has_mins else builder.sext(sc, v8i32)
+                    for t in range(n_tok):
+                        dot = dots[t][h][0]
+                        for other in dots[t][h][1:]:
+                            dot = builder.add(dot, other)
+                        builder.store(builder.add(builder.load(acc[t][h]), builder.mul(sc, dot)), acc[t][h])
+        bsum = [[None] * n_sub for _ in range(n_tok)]
+        if has_mins:
+            for t in range(n_tok):
+                for j in range(n_sub):
+                    at_j = builder.add(token_row(t, bs_stride), builder.add(builder.mul(s, const(n_sub)), const(j)))
+                    bsum[t][j] = builder.load(builder.gep(bs_a.data, [at_j]))
         for h in (0, 1):
             d = _half_vec_to_f32(builder, load_rows(base, at["d"], h, _vec(I16, 8)))
             if has_mins:
@@ -175,7 +191,7 @@ def _emit_kquant_block(context, builder, signature, args, n_tok, bits, dot4):
                 mins = [widen_rows(base, at["mins"] + 16 * j, h, signed=False) for j in range(n_sub)]
             for t in range(n_tok):
                 x_scale = _splat(builder, builder.load(builder.gep(xs_a.data, [builder.add(token_row(t, xs_stride), s)])), 8)
-                value = _fma(builder, d, builder.fmul(x_scale, builder.sitofp(acc[t][h], v8f32)),
+                value = _fma(builder, d, builder.fmul(x_scale, builder.sitofp(builder.load(acc[t][h]), v8f32)),
                              builder.load(total[t][h]))
                 if has_mins:
                     msum = builder.mul(mins[0], _splat(builder, bsum[t][0], 8))
