@@ -21,14 +21,9 @@ heads = 16 of hd = 64, F = 4096.
 
 import numpy as np
 
-from ..model import layer_norm, linear, softmax
+from ..kernels.rowwise import layer_norm, quick_gelu, softmax_rows_in_place
+from ..model import linear
 from .config import VISION_MODEL, VisionConfig
-
-
-def quick_gelu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(1.702 x): CLIP's cheap approximation of GELU (the sigmoid via tanh,
-    so large |x| cannot overflow exp)."""
-    return x * (0.5 + 0.5 * np.tanh(0.851 * x))
 
 
 def patch_embedding(pixels: np.ndarray, weight: np.ndarray, patch: int) -> np.ndarray:
@@ -59,23 +54,19 @@ def self_attention(config: VisionConfig, w: dict, layer: str, x: np.ndarray) -> 
     N, P, C = x.shape
     heads, hd = config.num_attention_heads, config.head_dim
     rows = x.reshape(N * P, C)
+    q, k, v = (linear(rows, w[f"{layer}self_attn.{name}.weight"], w[f"{layer}self_attn.{name}.bias"])
+               for name in ("q_proj", "k_proj", "v_proj"))  # (N*P, C) each; head h is columns h*hd:(h+1)*hd
+    mixed = np.empty((N * P, C), dtype=np.float32)
 
-    def project(name):  # (N*P, C) -> (N, heads, P, hd), contiguous so each matmul below is one BLAS call
-        y = linear(rows, w[f"{layer}self_attn.{name}.weight"], w[f"{layer}self_attn.{name}.bias"])
-        return np.ascontiguousarray(y.reshape(N, P, heads, hd).transpose(0, 2, 1, 3))
+    def attend(item):  # one head of one crop; BLAS reads the head's columns in place (row stride C), no copies
+        crop, h = divmod(item, heads)
+        r, c = slice(crop * P, (crop + 1) * P), slice(h * hd, (h + 1) * hd)
+        scores = q[r, c] @ k[r, c].T  # (P, P)
+        softmax_rows_in_place(scores, np.float32(hd**-0.5))  # softmax(q.k / sqrt(hd)), row by row
+        np.matmul(scores, v[r, c], out=mixed[r, c])  # (P, hd): head h's columns of the crop's rows
 
-    q = project("q_proj") * np.float32(hd**-0.5)  # scaling q is scaling the scores, on P*hd numbers not P*P
-    k_t = np.ascontiguousarray(project("k_proj").transpose(0, 1, 3, 2))  # (N, heads, hd, P)
-    v = project("v_proj")
-    out = np.empty((N, heads, P, hd), dtype=np.float32)
-
-    def attend(crop):  # one crop at a time keeps the (heads, P, P) scores at 21 MB
-        scores = q[crop] @ k_t[crop]  # (heads, P, P)
-        out[crop] = softmax(scores, axis=-1) @ v[crop]  # (heads, P, hd)
-
-    for_each_crop(attend, N)
-    heads_side_by_side = out.transpose(0, 2, 1, 3).reshape(N * P, C)
-    y = linear(heads_side_by_side, w[layer + "self_attn.out_proj.weight"], w[layer + "self_attn.out_proj.bias"])
+    for_each_crop(attend, N * heads)
+    y = linear(mixed, w[layer + "self_attn.out_proj.weight"], w[layer + "self_attn.out_proj.bias"])
     return y.reshape(N, P, C)
 
 
@@ -98,10 +89,11 @@ def for_each_crop(work, n_crops: int) -> None:
 
 
 def mlp(w: dict, layer: str, x: np.ndarray) -> np.ndarray:
-    """fc2(quick_gelu(fc1(x))): (N, P, C) -> (N, P, F) -> (N, P, C)."""
+    """fc2(quick_gelu(fc1(x))): (N, P, C) -> (N, P, F) -> (N, P, C). quick_gelu(z) =
+    z * sigmoid(1.702 z), CLIP's cheap GELU, adds fc1's bias in the same pass."""
     N, P, C = x.shape
-    h = linear(x.reshape(N * P, C), w[layer + "mlp.fc1.weight"], w[layer + "mlp.fc1.bias"])  # (N*P, F)
-    return linear(quick_gelu(h), w[layer + "mlp.fc2.weight"], w[layer + "mlp.fc2.bias"]).reshape(N, P, C)
+    h = quick_gelu(linear(x.reshape(N * P, C), w[layer + "mlp.fc1.weight"]), w[layer + "mlp.fc1.bias"])  # (N*P, F)
+    return linear(h, w[layer + "mlp.fc2.weight"], w[layer + "mlp.fc2.bias"]).reshape(N, P, C)
 
 
 def encoder_block(config: VisionConfig, w: dict, i: int, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,124 @@
+"""The non-GEMM parts of an encoder block, one pass over memory each: LayerNorm,
+quick_gelu, the attention softmax.
+
+    layer_norm_rows(x, weight, bias, eps, out)   out[t] = LN(x[t]) * weight + bias
+    quick_gelu_in_place(h, bias)                 h <- z * sigmoid(1.702 z), z = h + bias
+    softmax_rows_in_place(scores, scale)         each row <- softmax(scale * row)
+
+Why kernels. Between its matrix products a vision tower block (CLIP ViT-L: 577
+positions x 1024 channels per view, 4096 in the MLP) does element-wise work that
+NumPy runs as several calls, each a pass over the whole array with a temporary:
+LayerNorm is five (mean, subtract, square, mean, scale), quick_gelu four (multiply,
+tanh, multiply-add, multiply), the softmax six (max, subtract, exp, sum, divide,
+zero the tiny). At 17 views the MLP's array is 160 MB, so each pass is a trip to
+memory. Here each is one loop over a row that stays in cache, and the
+exponential is `attention.exp_nonpositive` (a polynomial that vectorises), not
+libm's scalar call.
+
+`layer_norm_rows` and `quick_gelu_in_place` share rows among Numba's threads; the
+softmax runs on the calling thread, because the attention calls it once per
+(view, head) from its own threads (`minislm.vision.tower.for_each_crop`), with
+the GIL released (`nogil`). The plain-NumPy twins (`reference.layer_norm_rows`,
+`reference.quick_gelu`, `reference.softmax_rows`) are the definitions;
+tests/test_rowwise_kernels.py holds them equal.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .attention import TINY, exp_nonpositive
+
+# LLVM may reorder sums, fuse multiply-adds and ignore the sign of zero, but not
+# assume "no NaN, no inf" (a NaN from a damaged weight must reach the output) and
+# not replace a division by a multiplication with the reciprocal ("arcp"): the
+# mean as total * (1/D) is off by an ulp of 1/D, which LayerNorm amplifies by
+# 1/std, 300x for a row whose spread is eps's.
+FASTMATH = {"reassoc", "contract", "nsz"}
+QUICK_GELU_SLOPE = np.float32(1.702)  # CLIP's sigmoid(1.702 x), a cheap stand-in for GELU's Phi(x)
+
+
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def layer_norm_rows(x, weight, bias, eps, out):
+    """out (T, D) = (x - mean) / sqrt(var + eps) * weight + bias, per row of x (T, D).
+
+    Two passes over a row that is in L1 by then: the mean, then the variance of the
+    centred values (not E[x^2] - mean^2, which cancels when |mean| >> std)."""
+    T, D = x.shape
+    for t in prange(T):
+        total = np.float32(0.0)
+        for d in range(D):
+            total += x[t, d]
+        mean = total / np.float32(D)
+        squares = np.float32(0.0)
+        for d in range(D):
+            c = x[t, d] - mean
+            squares += c * c
+        inv_std = np.float32(1.0) / np.sqrt(squares / np.float32(D) + eps)
+        for d in range(D):
+            out[t, d] = weight[d] * ((x[t, d] - mean) * inv_std) + bias[d]
+
+
+@njit(inline="always")
+def sigmoid(z):
+    """1 / (1 + exp(-z)), from exp(-|z|) <= 1 so nothing overflows: for z >= 0 that
+    is 1 / (1 + e), for z < 0 e / (1 + e). NaN stays NaN."""
+    e = exp_nonpositive(-abs(z))
+    return (np.float32(1.0) if z >= 0 else e) / (np.float32(1.0) + e)
+
+
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def quick_gelu_in_place(h, bias):
+    """h (T, F) <- z * sigmoid(1.702 z) with z = h + bias (F,): the MLP's bias and
+    its activation in one pass (fc1's output is never needed without them)."""
+    T, F = h.shape
+    for t in prange(T):
+        for f in range(F):
+            z = h[t, f] + bias[f]
+            h[t, f] = z * sigmoid(QUICK_GELU_SLOPE * z)
+
+
+@njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def softmax_rows_in_place(scores, scale):
+    """scores (R, S) <- softmax(scale * scores) along each row, weights below
+    float32's smallest normal number set to 0 (as `minislm.model.softmax`: a
+    subnormal weight changes no sum but slows the next product ~60x). scale > 0,
+    so the row's largest score is also its largest scaled score."""
+    R, S = scores.shape
+    for r in range(R):
+        top = np.float32(-np.inf)
+        for j in range(S):
+            top = max(top, scores[r, j])
+        total = np.float32(0.0)
+        for j in range(S):
+            e = exp_nonpositive((scores[r, j] - top) * scale)
+            scores[r, j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(S):
+            p = scores[r, j] * inv
+            scores[r, j] = np.float32(0.0) if p < TINY else p  # NaN stays NaN
+
+
+# ---------------------------------------------------------------- on arrays of any leading shape
+
+
+def as_rows(x, width):
+    """x (..., width) as a C-contiguous float32 (rows, width) array (a view when it already is one)."""
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, width)
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last axis of x (..., D) -> a new float32 array of x's shape."""
+    D = x.shape[-1]
+    out = np.empty(x.shape, np.float32)
+    layer_norm_rows(as_rows(x, D), as_rows(weight, D)[0], as_rows(bias, D)[0], np.float32(eps), out.reshape(-1, D))
+    return out
+
+
+def quick_gelu(h, bias):
+    """quick_gelu(h + bias) over the last axis of h (..., F), computed in place when h
+    is a C-contiguous float32 array (as a fresh matmul result is); returns the result."""
+    F = h.shape[-1]
+    rows = as_rows(h, F)
+    quick_gelu_in_place(rows, as_rows(bias, F)[0])
+    return rows.reshape(h.shape)
