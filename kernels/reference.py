@@ -6,9 +6,9 @@ file, under the kernel's own name where that names an operation
 taking the kernel's inputs (less its output buffer) and returning what the
 kernel writes there. One section per kernel file: `fp32.py`, `bf16.py`,
 `packed.py` (int4 and int8, with `activations.py`), `amx.py`, `convert.py`,
-`attention.py`, `blocksparse.py`, `rowwise.py`. `tests/test_kernels_*.py`,
-`tests/test_attention_kernel.py`, `tests/test_blocksparse.py` and
-`tests/test_rowwise_kernels.py` check each
+`attention.py`, `blocksparse.py`, `rowwise.py`, `conv.py`. `tests/test_kernels_*.py`,
+`tests/test_attention_kernel.py`, `tests/test_blocksparse.py`,
+`tests/test_rowwise_kernels.py` and `tests/test_conv_kernel.py` check each
 kernel equal to its twin on random and awkward inputs. Read this file to learn
 the formats; read the kernel files to learn how they are made fast. Layouts are
 drawn in `docs/formats.md`.
@@ -510,3 +510,22 @@ def softmax_rows(scores, scale):
     p = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
     p[p < TINY] = 0.0
     return p
+
+
+# --- the Conformer's strided convolutions (conv.py) ----------------------
+
+
+def conv3x3_stride2(x, taps, bias, relu):
+    """x (H, W, C or 1) channels-last, taps (9, C) in (dy, dx) order, bias (C,) ->
+    (ceil(H/2), ceil(W/2), C): zero-pad one row and column on every side, then for
+    each tap add the stride-2 view of the padded map that tap reads, times its weight
+    (a single input channel is shared by every output channel); ReLU if asked."""
+    H, W, _ = x.shape
+    Ho, Wo = (H + 1) // 2, (W + 1) // 2
+    padded = np.zeros((H + 2, W + 2, x.shape[2]), np.float32)
+    padded[1:-1, 1:-1] = x
+    out = np.zeros((Ho, Wo, taps.shape[1]), np.float32) + bias
+    for dy in range(3):
+        for dx in range(3):
+            out = out + padded[dy : dy + 2 * Ho : 2, dx : dx + 2 * Wo : 2] * taps[3 * dy + dx]
+    return np.maximum(out, np.float32(0.0)) if relu else out

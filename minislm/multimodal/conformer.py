@@ -31,6 +31,7 @@ F = 1536, Cc = 1024 subsampling channels.
 
 import numpy as np
 
+from ..kernels.conv import conv3x3_stride2
 from ..model import NO_TRACE, layer_norm, linear, softmax
 from .config import CONFORMER, ConformerConfig
 
@@ -44,51 +45,47 @@ def swish(x: np.ndarray) -> np.ndarray:
 
 
 def relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, np.float32(0))
+    """max(x, 0), in place (x is always a fresh product here)."""
+    return np.maximum(x, np.float32(0), out=x)
 
 
 # ---------------------------------------------------------------- subsampling
 
 
-def conv_stride2(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, depthwise: bool) -> np.ndarray:
-    """A 3x3 convolution with stride 2 and padding 1 over (time, mel).
+def conv_stride2(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, relu: bool = False) -> np.ndarray:
+    """A 3x3 convolution with stride 2 and padding 1 over (time, mel), one filter per
+    output channel, channels last (minislm.kernels.conv).
 
-    x (Cin, H, W) -> (Cout, ceil(H/2), ceil(W/2)). Full (weight (Cout, Cin, 3, 3)):
-    every output channel sums all input channels; depthwise (weight (C, 1, 3, 3)):
-    each channel is filtered on its own.
+    x (H, W, Cin) -> (ceil(H/2), ceil(W/2), Cout); weight (Cout, 1, 3, 3). Cin = Cout:
+    depthwise, each channel filtered on its own; Cin = 1: the one input channel is
+    filtered by every output channel (the full convolution of conv.0). ReLU if asked.
     """
-    C, H, W = x.shape
-    Ho, Wo = (H - 1) // 2 + 1, (W - 1) // 2 + 1
-    padded = np.zeros((C, H + 2, W + 2), dtype=np.float32)
-    padded[:, 1:-1, 1:-1] = x
-    taps = [padded[:, dy : dy + 2 * Ho : 2, dx : dx + 2 * Wo : 2] for dy in range(3) for dx in range(3)]  # 9 x (C, Ho, Wo)
-    if depthwise:
-        kernel = weight.reshape(C, 9)
-        out = taps[0] * kernel[:, 0, None, None]
-        for t in range(1, 9):
-            out += taps[t] * kernel[:, t, None, None]
-        return out + bias[:, None, None]
-    patches = np.stack(taps, axis=1).reshape(C * 9, Ho * Wo)  # rows in the kernel's (Cin, dy, dx) order
-    return (weight.reshape(len(weight), C * 9) @ patches + bias[:, None]).reshape(-1, Ho, Wo)
+    H, W, _ = x.shape
+    C = len(weight)
+    taps = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).reshape(C, 9).T)  # (9, C), (dy, dx) order
+    out = np.empty(((H + 1) // 2, (W + 1) // 2, C), dtype=np.float32)
+    conv3x3_stride2(np.ascontiguousarray(x, dtype=np.float32), taps, np.asarray(bias, dtype=np.float32), relu, out)
+    return out
 
 
 def pointwise(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """A 1x1 convolution: (Cin, H, W) -> (Cout, H, W), a matrix over the channels."""
-    C, H, W = x.shape
-    return (weight.reshape(len(weight), C) @ x.reshape(C, H * W) + bias[:, None]).reshape(-1, H, W)
+    """A 1x1 convolution: (H, W, Cin) -> (H, W, Cout), a matrix over the channels."""
+    H, W, C = x.shape
+    return linear(x.reshape(H * W, C), weight.reshape(len(weight), C), bias).reshape(H, W, -1)
 
 
 def subsample_block(config: ConformerConfig, w: dict, features: np.ndarray) -> np.ndarray:
-    """(T, 80) normalised features -> (ceil(T/8), Cc * 10): the conv stack, channels
-    and remaining mel bins flattened channel-major (index c * 10 + f)."""
+    """(T, 80) normalised features -> (ceil(T/8), Cc * 10): the conv stack over
+    channels-last maps, then channels and remaining mel bins flattened channel-major
+    (index c * 10 + f, as the reference flattens its (Cc, T, F) maps)."""
     p = CONFORMER + "embed.conv."
-    x = relu(conv_stride2(features[None], w[p + "0.weight"], w[p + "0.bias"], depthwise=False))  # (Cc, T/2, 40)
+    x = conv_stride2(features[:, :, None], w[p + "0.weight"], w[p + "0.bias"], relu=True)  # (T/2, 40, Cc)
     for stage in range(1, config.stages):
         dw, pw = 3 * stage - 1, 3 * stage  # conv.2 + conv.3, conv.5 + conv.6
-        x = conv_stride2(x, w[f"{p}{dw}.weight"], w[f"{p}{dw}.bias"], depthwise=True)
+        x = conv_stride2(x, w[f"{p}{dw}.weight"], w[f"{p}{dw}.bias"])  # depthwise
         x = relu(pointwise(x, w[f"{p}{pw}.weight"], w[f"{p}{pw}.bias"]))
-    Cc, Tq, F = x.shape
-    return np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(Tq, Cc * F)
+    Tq, F, Cc = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(Tq, Cc * F)
 
 
 def subsample(config: ConformerConfig, w: dict, features: np.ndarray, block: int = 256) -> np.ndarray:
