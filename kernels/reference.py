@@ -503,6 +503,12 @@ def quick_gelu(h, bias):
     return (z * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.851) * z))).astype(np.float32)
 
 
+def residual(y, x, bias):
+    """x + y + bias: a sublayer's output y, with its last bias, added to the stream x
+    (`rowwise.residual_in_place` writes it into y)."""
+    return (x + (y + bias)).astype(np.float32)
+
+
 def softmax_rows(scores, scale):
     """softmax(scale * scores) along each row, weights below TINY set to 0."""
     scaled = scores * np.float32(scale)

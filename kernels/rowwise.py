@@ -4,6 +4,7 @@ quick_gelu, the attention softmax.
     layer_norm_rows(x, weight, bias, eps, out)   out[t] = LN(x[t]) * weight + bias
     quick_gelu_in_place(h, bias)                 h <- z * sigmoid(1.702 z), z = h + bias
     softmax_rows_in_place(scores, scale)         each row <- softmax(scale * row)
+    residual_in_place(y, x, bias)                y <- x + y + bias
 
 Why kernels. Between its matrix products a vision tower block (CLIP ViT-L: 577
 positions x 1024 channels per view, 4096 in the MLP) does element-wise work that
@@ -17,7 +18,7 @@ libm's scalar call.
 
 `layer_norm_rows` and `quick_gelu_in_place` share rows among Numba's threads; the
 softmax runs on the calling thread, because the attention calls it once per
-(view, head) from its own threads (`minislm.vision.tower.for_each_crop`), with
+(view, head) from its own threads (`minislm.vision.tower.on_all_cores`), with
 the GIL released (`nogil`). The plain-NumPy twins (`reference.layer_norm_rows`,
 `reference.quick_gelu`, `reference.softmax_rows`) are the definitions;
 tests/test_rowwise_kernels.py holds them equal.
@@ -77,6 +78,17 @@ def quick_gelu_in_place(h, bias):
             h[t, f] = z * sigmoid(QUICK_GELU_SLOPE * z)
 
 
+@njit(parallel=True, error_model="numpy", cache=True)  # no fastmath: x + (y + bias) in this order, as NumPy
+def residual_in_place(y, x, bias):
+    """y (T, D) <- x + y + bias (D,): a sublayer's output, less its last bias, added to
+    the residual stream x in one pass (NumPy: the bias, then the sum, each a pass
+    and a fresh array)."""
+    T, D = y.shape
+    for t in prange(T):
+        for d in range(D):
+            y[t, d] = x[t, d] + (y[t, d] + bias[d])
+
+
 @njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def softmax_rows_in_place(scores, scale):
     """scores (R, S) <- softmax(scale * scores) along each row, weights below
@@ -113,6 +125,15 @@ def layer_norm(x, weight, bias, eps):
     out = np.empty(x.shape, np.float32)
     layer_norm_rows(as_rows(x, D), as_rows(weight, D)[0], as_rows(bias, D)[0], np.float32(eps), out.reshape(-1, D))
     return out
+
+
+def residual(x, y, bias):
+    """x + y + bias over the last axis, written into y when y is a C-contiguous float32
+    array (a fresh matmul result); returns the sum."""
+    D = y.shape[-1]
+    rows = as_rows(y, D)
+    residual_in_place(rows, as_rows(x, D), as_rows(bias, D)[0])
+    return rows.reshape(y.shape)
 
 
 def quick_gelu(h, bias):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from minislm.kernels import reference as ref
 from minislm.kernels.rowwise import (
-    layer_norm, layer_norm_rows, quick_gelu, quick_gelu_in_place, softmax_rows_in_place,
+    layer_norm, layer_norm_rows, quick_gelu, quick_gelu_in_place, residual, residual_in_place, softmax_rows_in_place,
 )
 
 # LayerNorm's outputs are ~N(0, 1) * weight + bias with |weight|, |bias| <= 2: a few
@@ -78,6 +78,17 @@ def test_softmax_equals_twin(rows, keys, spread, scale, seed):
     assert not ((scores > 0) & (scores < ref.TINY)).any()  # no subnormal weights left
 
 
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 40), width=widths, seed=st.integers(0, 2**16))
+def test_residual_equals_twin(rows, width, seed):
+    """The same three additions in the same order: equal bit for bit."""
+    rng = np.random.default_rng(seed)
+    x, y, bias = random(rng, (rows, width), 10.0), random(rng, (rows, width), 1.0), random(rng, width, 1.0)
+    twin = ref.residual(y, x, bias)
+    residual_in_place(y, x, bias)
+    np.testing.assert_array_equal(y, twin)
+
+
 def test_peaked_softmax_row_is_one_hot():
     scores = np.array([[0.0, 1000.0, -1000.0, 999.0]], np.float32)
     softmax_rows_in_place(scores, np.float32(1.0))
@@ -124,3 +135,8 @@ def test_wrappers_keep_the_shape_and_take_any_layout(shape):
     result = quick_gelu(h, bias)
     assert result.shape == shape and np.shares_memory(result, h)  # in place: no second (T, F) array
     assert np.allclose(result, twin, rtol=RTOL_QUICK_GELU, atol=ATOL_QUICK_GELU)
+    y = random(rng, shape, 1.0)
+    twin = ref.residual(y, x.astype(np.float32), bias)
+    result = residual(x, y, bias)
+    assert np.shares_memory(result, y)
+    np.testing.assert_array_equal(result, twin)

@@ -21,7 +21,7 @@ heads = 16 of hd = 64, F = 4096.
 
 import numpy as np
 
-from ..kernels.rowwise import layer_norm, quick_gelu, softmax_rows_in_place
+from ..kernels.rowwise import layer_norm, quick_gelu, residual, softmax_rows_in_place
 from ..model import linear
 from .config import VISION_MODEL, VisionConfig
 
@@ -49,61 +49,69 @@ def embeddings(config: VisionConfig, w: dict, pixels: np.ndarray) -> np.ndarray:
 
 def self_attention(config: VisionConfig, w: dict, layer: str, x: np.ndarray) -> np.ndarray:
     """Multi-head attention of every position with every position of its own crop:
-    x (N, P, C) -> (N, P, C). No mask and no rotary embedding (positions were added
-    to the input)."""
+    x (N, P, C) -> (N, P, C), less out_proj's bias (the block adds it with the
+    residual). No mask and no rotary embedding (positions were added to the input)."""
     N, P, C = x.shape
     heads, hd = config.num_attention_heads, config.head_dim
     rows = x.reshape(N * P, C)
-    q, k, v = (linear(rows, w[f"{layer}self_attn.{name}.weight"], w[f"{layer}self_attn.{name}.bias"])
-               for name in ("q_proj", "k_proj", "v_proj"))  # (N*P, C) each; head h is columns h*hd:(h+1)*hd
+    a = layer + "self_attn."
+    q, k, v = (linear(rows, w[f"{a}{name}.weight"]) for name in ("q_proj", "k_proj", "v_proj"))  # (N*P, C) each, no bias yet
+    q_bias, k_bias, v_bias = (w[f"{a}{name}.bias"] for name in ("q_proj", "k_proj", "v_proj"))  # (C,)
     mixed = np.empty((N * P, C), dtype=np.float32)
 
-    def attend(item):  # one head of one crop; BLAS reads the head's columns in place (row stride C), no copies
+    def attend(item):  # one head of one crop: columns h*hd:(h+1)*hd of the crop's rows
         crop, h = divmod(item, heads)
         r, c = slice(crop * P, (crop + 1) * P), slice(h * hd, (h + 1) * hd)
-        scores = q[r, c] @ k[r, c].T  # (P, P)
+        q_h, k_h, v_h = q[r, c] + q_bias[c], k[r, c] + k_bias[c], v[r, c] + v_bias[c]  # (P, hd) each, with the bias
+        scores = q_h @ k_h.T  # (P, P)
         softmax_rows_in_place(scores, np.float32(hd**-0.5))  # softmax(q.k / sqrt(hd)), row by row
-        np.matmul(scores, v[r, c], out=mixed[r, c])  # (P, hd): head h's columns of the crop's rows
+        np.matmul(scores, v_h, out=mixed[r, c])  # (P, hd): head h's columns of the crop's rows
 
-    for_each_crop(attend, N * heads)
-    y = linear(mixed, w[layer + "self_attn.out_proj.weight"], w[layer + "self_attn.out_proj.bias"])
-    return y.reshape(N, P, C)
+    on_all_cores(attend, N * heads)
+    return linear(mixed, w[a + "out_proj.weight"]).reshape(N, P, C)
 
 
-def for_each_crop(work, n_crops: int) -> None:
-    """Run work(crop) for every crop, the crops shared among the cores.
+def on_all_cores(work, n_items: int) -> None:
+    """Run work(i) for i in range(n_items), the items shared among the cores.
 
-    A head's (577 x 64) @ (64 x 577) product is too small for BLAS to split across
-    cores with profit (measured: 2 threads ran the 16 heads' products 2-4x slower than
-    one), so BLAS gets one thread and the cores take whole crops instead (NumPy
-    releases the GIL inside matmul, exp and the reductions).
+    An item is one head of one crop (or a whole crop): its (577 x 64) @ (64 x 577)
+    product is too small for BLAS to split across cores with profit (measured: 2
+    threads ran the 16 heads' products 2-4x slower than one), so BLAS gets one thread
+    and the cores take whole items instead (NumPy's matmul and the Numba softmax
+    release the GIL). 17 crops x 16 heads share 2 cores evenly, where 17 crops would not.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
-
     from ..kernels import get_threads
+    from ..runtime import blas_libraries
 
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max(1, min(get_threads(), n_crops))) as pool:
-        list(pool.map(work, range(n_crops)))
+    limits = blas_libraries().limit(limits=1)  # found once: a fresh scan of the libraries costs ~3 ms a call
+    try:
+        with ThreadPoolExecutor(max(1, min(get_threads(), n_items))) as pool:
+            list(pool.map(work, range(n_items)))
+    finally:
+        limits.restore_original_limits()
 
 
 def mlp(w: dict, layer: str, x: np.ndarray) -> np.ndarray:
-    """fc2(quick_gelu(fc1(x))): (N, P, C) -> (N, P, F) -> (N, P, C). quick_gelu(z) =
-    z * sigmoid(1.702 z), CLIP's cheap GELU, adds fc1's bias in the same pass."""
+    """fc2(quick_gelu(fc1(x))): (N, P, C) -> (N, P, F) -> (N, P, C), less fc2's bias
+    (the block adds it with the residual). quick_gelu(z) = z * sigmoid(1.702 z),
+    CLIP's cheap GELU, adds fc1's bias in the same pass."""
     N, P, C = x.shape
     h = quick_gelu(linear(x.reshape(N * P, C), w[layer + "mlp.fc1.weight"]), w[layer + "mlp.fc1.bias"])  # (N*P, F)
-    return linear(h, w[layer + "mlp.fc2.weight"], w[layer + "mlp.fc2.bias"]).reshape(N, P, C)
+    return linear(h, w[layer + "mlp.fc2.weight"]).reshape(N, P, C)
 
 
 def encoder_block(config: VisionConfig, w: dict, i: int, x: np.ndarray) -> np.ndarray:
     """One pre-LN block: the norms come before attention and the MLP, the residual
-    stream x itself is never normalised (CLIP, like GPT-2)."""
+    stream x itself is never normalised (CLIP, like GPT-2). Each sublayer's last bias
+    (out_proj's, fc2's) is added together with the residual, in one pass."""
     layer = f"{VISION_MODEL}encoder.layers.{i}."
     eps = config.layer_norm_eps
-    x = x + self_attention(config, w, layer, layer_norm(x, w[layer + "layer_norm1.weight"], w[layer + "layer_norm1.bias"], eps))
-    x = x + mlp(w, layer, layer_norm(x, w[layer + "layer_norm2.weight"], w[layer + "layer_norm2.bias"], eps))
-    return x
+    h = self_attention(config, w, layer, layer_norm(x, w[layer + "layer_norm1.weight"], w[layer + "layer_norm1.bias"], eps))
+    x = residual(x, h, w[layer + "self_attn.out_proj.bias"])  # x + attention(LN(x)) + bias
+    h = mlp(w, layer, layer_norm(x, w[layer + "layer_norm2.weight"], w[layer + "layer_norm2.bias"], eps))
+    return residual(x, h, w[layer + "mlp.fc2.bias"])  # x + mlp(LN(x)) + bias
 
 
 def vision_tower(config: VisionConfig, weights: dict, pixels: np.ndarray) -> np.ndarray:
