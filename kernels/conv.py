@@ -28,6 +28,46 @@ from numba import njit, prange
 from .rowwise import FASTMATH
 
 
+@njit(inline="always")
+def conv_row(top, middle, bottom, taps, bias, relu, out_row):
+    """One output row, out_row (Wo, C), from the three input rows (W, C or 1) its
+    windows read (a row of zeros where the window reaches past the top or bottom).
+
+    Outputs whose window lies inside the row sum their nine taps in registers, one
+    vector of channels at a time, in (dy, dx) order after the bias; the first and
+    last output skip the taps that fall past the row's ends."""
+    W, Cin = middle.shape
+    Wo, C = out_row.shape
+    t0, t1, t2, t3, t4, t5, t6, t7, t8 = taps[0], taps[1], taps[2], taps[3], taps[4], taps[5], taps[6], taps[7], taps[8]
+    for j in range(Wo):
+        acc = out_row[j]
+        if j >= 1 and 2 * j + 1 < W:
+            a, b, c = top[2 * j - 1 : 2 * j + 2], middle[2 * j - 1 : 2 * j + 2], bottom[2 * j - 1 : 2 * j + 2]
+            if Cin == 1:  # nine numbers, each scaling one tap's row of channels
+                v0, v1, v2, v3, v4, v5, v6, v7, v8 = a[0, 0], a[1, 0], a[2, 0], b[0, 0], b[1, 0], b[2, 0], c[0, 0], c[1, 0], c[2, 0]
+                for k in range(C):
+                    acc[k] = (bias[k] + v0 * t0[k] + v1 * t1[k] + v2 * t2[k] + v3 * t3[k] + v4 * t4[k]
+                              + v5 * t5[k] + v6 * t6[k] + v7 * t7[k] + v8 * t8[k])
+            else:
+                for k in range(C):
+                    acc[k] = (bias[k] + a[0, k] * t0[k] + a[1, k] * t1[k] + a[2, k] * t2[k] + b[0, k] * t3[k]
+                              + b[1, k] * t4[k] + b[2, k] * t5[k] + c[0, k] * t6[k] + c[1, k] * t7[k] + c[2, k] * t8[k])
+        else:
+            for k in range(C):
+                acc[k] = bias[k]
+            for dy in range(3):
+                src = top if dy == 0 else (middle if dy == 1 else bottom)
+                for dx in range(3):
+                    col = 2 * j + dx - 1
+                    if 0 <= col < W:
+                        tap = taps[3 * dy + dx]
+                        for k in range(C):
+                            acc[k] += src[col, 0 if Cin == 1 else k] * tap[k]
+        if relu:
+            for k in range(C):
+                acc[k] = np.float32(0.0) if acc[k] < 0 else acc[k]  # NaN stays NaN
+
+
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def conv3x3_stride2(x, taps, bias, relu, out):
     """out (Ho, Wo, C) from x (H, W, C or 1), taps (9, C) in (dy, dx) order, bias (C,):
@@ -36,28 +76,37 @@ def conv3x3_stride2(x, taps, bias, relu, out):
     Ho, Wo, C = out.shape
     if Ho != (H + 1) // 2 or Wo != (W + 1) // 2 or taps.shape != (9, C) or bias.shape[0] != C or Cin not in (1, C):
         raise ValueError("conv3x3_stride2: x (H, W, C or 1), taps (9, C), bias (C,), out (ceil(H/2), ceil(W/2), C)")
+    zeros = np.zeros((W, Cin), np.float32)  # the padding above the first row and below the last
     for i in prange(Ho):
-        for j in range(Wo):
-            acc = out[i, j]  # (C,): a 4 KB row of sums, in L1 for all nine taps
-            for c in range(C):
-                acc[c] = bias[c]
-            for dy in range(3):
-                y = 2 * i + dy - 1
-                if y < 0 or y >= H:
-                    continue
-                for dx in range(3):
-                    col = 2 * j + dx - 1
-                    if col < 0 or col >= W:
-                        continue
-                    tap = taps[3 * dy + dx]
-                    if Cin == 1:
-                        v = x[y, col, 0]
-                        for c in range(C):
-                            acc[c] += v * tap[c]
-                    else:
-                        src = x[y, col]
-                        for c in range(C):
-                            acc[c] += src[c] * tap[c]
-            if relu:
-                for c in range(C):
-                    acc[c] = np.float32(0.0) if acc[c] < 0 else acc[c]  # NaN stays NaN
+        top = x[2 * i - 1] if i >= 1 else zeros
+        bottom = x[2 * i + 1] if 2 * i + 1 < H else zeros
+        conv_row(top, x[2 * i], bottom, taps, bias, relu, out[i])
+
+
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def conv_relu_then_depthwise(x, taps0, bias0, taps1, bias1, bands, out):
+    """out = conv3x3_stride2(relu(conv3x3_stride2(x, taps0, bias0)), taps1, bias1) for a
+    one-channel x (H, W, 1): the subsampling's first two convolutions without their
+    (C, H/2, W/2) map in memory (82 MB for 10 s of speech).
+
+    `bands` threads' worth of work: each walks a band of out's rows, keeping in a
+    ring the three rows of the first map that an output row reads; consecutive output
+    rows share one of them, so each is made once per band."""
+    H, W, _ = x.shape
+    H1, W1 = (H + 1) // 2, (W + 1) // 2  # the first map
+    Ho, Wo, C = out.shape
+    if Ho != (H1 + 1) // 2 or Wo != (W1 + 1) // 2 or taps0.shape != (9, C) or taps1.shape != (9, C):
+        raise ValueError("conv_relu_then_depthwise: x (H, W, 1), taps (9, C), out (ceil(H/4), ceil(W/4), C)")
+    zeros_in, zeros_map = np.zeros((W, 1), np.float32), np.zeros((W1, C), np.float32)
+    for band in prange(bands):
+        ring = np.empty((3, W1, C), np.float32)  # first-map row y lives in ring[y % 3]
+        made = -1  # the highest first-map row made so far in this band
+        lo, hi = band * Ho // bands, (band + 1) * Ho // bands
+        for i in range(lo, hi):
+            for y in range(max(2 * i - 1, made + 1), min(2 * i + 2, H1)):
+                conv_row(x[2 * y - 1] if y >= 1 else zeros_in, x[2 * y], x[2 * y + 1] if 2 * y + 1 < H else zeros_in,
+                         taps0, bias0, True, ring[y % 3])
+                made = y
+            top = ring[(2 * i - 1) % 3] if i >= 1 else zeros_map
+            bottom = ring[(2 * i + 1) % 3] if 2 * i + 1 < H1 else zeros_map
+            conv_row(top, ring[(2 * i) % 3], bottom, taps1, bias1, False, out[i])

@@ -31,7 +31,8 @@ F = 1536, Cc = 1024 subsampling channels.
 
 import numpy as np
 
-from ..kernels.conv import conv3x3_stride2
+from ..kernels import get_threads
+from ..kernels.conv import conv3x3_stride2, conv_relu_then_depthwise
 from ..model import NO_TRACE, layer_norm, linear, softmax
 from .config import CONFORMER, ConformerConfig
 
@@ -52,19 +53,37 @@ def relu(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- subsampling
 
 
-def conv_stride2(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, relu: bool = False) -> np.ndarray:
-    """A 3x3 convolution with stride 2 and padding 1 over (time, mel), one filter per
-    output channel, channels last (minislm.kernels.conv).
+def taps_of(weight: np.ndarray) -> np.ndarray:
+    """A (C, 1, 3, 3) filter bank as the kernels take it: (9, C), taps in (dy, dx) order."""
+    return np.ascontiguousarray(np.asarray(weight, dtype=np.float32).reshape(len(weight), 9).T)
 
-    x (H, W, Cin) -> (ceil(H/2), ceil(W/2), Cout); weight (Cout, 1, 3, 3). Cin = Cout:
-    depthwise, each channel filtered on its own; Cin = 1: the one input channel is
-    filtered by every output channel (the full convolution of conv.0). ReLU if asked.
-    """
-    H, W, _ = x.shape
-    C = len(weight)
-    taps = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).reshape(C, 9).T)  # (9, C), (dy, dx) order
+
+def conv_stride2(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """A depthwise 3x3 convolution with stride 2 and padding 1 over (time, mel), channels
+    last: x (H, W, C) -> (ceil(H/2), ceil(W/2), C), each channel filtered on its own
+    (weight (C, 1, 3, 3))."""
+    H, W, C = x.shape
     out = np.empty(((H + 1) // 2, (W + 1) // 2, C), dtype=np.float32)
-    conv3x3_stride2(np.ascontiguousarray(x, dtype=np.float32), taps, np.asarray(bias, dtype=np.float32), relu, out)
+    conv3x3_stride2(np.ascontiguousarray(x, dtype=np.float32), taps_of(weight), np.asarray(bias, np.float32), False, out)
+    return out
+
+
+def first_convolutions(w: dict, features: np.ndarray, depthwise: bool) -> np.ndarray:
+    """conv.0 (the one-channel spectrogram filtered by each of the Cc output channels,
+    3x3, stride 2) and its ReLU: (T, 80) -> (T/2, 40, Cc), channels last; with
+    `depthwise`, then also stage 1's depthwise conv.2 -> (T/4, 20, Cc), in one kernel
+    that never holds the (T/2, 40, Cc) map (82 MB for 10 s of speech)."""
+    p = CONFORMER + "embed.conv."
+    x = np.ascontiguousarray(features, dtype=np.float32)[:, :, None]  # (T, 80, 1)
+    H, W, C = (len(x) + 1) // 2, (x.shape[1] + 1) // 2, len(w[p + "0.weight"])
+    taps0, bias0 = taps_of(w[p + "0.weight"]), np.asarray(w[p + "0.bias"], np.float32)
+    if not depthwise:
+        out = np.empty((H, W, C), dtype=np.float32)
+        conv3x3_stride2(x, taps0, bias0, True, out)
+        return out
+    out = np.empty(((H + 1) // 2, (W + 1) // 2, C), dtype=np.float32)
+    bands = min(len(out), 4 * get_threads())  # a few bands per thread: each re-makes one first-map row
+    conv_relu_then_depthwise(x, taps0, bias0, taps_of(w[p + "2.weight"]), np.asarray(w[p + "2.bias"], np.float32), bands, out)
     return out
 
 
@@ -77,12 +96,16 @@ def pointwise(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray
 def subsample_block(config: ConformerConfig, w: dict, features: np.ndarray) -> np.ndarray:
     """(T, 80) normalised features -> (ceil(T/8), Cc * 10): the conv stack over
     channels-last maps, then channels and remaining mel bins flattened channel-major
-    (index c * 10 + f, as the reference flattens its (Cc, T, F) maps)."""
+    (index c * 10 + f, as the reference flattens its (Cc, T, F) maps).
+
+    conv.0 + ReLU, then per stage a depthwise conv (conv.2, conv.5) and a pointwise one
+    (conv.3, conv.6) + ReLU; conv.0 and conv.2 run as one kernel (`first_convolutions`)."""
     p = CONFORMER + "embed.conv."
-    x = conv_stride2(features[:, :, None], w[p + "0.weight"], w[p + "0.bias"], relu=True)  # (T/2, 40, Cc)
+    x = first_convolutions(w, features, depthwise=config.stages > 1)  # (T/4, 20, Cc): conv.0, ReLU, conv.2
     for stage in range(1, config.stages):
         dw, pw = 3 * stage - 1, 3 * stage  # conv.2 + conv.3, conv.5 + conv.6
-        x = conv_stride2(x, w[f"{p}{dw}.weight"], w[f"{p}{dw}.bias"])  # depthwise
+        if stage > 1:  # stage 1's depthwise conv ran in first_convolutions
+            x = conv_stride2(x, w[f"{p}{dw}.weight"], w[f"{p}{dw}.bias"])
         x = relu(pointwise(x, w[f"{p}{pw}.weight"], w[f"{p}{pw}.bias"]))
     Tq, F, Cc = x.shape
     return np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(Tq, Cc * F)
