@@ -89,6 +89,17 @@ def test_residual_equals_twin(rows, width, seed):
     np.testing.assert_array_equal(y, twin)
 
 
+def test_softmax_finds_the_max_of_negative_rows():
+    """The row max is an integer max over bit patterns turned sortable: negative
+    numbers, -0 against +0 and -inf must order as floats do, or exp(x - max) overflows
+    (a max too small) or every weight underflows to 0 (too large)."""
+    scores = np.array([[-3.0, -1.0, -2.0, -50.0], [-0.0, 0.0, -1e-30, -np.inf], [-np.inf, -200.0, -100.0, -150.0]],
+                      np.float32)
+    twin = ref.softmax_rows(scores, 1.0)
+    softmax_rows_in_place(scores, np.float32(1.0))
+    assert np.abs(scores - twin).max() <= ATOL_SOFTMAX and np.allclose(scores.sum(axis=1), 1.0)
+
+
 def test_peaked_softmax_row_is_one_hot():
     scores = np.array([[0.0, 1000.0, -1000.0, 999.0]], np.float32)
     softmax_rows_in_place(scores, np.float32(1.0))
