@@ -17,13 +17,17 @@ Why a kernel. NumPy writes a strided convolution as nine shifted views of a
 zero-padded copy, or as an im2col matrix product with K = 9; for the first map
 of a 10 s recording (1024 channels x 500 x 40 frames, 82 MB) each of those is
 several passes through memory and a fresh 82 MB array each (padding, products,
-bias, ReLU). Here each output is made once, with its bias and ReLU. The rows of
-`out` are shared among the threads. The plain-NumPy twin, `reference.conv3x3_stride2`,
+bias, ReLU). Here each output is made once, with its bias and ReLU, and
+`conv_relu_then_depthwise` runs the first two convolutions without writing the
+first map at all. Each call makes the rows [lo, hi) of `out`, with the GIL
+released, so the caller can share the rows among Python threads
+(`threads.on_python_threads`, not Numba's spinning OpenMP threads: a BLAS product
+follows). The plain-NumPy twin, `reference.conv3x3_stride2`,
 is the definition; tests/test_conv_kernel.py holds them equal.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .rowwise import FASTMATH
 
@@ -68,45 +72,45 @@ def conv_row(top, middle, bottom, taps, bias, relu, out_row):
                 acc[k] = np.float32(0.0) if acc[k] < 0 else acc[k]  # NaN stays NaN
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def conv3x3_stride2(x, taps, bias, relu, out):
-    """out (Ho, Wo, C) from x (H, W, C or 1), taps (9, C) in (dy, dx) order, bias (C,):
-    the module docstring's sum, Ho = ceil(H / 2), Wo = ceil(W / 2)."""
+@njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def conv3x3_stride2(x, taps, bias, relu, out, lo, hi):
+    """Rows [lo, hi) of out (Ho, Wo, C) from x (H, W, C or 1), taps (9, C) in (dy, dx)
+    order, bias (C,): the module docstring's sum, Ho = ceil(H / 2), Wo = ceil(W / 2)."""
     H, W, Cin = x.shape
     Ho, Wo, C = out.shape
-    if Ho != (H + 1) // 2 or Wo != (W + 1) // 2 or taps.shape != (9, C) or bias.shape[0] != C or Cin not in (1, C):
+    if (Ho != (H + 1) // 2 or Wo != (W + 1) // 2 or taps.shape != (9, C) or bias.shape[0] != C or Cin not in (1, C)
+            or not 0 <= lo <= hi <= Ho):
         raise ValueError("conv3x3_stride2: x (H, W, C or 1), taps (9, C), bias (C,), out (ceil(H/2), ceil(W/2), C)")
     zeros = np.zeros((W, Cin), np.float32)  # the padding above the first row and below the last
-    for i in prange(Ho):
+    for i in range(lo, hi):
         top = x[2 * i - 1] if i >= 1 else zeros
         bottom = x[2 * i + 1] if 2 * i + 1 < H else zeros
         conv_row(top, x[2 * i], bottom, taps, bias, relu, out[i])
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def conv_relu_then_depthwise(x, taps0, bias0, taps1, bias1, bands, out):
-    """out = conv3x3_stride2(relu(conv3x3_stride2(x, taps0, bias0)), taps1, bias1) for a
-    one-channel x (H, W, 1): the subsampling's first two convolutions without their
-    (C, H/2, W/2) map in memory (82 MB for 10 s of speech).
+@njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def conv_relu_then_depthwise(x, taps0, bias0, taps1, bias1, out, lo, hi):
+    """Rows [lo, hi) of out = conv3x3_stride2(relu(conv3x3_stride2(x, taps0, bias0)),
+    taps1, bias1) for a one-channel x (H, W, 1): the subsampling's first two
+    convolutions without their (H/2, W/2, C) map in memory (82 MB for 10 s of speech).
 
-    `bands` threads' worth of work: each walks a band of out's rows, keeping in a
-    ring the three rows of the first map that an output row reads; consecutive output
-    rows share one of them, so each is made once per band."""
+    The three rows of the first map that an output row reads are kept in a ring;
+    consecutive output rows share one of them, so each is made once (once more where
+    another call's rows begin)."""
     H, W, _ = x.shape
     H1, W1 = (H + 1) // 2, (W + 1) // 2  # the first map
     Ho, Wo, C = out.shape
-    if Ho != (H1 + 1) // 2 or Wo != (W1 + 1) // 2 or taps0.shape != (9, C) or taps1.shape != (9, C):
+    if (Ho != (H1 + 1) // 2 or Wo != (W1 + 1) // 2 or taps0.shape != (9, C) or taps1.shape != (9, C)
+            or not 0 <= lo <= hi <= Ho):
         raise ValueError("conv_relu_then_depthwise: x (H, W, 1), taps (9, C), out (ceil(H/4), ceil(W/4), C)")
     zeros_in, zeros_map = np.zeros((W, 1), np.float32), np.zeros((W1, C), np.float32)
-    for band in prange(bands):
-        ring = np.empty((3, W1, C), np.float32)  # first-map row y lives in ring[y % 3]
-        made = -1  # the highest first-map row made so far in this band
-        lo, hi = band * Ho // bands, (band + 1) * Ho // bands
-        for i in range(lo, hi):
-            for y in range(max(2 * i - 1, made + 1), min(2 * i + 2, H1)):
-                conv_row(x[2 * y - 1] if y >= 1 else zeros_in, x[2 * y], x[2 * y + 1] if 2 * y + 1 < H else zeros_in,
-                         taps0, bias0, True, ring[y % 3])
-                made = y
-            top = ring[(2 * i - 1) % 3] if i >= 1 else zeros_map
-            bottom = ring[(2 * i + 1) % 3] if 2 * i + 1 < H1 else zeros_map
-            conv_row(top, ring[(2 * i) % 3], bottom, taps1, bias1, False, out[i])
+    ring = np.empty((3, W1, C), np.float32)  # first-map row y lives in ring[y % 3]
+    made = -1  # the highest first-map row made so far
+    for i in range(lo, hi):
+        for y in range(max(2 * i - 1, made + 1), min(2 * i + 2, H1)):
+            conv_row(x[2 * y - 1] if y >= 1 else zeros_in, x[2 * y], x[2 * y + 1] if 2 * y + 1 < H else zeros_in,
+                     taps0, bias0, True, ring[y % 3])
+            made = y
+        top = ring[(2 * i - 1) % 3] if i >= 1 else zeros_map
+        bottom = ring[(2 * i + 1) % 3] if 2 * i + 1 < H1 else zeros_map
+        conv_row(top, ring[(2 * i) % 3], bottom, taps1, bias1, False, out[i])

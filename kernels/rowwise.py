@@ -16,19 +16,21 @@ memory. Here each is one loop over a row that stays in cache, and the
 exponential is `attention.exp_nonpositive` (a polynomial that vectorises), not
 libm's scalar call.
 
-`layer_norm_rows` and `quick_gelu_in_place` share rows among Numba's threads; the
-softmax runs on the calling thread, because the attention calls it once per
-(view, head) from its own threads (`minislm.vision.tower.on_all_cores`), with
-the GIL released (`nogil`). The plain-NumPy twins (`reference.layer_norm_rows`,
+Each kernel runs on the calling thread with the GIL released (`nogil`); the
+wrappers below share an array's rows among Python threads, and the attention calls
+the softmax once per (view, head) from its own (`minislm.vision.tower.on_all_cores`).
+Not Numba's `prange`: its OpenMP threads spin after each call and slow the BLAS
+product that follows by more than the kernel takes (`threads.on_python_threads`). The plain-NumPy twins (`reference.layer_norm_rows`,
 `reference.quick_gelu`, `reference.softmax_rows`) are the definitions;
 tests/test_rowwise_kernels.py holds them equal.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .attention import TINY, exp_nonpositive
 from .scalars import bits_to_f32, f32_to_bits
+from .threads import get_threads, on_python_threads, row_bands
 
 # LLVM may reorder sums, fuse multiply-adds and ignore the sign of zero, but not
 # assume "no NaN, no inf" (a NaN from a damaged weight must reach the output) and
@@ -39,14 +41,14 @@ FASTMATH = {"reassoc", "contract", "nsz"}
 QUICK_GELU_SLOPE = np.float32(1.702)  # CLIP's sigmoid(1.702 x), a cheap stand-in for GELU's Phi(x)
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def layer_norm_rows(x, weight, bias, eps, out):
     """out (T, D) = (x - mean) / sqrt(var + eps) * weight + bias, per row of x (T, D).
 
     Two passes over a row that is in L1 by then: the mean, then the variance of the
     centred values (not E[x^2] - mean^2, which cancels when |mean| >> std)."""
     T, D = x.shape
-    for t in prange(T):
+    for t in range(T):
         total = np.float32(0.0)
         for d in range(D):
             total += x[t, d]
@@ -68,24 +70,24 @@ def sigmoid(z):
     return (np.float32(1.0) if z >= 0 else e) / (np.float32(1.0) + e)
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def quick_gelu_in_place(h, bias):
     """h (T, F) <- z * sigmoid(1.702 z) with z = h + bias (F,): the MLP's bias and
     its activation in one pass (fc1's output is never needed without them)."""
     T, F = h.shape
-    for t in prange(T):
+    for t in range(T):
         for f in range(F):
             z = h[t, f] + bias[f]
             h[t, f] = z * sigmoid(QUICK_GELU_SLOPE * z)
 
 
-@njit(parallel=True, error_model="numpy", cache=True)  # no fastmath: x + (y + bias) in this order, as NumPy
+@njit(nogil=True, error_model="numpy", cache=True)  # no fastmath: x + (y + bias) in this order, as NumPy
 def residual_in_place(y, x, bias):
     """y (T, D) <- x + y + bias (D,): a sublayer's output, less its last bias, added to
     the residual stream x in one pass (NumPy: the bias, then the sum, each a pass
     and a fresh array)."""
     T, D = y.shape
-    for t in prange(T):
+    for t in range(T):
         for d in range(D):
             y[t, d] = x[t, d] + (y[t, d] + bias[d])
 
@@ -138,11 +140,24 @@ def as_rows(x, width):
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, width)
 
 
+def by_bands(kernel, rows, *arrays):
+    """kernel(rows[a:b], *arrays) for bands [a, b) of rows, one per thread (Python
+    threads: see `threads.on_python_threads`). An array in `arrays` with as many rows
+    as `rows` is cut into the same bands; the others (bias, weight, eps) go whole."""
+    bands = row_bands(len(rows), max(1, min(get_threads(), len(rows))))
+
+    def band(i):
+        a, b = bands[i]
+        kernel(rows[a:b], *(v[a:b] if isinstance(v, np.ndarray) and v.ndim == 2 else v for v in arrays))
+
+    on_python_threads(band, len(bands))
+
+
 def layer_norm(x, weight, bias, eps):
     """LayerNorm over the last axis of x (..., D) -> a new float32 array of x's shape."""
     D = x.shape[-1]
     out = np.empty(x.shape, np.float32)
-    layer_norm_rows(as_rows(x, D), as_rows(weight, D)[0], as_rows(bias, D)[0], np.float32(eps), out.reshape(-1, D))
+    by_bands(layer_norm_rows, as_rows(x, D), as_rows(weight, D)[0], as_rows(bias, D)[0], np.float32(eps), out.reshape(-1, D))
     return out
 
 
@@ -151,7 +166,7 @@ def residual(x, y, bias):
     array (a fresh matmul result); returns the sum."""
     D = y.shape[-1]
     rows = as_rows(y, D)
-    residual_in_place(rows, as_rows(x, D), as_rows(bias, D)[0])
+    by_bands(residual_in_place, rows, as_rows(x, D), as_rows(bias, D)[0])
     return rows.reshape(y.shape)
 
 
@@ -160,5 +175,5 @@ def quick_gelu(h, bias):
     is a C-contiguous float32 array (as a fresh matmul result is); returns the result."""
     F = h.shape[-1]
     rows = as_rows(h, F)
-    quick_gelu_in_place(rows, as_rows(bias, F)[0])
+    by_bands(quick_gelu_in_place, rows, as_rows(bias, F)[0])
     return rows.reshape(h.shape)

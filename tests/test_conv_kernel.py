@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from minislm.kernels import reference as ref
 from minislm.kernels.conv import conv3x3_stride2, conv_relu_then_depthwise
+from minislm.kernels.threads import row_bands
 
 ATOL_CONV = 1e-5
 # two convolutions: the first's rounding (<= ATOL_CONV) passes through nine taps of ~N(0, 1) weights
@@ -24,7 +25,7 @@ ATOL_CONV_TWICE = 1e-4
 def run_kernel(x, taps, bias, relu):
     H, W, _ = x.shape
     out = np.empty(((H + 1) // 2, (W + 1) // 2, taps.shape[1]), np.float32)
-    conv3x3_stride2(x, taps, bias, relu, out)
+    conv3x3_stride2(x, taps, bias, relu, out, 0, len(out))
     return out
 
 
@@ -64,20 +65,23 @@ def test_relu_keeps_nan():
 def test_wrong_shapes_are_refused():
     x = np.zeros((4, 4, 3), np.float32)
     with pytest.raises(ValueError, match="conv3x3_stride2"):
-        conv3x3_stride2(x, np.zeros((9, 2), np.float32), np.zeros(2, np.float32), False, np.empty((2, 2, 2), np.float32))
+        conv3x3_stride2(x, np.zeros((9, 2), np.float32), np.zeros(2, np.float32), False, np.empty((2, 2, 2), np.float32), 0, 2)
+    with pytest.raises(ValueError, match="conv3x3_stride2"):  # rows past the end of out
+        conv3x3_stride2(x, np.zeros((9, 3), np.float32), np.zeros(3, np.float32), False, np.empty((2, 2, 3), np.float32), 0, 3)
 
 
 @settings(max_examples=40, deadline=None)
 @given(H=st.integers(1, 23), W=st.integers(1, 13), C=st.sampled_from([1, 17, 64]), bands=st.integers(1, 5),
        seed=st.integers(0, 2**16))
 def test_fused_pair_equals_two_twins(H, W, C, bands, seed):
-    """conv.0 + ReLU then a depthwise conv in one kernel, whatever the split into bands
-    (a band re-makes the first-map row it shares with the band above)."""
+    """conv.0 + ReLU then a depthwise conv in one kernel, whatever the split of the
+    output rows into calls (each re-makes the first-map row it shares with the one above)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((H, W, 1), dtype=np.float32)
     taps0, taps1 = rng.standard_normal((9, C), dtype=np.float32), rng.standard_normal((9, C), dtype=np.float32)
     bias0, bias1 = rng.standard_normal(C, dtype=np.float32), rng.standard_normal(C, dtype=np.float32)
     twin = ref.conv3x3_stride2(ref.conv3x3_stride2(x, taps0, bias0, True), taps1, bias1, False)
     out = np.empty(twin.shape, np.float32)
-    conv_relu_then_depthwise(x, taps0, bias0, taps1, bias1, min(bands, len(out)), out)
+    for lo, hi in row_bands(len(out), min(bands, len(out))):
+        conv_relu_then_depthwise(x, taps0, bias0, taps1, bias1, out, lo, hi)
     assert np.abs(out - twin).max() <= ATOL_CONV_TWICE

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..kernels import get_threads
 from ..kernels.conv import conv3x3_stride2, conv_relu_then_depthwise
+from ..kernels.threads import on_python_threads, row_bands
 from ..model import NO_TRACE, layer_norm, linear, softmax
 from .config import CONFORMER, ConformerConfig
 
@@ -63,8 +64,9 @@ def conv_stride2(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndar
     last: x (H, W, C) -> (ceil(H/2), ceil(W/2), C), each channel filtered on its own
     (weight (C, 1, 3, 3))."""
     H, W, C = x.shape
+    x, taps, bias = np.ascontiguousarray(x, dtype=np.float32), taps_of(weight), np.asarray(bias, np.float32)
     out = np.empty(((H + 1) // 2, (W + 1) // 2, C), dtype=np.float32)
-    conv3x3_stride2(np.ascontiguousarray(x, dtype=np.float32), taps_of(weight), np.asarray(bias, np.float32), False, out)
+    on_row_bands(lambda lo, hi: conv3x3_stride2(x, taps, bias, False, out, lo, hi), len(out))
     return out
 
 
@@ -79,12 +81,18 @@ def first_convolutions(w: dict, features: np.ndarray, depthwise: bool) -> np.nda
     taps0, bias0 = taps_of(w[p + "0.weight"]), np.asarray(w[p + "0.bias"], np.float32)
     if not depthwise:
         out = np.empty((H, W, C), dtype=np.float32)
-        conv3x3_stride2(x, taps0, bias0, True, out)
+        on_row_bands(lambda lo, hi: conv3x3_stride2(x, taps0, bias0, True, out, lo, hi), len(out))
         return out
+    taps2, bias2 = taps_of(w[p + "2.weight"]), np.asarray(w[p + "2.bias"], np.float32)
     out = np.empty(((H + 1) // 2, (W + 1) // 2, C), dtype=np.float32)
-    bands = min(len(out), 4 * get_threads())  # a few bands per thread: each re-makes one first-map row
-    conv_relu_then_depthwise(x, taps0, bias0, taps_of(w[p + "2.weight"]), np.asarray(w[p + "2.bias"], np.float32), bands, out)
+    on_row_bands(lambda lo, hi: conv_relu_then_depthwise(x, taps0, bias0, taps2, bias2, out, lo, hi), len(out))
     return out
+
+
+def on_row_bands(work, n_rows: int) -> None:
+    """work(lo, hi) for one band [lo, hi) of the n_rows output rows per thread."""
+    bands = row_bands(n_rows, max(1, min(get_threads(), n_rows)))
+    on_python_threads(lambda b: work(*bands[b]), len(bands))
 
 
 def pointwise(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:

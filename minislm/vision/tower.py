@@ -80,15 +80,12 @@ def on_all_cores(work, n_items: int) -> None:
     and the cores take whole items instead (NumPy's matmul and the Numba softmax
     release the GIL). 17 crops x 16 heads share 2 cores evenly, where 17 crops would not.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..kernels import get_threads
+    from ..kernels.threads import on_python_threads
     from ..runtime import blas_libraries
 
     limits = blas_libraries().limit(limits=1)  # found once: a fresh scan of the libraries costs ~3 ms a call
     try:
-        with ThreadPoolExecutor(max(1, min(get_threads(), n_items))) as pool:
-            list(pool.map(work, range(n_items)))
+        on_python_threads(work, n_items)
     finally:
         limits.restore_original_limits()
 
