@@ -18,7 +18,7 @@ libm's scalar call.
 
 Each kernel runs on the calling thread with the GIL released (`nogil`); the
 wrappers below share an array's rows among Python threads, and the attention calls
-the softmax once per (view, head) from its own (`minislm.vision.tower.on_all_cores`).
+the softmax once per (view, head) from its own (`threads.side_by_side`).
 Not Numba's `prange`: its OpenMP threads spin after each call and slow the BLAS
 product that follows by more than the kernel takes (`threads.on_python_threads`). The plain-NumPy twins (`reference.layer_norm_rows`,
 `reference.quick_gelu`, `reference.softmax_rows`) are the definitions;

@@ -80,3 +80,25 @@ def worker_pool(n):
 def row_bands(n_rows, n_bands):
     """[start, stop) of n_bands near-equal runs of rows covering range(n_rows)."""
     return [(b * n_rows // n_bands, (b + 1) * n_rows // n_bands) for b in range(n_bands)]
+
+
+@functools.cache
+def blas_libraries():
+    """The BLAS libraries loaded in this process, found once (a scan of the loaded
+    libraries, ~3 ms: too slow to repeat around every short burst of work)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+def side_by_side(work, n_items):
+    """`on_python_threads`, with BLAS on one thread meanwhile: for items that are small
+    matrix products themselves, such as one attention head of one image crop. A
+    (577 x 64) @ (64 x 577) product is too small for BLAS to split across cores with
+    profit (measured: 2 threads ran the 16 heads' products 2-4x slower than one), so
+    the cores take whole items instead."""
+    limits = blas_libraries().limit(limits=1)
+    try:
+        on_python_threads(work, n_items)
+    finally:
+        limits.restore_original_limits()

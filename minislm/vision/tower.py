@@ -22,6 +22,7 @@ heads = 16 of hd = 64, F = 4096.
 import numpy as np
 
 from ..kernels.rowwise import layer_norm, quick_gelu, residual, softmax_rows_in_place
+from ..kernels.threads import side_by_side
 from ..model import linear
 from .config import VISION_MODEL, VisionConfig
 
@@ -67,27 +68,8 @@ def self_attention(config: VisionConfig, w: dict, layer: str, x: np.ndarray) -> 
         softmax_rows_in_place(scores, np.float32(hd**-0.5))  # softmax(q.k / sqrt(hd)), row by row
         np.matmul(scores, v_h, out=mixed[r, c])  # (P, hd): head h's columns of the crop's rows
 
-    on_all_cores(attend, N * heads)
+    side_by_side(attend, N * heads)  # the cores take whole heads (17 crops x 16 heads share 2 cores evenly)
     return linear(mixed, w[a + "out_proj.weight"]).reshape(N, P, C)
-
-
-def on_all_cores(work, n_items: int) -> None:
-    """Run work(i) for i in range(n_items), the items shared among the cores.
-
-    An item is one head of one crop (or a whole crop): its (577 x 64) @ (64 x 577)
-    product is too small for BLAS to split across cores with profit (measured: 2
-    threads ran the 16 heads' products 2-4x slower than one), so BLAS gets one thread
-    and the cores take whole items instead (NumPy's matmul and the Numba softmax
-    release the GIL). 17 crops x 16 heads share 2 cores evenly, where 17 crops would not.
-    """
-    from ..kernels.threads import on_python_threads
-    from ..runtime import blas_libraries
-
-    limits = blas_libraries().limit(limits=1)  # found once: a fresh scan of the libraries costs ~3 ms a call
-    try:
-        on_python_threads(work, n_items)
-    finally:
-        limits.restore_original_limits()
 
 
 def mlp(w: dict, layer: str, x: np.ndarray) -> np.ndarray:
