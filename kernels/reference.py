@@ -503,9 +503,9 @@ def quick_gelu(h, bias):
     return (z * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.851) * z))).astype(np.float32)
 
 
-def residual(y, x, bias):
-    """x + y + bias: a sublayer's output y, with its last bias, added to the stream x
-    (`rowwise.residual_in_place` writes it into y)."""
+def add_residual(x, y, bias):
+    """x + (y + bias): a sublayer's output y, with its last bias, added to the
+    residual stream x (`rowwise.add_residual_in_place` writes it into x)."""
     return (x + (y + bias)).astype(np.float32)
 
 

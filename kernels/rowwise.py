@@ -4,7 +4,7 @@ quick_gelu, the attention softmax.
     layer_norm_rows(x, weight, bias, eps, out)   out[t] = LN(x[t]) * weight + bias
     quick_gelu_in_place(h, bias)                 h <- z * sigmoid(1.702 z), z = h + bias
     softmax_rows_in_place(scores, scale)         each row <- softmax(scale * row)
-    residual_in_place(y, x, bias)                y <- x + y + bias
+    add_residual_in_place(x, y, bias)            x <- x + (y + bias)
 
 Why kernels. Between its matrix products a vision tower block (CLIP ViT-L: 577
 positions x 1024 channels per view, 4096 in the MLP) does element-wise work that
@@ -82,14 +82,14 @@ def quick_gelu_in_place(h, bias):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)  # no fastmath: x + (y + bias) in this order, as NumPy
-def residual_in_place(y, x, bias):
-    """y (T, D) <- x + y + bias (D,): a sublayer's output, less its last bias, added to
-    the residual stream x in one pass (NumPy: the bias, then the sum, each a pass
-    and a fresh array)."""
-    T, D = y.shape
+def add_residual_in_place(x, y, bias):
+    """x (T, D) <- x + (y + bias (D,)): a sublayer's output y, less its last bias,
+    added to the residual stream x in one pass (NumPy: the bias, then the sum, each a
+    pass and a fresh array)."""
+    T, D = x.shape
     for t in range(T):
         for d in range(D):
-            y[t, d] = x[t, d] + (y[t, d] + bias[d])
+            x[t, d] = x[t, d] + (y[t, d] + bias[d])
 
 
 @njit(inline="always")
@@ -153,21 +153,23 @@ def by_bands(kernel, rows, *arrays):
     on_python_threads(band, len(bands))
 
 
-def layer_norm(x, weight, bias, eps):
-    """LayerNorm over the last axis of x (..., D) -> a new float32 array of x's shape."""
+def layer_norm(x, weight, bias, eps, out=None):
+    """LayerNorm over the last axis of x (..., D) -> float32 of x's shape, in `out`
+    (a C-contiguous float32 array of that shape) or a new array."""
     D = x.shape[-1]
-    out = np.empty(x.shape, np.float32)
+    out = np.empty(x.shape, np.float32) if out is None else out
     by_bands(layer_norm_rows, as_rows(x, D), as_rows(weight, D)[0], as_rows(bias, D)[0], np.float32(eps), out.reshape(-1, D))
     return out
 
 
-def residual(x, y, bias):
-    """x + y + bias over the last axis, written into y when y is a C-contiguous float32
-    array (a fresh matmul result); returns the sum."""
-    D = y.shape[-1]
-    rows = as_rows(y, D)
-    by_bands(residual_in_place, rows, as_rows(x, D), as_rows(bias, D)[0])
-    return rows.reshape(y.shape)
+def add_residual(x, y, bias):
+    """x + (y + bias) over the last axis, written into x (the residual stream: a
+    C-contiguous float32 array); returns x."""
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"add_residual: the stream must be C-contiguous float32 to be updated in place, got {x.dtype}")
+    D = x.shape[-1]
+    by_bands(add_residual_in_place, x.reshape(-1, D), as_rows(y, D), as_rows(bias, D)[0])
+    return x
 
 
 def quick_gelu(h, bias):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from minislm.kernels import reference as ref
 from minislm.kernels.rowwise import (
-    layer_norm, layer_norm_rows, quick_gelu, quick_gelu_in_place, residual, residual_in_place, softmax_rows_in_place,
+    add_residual, add_residual_in_place, layer_norm, layer_norm_rows, quick_gelu, quick_gelu_in_place, softmax_rows_in_place,
 )
 
 # LayerNorm's outputs are ~N(0, 1) * weight + bias with |weight|, |bias| <= 2: a few
@@ -80,13 +80,13 @@ def test_softmax_equals_twin(rows, keys, spread, scale, seed):
 
 @settings(max_examples=20, deadline=None)
 @given(rows=st.integers(1, 40), width=widths, seed=st.integers(0, 2**16))
-def test_residual_equals_twin(rows, width, seed):
+def test_add_residual_equals_twin(rows, width, seed):
     """The same three additions in the same order: equal bit for bit."""
     rng = np.random.default_rng(seed)
     x, y, bias = random(rng, (rows, width), 10.0), random(rng, (rows, width), 1.0), random(rng, width, 1.0)
-    twin = ref.residual(y, x, bias)
-    residual_in_place(y, x, bias)
-    np.testing.assert_array_equal(y, twin)
+    twin = ref.add_residual(x, y, bias)
+    add_residual_in_place(x, y, bias)
+    np.testing.assert_array_equal(x, twin)
 
 
 def test_softmax_finds_the_max_of_negative_rows():
@@ -139,15 +139,17 @@ def test_wrappers_keep_the_shape_and_take_any_layout(shape):
     weight, bias = random(rng, shape[-1], 1.0), random(rng, shape[-1], 1.0)
     out = layer_norm(x, weight, bias, 1e-5)
     assert out.shape == shape and out.dtype == np.float32
-    twin = ref.layer_norm_rows(x.reshape(-1, shape[-1]).astype(np.float32), weight, bias, 1e-5).reshape(shape)
-    assert np.abs(out - twin).max() <= ATOL_LAYER_NORM
+    twin_ln = ref.layer_norm_rows(x.reshape(-1, shape[-1]).astype(np.float32), weight, bias, 1e-5).reshape(shape)
+    assert np.abs(out - twin_ln).max() <= ATOL_LAYER_NORM
     h = random(rng, shape, 3.0)
     twin = ref.quick_gelu(h, bias)
     result = quick_gelu(h, bias)
     assert result.shape == shape and np.shares_memory(result, h)  # in place: no second (T, F) array
     assert np.allclose(result, twin, rtol=RTOL_QUICK_GELU, atol=ATOL_QUICK_GELU)
-    y = random(rng, shape, 1.0)
-    twin = ref.residual(y, x.astype(np.float32), bias)
-    result = residual(x, y, bias)
-    assert np.shares_memory(result, y)
+    out = np.full(shape, np.nan, np.float32)
+    assert layer_norm(x, weight, bias, 1e-5, out=out) is out and np.abs(out - twin_ln).max() <= ATOL_LAYER_NORM
+    stream, y = random(rng, shape, 1.0), np.asfortranarray(random(rng, shape, 1.0))
+    twin = ref.add_residual(stream, y, bias)
+    result = add_residual(stream, y, bias)
+    assert result is stream  # the residual stream, updated in place
     np.testing.assert_array_equal(result, twin)
