@@ -6,8 +6,9 @@ file, under the kernel's own name where that names an operation
 taking the kernel's inputs (less its output buffer) and returning what the
 kernel writes there. One section per kernel file: `fp32.py`, `bf16.py`,
 `packed.py` (int4 and int8, with `activations.py`), `amx.py`, `convert.py`,
-`attention.py`, `blocksparse.py`. `tests/test_kernels_*.py`,
-`tests/test_attention_kernel.py` and `tests/test_blocksparse.py` check each
+`attention.py`, `blocksparse.py`, `rowwise.py`, `conv.py`. `tests/test_kernels_*.py`,
+`tests/test_attention_kernel.py`, `tests/test_blocksparse.py`,
+`tests/test_rowwise_kernels.py` and `tests/test_conv_kernel.py` check each
 kernel equal to its twin on random and awkward inputs. Read this file to learn
 the formats; read the kernel files to learn how they are made fast. Layouts are
 drawn in `docs/formats.md`.
@@ -689,3 +690,57 @@ def attend_blocksparse(q, keys, values, key_scales, value_scales, positions, lay
     scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return ((e / e.sum(axis=-1, keepdims=True)) @ v).astype(np.float32)  # (H, T, hd)
+
+
+# --- the non-GEMM parts of an encoder block (rowwise.py) -----------------
+
+TINY = np.float32(np.finfo(np.float32).tiny)  # softmax weights below this are set to 0 (subnormals)
+
+
+def layer_norm_rows(x, weight, bias, eps):
+    """(T, D) -> (T, D): each row centred, divided by its standard deviation
+    (sqrt(variance + eps)), times weight, plus bias."""
+    centered = x - x.mean(axis=-1, keepdims=True)
+    variance = (centered * centered).mean(axis=-1, keepdims=True)
+    return (weight * (centered / np.sqrt(variance + np.float32(eps))) + bias).astype(np.float32)
+
+
+def quick_gelu(h, bias):
+    """z * sigmoid(1.702 z) with z = h + bias: CLIP's quick_gelu, the sigmoid written
+    with tanh (sigmoid(a) = (1 + tanh(a / 2)) / 2) so no exp can overflow."""
+    z = h + bias
+    return (z * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.851) * z))).astype(np.float32)
+
+
+def add_residual(x, y, bias):
+    """x + (y + bias): a sublayer's output y, with its last bias, added to the
+    residual stream x (`rowwise.add_residual_in_place` writes it into x)."""
+    return (x + (y + bias)).astype(np.float32)
+
+
+def softmax_rows(scores, scale):
+    """softmax(scale * scores) along each row, weights below TINY set to 0."""
+    scaled = scores * np.float32(scale)
+    e = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    p = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    p[p < TINY] = 0.0
+    return p
+
+
+# --- the Conformer's strided convolutions (conv.py) ----------------------
+
+
+def conv3x3_stride2(x, taps, bias, relu):
+    """x (H, W, C or 1) channels-last, taps (9, C) in (dy, dx) order, bias (C,) ->
+    (ceil(H/2), ceil(W/2), C): zero-pad one row and column on every side, then for
+    each tap add the stride-2 view of the padded map that tap reads, times its weight
+    (a single input channel is shared by every output channel); ReLU if asked."""
+    H, W, _ = x.shape
+    Ho, Wo = (H + 1) // 2, (W + 1) // 2
+    padded = np.zeros((H + 2, W + 2, x.shape[2]), np.float32)
+    padded[1:-1, 1:-1] = x
+    out = np.zeros((Ho, Wo, taps.shape[1]), np.float32) + bias
+    for dy in range(3):
+        for dx in range(3):
+            out = out + padded[dy : dy + 2 * Ho : 2, dx : dx + 2 * Wo : 2] * taps[3 * dy + dx]
+    return np.maximum(out, np.float32(0.0)) if relu else out

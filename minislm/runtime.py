@@ -26,7 +26,6 @@ same ids with the same settings give the same tokens everywhere:
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
@@ -41,6 +40,7 @@ from .formats.kernel_weights import GatheredInputs, StackedRows
 from .grammar import ANY_JSON_OBJECT, JsonGrammar
 from .kernels import Bf16Weight, DecodeRows, Fp32Weight, Int4Weight, Int8Weight, KQuantWeight
 from .kernels.reference import KQUANT_KINDS, KQUANT_NAMES
+from .kernels.threads import blas_libraries
 from .logprobs import Logprobs, TokenLogprob
 from .model import NO_TRACE, crosses_rope_switch, forward, forward_batch, lm_head
 from .sampling import Sampler, SamplingSettings
@@ -178,14 +178,6 @@ def blas_threads(n_tokens: int):
         yield
     finally:
         limits.restore_original_limits()
-
-
-@cache
-def blas_libraries():
-    """The BLAS libraries loaded in this process, found once (a scan of the loaded libraries)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController().select(user_api="blas")
 
 
 class Model:

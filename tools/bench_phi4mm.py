@@ -1,6 +1,7 @@
 """Phi-4-multimodal speed on its real shapes (random weights), against transformers.
 
     python tools/bench_phi4mm.py encode [--threads 2] [--repeats 2] [--vision-blocks 27] [--audio-blocks 24]
+                                        [--precision float32] [--encoder speech]
     python tools/bench_phi4mm.py decode [--threads 2] [--layers 32] [--tokens 16]
 
 encode: the image and speech encoders as Phi-4-multimodal runs them, minislm against
@@ -16,7 +17,8 @@ activations and torch computes in bf16):
           24 blocks) from log-mel features to its states.
 Runs are interleaved engine by engine within each repeat (a machine shared with other
 work slows both alike); the best of the repeats is reported, all of them printed.
---vision-blocks / --audio-blocks shrink the towers (both sides alike) to save time.
+--vision-blocks / --audio-blocks shrink the towers (both sides alike) to save time;
+--precision and --encoder time only those rows.
 
 decode: a bf16 checkpoint with Phi-4-multimodal's decoder shapes (3072 wide, 24 heads,
 8 KV heads, 8192 MLP, vocabulary 200064, the two LoRAs at ranks 256 and 320; the
@@ -151,17 +153,21 @@ def run_encode(args) -> None:
         with torch.no_grad():
             return theirs[precision][1](torch.from_numpy(speech)[None].to(dtype), None)[0].float().numpy()
 
-    for precision in ("float32", "bf16"):  # untimed: compile, warm up, and agree
-        a, b = minislm_image(precision), transformers_image(precision)
-        c, d = minislm_speech(precision), transformers_speech(precision)
-        print(f"check {precision}: image features max |diff| {np.abs(a - b).max():.2e} (values up to {np.abs(b).max():.1f}), "
-              f"speech states {np.abs(c - d).max():.2e} (up to {np.abs(d).max():.1f})", flush=True)
+    precisions = ("float32", "bf16") if args.precision == "both" else (args.precision,)
+    inputs = [(what, engines) for what, engines in (
+        ("image, 3 views", (("minislm", minislm_image), ("transformers", transformers_image))),
+        ("speech, 10 s", (("minislm", minislm_speech), ("transformers", transformers_speech))))
+        if args.encoder in ("both", what.split(",")[0])]
+    for precision in precisions:  # untimed: compile, warm up, and agree
+        for what, ((_, ours_run), (_, theirs_run)) in inputs:
+            a, b = ours_run(precision), theirs_run(precision)
+            print(f"check {precision} {what}: max |diff| {np.abs(a - b).max():.2e} (values up to {np.abs(b).max():.1f})",
+                  flush=True)
 
     results = {}
     for _ in range(args.repeats):
-        for what, engines in (("image, 3 views", (("minislm", minislm_image), ("transformers", transformers_image))),
-                              ("speech, 10 s", (("minislm", minislm_speech), ("transformers", transformers_speech)))):
-            for precision in ("float32", "bf16"):
+        for what, engines in inputs:
+            for precision in precisions:
                 for engine, run in engines:
                     start = time.perf_counter()
                     run(precision)
@@ -231,6 +237,8 @@ def main() -> None:
     enc.add_argument("--threads", type=int, default=2)
     enc.add_argument("--vision-blocks", type=int, default=27)
     enc.add_argument("--audio-blocks", type=int, default=24)
+    enc.add_argument("--precision", choices=["both", "float32", "bf16"], default="both", help="which rows to time")
+    enc.add_argument("--encoder", choices=["both", "image", "speech"], default="both", help="which encoder to time")
     enc.add_argument("--json", help="write every timing here")
     dec = sub.add_parser("decode")
     dec.add_argument("--folder", default="/tmp/phi4mm-random")

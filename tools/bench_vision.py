@@ -1,6 +1,6 @@
 """Image encoding and decode speed on Phi-3-vision's shapes (random weights).
 
-    python tools/bench_vision.py encode [--repeats 3] [--threads 2]
+    python tools/bench_vision.py encode [--repeats 3] [--threads 2] [--precision float32]
     python tools/bench_vision.py decode [--folder /tmp/phi3v-random] [--tokens 16]
 
 encode: CLIP ViT-L/14-336 on the views of one image (num_crops 1: global + 1 crop;
@@ -124,7 +124,8 @@ def run_encode(args) -> None:
 
     # one untimed run each: Numba compiles, torch warms up; and the outputs agree
     small = images["1+1"]
-    for precision in ("float32", "bf16"):
+    precisions = ("float32", "bf16") if args.precision == "both" else (args.precision,)
+    for precision in precisions:
         a, b = minislm_run(precision, small), transformers_run(precision, 23, small)
         print(f"check {precision}: max |minislm - transformers| = {np.abs(a - b).max():.2e} (values up to {np.abs(b).max():.1f})")
         transformers_run(precision, 24, small)
@@ -133,7 +134,7 @@ def run_encode(args) -> None:
     for views, pixels in images.items():
         repeats = args.repeats if views == "1+1" else args.repeats_16
         for _ in range(repeats):
-            for precision in ("float32", "bf16"):
+            for precision in precisions:
                 engines = [
                     ("minislm", lambda: minislm_run(precision, pixels)),
                     ("transformers CLIPVisionModel (23 blocks)", lambda: transformers_run(precision, 23, pixels)),
@@ -193,6 +194,7 @@ def main() -> None:
     enc.add_argument("--repeats", type=int, default=3, help="runs of each engine on the 1+1 view image")
     enc.add_argument("--repeats-16", type=int, default=1, help="runs of each engine on the 16+1 view image")
     enc.add_argument("--threads", type=int, default=2)
+    enc.add_argument("--precision", choices=["both", "float32", "bf16"], default="both", help="which rows to time")
     enc.add_argument("--json", help="write every timing here")
     dec = sub.add_parser("decode")
     dec.add_argument("--folder", default="/tmp/phi3v-random")
