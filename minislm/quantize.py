@@ -129,6 +129,37 @@ def stays_bf16(name: str, quant: QuantConfig) -> bool:
     return quant.format == "bf16" or name.startswith((IMAGE_EMBED, EXTEND))
 
 
+ENCODER_ACTIVATIONS = ("float32", "bf16")
+
+
+def check_encoder_activations(activations: str | None, config, packing, where) -> None:
+    """Refuse --encoder-activations bf16, before the weights load, where it would change
+    nothing: a model without encoders (`config` None: a GGUF file), or encoders kept in
+    float32 (`packing` None: no --quant and not a quantized folder)."""
+    if activations not in (None, *ENCODER_ACTIVATIONS):
+        raise MinislmError(f"--encoder-activations {activations}: choose one of {', '.join(ENCODER_ACTIVATIONS)}")
+    if activations != "bf16":
+        return
+    if config is None or (config.vision is None and config.phi4mm is None):
+        raise MinislmError(f"--encoder-activations bf16: {where} has no image or speech encoder")
+    if packing is None:
+        raise MinislmError(f"--encoder-activations bf16: the encoders of {where} load as float32; "
+                           "add --quant bf16 or --quant int4 (both keep the encoders in bf16)")
+
+
+def with_encoder_activations(weights: dict, activations: str) -> dict:
+    """`weights` with every bf16 matrix of the image and speech encoders and their
+    projectors multiplying `activations`: "bf16" rounds them to bf16 before each
+    product, as transformers computes these encoders in bf16 (`Bf16Weight.matmul_rounded`:
+    `vdpbf16ps` where the CPU has it, about twice the products per second); "float32"
+    (the default) multiplies them as they are, the path the fixtures verify. The
+    words are shared, not copied."""
+    from .kernels import Bf16Weight
+
+    return {name: w.with_activations(activations) if isinstance(w, Bf16Weight) and name.startswith((IMAGE_EMBED, EXTEND))
+            else w for name, w in weights.items()}
+
+
 def pack(name: str, tensor: StoredTensor, quant: QuantConfig, scratch: Scratch, is_output: bool = False):
     """One packed weight from a stored tensor. bf16 words are used as they are (still
     mapped); f16 is rounded to bf16 in one pass; the default int4 (symmetric) reads

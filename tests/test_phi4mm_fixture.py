@@ -46,6 +46,12 @@ ATOL_GLOBAL_VIEW = 1e-6
 # (PyTorch's own log and matmul round differently): values near 20 have ulps of 1.9e-6.
 # Logits (values up to 4.5): measured worst 4.5e-5.
 RTOL_FEATURES = 2.5e-7
+# encoder_activations="bf16" (bf16 weights, every encoder and projector product taking its
+# input rounded to bf16, as transformers in bf16 does) against this float32 reference.
+# Measured worst ("both" case): SigLIP 1.0e-2, Conformer 9.8e-3, logits 3.4e-2 (5.3e-2 for
+# the picture alone); the bars are 3x those.
+ATOL_BF16_ACTIVATIONS_STATES = 0.03
+ATOL_BF16_ACTIVATIONS_LOGITS = 0.1
 
 PLACEHOLDER_IDS = {"image": 1001, "audio": 1002}  # <|endoftext10|>, <|endoftext11|> in the fixture's tokenizer
 
@@ -188,6 +194,26 @@ def test_greedy_through_the_cache(model, prompts, case):
     tokens = list(generate_tokens(adapted, adapted.check_ids(prompt.ids, prompt.features), 20, Sampler(SamplingSettings()),
                                   set(), image_features=prompt.features))
     assert tokens == REFERENCE[f"{case}.greedy"].tolist()
+
+
+def test_bf16_encoder_activations_stay_within_bf16s_rounding(phi4mm_dir):
+    """--quant bf16 --encoder-activations bf16: both encoders and their projectors round
+    their activations to bf16 before each product (the decoder and the adapters do not);
+    states and logits move by bf16's rounding, past float32's agreement, within the bars."""
+    model = minislm.load(phi4mm_dir, quant="bf16", kv_cache="float32", encoder_activations="bf16")
+    rounded = {name: w.activations for name, w in model.weights.items() if hasattr(w, "activations")}
+    assert {a for n, a in rounded.items() if n.startswith("model.embed_tokens_extend.")} == {"bf16"}
+    assert {a for n, a in rounded.items() if not n.startswith("model.embed_tokens_extend.")} == {"float32"}
+    spec = CASES["both"]
+    trace = Recorder(names=("image_patches", "audio_states"))
+    prompt = model.multimodal_prompt(spec["text"], images=[phi4mm_dir / i for i in spec["images"]],
+                                     audios=[phi4mm_dir / a for a in spec["audios"]], trace=trace)
+    steps = {s.name: s.value for s in trace.steps}
+    tower = np.abs(steps["image_patches"][:, PATCHES] - REFERENCE["both.image1.tower"]).max()
+    states = np.abs(steps["audio_states"] - REFERENCE["both.audio1.states"]).max()
+    assert ATOL_STATES < tower <= ATOL_BF16_ACTIVATIONS_STATES and ATOL_STATES < states <= ATOL_BF16_ACTIVATIONS_STATES
+    logits = model.with_adapter(prompt.adapter).logits(prompt.ids, image_features=prompt.features)
+    assert np.abs(logits[REFERENCE["both.logit_rows"]] - REFERENCE["both.logits"]).max() <= ATOL_BF16_ACTIVATIONS_LOGITS
 
 
 def test_long_recording_is_encoded_in_chunks_of_500(model, phi4mm_dir):
