@@ -107,7 +107,7 @@ def activation_word(x):
 def bf16_activations(x, xb):
     """x (T, in) float32 -> xb (T_p, in_p) bf16 words (`reference.bf16_activations`),
     zeros beyond x: T_p >= T tokens, in_p >= in inputs. On one thread: ~30 GB/s
-    of float32 read on Zen 4, under 1 % of the GEMM after it, and one parallel region
+    of float32 read on Zen 4, 1-3 % of the GEMM after it, and one parallel region
     fewer to wake the threads for (on a busy machine each costs a time slice)."""
     n_tok, n_in = x.shape
     for t in range(xb.shape[0]):

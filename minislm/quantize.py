@@ -29,7 +29,7 @@ import numpy as np
 from .config import read_json
 from .errors import MinislmError
 from .streaming import Scratch, release, to_bf16_bits, widen
-from .multimodal.config import EXTEND, encoder_matrix
+from .multimodal.config import EXTEND, encoder_matrix, pointwise_kernel
 from .vision.config import IMAGE_EMBED
 from .weights import SAFETENSORS_TAGS, StoredTensor, expected_shapes, write_safetensors
 
@@ -153,11 +153,24 @@ def with_encoder_activations(weights: dict, activations: str) -> dict:
     product, as transformers computes these encoders in bf16 (`Bf16Weight.matmul_rounded`:
     `vdpbf16ps` where the CPU has it, about twice the products per second); "float32"
     (the default) multiplies them as they are, the path the fixtures verify. The
-    words are shared, not copied."""
+    words are shared, not copied.
+
+    With "bf16" the Conformer's 1x1 convolutions, matrix products over the channels
+    whose kernels (out, in, 1[, 1]) stay float32 arrays when the encoders are packed,
+    become bf16 (out, in) matrices too, as transformers multiplies them in bf16: their
+    values are a bf16 checkpoint's, so the rounding is exact there."""
     from .kernels import Bf16Weight
 
-    return {name: w.with_activations(activations) if isinstance(w, Bf16Weight) and name.startswith((IMAGE_EMBED, EXTEND))
-            else w for name, w in weights.items()}
+    def rounded(name, w):
+        if not name.startswith((IMAGE_EMBED, EXTEND)):
+            return w
+        if isinstance(w, Bf16Weight):
+            return w.with_activations(activations)
+        if activations == "bf16" and pointwise_kernel(name, np.shape(w)):
+            return Bf16Weight(np.asarray(w, np.float32).reshape(len(w), -1), name=name, activations=activations)
+        return w
+
+    return {name: rounded(name, w) for name, w in weights.items()}
 
 
 def pack(name: str, tensor: StoredTensor, quant: QuantConfig, scratch: Scratch, is_output: bool = False):
