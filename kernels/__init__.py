@@ -5,6 +5,8 @@
                             the GEMV kernel for any number of rows (batched decoding:
                             each row's bits as if it were alone)
     Bf16Weight(w)           bf16 kept as uint16 words, widened in the kernels
+    Bf16Weight(w, activations="bf16")
+                            the same, times activations rounded to bf16 (vdpbf16ps)
     Int4Weight(w, group_size=32, symmetric=True)
                             4-bit codes, a scale per group (llama.cpp Q4_0's rule)
     Int8Weight(w, group_size=32)

@@ -16,12 +16,23 @@ where the CPU has them (`amx.py`: the activations split into two bf16 numbers,
 hi and lo, so they keep 16 significant bits). Elsewhere the GEMV below widens
 each weight and prefill widens a tile of rows into an fp32 buffer and lets
 BLAS multiply.
+
+`Bf16Weight(w, activations="bf16")` (or `w.with_activations("bf16")`, the
+same words) multiplies activations rounded to bf16 instead, as transformers
+does in bf16: `vdpbf16ps` where the CPU has AVX512-BF16 (`bf16pairs.py`, 32
+products per instruction, about twice the FMAs' rate), the AMX tiles from 16
+tokens where it has AMX, and elsewhere the paths above on the rounded
+activations (exact products of the same bf16 numbers, float32 sums in their
+own order). The image and speech encoders use it when asked
+(`minislm.load(..., encoder_activations="bf16")`).
 """
+
+import copy
 
 import numpy as np
 from numba import njit, prange
 
-from . import amx, bf16dot, cpu
+from . import amx, bf16dot, bf16pairs, cpu
 from .checks import as_activations, as_row_ids, check_finite
 from .convert import count_nonfinite_bf16
 from .fp32 import OneArrayWeight, gemv, matmul_by_tiles
@@ -59,15 +70,24 @@ def widen_bf16_block(w, start, out):
             out[r, k] = bf16_to_f32(w[start + r, k])
 
 
+ACTIVATIONS = ("float32", "bf16")
+
+
 class Bf16Weight(OneArrayWeight):
     """A bf16 (out, in) weight held as uint16 words.
 
     `Bf16Weight(w)`: uint16 `w` is taken as bf16 bits without a copy (a
     memory-mapped checkpoint stays mapped); float32/float16 `w` is rounded
     to nearest-even bf16. NaN, inf and values beyond bf16's range are
-    rejected."""
+    rejected. `activations`: "float32" multiplies the activations as they are
+    (exact products); "bf16" rounds them to bf16 first (nearest-even, as torch
+    does), the arithmetic of transformers in bf16 and twice the products per
+    instruction (`matmul_rounded`)."""
 
-    def __init__(self, w, name="weight"):
+    def __init__(self, w, name="weight", activations="float32"):
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"{name}: activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        self.activations = activations
         w = np.asarray(w)
         if w.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D (out, in) array, got shape {w.shape}")
@@ -92,12 +112,53 @@ class Bf16Weight(OneArrayWeight):
     def data(self):
         return self.bits
 
+    def with_activations(self, activations):
+        """The same words (not copied, not checked again), multiplied with
+        `activations` "float32" or "bf16"."""
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        other = copy.copy(self)
+        other.activations = activations
+        return other
+
+    def __repr__(self):
+        rounded = ", bf16 activations" if self.activations == "bf16" else ""
+        return f"Bf16Weight(shape={self.shape}, {self.nbytes / 1e6:.1f} MB{rounded})"
+
     def matmul(self, x, path=None):
         """x (T, in) -> (T, out). `path` overrides the CPU's choice (`cpu.py`), for
         tests and measurements: 'avx512' (`bf16dot.py`, any T: the same bits for
         a token alone or among many), 'amx' (T >= 16) or 'portable' (float32 GEMV
-        for one token, rows widened into tiles that BLAS multiplies for more)."""
+        for one token, rows widened into tiles that BLAS multiplies for more);
+        with bf16 activations also 'avx512bf16' (`matmul_rounded`)."""
         x = as_activations(x, self.shape[1])  # (T, in)
+        if self.activations == "bf16":
+            return self.matmul_rounded(x, path)
+        return self.matmul_exact(x, path)
+
+    def matmul_rounded(self, x, path=None):
+        """bf16(x) (T, in) -> (T, out) float32: the activations rounded to bf16
+        (`reference.bf16_activations`), then bf16 x bf16 products summed in float32.
+        'avx512bf16' (`bf16pairs.py`, where the CPU has AVX512-BF16) computes
+        `reference.matmul_bf16_pairs` bit for bit; every other path multiplies
+        the rounded activations as float32 numbers: the same exact products,
+        float32 sums in its own order, no flushing of numbers below 2**-126."""
+        x = as_activations(x, self.shape[1])  # (T, in)
+        if path is None:
+            amx_here = x.shape[0] >= AMX_MIN_TOKENS and cpu.bf16_gemm_path() == "amx"
+            path = "amx" if amx_here else cpu.bf16_rounded_path()
+        if path == "avx512bf16":
+            if not cpu.has_avx512_bf16():
+                raise ValueError("path='avx512bf16': this CPU has no AVX512-BF16")
+            return bf16pairs.matmul(self.bits, x)
+        words = np.empty(x.shape, np.uint16)
+        bf16pairs.bf16_activations(x, words)
+        return self.matmul_exact(ref.bf16_to_f32(words), path)
+
+    def matmul_exact(self, x, path=None):
+        """x (T, in) float32, C-contiguous -> (T, out): exact products, float32 sums."""
+        if path == "avx512bf16":
+            raise ValueError("path='avx512bf16' multiplies bf16 activations: use matmul_rounded")
         if path is None:
             path = cpu.bf16_gemm_path() if x.shape[0] >= AMX_MIN_TOKENS else cpu.bf16_dot_path()
         if path == "avx512":

@@ -16,6 +16,7 @@ The arithmetic of one output (row r, token t), whatever the call:
         acc = fma(even weights of w[r, k:k+32], even inputs of x[t, k:k+32], acc)
         acc = fma(odd weights, odd inputs, acc)
     out[t, r] = the 16 lanes summed as a tree: halves, then quarters, ...
+                (`simd.reduce_lanes_together`, `reference.tree_sum_lanes`)
 
 so the GEMV (decode: 8 rows x 1 token per step) and the GEMM (prefill: 4 rows
 x 4 tokens per step, 16 accumulators in registers) give a token the same bits,
@@ -42,27 +43,13 @@ prefetch: on Zen 4 (one thread, interleaved runs) 8 rows streamed faster than
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
-from .simd import F32, I16, I32, _fma, _load_vec, _vec, array_args, check_arrays, index_helpers
+from .simd import F32, I32, _fma, _load_vec, _vec, lane_block_kernel
 
 
 INPUTS_PER_STEP = 32      # bf16 weights per 64-byte load
 ROWS, TOKENS = 4, 4       # a GEMM step: 4 weight rows x 4 tokens, 16 accumulators
 GEMV_ROWS = 8             # a GEMV step: 8 weight rows, 8 accumulators
-
-
-def _tree_sum(builder, v):
-    """The 16 lanes of v added as a fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1):
-    the same order in every kernel here, so the same bits."""
-    n = v.type.count
-    while n > 1:
-        n //= 2
-        low = builder.shuffle_vector(v, v, ir.Constant(_vec(I32, n), list(range(n))))
-        high = builder.shuffle_vector(v, v, ir.Constant(_vec(I32, n), list(range(n, 2 * n))))
-        v = builder.fadd(low, high)
-    return builder.extract_element(v, ir.Constant(I32, 0))
 
 
 def _widen_pairs(builder, words):
@@ -74,83 +61,23 @@ def _widen_pairs(builder, words):
     return builder.bitcast(even, v16f), builder.bitcast(odd, v16f)
 
 
+def _load_paired(builder, x_data, at, const):
+    """A token's 32 paired activations (`pair_activations`): the even ones, the odd ones."""
+    v16f = _vec(F32, 16)
+    return _load_vec(builder, x_data, at, v16f), _load_vec(builder, x_data, builder.add(at, const(16)), v16f)
+
+
+def _two_fmas(builder, acc, words, x):
+    """acc + the even weights times the even inputs, then + the odd times the odd."""
+    even, odd = _widen_pairs(builder, words)
+    return _fma(builder, odd, x[1], _fma(builder, even, x[0], acc))
+
+
 def dot_block_kernel(n_rows, n_tok):
-    """The intrinsic for `n_rows` weight rows x `n_tok` tokens, over all inputs."""
-
-    @intrinsic
-    def dot_block(typingctx, w, x_pairs, r0, t0, out):
-        """out[t0+t, r0+r] = widen(w[r0+r]) . x[t0+t] for r < n_rows, t < n_tok
-
-        w        uint16 (out, in)    bf16 weight bits, the checkpoint's rows
-        x_pairs  float32 (T, in_p)   x by 32 inputs, evens first (`pair_activations`),
-                                     in_p = in rounded up to 32, zeros beyond in
-        out      float32 (T, out)"""
-        check_arrays("dot_block", [(w, types.uint16, 2), (x_pairs, types.float32, 2), (out, types.float32, 2)])
-        sig = types.void(w, x_pairs, r0, t0, out)
-
-        def codegen(context, builder, signature, args):
-            return _emit_dot_block(context, builder, signature, args, n_rows, n_tok)
-
-        return sig, codegen
-
-    return dot_block
-
-
-def _emit_dot_block(context, builder, signature, args, n_rows, n_tok):
-    w_a, x_a, _, _, out_a = array_args(context, builder, signature, args)
-    as_intp, const, dim = index_helpers(context, builder)
-    r0, t0 = as_intp(args[2]), as_intp(args[3])
-    n_in, x_stride, out_stride = dim(w_a, 1), dim(x_a, 1), dim(out_a, 1)
-    v16f, v16i, v32i16 = _vec(F32, 16), _vec(I32, 16), _vec(I16, 32)
-
-    acc = [[cgutils.alloca_once_value(builder, ir.Constant(v16f, None)) for _ in range(n_tok)]
-           for _ in range(n_rows)]
-    for r in range(n_rows):
-        for t in range(n_tok):
-            builder.store(ir.Constant(v16f, None), acc[r][t])
-    w_row = [builder.mul(builder.add(r0, const(r)), n_in) for r in range(n_rows)]
-    x_row = [builder.mul(builder.add(t0, const(t)), x_stride) for t in range(n_tok)]
-
-    def load(array, at, vty):
-        return _load_vec(builder, array.data, at, vty)
-
-    def step(k, words):
-        """Every accumulator meets its row's 32 weights: the even ones, then the odd."""
-        pairs = [_widen_pairs(builder, v) for v in words]
-        for t in range(n_tok):
-            x_even = load(x_a, builder.add(x_row[t], k), v16f)
-            x_odd = load(x_a, builder.add(x_row[t], builder.add(k, const(16))), v16f)
-            for r in range(n_rows):
-                a = _fma(builder, pairs[r][0], x_even, builder.load(acc[r][t]))
-                builder.store(_fma(builder, pairs[r][1], x_odd, a), acc[r][t])
-
-    full = builder.udiv(n_in, const(INPUTS_PER_STEP))
-    with cgutils.for_range(builder, full) as loop:
-        k = builder.mul(loop.index, const(INPUTS_PER_STEP))
-        step(k, [load(w_a, builder.add(w_row[r], k), v16i) for r in range(n_rows)])
-
-    rest = builder.urem(n_in, const(INPUTS_PER_STEP))
-    with builder.if_then(builder.icmp_unsigned("!=", rest, const(0))):
-        # The last in % 32 weights of each row, copied into a zeroed vector: a full
-        # load would read past the row (past the array, for the last row), and
-        # whatever bits lay there could be NaN, which times a zero activation is NaN.
-        k = builder.mul(full, const(INPUTS_PER_STEP))
-        tail = cgutils.alloca_once(builder, v32i16)
-        words = []
-        for r in range(n_rows):
-            builder.store(ir.Constant(v32i16, None), tail)
-            lanes = builder.bitcast(tail, I16.as_pointer())
-            with cgutils.for_range(builder, rest) as j:
-                word = builder.load(builder.gep(w_a.data, [builder.add(w_row[r], builder.add(k, j.index))]))
-                builder.store(word, builder.gep(lanes, [j.index]))
-            words.append(builder.load(builder.bitcast(tail, v16i.as_pointer())))
-        step(k, words)
-
-    for r in range(n_rows):
-        for t in range(n_tok):
-            at = builder.add(builder.mul(builder.add(t0, const(t)), out_stride), builder.add(r0, const(r)))
-            builder.store(_tree_sum(builder, builder.load(acc[r][t])), builder.gep(out_a.data, [at]))
-    return context.get_dummy_value()
+    """out[t0+t, r0+r] = widen(w[r0+r]) . x[t0+t] for r < n_rows, t < n_tok, over all
+    inputs, x paired (`pair_activations`): `simd.lane_block_kernel` with two FMAs per
+    32 weights."""
+    return lane_block_kernel("dot_block", types.float32, n_rows, n_tok, _load_paired, _two_fmas)
 
 
 _gemv_rows = dot_block_kernel(GEMV_ROWS, 1)

@@ -11,6 +11,10 @@ integer sums are exact, so all three give bit-identical results):
     "avx512"    bf16 weights only: 512-bit float32 FMAs on weights widened in
                 registers (`bf16dot.py`; any AVX-512 CPU). Exact products like
                 the portable path, float32 sums in another order.
+    "avx512bf16"  bf16 weights times activations rounded to bf16 (the encoders'
+                opt-in, `Bf16Weight(..., activations="bf16")`): `vdpbf16ps`
+                (`bf16pairs.py`; AVX512-BF16: AMD Zen 4+, Intel Cooper Lake,
+                Sapphire Rapids+), 32 bf16 products per instruction.
     "amx"       Intel AMX tiles (`tdpbusd`, `tdpbf16ps`): a 16x16 block of dot
                 products per instruction. Sapphire Rapids and later Xeons only;
                 prefill only (decode reads each weight once, AMX cannot help).
@@ -59,6 +63,10 @@ def has_vnni() -> bool:
 
 def has_avx512() -> bool:
     return "avx512f" in cpu_features()
+
+
+def has_avx512_bf16() -> bool:
+    return {"avx512f", "avx512bf16"} <= cpu_features()
 
 
 @lru_cache(maxsize=None)
@@ -124,6 +132,15 @@ def bf16_gemm_path() -> str:
     return "amx" if has_amx_bf16() and allowed("amx") else bf16_dot_path()
 
 
+@lru_cache(maxsize=None)
+def bf16_rounded_path() -> str:
+    """'avx512bf16' (bf16pairs.py) where the CPU has it, else what bf16 decode
+    uses ('avx512' or 'portable', on the activations rounded first): bf16 weights
+    times bf16 activations below AMX's 16 tokens, and above them without AMX.
+    Counts as the level of 'vnni' for `MINISLM_KERNELS`."""
+    return "avx512bf16" if has_avx512_bf16() and allowed("vnni") else bf16_dot_path()
+
+
 def kernel_paths() -> dict:
     """What runs here, for reports: {'cpu': ..., 'int8 decode': 'vnni', ...}."""
     return {
@@ -132,4 +149,5 @@ def kernel_paths() -> dict:
         "int4/int8 prefill": int8_gemm_path(),
         "bf16 decode": bf16_dot_path(),
         "bf16 prefill": bf16_gemm_path(),
+        "bf16 x bf16 prefill": "amx" if bf16_gemm_path() == "amx" else bf16_rounded_path(),
     }

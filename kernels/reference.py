@@ -5,7 +5,7 @@ file, under the kernel's own name where that names an operation
 (`search_scales`, `quantize_activations`, `attend_cached`, `widen_f16`, ...),
 taking the kernel's inputs (less its output buffer) and returning what the
 kernel writes there. One section per kernel file: `fp32.py`, `bf16.py`,
-`packed.py` (int4 and int8, with `activations.py`), `amx.py`, `convert.py`,
+`packed.py` (int4 and int8, with `activations.py`), `amx.py`, `bf16pairs.py`, `convert.py`,
 `attention.py`, `blocksparse.py`, `rowwise.py`, `conv.py`. `tests/test_kernels_*.py`,
 `tests/test_attention_kernel.py`, `tests/test_blocksparse.py`,
 `tests/test_rowwise_kernels.py` and `tests/test_conv_kernel.py` check each
@@ -604,6 +604,83 @@ def matmul_bf16_split(x, w_bits):
     hi, lo = split_bf16(x)
     xs = bf16_to_f32(hi).astype(np.float64) + bf16_to_f32(lo)
     return xs @ bf16_to_f32(w_bits).astype(np.float64).T
+
+
+# --- bf16 activations times bf16 weights: vdpbf16ps (bf16pairs.py) --------
+
+BF16_QUIET_NAN = 0x7FC0
+F32_MIN_NORMAL = 2.0 ** -126
+
+
+def bf16_activations(x):
+    """float32 activations -> bf16 words, nearest-even (`f32_to_bf16`), a NaN kept a
+    NaN (0x7FC0, as torch rounds one) instead of whatever the rounding makes of it."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return np.where(np.isnan(x), np.uint16(BF16_QUIET_NAN), f32_to_bf16(x)).astype(np.uint16)
+
+
+def flush_denormals(v):
+    """Numbers below float32's smallest normal (2**-126) in magnitude -> zero of the
+    same sign: how vdpbf16ps reads its operands (DAZ) and writes its results (FTZ)."""
+    return np.where(np.abs(v) < F32_MIN_NORMAL, np.copysign(0.0, v), v).astype(v.dtype)
+
+
+def add_rounded_f32(acc, p):
+    """acc (float32) + p (float64, exact) rounded once to float32, nearest-even: an FMA
+    whose product is already exact. The float64 sum is made round-to-odd (its exact
+    error from TwoSum; when inexact and even, step to the odd neighbour toward the
+    exact sum), so rounding it to float32 is not a double rounding (53 >= 24 + 2 bits)."""
+    a = acc.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = a + p
+        back = s - a
+        err = (a - (s - back)) + (p - back)   # a + p - s, exactly (Knuth's TwoSum)
+        even = (s.view(np.int64) & 1) == 0
+        odd = np.where((err != 0) & even & np.isfinite(s), np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+        return odd.astype(np.float32)
+
+
+def dpbf16ps(acc, a, b):
+    """One `vdpbf16ps` (Intel SDM, AVX512-BF16): acc (..., 16) float32, a and b (..., 32)
+    bf16 words; per lane i, with operands below 2**-126 read as zero and results
+    below it flushed to zero (signs kept), rounding to nearest-even, odd pair first:
+
+        acc[i] = flush(acc[i] + a[2i+1] * b[2i+1])
+        acc[i] = flush(acc[i] + a[2i] * b[2i])
+
+    The products of two bf16 numbers are exact in float64 (8 + 8 significant bits)."""
+    fa = flush_denormals(bf16_to_f32(a)).astype(np.float64)
+    fb = flush_denormals(bf16_to_f32(b)).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = fa * fb                                                # (..., 32), exact or inf/NaN
+    acc = flush_denormals(np.asarray(acc, np.float32))
+    acc = flush_denormals(add_rounded_f32(acc, p[..., 1::2]))
+    return flush_denormals(add_rounded_f32(acc, p[..., 0::2]))
+
+
+def tree_sum_lanes(v):
+    """v (..., 16) float32 -> (...,): halves added, then quarters, ... (8 + 8, 4 + 4,
+    2 + 2, 1 + 1), in float32: the order of every lane-wise kernel's last sum."""
+    while v.shape[-1] > 1:
+        half = v.shape[-1] // 2
+        v = v[..., :half] + v[..., half:]
+    return v[..., 0]
+
+
+def matmul_bf16_pairs(x, w_bits):
+    """What `bf16pairs.py` computes: x (T, in) rounded to bf16 (`bf16_activations`),
+    times w_bits (out, in) bf16, by `dpbf16ps` over each 32 inputs (zero-padded), the
+    16 lanes then summed as a tree -> (T, out) float32."""
+    xb = bf16_activations(x)
+    n_tok, n_in = xb.shape
+    n_p = -(-n_in // 32) * 32
+    xp = np.zeros((n_tok, n_p), np.uint16)
+    wp = np.zeros((w_bits.shape[0], n_p), np.uint16)
+    xp[:, :n_in], wp[:, :n_in] = xb, w_bits
+    acc = np.zeros((n_tok, w_bits.shape[0], 16), np.float32)
+    for k in range(0, n_p, 32):
+        acc = dpbf16ps(acc, xp[:, None, k:k + 32], wp[None, :, k:k + 32])
+    return tree_sum_lanes(acc)
 
 
 # --- loading-time conversions of 16-bit checkpoints (convert.py) ---------

@@ -16,9 +16,11 @@ widened, multiplied, even/odd `shufflevector` + `add`) that x86 lowers to
 (`act_group_epilogue`, `group_epilogue`) is shared with `amx.py`, so every path
 returns the same bits. The helpers at the top (`array_args`, `index_helpers`,
 `check_arrays`, `emit_prefetch`) are what any hand-written intrinsic here or
-in `amx.py` needs from Numba. Scalar bit-casts live in `scalars.py`.
+in `amx.py` needs from Numba; `lane_block_kernel` is the block both bf16 kernels
+with lanes along the inputs emit (`bf16dot.py`, `bf16pairs.py`). Scalar bit-casts live in `scalars.py`.
 
-Numba inlines these into the kernels of `packed.py`, `amx.py` and `bf16dot.py`, and keys
+Numba inlines these into the kernels of `packed.py`, `amx.py`, `bf16dot.py` and
+`bf16pairs.py`, and keys
 its on-disk cache on the content of *those* files: after editing this one,
 delete the cache (`find kernels -name '*.nb[ic]' -delete`) or the old code
 keeps running.
@@ -88,6 +90,126 @@ def emit_prefetch(builder, pointer):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, I32, I32, I32]),
                                         "llvm.prefetch.p0")
     builder.call(fn, [builder.bitcast(pointer, i8p), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
+def zeroed_slots(builder, vty, count):
+    """`count` stack slots of vector type `vty`, each set to zero where this code runs
+    (an accumulator per slot: `alloca_once` puts them in the entry block, so the zeroing
+    must be emitted here, where every call of the block starts)."""
+    slots = [cgutils.alloca_once(builder, vty) for _ in range(count)]
+    for slot in slots:
+        builder.store(ir.Constant(vty, None), slot)
+    return slots
+
+
+def for_each_32_words(builder, const, data, row_starts, n_in, step):
+    """Call step(k, words) for k = 0, 32, ... below `n_in`: `words` holds, for each row
+    starting at the flat indexes `row_starts` of the uint16 array `data`, its 32 words
+    k .. k+31 as a <16 x i32> (two bf16 numbers per lane). The last n_in % 32 words of
+    a row are copied into a zeroed vector: a full load would read past the row (past
+    the array, for the last row), and whatever bits lay there could be NaN, which
+    times a zero activation is NaN."""
+    v16i, v32i16 = _vec(I32, 16), _vec(I16, 32)
+    full = builder.udiv(n_in, const(32))
+    with cgutils.for_range(builder, full) as loop:
+        k = builder.mul(loop.index, const(32))
+        step(k, [_load_vec(builder, data, builder.add(start, k), v16i) for start in row_starts])
+
+    rest = builder.urem(n_in, const(32))
+    with builder.if_then(builder.icmp_unsigned("!=", rest, const(0))):
+        k = builder.mul(full, const(32))
+        tail = cgutils.alloca_once(builder, v32i16)
+        words = []
+        for start in row_starts:
+            builder.store(ir.Constant(v32i16, None), tail)
+            lanes = builder.bitcast(tail, I16.as_pointer())
+            with cgutils.for_range(builder, rest) as j:
+                word = builder.load(builder.gep(data, [builder.add(start, builder.add(k, j.index))]))
+                builder.store(word, builder.gep(lanes, [j.index]))
+            words.append(builder.load(builder.bitcast(tail, v16i.as_pointer())))
+        step(k, words)
+
+
+def reduce_lanes_together(builder, vectors):
+    """Each <16 x float> of `vectors` summed as a fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1),
+    all at once: two vectors whose lanes belong to owners a and b (L lanes each)
+    become one whose first half holds a's L/2 partial sums and the second b's, one
+    shuffle pair and one addition for both; a last vector with several lanes per
+    owner halves itself. 16 vectors cost 15 additions instead of 60. Returns
+    <n x float>, lane i = vectors[i]'s sum (n a power of two, at most 16): the same
+    order for any n, so the same bits (`reference.tree_sum_lanes`)."""
+    level, lanes = list(vectors), 16
+    while lanes > 1:
+        half = lanes // 2
+        width = level[0].type.count
+        owners = width // lanes
+        lo = [o * lanes + j for o in range(owners) for j in range(half)]
+        hi = [o * lanes + half + j for o in range(owners) for j in range(half)]
+        if len(level) > 1:   # two vectors into one of the same width
+            pairs = [(a, b, lo + [width + i for i in lo], hi + [width + i for i in hi])
+                     for a, b in zip(level[::2], level[1::2])]
+        else:                # one vector into one of half its width
+            pairs = [(level[0], level[0], lo, hi)]
+        level = [builder.fadd(builder.shuffle_vector(a, b, ir.Constant(_vec(I32, len(i)), i)),
+                              builder.shuffle_vector(a, b, ir.Constant(_vec(I32, len(j)), j)))
+                 for a, b, i, j in pairs]
+        lanes = half
+    return level[0]
+
+
+def lane_block_kernel(name, x_dtype, n_rows, n_tok, load_x, multiply_add):
+    """The intrinsic `name(w, x, r0, t0, out)` of a bf16 kernel whose 16 lanes run along
+    the inputs (`bf16dot.py`, `bf16pairs.py`):
+
+        out[t0+t, r0+r] = w[r0+r] . x[t0+t]      for r < n_rows, t < n_tok
+
+        w    uint16 (out, in)      bf16 weight bits, the checkpoint's rows
+        x    x_dtype (T_p, in_p)   the activations as the kernel wants them, in_p = in
+                                   rounded up to 32, zeros beyond in
+        out  float32 (T_p, out)
+
+    One <16 x float> accumulator per (row, token), over every 32 inputs k:
+    `load_x(builder, x_data, at, const)` loads a token's activations k .. k+31 (`at`
+    indexes x[t, k]) and `multiply_add(builder, acc, words, xk)` adds a row's 32 weights
+    (`words`, <16 x i32>) times them. The accumulators' lanes are then summed by
+    `reduce_lanes_together` (n_rows * n_tok a power of two, at most 16), and each
+    token's rows stored side by side."""
+
+    @intrinsic
+    def lane_block(typingctx, w, x, r0, t0, out):
+        check_arrays(name, [(w, types.uint16, 2), (x, x_dtype, 2), (out, types.float32, 2)])
+        sig = types.void(w, x, r0, t0, out)
+
+        def codegen(context, builder, signature, args):
+            w_a, x_a, _, _, out_a = array_args(context, builder, signature, args)
+            as_intp, const, dim = index_helpers(context, builder)
+            r0, t0 = as_intp(args[2]), as_intp(args[3])
+            n_in, x_stride, out_stride = dim(w_a, 1), dim(x_a, 1), dim(out_a, 1)
+            acc = zeroed_slots(builder, _vec(F32, 16), n_tok * n_rows)   # token-major: acc[t * n_rows + r]
+            w_row = [builder.mul(builder.add(r0, const(r)), n_in) for r in range(n_rows)]
+            x_row = [builder.mul(builder.add(t0, const(t)), x_stride) for t in range(n_tok)]
+
+            def step(k, words):
+                for t in range(n_tok):
+                    xk = load_x(builder, x_a.data, builder.add(x_row[t], k), const)
+                    for r in range(n_rows):
+                        slot = acc[t * n_rows + r]
+                        builder.store(multiply_add(builder, builder.load(slot), words[r], xk), slot)
+
+            for_each_32_words(builder, const, w_a.data, w_row, n_in, step)
+            sums = reduce_lanes_together(builder, [builder.load(slot) for slot in acc])
+            for t in range(n_tok):
+                at = builder.gep(out_a.data, [builder.add(builder.mul(builder.add(t0, const(t)), out_stride), r0)])
+                if n_rows == 1:
+                    builder.store(builder.extract_element(sums, ir.Constant(I32, t)), at)
+                else:
+                    row = builder.shuffle_vector(sums, sums, ir.Constant(_vec(I32, n_rows), list(range(t * n_rows, (t + 1) * n_rows))))
+                    builder.store(row, builder.bitcast(at, _vec(F32, n_rows).as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return lane_block
 
 
 # ---------------------------------------------------------------- vector pieces

@@ -28,7 +28,8 @@ from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
 from .lora import packed_adapter
 from .multimodal.checkpoint import load_adapters, split_checkpoint
-from .quantize import QuantConfig, pack_weights, packable, read_packed_weights
+from .quantize import (QuantConfig, check_encoder_activations, pack_weights, packable, read_packed_weights,
+                       with_encoder_activations)
 from .runtime import Model
 from .streaming import release, widen
 from .tokenizer import load_tokenizer
@@ -46,6 +47,7 @@ def load(
     symmetric: bool | None = None,
     output_bits: int | None = None,
     kv_cache: str | None = None,
+    encoder_activations: str | None = None,
 ) -> Model:
     """Load a Phi-3 or PhiMoE checkpoint (local folder, Hugging Face repo id or GGUF
     file; by default the small Shakespeare model shipped inside the package).
@@ -59,6 +61,10 @@ def load(
     checkpoint is already quantized, or that ask for nothing (no int4), are refused
     rather than ignored. kv_cache: the KV cache's dtype ("float32", "float16",
     "int8"); by default float32 for float32 weights, float16 for packed ones.
+    encoder_activations: "bf16" rounds the activations of Phi-3-vision's and
+    Phi-4-multimodal's encoders to bf16 before each matrix product, as transformers
+    does in bf16 (their matrices must be bf16: quant="bf16" or "int4"); by default
+    "float32", the activations as they are.
 
     A GGUF file, or an AWQ/GPTQ/MLX folder, keeps its own codes and scales: each
     matrix becomes a packed weight holding exactly the format's weights, multiplied
@@ -74,6 +80,7 @@ def load(
     quant = None if exact else quant
     if model is not None and Path(model).expanduser().is_file():
         check_quant_request(Path(model), None, quant, group_size, symmetric, output_bits)
+        check_encoder_activations(encoder_activations, None, quant, Path(model))  # a GGUF file: no encoders
         return load_gguf(Path(model).expanduser(), quant, group_size, symmetric, exact, output_bits, kv_cache)
     model_dir = resolve_model_dir(bundled_model() if model is None else model, revision)
     config = load_config(model_dir)
@@ -84,6 +91,7 @@ def load(
     foreign = hub_quantization(read_json(Path(model_dir) / "config.json"), str(Path(model_dir) / "config.json"))
     stored = stored_quantization(model_dir) if foreign is None else None
     check_quant_request(model_dir, stored, quant, group_size, symmetric, output_bits)
+    check_encoder_activations(encoder_activations, config, stored or quant, model_dir)
     # Everything that can be wrong with the input is found before the slow part.
     tokenizer = load_tokenizer(model_dir)
     generation_config = load_generation_config(model_dir, config)
@@ -108,6 +116,8 @@ def load(
             weights = {name: widened(name, tensors[name]) for name in expected_shapes(config)}
         else:
             weights = pack_weights(tensors, config, used, model_dir)
+    if encoder_activations is not None:
+        weights = with_encoder_activations(weights, encoder_activations)
     adapters = load_adapters(model_dir, config, lora_tensors, weights) if config.phi4mm is not None else None
     if adapters and used is not None:  # packed weights: the adapters in bf16 too
         adapters = {name: packed_adapter(adapter) for name, adapter in adapters.items()}

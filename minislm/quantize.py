@@ -29,7 +29,7 @@ import numpy as np
 from .config import read_json
 from .errors import MinislmError
 from .streaming import Scratch, release, to_bf16_bits, widen
-from .multimodal.config import EXTEND, encoder_matrix
+from .multimodal.config import EXTEND, encoder_matrix, pointwise_kernel
 from .vision.config import IMAGE_EMBED
 from .weights import SAFETENSORS_TAGS, StoredTensor, expected_shapes, write_safetensors
 
@@ -127,6 +127,50 @@ def module_name(name: str) -> str:
 def stays_bf16(name: str, quant: QuantConfig) -> bool:
     """bf16 weights, and the encoders' matrices (pictures, sound) under every format."""
     return quant.format == "bf16" or name.startswith((IMAGE_EMBED, EXTEND))
+
+
+ENCODER_ACTIVATIONS = ("float32", "bf16")
+
+
+def check_encoder_activations(activations: str | None, config, packing, where) -> None:
+    """Refuse --encoder-activations bf16, before the weights load, where it would change
+    nothing: a model without encoders (`config` None: a GGUF file), or encoders kept in
+    float32 (`packing` None: no --quant and not a quantized folder)."""
+    if activations not in (None, *ENCODER_ACTIVATIONS):
+        raise MinislmError(f"--encoder-activations {activations}: choose one of {', '.join(ENCODER_ACTIVATIONS)}")
+    if activations != "bf16":
+        return
+    if config is None or (config.vision is None and config.phi4mm is None):
+        raise MinislmError(f"--encoder-activations bf16: {where} has no image or speech encoder")
+    if packing is None:
+        raise MinislmError(f"--encoder-activations bf16: the encoders of {where} load as float32; "
+                           "add --quant bf16 or --quant int4 (both keep the encoders in bf16)")
+
+
+def with_encoder_activations(weights: dict, activations: str) -> dict:
+    """`weights` with every bf16 matrix of the image and speech encoders and their
+    projectors multiplying `activations`: "bf16" rounds them to bf16 before each
+    product, as transformers computes these encoders in bf16 (`Bf16Weight.matmul_rounded`:
+    `vdpbf16ps` where the CPU has it, about twice the products per second); "float32"
+    (the default) multiplies them as they are, the path the fixtures verify. The
+    words are shared, not copied.
+
+    With "bf16" the Conformer's 1x1 convolutions, matrix products over the channels
+    whose kernels (out, in, 1[, 1]) stay float32 arrays when the encoders are packed,
+    become bf16 (out, in) matrices too, as transformers multiplies them in bf16: their
+    values are a bf16 checkpoint's, so the rounding is exact there."""
+    from .kernels import Bf16Weight
+
+    def rounded(name, w):
+        if not name.startswith((IMAGE_EMBED, EXTEND)):
+            return w
+        if isinstance(w, Bf16Weight):
+            return w.with_activations(activations)
+        if activations == "bf16" and pointwise_kernel(name, np.shape(w)):
+            return Bf16Weight(np.asarray(w, np.float32).reshape(len(w), -1), name=name, activations=activations)
+        return w
+
+    return {name: rounded(name, w) for name, w in weights.items()}
 
 
 def pack(name: str, tensor: StoredTensor, quant: QuantConfig, scratch: Scratch, is_output: bool = False):

@@ -258,6 +258,20 @@ def test_save_experts_into_a_missing_folder(tmp_path):
     assert_clean_error(result, "--save-experts", "does not exist")
 
 
+# ---------------------------------------------------------------- --encoder-activations
+
+
+def test_encoder_activations_need_a_model_with_encoders():
+    result = minislm("generate", "--model", str(FIXTURES / "gqa"), "--quant", "bf16", "--encoder-activations", "bf16",
+                     "-n", "1", PROMPT)
+    assert_clean_error(result, "--encoder-activations bf16", "has no image or speech encoder")
+
+
+def test_encoder_activations_need_bf16_encoders(phi3_v_dir):
+    result = minislm("generate", "--model", str(phi3_v_dir), "--encoder-activations", "bf16", "-n", "1", PROMPT)
+    assert_clean_error(result, "--encoder-activations bf16", "add --quant bf16 or --quant int4")
+
+
 # ---------------------------------------------------------------- quantize
 
 

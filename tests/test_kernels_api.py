@@ -61,6 +61,7 @@ def test_kernel_paths_name_the_cpu_and_what_runs_on_it():
     assert paths["int4/int8 prefill"] in ("amx", "vnni", "portable")
     assert paths["bf16 decode"] in ("avx512", "portable")
     assert paths["bf16 prefill"] in ("amx", "avx512", "portable")
+    assert paths["bf16 x bf16 prefill"] in ("amx", "avx512bf16", "avx512", "portable")
 
 
 def test_set_threads_changes_the_count_and_rejects_nonsense():

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minislm.kernels import Bf16Weight, amx, bf16, bf16dot, cpu
+from minislm.kernels import Bf16Weight, amx, bf16, bf16dot, bf16pairs, cpu
 from minislm.kernels import reference as ref
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -14,6 +14,7 @@ ALL_BF16 = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
 FINITE_BF16 = ALL_BF16[(ALL_BF16 & 0x7F80) != 0x7F80]
 AWKWARD = st.sampled_from([1, 3, 17, 33, 129, 200]) | st.integers(1, 300)
 needs_avx512 = pytest.mark.skipif(not cpu.has_avx512(), reason="no AVX-512 on this CPU")
+needs_avx512_bf16 = pytest.mark.skipif(not cpu.has_avx512_bf16(), reason="no AVX512-BF16 on this CPU")
 
 
 def test_widening_in_the_kernel_is_exact_for_every_bf16_value():
@@ -204,8 +205,6 @@ def test_amx_prefill_matches_the_split_reference(w_bits, n_tok, seed):
     assert (np.abs(y - want) <= amx_bound(w_bits, x)).all()
 
 
-# ---------------------------------------------------------------- vdpbf16ps (AVX512-BF16), where the CPU has it
-
 @needs_amx
 def test_amx_prefill_is_within_the_split_error_of_float32():
     """hi + lo keeps 16 of the activations' 24 bits: the product moves by at most
@@ -263,14 +262,155 @@ def test_avx512_reads_nothing_past_a_row(n_tok):
     assert (np.abs(y - ref.matmul_bf16(x, w_bits)) <= lanes_dot_bound(w_bits, x)).all()
 
 
-@needs_avx512
-def test_a_nan_activation_makes_its_token_nan_and_leaves_the_others():
+@pytest.mark.parametrize("activations, path", [pytest.param("float32", "avx512", marks=needs_avx512),
+                                               pytest.param("bf16", "avx512bf16", marks=needs_avx512_bf16),
+                                               ("bf16", "portable")])
+def test_a_nan_activation_makes_its_token_nan_and_leaves_the_others(activations, path):
+    """Also when rounded to bf16: a NaN stays a NaN (reference.bf16_activations)."""
     rng = np.random.default_rng(3)
     w_bits = ref.f32_to_bf16(rng.standard_normal((12, 64)).astype(np.float32))
     x = rng.standard_normal((5, 64)).astype(np.float32)
     x[2, 17] = np.nan
-    y = Bf16Weight(w_bits).matmul(x, path="avx512")
+    y = Bf16Weight(w_bits, activations=activations).matmul(x, path=path)
     assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, axis=0)).all()
+
+
+# ---------------------------------------------------------------- activations rounded to bf16 (vdpbf16ps where the CPU has it)
+
+
+def flush_bound(w_bits, xr):
+    """What vdpbf16ps may drop beyond float32 rounding: every operand below 2**-126
+    is read as zero (losing |d| |other| < 2**-126 |other|), and each of a lane's
+    2 ceil(in / 32) results below 2**-126 is flushed (in_p of them per output)."""
+    w = np.abs(ref.bf16_to_f32(w_bits).astype(np.float64))
+    ax = np.abs(xr.astype(np.float64))
+    n_p = 32 * -(-w_bits.shape[1] // 32)
+    return 2.0 ** -126 * (ax.sum(axis=1, keepdims=True) + w.sum(axis=1)[None, :] + n_p)
+
+
+# path -> how far its float32 sums of the exact bf16 x bf16 products may stray
+ROUNDED_BOUND = {"portable": f32_dot_bound, "avx512": lanes_dot_bound,
+                 "avx512bf16": lambda w, xr: lanes_dot_bound(w, xr) + flush_bound(w, xr)}
+SCALES = st.sampled_from([1.0, 1e-3, 1e-20, 1e-36, 1e-39, 1e20])   # 1e-36 and below: products under 2**-126
+
+
+@pytest.mark.parametrize("path", ["portable", pytest.param("avx512", marks=needs_avx512),
+                                  pytest.param("avx512bf16", marks=needs_avx512_bf16)])
+@PROPERTY
+@given(w_bits=bf16_weights(max_rows=40, max_cols=300), n_tok=st.integers(1, 13), scale=SCALES,
+       seed=st.integers(0, 2**32 - 1))
+def test_bf16_activations_on_every_path_are_exact_products_of_the_rounded_numbers(path, w_bits, n_tok, scale, seed):
+    """Every path multiplies the same bf16 numbers: the activations rounded to bf16
+    (reference.bf16_activations), times the weights, the products exact; the paths
+    differ only in the order of their float32 sums and in what vdpbf16ps flushes."""
+    x = (np.random.default_rng(seed).standard_normal((n_tok, w_bits.shape[1])) * scale).astype(np.float32)
+    y = Bf16Weight(w_bits, activations="bf16").matmul(x, path=path)
+    assert y.shape == (n_tok, w_bits.shape[0]) and y.dtype == np.float32
+    xr = ref.bf16_to_f32(ref.bf16_activations(x))
+    assert (np.abs(y - ref.matmul_bf16(xr, w_bits)) <= ROUNDED_BOUND[path](w_bits, xr)).all()
+
+
+@needs_avx512_bf16
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(w_bits=bf16_weights(max_rows=24, max_cols=200), n_tok=st.integers(1, 9), scale=SCALES,
+       seed=st.integers(0, 2**32 - 1))
+def test_vdpbf16ps_kernel_equals_its_twin_bit_for_bit(w_bits, n_tok, scale, seed):
+    """reference.dpbf16ps follows Intel's pseudo-code (per lane the odd product is
+    added first, each addition rounded, denormals flushed): the kernel, run on this
+    CPU, gives exactly its bits. A twin adding the even product first, or both at
+    once, differed in most random vectors on Zen 4."""
+    x = (np.random.default_rng(seed).standard_normal((n_tok, w_bits.shape[1])) * scale).astype(np.float32)
+    y = bf16pairs.matmul(w_bits, x)
+    assert np.array_equal(y.view(np.uint32), ref.matmul_bf16_pairs(x, w_bits).view(np.uint32))
+
+
+@needs_avx512_bf16
+def test_vdpbf16ps_flushes_denormal_operands_and_results():
+    """A product below 2**-126 becomes zero, and so does a denormal weight or
+    activation; the exact-products paths keep them. A sum of such products comes out
+    0 on vdpbf16ps and tiny but non-zero elsewhere, both within the tested bound."""
+    tiny = ref.f32_to_bf16(np.array([2.0 ** -70], np.float32))        # tiny * tiny = 2**-140
+    denormal = np.array([0x0001], np.uint16)                          # the smallest bf16 denormal
+    w_bits = np.concatenate([np.repeat(tiny, 32), np.repeat(denormal, 32)])[None, :]
+    x = np.concatenate([np.full(32, 2.0 ** -70), np.ones(32)]).astype(np.float32)[None, :]
+    y = Bf16Weight(w_bits, activations="bf16").matmul(x, path="avx512bf16")
+    assert y[0, 0] == 0 and ref.matmul_bf16_pairs(x, w_bits)[0, 0] == 0
+    assert Bf16Weight(w_bits, activations="bf16").matmul(x, path="portable")[0, 0] > 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(finite_f32 | edge_f32 | st.sampled_from([np.inf, -np.inf, np.nan]))
+def test_activations_round_to_nearest_even_and_nan_stays_nan(v):
+    x = np.array([[v, -v]], np.float32)
+    words = np.empty((4, 32), np.uint16)   # padded: tokens to 4, inputs to 32, zeros there
+    bf16pairs.bf16_activations(x, words)
+    want = ref.bf16_activations(x)
+    assert np.array_equal(words[:1, :2], want) and not words[1:].any() and not words[0, 2:].any()
+    if np.isnan(v):
+        assert (want == ref.BF16_QUIET_NAN).all()
+    elif abs(v) <= 3.3e38:   # below the rounding to inf: the nearest-even oracle above
+        assert want[0, 0] == nearest_even_bf16(v)
+
+
+def test_activations_round_as_torch_rounds_them():
+    """The rounding torch applies in `x.to(torch.bfloat16)`, which transformers' bf16
+    modules see, is the one the activations get here, NaN and inf included."""
+    from conftest import import_reference
+
+    torch, _ = import_reference()
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(20000) * 10.0 ** rng.integers(-40, 38, 20000)).astype(np.float32)
+    x[:4] = [np.nan, np.inf, -np.inf, 3.4e38]
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    ours = ref.bf16_activations(x)
+    assert np.array_equal(np.isnan(ref.bf16_to_f32(ours)), np.isnan(x))
+    same = ~np.isnan(x)
+    assert np.array_equal(ours[same], theirs[same])
+
+
+@needs_avx512_bf16
+@PROPERTY
+@given(bf16_weights(max_rows=40, max_cols=300), st.integers(2, 13), st.integers(0, 2**32 - 1))
+def test_vdpbf16ps_gives_a_token_the_same_bits_alone_or_among_many(w_bits, n_tok, seed):
+    x = np.random.default_rng(seed).standard_normal((n_tok, w_bits.shape[1])).astype(np.float32)
+    many = bf16pairs.matmul(w_bits, x)
+    alone = np.concatenate([bf16pairs.matmul(w_bits, x[t: t + 1]) for t in range(n_tok)])
+    assert np.array_equal(many.view(np.uint32), alone.view(np.uint32))
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("n_rows", [3, 6, 41])
+def test_vdpbf16ps_reads_nothing_past_a_row(n_rows):
+    """Inputs not a multiple of 32: the last words of a row are copied, so the NaN
+    words after the last row never meet a zero activation. 3 and 41 rows: rows
+    left over from the blocks of 4, multiplied one at a time."""
+    rng = np.random.default_rng(2)
+    k = 45
+    memory = np.full(n_rows * k + 64, 0x7FC0, np.uint16)   # NaN everywhere
+    w_bits = memory[: n_rows * k].reshape(n_rows, k)
+    w_bits[:] = ref.f32_to_bf16(rng.standard_normal((n_rows, k)).astype(np.float32))
+    x = rng.standard_normal((6, k)).astype(np.float32)
+    assert np.array_equal(bf16pairs.matmul(w_bits, x), ref.matmul_bf16_pairs(x, w_bits))
+
+
+def test_activations_are_a_view_of_the_same_words_and_checked():
+    w = Bf16Weight(np.ones((4, 8), np.float32))
+    rounded = w.with_activations("bf16")
+    assert rounded.bits is w.bits and rounded.activations == "bf16" and w.activations == "float32"
+    assert "bf16 activations" in repr(rounded)
+    with pytest.raises(ValueError, match="activations must be one of float32, bf16"):
+        w.with_activations("int8")
+    with pytest.raises(ValueError, match="lm_head: activations must be"):
+        Bf16Weight(np.ones((4, 8), np.float32), name="lm_head", activations="fp8")
+    with pytest.raises(ValueError, match="multiplies bf16 activations"):
+        w.matmul(np.ones((2, 8), np.float32), path="avx512bf16")
+
+
+def test_vdpbf16ps_is_refused_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr(cpu, "has_avx512_bf16", lambda: False)
+    w = Bf16Weight(np.ones((4, 8), np.float32), activations="bf16")
+    with pytest.raises(ValueError, match="no AVX512-BF16"):
+        w.matmul(np.ones((2, 8), np.float32), path="avx512bf16")
 
 
 def test_the_default_paths_are_the_ones_the_cpu_offers():
@@ -278,3 +418,5 @@ def test_the_default_paths_are_the_ones_the_cpu_offers():
     expect = "avx512" if cpu.has_avx512() and cpu.allowed("vnni") else "portable"
     assert paths["bf16 decode"] == expect
     assert paths["bf16 prefill"] == ("amx" if cpu.has_amx_bf16() and cpu.allowed("amx") else expect)
+    rounded = "avx512bf16" if cpu.has_avx512_bf16() and cpu.allowed("vnni") else expect
+    assert paths["bf16 x bf16 prefill"] == ("amx" if paths["bf16 prefill"] == "amx" else rounded)

@@ -46,6 +46,13 @@ ATOL_GLOBAL_VIEW = 1e-6
 # (PyTorch's own log and matmul round differently): values near 20 have ulps of 1.9e-6.
 # Logits (values up to 4.5): measured worst 4.5e-5.
 RTOL_FEATURES = 2.5e-7
+# encoder_activations="bf16" (bf16 weights, the 1x1 convolutions' included, every encoder
+# and projector product taking its input rounded to bf16, as transformers in bf16 does)
+# against this float32 reference. Measured worst over the three media cases: SigLIP
+# 1.0e-2, Conformer 1.4e-2, logits 5.9e-2 (3.4e-2 in the "both" case tested); the bars
+# are 2-3x those.
+ATOL_BF16_ACTIVATIONS_STATES = 0.03
+ATOL_BF16_ACTIVATIONS_LOGITS = 0.1
 
 PLACEHOLDER_IDS = {"image": 1001, "audio": 1002}  # <|endoftext10|>, <|endoftext11|> in the fixture's tokenizer
 
@@ -188,6 +195,30 @@ def test_greedy_through_the_cache(model, prompts, case):
     tokens = list(generate_tokens(adapted, adapted.check_ids(prompt.ids, prompt.features), 20, Sampler(SamplingSettings()),
                                   set(), image_features=prompt.features))
     assert tokens == REFERENCE[f"{case}.greedy"].tolist()
+
+
+def test_bf16_encoder_activations_stay_within_bf16s_rounding(phi4mm_dir):
+    """--quant bf16 --encoder-activations bf16: both encoders and their projectors round
+    their activations to bf16 before each product (the decoder and the adapters do not);
+    states and logits move by bf16's rounding, past float32's agreement, within the bars."""
+    model = minislm.load(phi4mm_dir, quant="bf16", kv_cache="float32", encoder_activations="bf16")
+    rounded = {name: w.activations for name, w in model.weights.items() if hasattr(w, "activations")}
+    assert {a for n, a in rounded.items() if n.startswith("model.embed_tokens_extend.")} == {"bf16"}
+    assert {a for n, a in rounded.items() if not n.startswith("model.embed_tokens_extend.")} == {"float32"}
+    conformer = "model.embed_tokens_extend.audio_embed.encoder."
+    glu, subsampling = model.weights[conformer + "encoders.0.conv.glu.ext_pw_conv_1d.weight"], model.weights[conformer + "embed.conv.3.weight"]
+    assert glu.shape[0] == 2 * glu.shape[1] and glu.activations == subsampling.activations == "bf16"  # 1x1 convolutions
+    assert isinstance(model.weights[conformer + "encoders.0.conv.dw_sep_conv_1d.dw_conv.weight"], np.ndarray)  # depthwise
+    spec = CASES["both"]
+    trace = Recorder(names=("image_patches", "audio_states"))
+    prompt = model.multimodal_prompt(spec["text"], images=[phi4mm_dir / i for i in spec["images"]],
+                                     audios=[phi4mm_dir / a for a in spec["audios"]], trace=trace)
+    steps = {s.name: s.value for s in trace.steps}
+    tower = np.abs(steps["image_patches"][:, PATCHES] - REFERENCE["both.image1.tower"]).max()
+    states = np.abs(steps["audio_states"] - REFERENCE["both.audio1.states"]).max()
+    assert ATOL_STATES < tower <= ATOL_BF16_ACTIVATIONS_STATES and ATOL_STATES < states <= ATOL_BF16_ACTIVATIONS_STATES
+    logits = model.with_adapter(prompt.adapter).logits(prompt.ids, image_features=prompt.features)
+    assert np.abs(logits[REFERENCE["both.logit_rows"]] - REFERENCE["both.logits"]).max() <= ATOL_BF16_ACTIVATIONS_LOGITS
 
 
 def test_long_recording_is_encoded_in_chunks_of_500(model, phi4mm_dir):

@@ -1,13 +1,15 @@
 """Phi-4-multimodal speed on its real shapes (random weights), against transformers.
 
     python tools/bench_phi4mm.py encode [--threads 2] [--repeats 2] [--vision-blocks 27] [--audio-blocks 24]
-                                        [--precision float32] [--encoder speech]
+                                        [--precision float32] [--encoder speech] [--bf16-activations]
     python tools/bench_phi4mm.py decode [--threads 2] [--layers 32] [--tokens 16]
 
 encode: the image and speech encoders as Phi-4-multimodal runs them, minislm against
 transformers' own modules with the same weights and inputs, at the same precision
 (float32 on both sides; bf16 weights on both sides, where minislm keeps float32
-activations and torch computes in bf16):
+activations and torch computes in bf16; with --bf16-activations also "bf16 x bf16":
+minislm's bf16 weights times activations rounded to bf16, `encoder_activations="bf16"`,
+the arithmetic of torch's bf16 linear layers, timed against the same transformers run):
   image   a 500x300 picture = 3 views of 448x448 (global + 1x2 crops, the second
           padded): SigLIP-so400m (1152 wide, 4304 MLP, 16 heads) as
           Phi4MultimodalImageEmbedding.get_img_features calls it (transformers runs all
@@ -87,6 +89,10 @@ def packed(weights: dict) -> dict:
     return {n: Bf16Weight(w) if encoder_matrix(n, w.shape) else w for n, w in weights.items()}
 
 
+BF16_X_BF16 = "bf16 x bf16"   # minislm's bf16 weights times bf16 activations
+TORCH_PRECISION = {BF16_X_BF16: "bf16"}   # what transformers runs for each row
+
+
 AUDIO_RENAMES = (("feed_forward_in.gate_up_proj", "feed_forward_in.net.0.linear"),
                  ("feed_forward_in.down_proj", "feed_forward_in.net.2"),
                  ("feed_forward_out.gate_up_proj", "feed_forward_out.net.0.linear"),
@@ -106,6 +112,7 @@ def run_encode(args) -> None:
     from minislm.multimodal.image import process_image
     from minislm.multimodal.image_embedding import average_pool_2x2
     from minislm.multimodal.siglip import siglip_tower
+    from minislm.quantize import with_encoder_activations
 
     set_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -121,6 +128,11 @@ def run_encode(args) -> None:
     bf16_values(encoder)
     ours = {"float32": {**minislm_weights(tower, TOWER), **minislm_weights(encoder, CONFORMER, AUDIO_RENAMES)}}
     ours["bf16"] = packed(ours["float32"])
+    precisions = ["float32", "bf16"] if args.precision == "both" else [args.precision]
+    if args.bf16_activations:  # its ratio is to transformers' bf16 row, which then runs too
+        precisions += [p for p in ("bf16",) if p not in precisions]
+        ours[BF16_X_BF16] = with_encoder_activations(ours["bf16"], "bf16")
+        precisions.append(BF16_X_BF16)
     theirs = {"float32": (tower, encoder),
               "bf16": (Phi4MultimodalVisionModel(tower.config).eval(), Phi4MultimodalAudioModel(encoder.config).eval())}
     theirs["bf16"][0].load_state_dict(tower.state_dict())
@@ -135,7 +147,7 @@ def run_encode(args) -> None:
         return average_pool_2x2(siglip_tower(vision, ours[precision], image.pixel_values, image.patch_mask))
 
     def transformers_image(precision):
-        model = theirs[precision][0]
+        model = theirs[TORCH_PRECISION.get(precision, precision)][0]
         dtype = torch.float32 if precision == "float32" else torch.bfloat16
         with torch.no_grad():  # what Phi4MultimodalImageEmbedding.get_img_features runs
             out = model(torch.from_numpy(image.pixel_values).to(dtype),
@@ -151,9 +163,8 @@ def run_encode(args) -> None:
     def transformers_speech(precision):
         dtype = torch.float32 if precision == "float32" else torch.bfloat16
         with torch.no_grad():
-            return theirs[precision][1](torch.from_numpy(speech)[None].to(dtype), None)[0].float().numpy()
+            return theirs[TORCH_PRECISION.get(precision, precision)][1](torch.from_numpy(speech)[None].to(dtype), None)[0].float().numpy()
 
-    precisions = ("float32", "bf16") if args.precision == "both" else (args.precision,)
     inputs = [(what, engines) for what, engines in (
         ("image, 3 views", (("minislm", minislm_image), ("transformers", transformers_image))),
         ("speech, 10 s", (("minislm", minislm_speech), ("transformers", transformers_speech))))
@@ -169,17 +180,19 @@ def run_encode(args) -> None:
         for what, engines in inputs:
             for precision in precisions:
                 for engine, run in engines:
+                    if precision == BF16_X_BF16 and engine == "transformers":
+                        continue  # the same run as "bf16"
                     start = time.perf_counter()
                     run(precision)
                     seconds = time.perf_counter() - start
                     results.setdefault((what, precision, engine), []).append(seconds)
-                    print(f"{what:15s} {precision:8s} {engine:13s} {seconds:7.2f} s", flush=True)
+                    print(f"{what:15s} {precision:11s} {engine:13s} {seconds:7.2f} s", flush=True)
     print(f"\nbest of runs, seconds (threads {args.threads}; vision blocks {args.vision_blocks}, audio blocks "
           f"{args.audio_blocks}; machine shared, runs interleaved)")
     for (what, precision, engine), times in results.items():
-        other = results[(what, precision, "transformers")]
+        other = results[(what, TORCH_PRECISION.get(precision, precision), "transformers")]
         ratio = f"  {min(times) / min(other):.2f}x transformers" if engine == "minislm" else ""
-        print(f"{what:15s} {precision:8s} {engine:13s} best {min(times):7.2f}  median {statistics.median(times):7.2f}"
+        print(f"{what:15s} {precision:11s} {engine:13s} best {min(times):7.2f}  median {statistics.median(times):7.2f}"
               f"{ratio}  runs " + " ".join(f"{t:.2f}" for t in times))
     if args.json:
         Path(args.json).write_text(json.dumps({" | ".join(k): v for k, v in results.items()}, indent=1) + "\n")
@@ -239,6 +252,8 @@ def main() -> None:
     enc.add_argument("--audio-blocks", type=int, default=24)
     enc.add_argument("--precision", choices=["both", "float32", "bf16"], default="both", help="which rows to time")
     enc.add_argument("--encoder", choices=["both", "image", "speech"], default="both", help="which encoder to time")
+    enc.add_argument("--bf16-activations", action="store_true",
+                     help="also time minislm's bf16 encoders with activations rounded to bf16 (row 'bf16 x bf16')")
     enc.add_argument("--json", help="write every timing here")
     dec = sub.add_parser("decode")
     dec.add_argument("--folder", default="/tmp/phi4mm-random")

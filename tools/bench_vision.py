@@ -1,13 +1,15 @@
 """Image encoding and decode speed on Phi-3-vision's shapes (random weights).
 
-    python tools/bench_vision.py encode [--repeats 3] [--threads 2] [--precision float32]
+    python tools/bench_vision.py encode [--repeats 3] [--threads 2] [--precision float32] [--bf16-activations]
     python tools/bench_vision.py decode [--folder /tmp/phi3v-random] [--tokens 16]
 
 encode: CLIP ViT-L/14-336 on the views of one image (num_crops 1: global + 1 crop;
 num_crops 16: global + 16 crops), minislm's tower (`minislm.vision.tower`) against
 transformers' native `CLIPVisionModel` on the same pixels, at the same precision
 (float32 weights and activations on both sides; bf16 weights on both sides, where
-minislm keeps float32 activations and torch computes in bf16). Both run the same
+minislm keeps float32 activations and torch computes in bf16; with --bf16-activations
+also "bf16 x bf16": minislm's bf16 weights times activations rounded to bf16,
+`encoder_activations="bf16"`, timed against the same transformers bf16 runs). Both run the same
 work: the patch embedding and 23 blocks (Phi-3-vision reads the penultimate block's
 output; transformers is given 23 layers, whose last hidden state is that output).
 A third column times what Phi-3-vision's own remote code runs: all 24 blocks with
@@ -37,6 +39,8 @@ from minislm.vision.image import process_image  # noqa: E402
 from minislm.vision.tower import vision_tower  # noqa: E402
 
 TEXT_HIDDEN = 3072
+BF16_X_BF16 = "bf16 x bf16"   # minislm's bf16 weights times bf16 activations
+TORCH_PRECISION = {BF16_X_BF16: "bf16"}   # what transformers runs for each row
 
 
 def random_picture(width: int, height: int, seed: int = 0):
@@ -96,12 +100,18 @@ def run_encode(args) -> None:
     import torch
 
     from minislm.kernels import set_threads
+    from minislm.quantize import with_encoder_activations
 
     set_threads(args.threads)
     torch.set_num_threads(args.threads)
     config = VisionConfig()
     weights = bf16_round(tower_weights(config))  # bf16 values, so both precisions start from the same numbers
     ours = {"float32": weights, "bf16": packed(weights)}
+    precisions = ["float32", "bf16"] if args.precision == "both" else [args.precision]
+    if args.bf16_activations:  # its ratio is to transformers' bf16 row, which then runs too
+        precisions += [p for p in ("bf16",) if p not in precisions]
+        ours[BF16_X_BF16] = with_encoder_activations(ours["bf16"], "bf16")
+        precisions.append(BF16_X_BF16)
     reference = {
         ("float32", 23): transformers_clip(weights, 23, torch.float32),
         ("bf16", 23): transformers_clip(weights, 23, torch.bfloat16),
@@ -119,12 +129,11 @@ def run_encode(args) -> None:
     def transformers_run(precision, layers, pixels):
         dtype = torch.float32 if precision == "float32" else torch.bfloat16
         with torch.no_grad():
-            out = reference[(precision, layers)](torch.from_numpy(pixels).to(dtype), output_hidden_states=layers == 24)
+            out = reference[(TORCH_PRECISION.get(precision, precision), layers)](torch.from_numpy(pixels).to(dtype), output_hidden_states=layers == 24)
         return (out.hidden_states[-2] if layers == 24 else out.last_hidden_state)[:, 1:].float().numpy()
 
     # one untimed run each: Numba compiles, torch warms up; and the outputs agree
     small = images["1+1"]
-    precisions = ("float32", "bf16") if args.precision == "both" else (args.precision,)
     for precision in precisions:
         a, b = minislm_run(precision, small), transformers_run(precision, 23, small)
         print(f"check {precision}: max |minislm - transformers| = {np.abs(a - b).max():.2e} (values up to {np.abs(b).max():.1f})")
@@ -135,11 +144,10 @@ def run_encode(args) -> None:
         repeats = args.repeats if views == "1+1" else args.repeats_16
         for _ in range(repeats):
             for precision in precisions:
-                engines = [
-                    ("minislm", lambda: minislm_run(precision, pixels)),
-                    ("transformers CLIPVisionModel (23 blocks)", lambda: transformers_run(precision, 23, pixels)),
-                ]
-                if views == "1+1":  # 24 blocks cost 24/23 of 23: timed once, on the small image
+                engines = [("minislm", lambda: minislm_run(precision, pixels))]
+                if precision != BF16_X_BF16:   # transformers: the same runs as "bf16"
+                    engines.append(("transformers CLIPVisionModel (23 blocks)", lambda: transformers_run(precision, 23, pixels)))
+                if views == "1+1" and precision != BF16_X_BF16:  # 24 blocks cost 24/23 of 23: timed once, on the small image
                     engines.append(("transformers, 24 blocks + hidden_states (the remote code's way)",
                                     lambda: transformers_run(precision, 24, pixels)))
                 for engine, run in engines:
@@ -147,12 +155,12 @@ def run_encode(args) -> None:
                     run()
                     seconds = time.perf_counter() - start
                     results.setdefault((views, precision, engine), []).append(seconds)
-                    print(f"{views:5s} {precision:8s} {engine:66s} {seconds:7.2f} s", flush=True)
+                    print(f"{views:5s} {precision:11s} {engine:66s} {seconds:7.2f} s", flush=True)
 
     print(f"\nbest of runs, seconds (threads {args.threads}; machine shared, runs interleaved)")
-    print(f"{'views':6s} {'precision':9s} {'engine':66s} {'best':>7s} {'median':>7s}  runs")
+    print(f"{'views':6s} {'precision':11s} {'engine':66s} {'best':>7s} {'median':>7s}  runs")
     for (views, precision, engine), times in results.items():
-        print(f"{views:6s} {precision:9s} {engine:66s} {min(times):7.2f} {statistics.median(times):7.2f}  "
+        print(f"{views:6s} {precision:11s} {engine:66s} {min(times):7.2f} {statistics.median(times):7.2f}  "
               + " ".join(f"{t:.2f}" for t in times))
     if args.json:
         Path(args.json).write_text(json.dumps({" | ".join(k): v for k, v in results.items()}, indent=1) + "\n")
@@ -195,6 +203,8 @@ def main() -> None:
     enc.add_argument("--repeats-16", type=int, default=1, help="runs of each engine on the 16+1 view image")
     enc.add_argument("--threads", type=int, default=2)
     enc.add_argument("--precision", choices=["both", "float32", "bf16"], default="both", help="which rows to time")
+    enc.add_argument("--bf16-activations", action="store_true",
+                     help="also time minislm's bf16 tower with activations rounded to bf16 (row 'bf16 x bf16')")
     enc.add_argument("--json", help="write every timing here")
     dec = sub.add_parser("decode")
     dec.add_argument("--folder", default="/tmp/phi3v-random")

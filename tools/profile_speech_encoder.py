@@ -1,6 +1,7 @@
 """Where a speech encode spends its time: cProfile of minislm's Conformer on
-tools/bench_phi4mm.py's random weights (the real widths, --blocks of its 24), float32
-and bf16, on a 10 s recording.
+tools/bench_phi4mm.py's random weights (the real widths, --blocks of its 24), float32,
+bf16 and bf16 x bf16 (bf16 weights times activations rounded to bf16,
+`encoder_activations="bf16"`), on a 10 s recording.
 
     python tools/profile_speech_encoder.py --threads 2 --blocks 6
 
@@ -31,6 +32,7 @@ def main() -> None:
     from minislm.kernels import set_threads
     from minislm.multimodal.conformer import conformer_encoder
     from minislm.multimodal.features import log_mel
+    from minislm.quantize import with_encoder_activations
 
     set_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -41,6 +43,7 @@ def main() -> None:
     bench.bf16_values(reference)
     weights = {"float32": bench.minislm_weights(reference, bench.CONFORMER, bench.AUDIO_RENAMES)}
     weights["bf16"] = bench.packed(weights["float32"])
+    weights["bf16 x bf16"] = with_encoder_activations(weights["bf16"], "bf16")
     t = np.arange(160000) / 16000
     speech = log_mel((0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32))  # 10 s
 

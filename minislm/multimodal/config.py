@@ -308,6 +308,13 @@ def encoder_matrix(name: str, shape: tuple) -> bool:
     return len(shape) == 2 and name.endswith(".weight") and not name.endswith(ENCODER_TABLES)
 
 
+def pointwise_kernel(name: str, shape: tuple) -> bool:
+    """A 1x1 convolution's kernel in the Conformer, (out, in, 1) or (out, in, 1, 1): a
+    matrix over the channels in all but shape (not the depthwise (C, 1, k) ones)."""
+    return (name.startswith(CONFORMER) and name.endswith(".weight") and len(shape) > 2 and shape[1] > 1
+            and all(d == 1 for d in shape[2:]))
+
+
 
 def phi4mm_shapes(mm: Phi4MMConfig, text_hidden: int) -> dict[str, tuple[int, ...]]:
     """Every encoder tensor of the checkpoint (hub names), with its shape. All the

@@ -95,10 +95,17 @@ def on_row_bands(work, n_rows: int) -> None:
     on_python_threads(lambda b: work(*bands[b]), len(bands))
 
 
-def pointwise(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def channel_matrix(weight):
+    """A 1x1 convolution's kernel, (out, in, 1) or (out, in, 1, 1), as the (out, in)
+    matrix `linear` multiplies by; a packed one (bf16 x bf16, `--encoder-activations
+    bf16`) already is that matrix."""
+    return weight.reshape(len(weight), -1) if isinstance(weight, np.ndarray) else weight
+
+
+def pointwise(x: np.ndarray, weight, bias: np.ndarray) -> np.ndarray:
     """A 1x1 convolution: (H, W, Cin) -> (H, W, Cout), a matrix over the channels."""
     H, W, C = x.shape
-    return linear(x.reshape(H * W, C), weight.reshape(len(weight), C), bias).reshape(H, W, -1)
+    return linear(x.reshape(H * W, C), channel_matrix(weight), bias).reshape(H, W, -1)
 
 
 def subsample_block(config: ConformerConfig, w: dict, features: np.ndarray) -> np.ndarray:
@@ -188,7 +195,7 @@ def convolution(config: ConformerConfig, w: dict, name: str, x: np.ndarray) -> n
     L, D = x.shape
     K = config.kernel_size
     h = layer_norm(x, w[name + "layer_norm.weight"], w[name + "layer_norm.bias"], LN_EPS)
-    glu = linear(h, w[name + "glu.ext_pw_conv_1d.weight"].reshape(2 * D, D), w[name + "glu.ext_pw_conv_1d.bias"])
+    glu = linear(h, channel_matrix(w[name + "glu.ext_pw_conv_1d.weight"]), w[name + "glu.ext_pw_conv_1d.bias"])  # (L, 2D)
     h = (glu[:, :D] + w[name + "glu.b1"].reshape(D)) * swish(glu[:, D:] + w[name + "glu.b2"].reshape(D))  # (L, D)
     kernel = np.asarray(w[name + "dw_sep_conv_1d.dw_conv.weight"], dtype=np.float32).reshape(D, K)
     past = np.concatenate([np.zeros((K - 1, D), np.float32), h])  # (L + K - 1, D)
@@ -196,8 +203,8 @@ def convolution(config: ConformerConfig, w: dict, name: str, x: np.ndarray) -> n
     for tap in range(1, K):
         depthwise += past[tap : tap + L] * kernel[:, tap]
     depthwise += w[name + "dw_sep_conv_1d.dw_conv.bias"]
-    h = linear(depthwise, w[name + "dw_sep_conv_1d.pw_conv.weight"].reshape(D, D), w[name + "dw_sep_conv_1d.pw_conv.bias"])
-    return linear(swish(h), w[name + "ext_pw_conv_1d.weight"].reshape(D, D), w[name + "ext_pw_conv_1d.bias"])
+    h = linear(depthwise, channel_matrix(w[name + "dw_sep_conv_1d.pw_conv.weight"]), w[name + "dw_sep_conv_1d.pw_conv.bias"])
+    return linear(swish(h), channel_matrix(w[name + "ext_pw_conv_1d.weight"]), w[name + "ext_pw_conv_1d.bias"])
 
 
 def conformer_block(config: ConformerConfig, w: dict, i: int, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
