@@ -11,6 +11,9 @@
                             4-bit codes, a scale per group (llama.cpp Q4_0's rule)
     Int8Weight(w, group_size=32)
                             8-bit codes, a scale per group (Q8_0's rule)
+    KQuantWeight.from_superblocks(codes, d, sub_scales, dmin, sub_mins, bits)
+                            llama.cpp's Q4_K / Q5_K / Q6_K at the file's size: two
+                            levels of scales, 4-6-bit codes (kquant.py)
     set_threads(n), threading_layer(), kernel_paths()
 
 Every weight class has .matmul(x) -> (T, out), .rows(ids) -> (len, in),
@@ -32,9 +35,10 @@ and element [r, k] is then, in float32 and in this order,
 `scales[r, g] * (codes[r, k] - zero[r, g]) + offsets[r, g]` with g = k // group_size
 (`reference.dequantize`). group_size: a multiple of 8 (int4) or 4 (int8), <= 1024.
 Examples: Q4_0 codes q, d, 32, zero=8; Q8_0 codes q + 128, d, 32, zero=128;
-Q4_K codes q, d*sc, 32, zero=0, offsets=-(dmin*m); AWQ/GPTQ codes q, s, G,
-zero=z (per group); MLX codes q, scales, 64, zero=0, offsets=biases;
-Q6_K (Int8Weight) codes q, d*sc, 16, zero=32.
+AWQ/GPTQ codes q, s, G, zero=z (per group); MLX codes q, scales, 64, zero=0,
+offsets=biases. (K-quants fit too — Q4_K codes q, d*sc, 32, zero=0,
+offsets=-(dmin*m) — at 6 bits a weight; `KQuantWeight` keeps them at the file's
+4.5-6.6.)
 
 Where things are. The rule for twins: every kernel's plain-NumPy twin is in
 `reference.py`, one section per kernel file, under the kernel's own name where
@@ -94,7 +98,8 @@ else:
     from .bf16 import Bf16Weight
     from .cpu import kernel_paths
     from .fp32 import DecodeRows, Fp32Weight
+    from .kquant import KQuantWeight
     from .packed import Int4Weight, Int8Weight
 
-__all__ = ["Fp32Weight", "DecodeRows", "Bf16Weight", "Int4Weight", "Int8Weight",
+__all__ = ["Fp32Weight", "DecodeRows", "Bf16Weight", "Int4Weight", "Int8Weight", "KQuantWeight",
            "set_threads", "get_threads", "threading_layer", "kernel_paths"]

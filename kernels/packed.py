@@ -47,8 +47,8 @@ from .quantizer import quantize_symmetric
 from .scalars import widen
 from .simd import packed_block_kernel
 
-# Up to this many tokens, one GEMV per token beats the GEMM (which computes 4
-# tokens per pass whatever T is); from AMX_MIN_TOKENS on, AMX (16 tokens per
+# Up to this many tokens, one GEMV per token beats the GEMM (which reads each
+# weight block once for all T tokens); from AMX_MIN_TOKENS on, AMX (16 tokens per
 # tile) beats the VNNI GEMM. Measured on one thread (docs/kernels.md). Two
 # tokens go to the GEMM: two GEMVs read the weights twice, and in a batched
 # decode step of two sequences on Phi-3-mini that cost 440 ms against 381.
@@ -88,16 +88,21 @@ def gemv_int4_vnni(codes, scales, zeros, offsets, zero, x, out):
 
 @njit(parallel=True, cache=True)
 def gemm_int4_vnni(codes, scales, zeros, offsets, zero, x, out):
-    """out (T, out_p) = x_hat (T, in_p) @ W.T, T a multiple of 4: each thread
-    takes whole 16-row blocks (cache-resident) through all tokens, 4 at a time."""
+    """out (T, out_p) = x_hat (T, in_p) @ W.T: each thread takes whole 16-row blocks
+    (cache-resident) through all tokens, 4 at a time, then the last T % 4 one at a
+    time (a speculative verify of 5 tokens computes 5, not 8; the same bits either
+    way, so no padding is needed)."""
     check_shapes(codes, scales, x, out, 8)
     xq, xs, xg = activation_buffers(x.shape[0], x.shape[1], scales.shape[1])
     for t in prange(x.shape[0]):
         prepare_token(x[t], scales.shape[1], xq[t], xs[t], xg[t])
     words = xq.view(np.int32)
+    whole = x.shape[0] // GEMM_TOKENS * GEMM_TOKENS
     for b in prange(codes.shape[0]):
-        for t0 in range(0, x.shape[0], GEMM_TOKENS):
+        for t0 in range(0, whole, GEMM_TOKENS):
             _int4_gemm_vnni(codes, scales, zeros, offsets, zero, words, xs, xg, b, t0, out)
+        for t in range(whole, x.shape[0]):
+            _int4_gemv_vnni(codes, scales, zeros, offsets, zero, words, xs, xg, b, t, out)
 
 
 @njit(parallel=True, cache=True)
@@ -117,9 +122,12 @@ def gemm_int8_vnni(codes, scales, zeros, offsets, zero, x, out):
     for t in prange(x.shape[0]):
         prepare_token(x[t], scales.shape[1], xq[t], xs[t], xg[t])
     words = xq.view(np.int32)
+    whole = x.shape[0] // GEMM_TOKENS * GEMM_TOKENS
     for b in prange(codes.shape[0]):
-        for t0 in range(0, x.shape[0], GEMM_TOKENS):
+        for t0 in range(0, whole, GEMM_TOKENS):
             _int8_gemm_vnni(codes, scales, zeros, offsets, zero, words, xs, xg, b, t0, out)
+        for t in range(whole, x.shape[0]):
+            _int8_gemv_vnni(codes, scales, zeros, offsets, zero, words, xs, xg, b, t, out)
 
 
 @njit(parallel=True, cache=True)
@@ -139,9 +147,12 @@ def gemm_int4_portable(codes, scales, zeros, offsets, zero, x, out):
     for t in prange(x.shape[0]):
         prepare_token(x[t], scales.shape[1], xq[t], xs[t], xg[t])
     words = xq.view(np.int32)
+    whole = x.shape[0] // GEMM_TOKENS * GEMM_TOKENS
     for b in prange(codes.shape[0]):
-        for t0 in range(0, x.shape[0], GEMM_TOKENS):
+        for t0 in range(0, whole, GEMM_TOKENS):
             _int4_gemm_portable(codes, scales, zeros, offsets, zero, words, xs, xg, b, t0, out)
+        for t in range(whole, x.shape[0]):
+            _int4_gemv_portable(codes, scales, zeros, offsets, zero, words, xs, xg, b, t, out)
 
 
 @njit(parallel=True, cache=True)
@@ -161,9 +172,12 @@ def gemm_int8_portable(codes, scales, zeros, offsets, zero, x, out):
     for t in prange(x.shape[0]):
         prepare_token(x[t], scales.shape[1], xq[t], xs[t], xg[t])
     words = xq.view(np.int32)
+    whole = x.shape[0] // GEMM_TOKENS * GEMM_TOKENS
     for b in prange(codes.shape[0]):
-        for t0 in range(0, x.shape[0], GEMM_TOKENS):
+        for t0 in range(0, whole, GEMM_TOKENS):
             _int8_gemm_portable(codes, scales, zeros, offsets, zero, words, xs, xg, b, t0, out)
+        for t in range(whole, x.shape[0]):
+            _int8_gemv_portable(codes, scales, zeros, offsets, zero, words, xs, xg, b, t, out)
 
 
 GEMV = {(4, "vnni"): gemv_int4_vnni, (8, "vnni"): gemv_int8_vnni,
@@ -465,12 +479,12 @@ class PackedWeight:
             raise ValueError("path='amx': this CPU or operating system offers no AMX-INT8")
         if path == "amx" and not amx.usable(self.group_size):
             path = "vnni"
-        tokens = amx.TILE_TOKENS if path == "amx" else GEMM_TOKENS
-        x = np.pad(x, ((0, -n_tok % tokens), (0, 0))) if n_tok % tokens else x
-        out = np.empty((x.shape[0], n_p), np.float32)
-        if path == "amx":
+        if path == "amx":   # whole tiles of 16 tokens (zero tokens added)
+            x = np.pad(x, ((0, -n_tok % amx.TILE_TOKENS), (0, 0))) if n_tok % amx.TILE_TOKENS else x
+            out = np.empty((x.shape[0], n_p), np.float32)
             amx.GEMM[self.BITS](amx.packed_config(ref.act_group_size(self.group_size)), *args, x, out)
         else:
+            out = np.empty((n_tok, n_p), np.float32)
             GEMM[self.BITS, path](*args, x, out)
         return out if out.shape == (n_tok, n) else np.ascontiguousarray(out[:n_tok, :n])
 

@@ -6,8 +6,9 @@ file, under the kernel's own name where that names an operation
 taking the kernel's inputs (less its output buffer) and returning what the
 kernel writes there. One section per kernel file: `fp32.py`, `bf16.py`,
 `packed.py` (int4 and int8, with `activations.py`), `amx.py`, `bf16pairs.py`, `convert.py`,
-`attention.py`, `blocksparse.py`. `tests/test_kernels_*.py`,
-`tests/test_attention_kernel.py` and `tests/test_blocksparse.py` check each
+`attention.py`, `blocksparse.py`, `rowwise.py`, `conv.py`. `tests/test_kernels_*.py`,
+`tests/test_attention_kernel.py`, `tests/test_blocksparse.py`,
+`tests/test_rowwise_kernels.py` and `tests/test_conv_kernel.py` check each
 kernel equal to its twin on random and awkward inputs. Read this file to learn
 the formats; read the kernel files to learn how they are made fast. Layouts are
 drawn in `docs/formats.md`.
@@ -365,6 +366,215 @@ def matmul_packed(x, tiles, scales, zero, offsets, shape, bits):
     return np.stack([packed_gemv(tiles, scales, zero, offsets, row, bits)[:n] for row in xp])
 
 
+# --- K-quant super-blocks: llama.cpp's Q4_K, Q5_K, Q6_K at their own size (kquant.py) ---
+#
+# A K-quant row is cut into super-blocks of 256 inputs, each cut into sub-blocks of
+# 32 inputs (Q4_K, Q5_K) or 16 (Q6_K), with two levels of scales:
+#
+#     w[r, k] = d[r, s] * sc[r, j] * (c[r, k] - z) - dmin[r, s] * m[r, j]
+#               s = k // 256 (super-block), j = k // sub_block (sub-block)
+#
+# d and dmin: float16 per super-block; sc and m: 6-bit unsigned integers per
+# sub-block (Q6_K: a signed int8 sc, no dmin and m, and z = 32); c: 4-, 5- or 6-bit
+# unsigned codes. `dequantize_kquant` is the definition, in float32 in that order
+# (every product is exact: at most 11 + 7 + 6 = 24 significant bits).
+#
+# Kept like that a weight costs the file's bits: 4.5 for Q4_K, 5.5 for Q5_K, 6.5625
+# for Q6_K, plus 1/8 bit for Q4_K and Q5_K, whose 6-bit sc and m are stored as
+# bytes. A float32 scale and offset per sub-block instead (GroupedCodes, and the
+# Int4Weight/Int8Weight tiles) cost 6 bits for Q4_K and 10 for Q6_K, whose 6-bit
+# codes then take a byte each.
+#
+# One record holds 16 rows x one super-block, everything the kernel needs for it in
+# the order it needs it, so each thread reads one sequential stream (offsets:
+# `kquant_layout`):
+#
+#     d        16 float16                       rows 0..15
+#     dmin     16 float16                       (Q4_K, Q5_K)
+#     scales   n_sub x 16 bytes                 sub-block j: rows 0..15 (uint8; Q6_K int8)
+#     mins     n_sub x 16 bytes                 (Q4_K, Q5_K)
+#     chunks   8 chunks of 32 inputs, each:
+#                4 int4 tiles (256 bytes): the low 4 bits of c (`pack_tiles(c & 15, 4)`)
+#                then the bits above them (`pack_high_bits`): Q5_K one 64-byte tile
+#                (the fifth bit), Q6_K two (bits 4-5); Q4_K none
+#
+# (A first layout kept all the nibbles, then all the high bits: two streams 2 KB
+# apart in one record. On the Zen 4 test machine Q5_K and Q6_K then streamed from
+# memory at 4-9 GB/s on one thread, against 28 GB/s for Q4_K, which has no high bits.)
+
+QK_K = 256   # inputs per super-block
+# bits -> (inputs per sub-block, zero code z, whether there are dmin and m)
+KQUANT_KINDS = {4: (32, 0, True), 5: (32, 0, True), 6: (16, 32, False)}
+KQUANT_NAMES = {4: "Q4_K", 5: "Q5_K", 6: "Q6_K"}
+
+
+def kquant_layout(bits):
+    """Byte offsets of the parts of one record (16 rows x 256 inputs) of a
+    `bits`-bit K-quant weight: {"d", "dmin", "scales", "mins", "chunks"} (None
+    where the kind lacks the part), "chunk" (bytes per chunk of 32 inputs: 256
+    of nibbles, then 64 (Q5_K) or 128 (Q6_K) of high bits) and "record" (bytes)."""
+    sub_block, _, has_mins = KQUANT_KINDS[bits]
+    n_sub = QK_K // sub_block
+    chunk = 16 * 32 * bits // 8
+    at, end = {}, 0
+    for part, size, present in (("d", 32, True), ("dmin", 32, has_mins), ("scales", 16 * n_sub, True),
+                                ("mins", 16 * n_sub, has_mins), ("chunks", chunk * QK_K // 32, True)):
+        at[part] = end if present else None
+        end += size if present else 0
+    at["chunk"], at["record"] = chunk, end
+    return at
+
+
+def pack_high_bits(high, hb):
+    """The bits above the low nibble, (out_p, in) values below 2**hb (hb = 1 for Q5_K,
+    2 for Q6_K) -> (out_p/16, in/(32/hb), 64) uint8.
+
+    Tile m of a row block covers 32/hb inputs; row r owns bytes 4r..4r+3, and bits
+    hb*t .. hb*t+hb-1 of byte 4r+e hold input (32/hb)*m + 4t + e. So for the nibble
+    tile whose low nibbles are inputs i..i+3 (`pack_tiles`), the same 32-bit lane of
+    the high tile has their top bits at the same byte positions: a shift and an `and`
+    put them beside the nibbles."""
+    n_p, k = high.shape
+    per_tile = 32 // hb
+    h = high.reshape(n_p // 16, 16, k // per_tile, 8 // hb, 4).astype(np.uint8)   # (b, r, m, t, e)
+    h = h.transpose(0, 2, 1, 4, 3)                                                  # (b, m, r, e, t)
+    shifts = (hb * np.arange(8 // hb)).astype(np.uint8)
+    packed = np.bitwise_or.reduce(h << shifts, axis=-1)                             # (b, m, r, e)
+    return np.ascontiguousarray(packed.reshape(n_p // 16, k // per_tile, TILE_BYTES))
+
+
+def unpack_high_bits(tiles, hb):
+    """Inverse of `pack_high_bits`."""
+    nb, n_tiles, _ = tiles.shape
+    t = tiles.reshape(nb, n_tiles, 16, 4, 1) >> (hb * np.arange(8 // hb)).astype(np.uint8)   # (b, m, r, e, t)
+    t = t & np.uint8(2 ** hb - 1)
+    return t.transpose(0, 2, 1, 4, 3).reshape(nb * 16, n_tiles * 32 // hb)
+
+
+def _by_super_block(a, n_super):
+    """(out_p, n_super * n) per-row values -> (out_p/16, n_super, n * 16): the 16 rows
+    of value i of a super-block adjacent, then value i + 1."""
+    n_p = a.shape[0]
+    per = a.shape[1] // n_super
+    a = a.reshape(n_p // 16, 16, n_super, per).transpose(0, 2, 3, 1)   # (b, s, i, r)
+    return np.ascontiguousarray(a).reshape(n_p // 16, n_super, per * 16)
+
+
+def _by_row_from_super_block(a, per):
+    """Inverse of `_by_super_block` (per: values per super-block)."""
+    nb, n_super, _ = a.shape
+    return a.reshape(nb, n_super, per, 16).transpose(0, 3, 1, 2).reshape(nb * 16, n_super * per)
+
+
+def pack_superblocks(codes, d, sub_scales, dmin, sub_mins, bits):
+    """The records of a K-quant weight (`kquant_layout`): (out_p/16, in/256, record) uint8.
+
+    codes (out, in) uint8 below 2**bits; d, dmin (out, in/256) float16 values;
+    sub_scales, sub_mins (out, in/sub_block) uint8 below 64 (Q6_K: int8 sub_scales;
+    dmin and sub_mins None). Rows are padded to a multiple of 16 with zeros (w = 0)."""
+    sub_block, _, has_mins = KQUANT_KINDS[bits]
+    n, k = codes.shape
+    n_p, n_super = -(-n // TILE_ROWS) * TILE_ROWS, k // QK_K
+
+    def padded(a, dtype):
+        out = np.zeros((n_p, a.shape[1]), dtype)
+        out[:n] = a
+        return out
+
+    at = kquant_layout(bits)
+    records = np.zeros((n_p // 16, n_super, at["record"]), np.uint8)
+
+    def put(part, values):   # values (b, s, bytes)
+        records[:, :, at[part]: at[part] + values.shape[2]] = values
+
+    put("d", _by_super_block(padded(d, np.float16), n_super).view(np.uint8))
+    put("scales", _by_super_block(padded(sub_scales, np.uint8 if has_mins else np.int8), n_super).view(np.uint8))
+    if has_mins:
+        put("dmin", _by_super_block(padded(dmin, np.float16), n_super).view(np.uint8))
+        put("mins", _by_super_block(padded(sub_mins, np.uint8), n_super))
+    c = padded(codes, np.uint8)
+    chunks = pack_tiles(c & np.uint8(15), 4).reshape(n_p // 16, n_super, QK_K // 32, 4 * TILE_BYTES)
+    if bits > 4:
+        high = pack_high_bits(c >> np.uint8(4), bits - 4).reshape(n_p // 16, n_super, QK_K // 32, -1)
+        chunks = np.concatenate([chunks, high], axis=3)   # (b, s, chunk, nibbles | high bits)
+    put("chunks", chunks.reshape(n_p // 16, n_super, -1))
+    return records
+
+
+def unpack_superblocks(records, bits):
+    """Inverse of `pack_superblocks` (padded rows included): (codes, d, sub_scales,
+    dmin, sub_mins), d and dmin as float32."""
+    sub_block, _, has_mins = KQUANT_KINDS[bits]
+    nb, n_super, _ = records.shape
+    n_sub = QK_K // sub_block
+    at = kquant_layout(bits)
+
+    def part(name, size):
+        return np.ascontiguousarray(records[:, :, at[name]: at[name] + size])
+
+    def halves(name):
+        return _by_row_from_super_block(part(name, 32).view(np.float16), 1).astype(np.float32)
+
+    chunks = part("chunks", at["chunk"] * QK_K // 32).reshape(nb, n_super, QK_K // 32, at["chunk"])
+    codes = unpack_tiles(np.ascontiguousarray(chunks[..., : 4 * TILE_BYTES]).reshape(nb, -1, TILE_BYTES), 4)
+    if bits > 4:
+        high = np.ascontiguousarray(chunks[..., 4 * TILE_BYTES:]).reshape(nb, -1, TILE_BYTES)
+        codes = codes | (unpack_high_bits(high, bits - 4) << np.uint8(4))
+    sc = _by_row_from_super_block(part("scales", 16 * n_sub), n_sub)
+    if not has_mins:
+        return codes, halves("d"), sc.view(np.int8), None, None
+    return codes, halves("d"), sc, halves("dmin"), _by_row_from_super_block(part("mins", 16 * n_sub), n_sub)
+
+
+def dequantize_kquant(codes, d, sub_scales, dmin, sub_mins, bits):
+    """The weight every element represents, in float32, in this order:
+    (d * sc) * (c - z), then minus dmin * m where the kind has mins."""
+    sub_block, zero, has_mins = KQUANT_KINDS[bits]
+
+    def per_element(a, size):
+        return np.repeat(np.asarray(a, np.float32), size, axis=1)
+
+    scale = per_element(d, QK_K) * per_element(sub_scales, sub_block)        # exact
+    w = scale * (codes.astype(np.float32) - np.float32(zero))               # exact
+    if has_mins:
+        w = w - per_element(dmin, QK_K) * per_element(sub_mins, sub_block)  # one rounding
+    return w
+
+
+def kquant_activations(x, sub_block):
+    """x (in,) float32 -> (xq int8 (in,), x_scale float32 (in/256,), bsums int32
+    (in/sub_block,)): int8 activations with one scale per super-block (as llama.cpp's
+    Q8_K: the integer sums of a whole super-block then share one float multiply),
+    rounded as `quantize_activations` rounds, and the integer sum of xq over each
+    sub-block (what the mins and Q6_K's zero code multiply)."""
+    xq, x_scale, _ = quantize_activations(x, QK_K)
+    bsums = xq.astype(np.int32).reshape(-1, sub_block).sum(axis=1).astype(np.int32)
+    return xq, x_scale, bsums
+
+
+def kquant_gemv(records, bits, x):
+    """One token, in float64: the exact weights of the records times
+    x_hat = x_scale * xq (`kquant_activations`); the kernels differ from this only
+    by float32 roundings (one per super-block and row, plus the conversion of the
+    integer sums)."""
+    codes, d, sc, dmin, m = unpack_superblocks(records, bits)
+    sub_block, zero, has_mins = KQUANT_KINDS[bits]
+    rep = lambda a, size: np.repeat(np.asarray(a, np.float64), size, axis=1)  # noqa: E731
+    w = rep(d, QK_K) * rep(sc, sub_block) * (codes.astype(np.float64) - zero)
+    if has_mins:
+        w = w - rep(dmin, QK_K) * rep(m, sub_block)
+    xq, x_scale, _ = kquant_activations(x, sub_block)
+    x_hat = np.repeat(x_scale.astype(np.float64), QK_K) * xq
+    with np.errstate(invalid="ignore", over="ignore"):
+        return w @ x_hat
+
+
+def matmul_kquant(x, records, bits, shape):
+    """x (T, in) -> (T, out): `kquant_gemv` for each token, padded rows dropped.
+    Prefill and decode compute the same thing."""
+    return np.stack([kquant_gemv(records, bits, row)[: shape[0]] for row in np.asarray(x, np.float32)])
+
+
 def pair_activations(x):
     """x (T, in) -> (T, in_p), in_p = in rounded up to 32, zero-padded: each 32
     inputs as their 16 even ones, then their 16 odd ones (`bf16dot.py` widens
@@ -557,3 +767,57 @@ def attend_blocksparse(q, keys, values, key_scales, value_scales, positions, lay
     scores = np.where(allowed, (q @ k.transpose(0, 2, 1)) * np.float32(scale), -np.inf)  # (H, T, S)
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return ((e / e.sum(axis=-1, keepdims=True)) @ v).astype(np.float32)  # (H, T, hd)
+
+
+# --- the non-GEMM parts of an encoder block (rowwise.py) -----------------
+
+TINY = np.float32(np.finfo(np.float32).tiny)  # softmax weights below this are set to 0 (subnormals)
+
+
+def layer_norm_rows(x, weight, bias, eps):
+    """(T, D) -> (T, D): each row centred, divided by its standard deviation
+    (sqrt(variance + eps)), times weight, plus bias."""
+    centered = x - x.mean(axis=-1, keepdims=True)
+    variance = (centered * centered).mean(axis=-1, keepdims=True)
+    return (weight * (centered / np.sqrt(variance + np.float32(eps))) + bias).astype(np.float32)
+
+
+def quick_gelu(h, bias):
+    """z * sigmoid(1.702 z) with z = h + bias: CLIP's quick_gelu, the sigmoid written
+    with tanh (sigmoid(a) = (1 + tanh(a / 2)) / 2) so no exp can overflow."""
+    z = h + bias
+    return (z * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.851) * z))).astype(np.float32)
+
+
+def add_residual(x, y, bias):
+    """x + (y + bias): a sublayer's output y, with its last bias, added to the
+    residual stream x (`rowwise.add_residual_in_place` writes it into x)."""
+    return (x + (y + bias)).astype(np.float32)
+
+
+def softmax_rows(scores, scale):
+    """softmax(scale * scores) along each row, weights below TINY set to 0."""
+    scaled = scores * np.float32(scale)
+    e = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    p = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    p[p < TINY] = 0.0
+    return p
+
+
+# --- the Conformer's strided convolutions (conv.py) ----------------------
+
+
+def conv3x3_stride2(x, taps, bias, relu):
+    """x (H, W, C or 1) channels-last, taps (9, C) in (dy, dx) order, bias (C,) ->
+    (ceil(H/2), ceil(W/2), C): zero-pad one row and column on every side, then for
+    each tap add the stride-2 view of the padded map that tap reads, times its weight
+    (a single input channel is shared by every output channel); ReLU if asked."""
+    H, W, _ = x.shape
+    Ho, Wo = (H + 1) // 2, (W + 1) // 2
+    padded = np.zeros((H + 2, W + 2, x.shape[2]), np.float32)
+    padded[1:-1, 1:-1] = x
+    out = np.zeros((Ho, Wo, taps.shape[1]), np.float32) + bias
+    for dy in range(3):
+        for dx in range(3):
+            out = out + padded[dy : dy + 2 * Ho : 2, dx : dx + 2 * Wo : 2] * taps[3 * dy + dx]
+    return np.maximum(out, np.float32(0.0)) if relu else out

@@ -8,6 +8,7 @@ the user chose one with NUMBA_THREADING_LAYER. Numba loads the layer at the
 first parallel call; `threading_layer()` reports the one that loaded.
 """
 
+import functools
 import os
 
 import numba
@@ -47,3 +48,57 @@ def threading_layer():
     Runs a tiny parallel kernel first, because Numba picks the layer lazily."""
     _touch(np.empty(2, np.int64))
     return numba.threading_layer()
+
+
+def on_python_threads(work, n_items):
+    """Run work(i) for i in range(n_items), shared among `get_threads()` Python threads.
+
+    For work done between BLAS products (an encoder's element-wise kernels, its
+    attention heads). After a parallel region OpenMP's threads (Numba's `omp` layer)
+    spin a while before they sleep, so a BLAS product that starts right after one
+    shares a core with a spinning thread: on 2 cores a 12 ms (1154 x 1024 x 1024)
+    product took 20 ms after a 1 ms Numba kernel. Python threads block as soon as
+    they run out of work. `work` must release the GIL to run in parallel: NumPy's
+    matmul does, and Numba kernels compiled with `nogil=True`.
+    """
+    n = min(get_threads(), n_items)
+    if n <= 1:
+        for i in range(n_items):
+            work(i)
+        return
+    list(worker_pool(n).map(work, range(n_items)))
+
+
+@functools.cache
+def worker_pool(n):
+    """n Python threads, started once per count and idle (blocked) between calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(n, thread_name_prefix="minislm-worker")
+
+
+def row_bands(n_rows, n_bands):
+    """[start, stop) of n_bands near-equal runs of rows covering range(n_rows)."""
+    return [(b * n_rows // n_bands, (b + 1) * n_rows // n_bands) for b in range(n_bands)]
+
+
+@functools.cache
+def blas_libraries():
+    """The BLAS libraries loaded in this process, found once (a scan of the loaded
+    libraries, ~3 ms: too slow to repeat around every short burst of work)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+def side_by_side(work, n_items):
+    """`on_python_threads`, with BLAS on one thread meanwhile: for items that are small
+    matrix products themselves, such as one attention head of one image crop. A
+    (577 x 64) @ (64 x 577) product is too small for BLAS to split across cores with
+    profit (measured: 2 threads ran the 16 heads' products 2-4x slower than one), so
+    the cores take whole items instead."""
+    limits = blas_libraries().limit(limits=1)
+    try:
+        on_python_threads(work, n_items)
+    finally:
+        limits.restore_original_limits()

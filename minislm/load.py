@@ -23,7 +23,7 @@ from .compile_notice import announce_compilation
 from .config import GenerationConfig, load_config, load_generation_config, read_json
 from .errors import MinislmError
 from .formats import kernel_weights
-from .formats.grouped import GroupedCodes, RowStack, to_float32
+from .formats.grouped import GroupedCodes, RowStack, SuperBlockCodes, to_float32
 from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
 from .lora import packed_adapter
@@ -213,7 +213,7 @@ def unpack_weights(plan: dict, config, quant: QuantConfig | None, exact: bool, w
     weights = {}
     for name, make in plan.items():
         stored = make()
-        if native and isinstance(stored, (GroupedCodes, RowStack)) and not name.endswith("block_sparse_moe.gate.weight"):
+        if native and isinstance(stored, (GroupedCodes, SuperBlockCodes, RowStack)) and not name.endswith("block_sparse_moe.gate.weight"):
             weights[name] = kernel_weights.to_kernel_weight(stored, name)
         else:
             weights[name] = to_float32(stored)

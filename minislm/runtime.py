@@ -26,7 +26,6 @@ same ids with the same settings give the same tokens everywhere:
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
@@ -39,7 +38,9 @@ from .finite import check_logits
 from .generate import GenerationStats, check_context, generate_tokens
 from .formats.kernel_weights import GatheredInputs, StackedRows
 from .grammar import ANY_JSON_OBJECT, JsonGrammar
-from .kernels import Bf16Weight, DecodeRows, Fp32Weight, Int4Weight, Int8Weight
+from .kernels import Bf16Weight, DecodeRows, Fp32Weight, Int4Weight, Int8Weight, KQuantWeight
+from .kernels.reference import KQUANT_KINDS, KQUANT_NAMES
+from .kernels.threads import blas_libraries
 from .logprobs import Logprobs, TokenLogprob
 from .model import NO_TRACE, crosses_rope_switch, forward, forward_batch, lm_head
 from .sampling import Sampler, SamplingSettings
@@ -52,15 +53,15 @@ SPECULATE_KINDS = ("lookup",)
 @dataclass(frozen=True)
 class WeightsFormat:
     """What a model's matrices really are, read from the weights themselves (a GGUF
-    Q4_K_M file is int4 g32 with an int8 g16 output layer, whatever was asked for).
+    Q4_K_M file is Q4_K with Q5_K and Q6_K matrices, whatever was asked for).
 
-    `kinds` counts the matrices of each kind ("float32", "bf16", "int4 g32", ...),
-    most bytes first; `format`, `bits` and `group_size` describe the kind that holds
-    the most bytes.
+    `kinds` counts the matrices of each kind ("float32", "bf16", "int4 g32", "Q4_K",
+    ...), most bytes first; `format`, `bits` and `group_size` describe the kind that
+    holds the most bytes (a K-quant's group is its sub-block: 32, or 16 for Q6_K).
     """
 
     kinds: tuple[tuple[str, int], ...]
-    format: str  # "float32", "bf16", "int4" or "int8"
+    format: str  # "float32", "bf16", "int4", "int8", or a K-quant: "Q4_K", "Q5_K", "Q6_K"
     bits: int
     group_size: int | None
     kv_cache: str
@@ -77,6 +78,8 @@ class WeightsFormat:
         kinds = tuple((k, counts[k]) for k in sorted(sizes, key=lambda k: -sizes[k]))
         main = kinds[0][0] if kinds else "float32"
         name, _, group = main.partition(" g")
+        if name in K_QUANT_SUB_BLOCKS:  # "Q4_K": 4 bits, llama.cpp's sub-blocks
+            return cls(kinds, name, int(name[1]), K_QUANT_SUB_BLOCKS[name], kv_cache)
         bits = {"float32": 32, "bf16": 16}.get(name) or (int(name[3:]) if name.startswith("int") else 0)
         return cls(kinds, name, bits, int(group) if group else None, kv_cache)
 
@@ -87,15 +90,22 @@ class WeightsFormat:
         return f"{main}{f' ({others})' if others else ''}, KV cache {self.kv_cache}"
 
 
+# "Q4_K" -> its sub-block (32; Q6_K 16), what WeightsFormat reports as the group size
+K_QUANT_SUB_BLOCKS = {name: KQUANT_KINDS[bits][0] for bits, name in KQUANT_NAMES.items()}
+
+
 def matrix_kind(w) -> str:
-    """'float32', 'bf16', or 'int4 g32' / 'int8 g16' for minislm.kernels' packed weights;
-    any other object that multiplies itself is named by its class."""
+    """'float32', 'bf16', 'int4 g32' / 'int8 g16' for minislm.kernels' packed weights,
+    'Q4_K' / 'Q5_K' / 'Q6_K' for K-quants kept as the file has them; any other object
+    that multiplies itself is named by its class."""
     if isinstance(w, (np.ndarray, Fp32Weight)):
         return "float32"
     if isinstance(w, Bf16Weight):
         return "bf16"
     if isinstance(w, (Int4Weight, Int8Weight)):
         return f"int{w.BITS} g{w.group_size}"
+    if isinstance(w, KQuantWeight):
+        return w.kind
     return type(w).__name__
 
 
@@ -110,13 +120,13 @@ def decode_matrix(w):
 
     Batched decoding (minislm/batch.py) sends the next token of several sequences through
     one forward, and a sequence's tokens must not depend on its neighbours. The packed
-    int4/int8 kernels already give every row the same bits for one row or many. float32
+    int4/int8 and K-quant kernels already give every row the same bits for one row or many. float32
     and bf16 matrices would go to BLAS's GEMM for several rows, which sums in another
     order than the one-row GEMV: they take the GEMV kernel for every row instead
     (`kernels.DecodeRows`), still reading each weight once per step. Anything else is
     multiplied one row at a time, which is invariant by construction.
     """
-    if getattr(w, "ndim", 2) != 2 or isinstance(w, (Int4Weight, Int8Weight, DecodeRows, OneRowAtATime)):
+    if getattr(w, "ndim", 2) != 2 or isinstance(w, (Int4Weight, Int8Weight, KQuantWeight, DecodeRows, OneRowAtATime)):
         return w  # vectors (norms, biases), and matrices already row-independent
     if isinstance(w, (np.ndarray, Fp32Weight, Bf16Weight)):
         return DecodeRows(w)
@@ -168,14 +178,6 @@ def blas_threads(n_tokens: int):
         yield
     finally:
         limits.restore_original_limits()
-
-
-@cache
-def blas_libraries():
-    """The BLAS libraries loaded in this process, found once (a scan of the loaded libraries)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController().select(user_api="blas")
 
 
 class Model:

@@ -18,8 +18,9 @@ import pytest
 import minislm
 from conftest import FIXTURES
 from minislm.formats import kernel_weights
-from minislm.formats.gguf_blocks import BLOCK_TYPES, unpack_rows
-from minislm.formats.grouped import GroupedCodes, RowStack, dequantize, take_rows
+from minislm.formats.gguf_blocks import BLOCK_TYPES, K_QUANT_FIELDS, unpack_rows, unpack_superblocks
+from minislm.formats.grouped import GroupedCodes, RowStack, dequantize, take_rows, to_float32
+from minislm.kernels import KQuantWeight
 
 pytestmark = pytest.mark.skipif(
     not kernel_weights.available(), reason="needs the group-wise kernels (Int4Weight.from_codes, Int8Weight)"
@@ -61,6 +62,21 @@ def test_every_gguf_type_reaches_the_kernels_exactly(kind):
     assert_same_values(kernel_weights.to_kernel_weight(q).dequantize(), dequantize(q))
 
 
+@pytest.mark.parametrize("kind", sorted(K_QUANT_FIELDS))
+def test_k_quants_reach_the_kernels_at_their_two_levels_of_scales_exactly(kind):
+    """What the loader does with a K-quant tensor: SuperBlockCodes -> KQuantWeight, whose
+    weights are the GroupedCodes reading's bit for bit, stored at the file's bits per
+    weight (plus 1/8 for the 6-bit sub-block scales and mins kept as bytes)."""
+    blocks = sane_blocks(kind, 40, 512, seed=len(kind))
+    packed = kernel_weights.to_kernel_weight(unpack_superblocks(kind, blocks))
+    assert isinstance(packed, KQuantWeight) and packed.kind == kind
+    assert_same_values(packed.dequantize(), dequantize(unpack_rows(kind, blocks)))
+    assert_same_values(to_float32(unpack_superblocks(kind, blocks)), dequantize(unpack_rows(kind, blocks)))
+    file_bits = 8 * BLOCK_TYPES[kind][1] / 256
+    rows_padded = 48  # 40 rows in blocks of 16
+    assert packed.nbytes * 8 / (rows_padded * 512) == file_bits + (0 if kind == "Q6_K" else 1 / 8)
+
+
 def test_gathered_inputs_and_stacked_rows():
     rng = np.random.default_rng(0)
     q4 = unpack_rows("Q4_K", sane_blocks("Q4_K", 24, 256, 1))
@@ -75,10 +91,15 @@ def test_gathered_inputs_and_stacked_rows():
     x = rng.standard_normal((3, 256)).astype(np.float32)
     exact = x @ dequantize(gathered).T
     assert np.abs(packed.matmul(x) - exact).max() <= 0.02 * np.abs(exact).max()
+    k4 = unpack_superblocks("Q4_K", sane_blocks("Q4_K", 24, 256, 1))
+    k6 = unpack_superblocks("Q6_K", sane_blocks("Q6_K", 8, 256, 2))
+    k_stack = RowStack((take_rows(k4, rng.permutation(24)), k6))
+    assert_same_values(kernel_weights.to_kernel_weight(k_stack).dequantize(), to_float32(k_stack))
 
 
 class KernelRoundingTwin:
-    """Exact float weights times activations rounded as the kernels round them."""
+    """Exact float weights times activations rounded as the kernels round them (int8
+    per group of 32 inputs, or of the weight group; per 256 for K-quant weights)."""
 
     def __init__(self, packed):
         self.packed, self.shape = packed, packed.shape
@@ -91,7 +112,7 @@ class KernelRoundingTwin:
             return np.concatenate([KernelRoundingTwin(part).matmul(x) for part in p.parts], axis=-1)
         if isinstance(p, kernel_weights.GatheredInputs):
             return KernelRoundingTwin(p.weight).matmul(np.ascontiguousarray(x[:, p.order]))
-        a = reference.act_group_size(p.group_size)
+        a = reference.QK_K if isinstance(p, KQuantWeight) else reference.act_group_size(p.group_size)
         rounded = []
         for row in x.astype(np.float32):
             xq, x_scale, _ = reference.quantize_activations(row, a)

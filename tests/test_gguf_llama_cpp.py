@@ -25,6 +25,11 @@ Q5_K_M with its default per-tensor choices. Each file is checked twice:
   cache carries the difference. On these files that happens at position 7 at the
   earliest, so the first SAME_PREFIX positions must match: each of them is a forward
   through every weight of the file, so one wrong weight would fail it.
+* the K-quant files once more as minislm runs them by default, on its K-quant
+  kernels (kernels/kquant.py: int8 activations per 256 inputs, as llama.cpp's Q8_K):
+  their logits are llama.cpp's to float32 noise over the first SAME_PREFIX positions
+  (the same rounding-boundary caveat), so the kernels' arithmetic, not only the
+  weights, is held to llama.cpp's.
 PhiMoE is not compared: llama.cpp runs its PhiMoE GGUFs with RMSNorm and softmax
 top-2 routing, not PhiMoE's LayerNorm and sparsemixer (docs/formats.md).
 """
@@ -131,6 +136,24 @@ def test_against_llama_cpp(out, model, layout, kind):
     assert row["max_abs"] <= max_abs and row["top1"] >= top1 and row["kl"] <= kl, row
     if kind != "F16":  # llama.cpp's F16 dot products are not a rounding of the activations alone
         assert row["twin_prefix"] >= min(SAME_PREFIX, len(row["twin"])), row
+
+
+@pytest.mark.parametrize("layout,kind", [("phi3", "Q4_K_M"), ("phi3", "Q5_K_M"), ("llama", "Q4_K_M")])
+def test_k_quant_kernels_give_llama_cpps_logits(out, layout, kind):
+    path = gguf_file("wide", layout, kind, out)
+    model = minislm.load(path, kv_cache="float32")  # the default: the file's codes on the K-quant kernels
+    from minislm.kernels import KQuantWeight
+
+    matrices = [part for w in model.weights.values() for part in getattr(w, "parts", [w])]
+    assert {m.kind for m in matrices if isinstance(m, KQuantWeight)} >= {"Q6_K", kind[:4]}
+    ids = prompt_ids(model.config.vocab_size, length=24)
+    theirs = llama_cpp_logits(path, ids)
+    ours = model.logits(ids)
+    row = metrics(ours, theirs)
+    max_abs, top1, kl = QUANTIZED_BOUND
+    assert row["max_abs"] <= max_abs and row["top1"] >= top1 and row["kl"] <= kl, row
+    err = np.abs(ours - theirs).max(-1)
+    assert (err[:SAME_PREFIX] <= ATOL_TWIN).all(), err
 
 
 def test_llama_cpp_writes_k_quants_and_fallbacks(out):

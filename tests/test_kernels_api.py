@@ -17,12 +17,14 @@ from minislm.kernels.threads import LAYER_PREFERENCE
 
 def test_import_compiles_nothing():
     code = ("import minislm.kernels as K\n"
-            "from minislm.kernels import bf16, bf16dot, fp32, packed, threads\n"
+            "from minislm.kernels import bf16, bf16dot, fp32, kquant, packed, threads\n"
             "kernels = [fp32.gemv, fp32.gemm_f32, bf16.widen_bf16_rows, bf16.widen_bf16_block,\n"
             "           bf16dot.gemv_bf16_dot, bf16dot.gemm_bf16_dot, bf16dot.pair_activations,\n"
             "           packed.group_scales, packed.quantize_codes, packed.quantize_activations,\n"
             "           packed.dequantize_rows, threads._touch,\n"
-            "           *packed.GEMV.values(), *packed.GEMM.values()]\n"
+            "           *packed.GEMV.values(), *packed.GEMM.values(),\n"
+            "           kquant.prepare_kquant_token, kquant.kquant_buffers, kquant.dequantize_kquant_rows,\n"
+            "           *kquant.GEMV.values(), *kquant.GEMM.values()]\n"
             "assert not any(k.signatures for k in kernels), [k for k in kernels if k.signatures]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -83,6 +85,21 @@ def test_linear_takes_plain_arrays_and_every_weight_class(make):
     assert y.shape == (3, 48) and y.dtype == np.float32
     # int4 is the loosest: ~5 % relative error per weight, averaged over 64 inputs
     np.testing.assert_allclose(y, x @ w.T, atol=0.25 * np.abs(x @ w.T).max())
+
+
+def test_linear_takes_k_quant_weights():
+    """A Q4_K-shaped weight (rows of 256 inputs) through the model's `linear()`."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (48, 256), dtype=np.uint8)
+    d = np.full((48, 1), 2.0 ** -8, np.float32)
+    sc, m = rng.integers(0, 64, (48, 8), dtype=np.uint8), rng.integers(0, 64, (48, 8), dtype=np.uint8)
+    w = K.KQuantWeight.from_superblocks(codes, d, sc, d, m, bits=4)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    y = linear(x, w)
+    assert y.shape == (3, 48) and y.dtype == np.float32
+    # int8 activations per 256 inputs: within max|x| / 254 per input of the exact product
+    bound = np.abs(w.dequantize()).sum(1) * np.abs(x).max(1, keepdims=True) / 254 * 1.01
+    assert (np.abs(y - x @ w.dequantize().T) <= bound).all()
 
 
 KERNELS = Path(K.__file__).parent

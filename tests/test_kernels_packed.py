@@ -97,6 +97,7 @@ def test_one_pass_int4_quantizer_is_bit_identical_to_its_twin(w, group_size):
     d, twin_tiles = ref.quantize_int4_symmetric(w, group_size)
     assert bad == 0 and np.array_equal(tiles, twin_tiles)
     assert np.array_equal(ref.scale_values(ref.by_row(scales)).view(np.uint32), d.view(np.uint32))
+    assert scales.dtype == ref.store_scales(d, round_up=False).dtype   # float16 exactly when the twin stores it so
 
 
 def test_one_pass_int4_quantizer_counts_what_it_cannot_quantize_and_breaks_ties_as_argmax():
@@ -104,13 +105,29 @@ def test_one_pass_int4_quantizer_counts_what_it_cannot_quantize_and_breaks_ties_
     w[1, :32] = -0.0                       # a zero group of -0: the first value (-0) is the extreme
     w[2, 5], w[2, 9] = 1.0, -1.0           # +m first: the extreme is +1
     w[3, 7], w[3, 8] = -2.0, 2.0           # -m first: the extreme is -2
-    w[4, 40] = 1e-44                       # a subnormal extreme
+    w[4, 40] = 1e-44                       # a subnormal extreme: its scale is no float16, all stay float32
     bad, tiles, scales = quantizer.quantize_symmetric(w, 32)
     d, twin_tiles = ref.quantize_int4_symmetric(w, 32)
     assert bad == 0 and np.array_equal(tiles, twin_tiles)
     assert np.array_equal(ref.scale_values(ref.by_row(scales)).view(np.uint32), d.view(np.uint32))
+    assert scales.dtype == ref.store_scales(d, round_up=False).dtype   # float16 exactly when the twin stores it so
     w[5, 1], w[6, 2], w[7, 3] = np.nan, -np.inf, 2.0**127
     assert quantizer.quantize_symmetric(w, 32)[0] == 3
+
+
+def test_one_pass_scales_are_float16_exactly_when_every_nonzero_one_is_a_normal_float16():
+    """`quantizer.store_scales` moves bits where the twin casts: float16 for ordinary
+    weights (zero groups and a -0 group included), float32 once one scale is outside
+    float16's normal range (below 2**-14 or above 65504)."""
+    w = np.random.default_rng(3).standard_normal((32, 96)).astype(np.float32)
+    w[0, :32], w[1, 32:64] = 0.0, -0.0
+    for factor, dtype in ((1.0, np.float16), (2.0**-22, np.float32), (2.0**20, np.float32)):
+        scaled = w * np.float32(factor)
+        _, _, scales = quantizer.quantize_symmetric(scaled, 32)
+        d, _ = ref.quantize_int4_symmetric(scaled, 32)
+        twin = ref.store_scales(d, round_up=False)
+        assert scales.dtype == twin.dtype == dtype
+        assert np.array_equal(ref.by_row(scales).view(np.uint8), twin.view(np.uint8))
 
 
 @PROPERTY

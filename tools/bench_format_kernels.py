@@ -3,8 +3,9 @@
     python tools/bench_format_kernels.py [--rows 8192] [--cols 3072] [--repeats 30] [--threads N]
 
 One Phi-3-mini-shaped matrix (gate_up's 8192 x 3072 halves by default) in each GGUF
-type, handed to the group-wise kernels exactly (minislm/formats/kernel_weights.py),
-and minislm's own Int4Weight on the same shape. Prints ms per token (one GEMV, the
+type, handed to the kernels exactly as the loader does (minislm/formats/kernel_weights.py:
+K-quants to KQuantWeight; also widened into Int4Weight/Int8Weight tiles, as before
+KQuantWeight existed), and minislm's own Int4Weight on the same shape. Prints ms per token (one GEMV, the
 median of interleaved repeats), the bytes each weight reads, and bytes/s, which is
 what decoding is bound by: Q8_0 reads 8.5 bits per weight where int4 reads ~4.5, so
 equal bytes/s means the same share of the memory bandwidth, not the same tok/s.
@@ -39,7 +40,7 @@ def main() -> int:
     import gguf
 
     from minislm import kernels
-    from minislm.formats.gguf_blocks import unpack_rows
+    from minislm.formats.gguf_blocks import unpack_rows, unpack_superblocks
     from test_formats_kernels import sane_blocks
 
     if args.threads:
@@ -51,8 +52,10 @@ def main() -> int:
     for kind in ("Q4_0", "Q8_0"):
         data = gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])
         weights[kind] = kernel_weights.to_kernel_weight(unpack_rows(kind, data))
-    for kind in ("Q4_K", "Q5_K", "Q6_K"):
-        weights[kind] = kernel_weights.to_kernel_weight(unpack_rows(kind, sane_blocks(kind, rows, cols, seed=1)))
+    for kind in ("Q4_K", "Q5_K", "Q6_K"):   # as the loader keeps them, and widened into int4/int8 tiles
+        blocks = sane_blocks(kind, rows, cols, seed=1)
+        weights[kind] = kernel_weights.to_kernel_weight(unpack_superblocks(kind, blocks))
+        weights[f"{kind} in int{4 if kind == 'Q4_K' else 8} tiles"] = kernel_weights.to_kernel_weight(unpack_rows(kind, blocks))
     x = rng.standard_normal((1, cols)).astype(np.float32)
     for weight in weights.values():  # compile and warm up
         weight.matmul(x)

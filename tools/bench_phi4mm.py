@@ -1,6 +1,7 @@
 """Phi-4-multimodal speed on its real shapes (random weights), against transformers.
 
-    python tools/bench_phi4mm.py encode [--threads 2] [--repeats 2] [--vision-blocks 27] [--audio-blocks 24] [--bf16-activations]
+    python tools/bench_phi4mm.py encode [--threads 2] [--repeats 2] [--vision-blocks 27] [--audio-blocks 24]
+                                        [--precision float32] [--encoder speech] [--bf16-activations]
     python tools/bench_phi4mm.py decode [--threads 2] [--layers 32] [--tokens 16]
 
 encode: the image and speech encoders as Phi-4-multimodal runs them, minislm against
@@ -18,7 +19,8 @@ the arithmetic of torch's bf16 linear layers, timed against the same transformer
           24 blocks) from log-mel features to its states.
 Runs are interleaved engine by engine within each repeat (a machine shared with other
 work slows both alike); the best of the repeats is reported, all of them printed.
---vision-blocks / --audio-blocks shrink the towers (both sides alike) to save time.
+--vision-blocks / --audio-blocks shrink the towers (both sides alike) to save time;
+--precision and --encoder time only those rows.
 
 decode: a bf16 checkpoint with Phi-4-multimodal's decoder shapes (3072 wide, 24 heads,
 8 KV heads, 8192 MLP, vocabulary 200064, the two LoRAs at ranks 256 and 320; the
@@ -126,8 +128,9 @@ def run_encode(args) -> None:
     bf16_values(encoder)
     ours = {"float32": {**minislm_weights(tower, TOWER), **minislm_weights(encoder, CONFORMER, AUDIO_RENAMES)}}
     ours["bf16"] = packed(ours["float32"])
-    precisions = ["float32", "bf16"]
-    if args.bf16_activations:
+    precisions = ["float32", "bf16"] if args.precision == "both" else [args.precision]
+    if args.bf16_activations:  # its ratio is to transformers' bf16 row, which then runs too
+        precisions += [p for p in ("bf16",) if p not in precisions]
         ours[BF16_X_BF16] = with_encoder_activations(ours["bf16"], "bf16")
         precisions.append(BF16_X_BF16)
     theirs = {"float32": (tower, encoder),
@@ -162,16 +165,19 @@ def run_encode(args) -> None:
         with torch.no_grad():
             return theirs[TORCH_PRECISION.get(precision, precision)][1](torch.from_numpy(speech)[None].to(dtype), None)[0].float().numpy()
 
+    inputs = [(what, engines) for what, engines in (
+        ("image, 3 views", (("minislm", minislm_image), ("transformers", transformers_image))),
+        ("speech, 10 s", (("minislm", minislm_speech), ("transformers", transformers_speech))))
+        if args.encoder in ("both", what.split(",")[0])]
     for precision in precisions:  # untimed: compile, warm up, and agree
-        a, b = minislm_image(precision), transformers_image(precision)
-        c, d = minislm_speech(precision), transformers_speech(precision)
-        print(f"check {precision}: image features max |diff| {np.abs(a - b).max():.2e} (values up to {np.abs(b).max():.1f}), "
-              f"speech states {np.abs(c - d).max():.2e} (up to {np.abs(d).max():.1f})", flush=True)
+        for what, ((_, ours_run), (_, theirs_run)) in inputs:
+            a, b = ours_run(precision), theirs_run(precision)
+            print(f"check {precision} {what}: max |diff| {np.abs(a - b).max():.2e} (values up to {np.abs(b).max():.1f})",
+                  flush=True)
 
     results = {}
     for _ in range(args.repeats):
-        for what, engines in (("image, 3 views", (("minislm", minislm_image), ("transformers", transformers_image))),
-                              ("speech, 10 s", (("minislm", minislm_speech), ("transformers", transformers_speech)))):
+        for what, engines in inputs:
             for precision in precisions:
                 for engine, run in engines:
                     if precision == BF16_X_BF16 and engine == "transformers":
@@ -244,6 +250,8 @@ def main() -> None:
     enc.add_argument("--threads", type=int, default=2)
     enc.add_argument("--vision-blocks", type=int, default=27)
     enc.add_argument("--audio-blocks", type=int, default=24)
+    enc.add_argument("--precision", choices=["both", "float32", "bf16"], default="both", help="which rows to time")
+    enc.add_argument("--encoder", choices=["both", "image", "speech"], default="both", help="which encoder to time")
     enc.add_argument("--bf16-activations", action="store_true",
                      help="also time minislm's bf16 encoders with activations rounded to bf16 (row 'bf16 x bf16')")
     enc.add_argument("--json", help="write every timing here")

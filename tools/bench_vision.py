@@ -1,6 +1,6 @@
 """Image encoding and decode speed on Phi-3-vision's shapes (random weights).
 
-    python tools/bench_vision.py encode [--repeats 3] [--threads 2] [--bf16-activations]
+    python tools/bench_vision.py encode [--repeats 3] [--threads 2] [--precision float32] [--bf16-activations]
     python tools/bench_vision.py decode [--folder /tmp/phi3v-random] [--tokens 16]
 
 encode: CLIP ViT-L/14-336 on the views of one image (num_crops 1: global + 1 crop;
@@ -107,8 +107,9 @@ def run_encode(args) -> None:
     config = VisionConfig()
     weights = bf16_round(tower_weights(config))  # bf16 values, so both precisions start from the same numbers
     ours = {"float32": weights, "bf16": packed(weights)}
-    precisions = ["float32", "bf16"]
-    if args.bf16_activations:
+    precisions = ["float32", "bf16"] if args.precision == "both" else [args.precision]
+    if args.bf16_activations:  # its ratio is to transformers' bf16 row, which then runs too
+        precisions += [p for p in ("bf16",) if p not in precisions]
         ours[BF16_X_BF16] = with_encoder_activations(ours["bf16"], "bf16")
         precisions.append(BF16_X_BF16)
     reference = {
@@ -201,6 +202,7 @@ def main() -> None:
     enc.add_argument("--repeats", type=int, default=3, help="runs of each engine on the 1+1 view image")
     enc.add_argument("--repeats-16", type=int, default=1, help="runs of each engine on the 16+1 view image")
     enc.add_argument("--threads", type=int, default=2)
+    enc.add_argument("--precision", choices=["both", "float32", "bf16"], default="both", help="which rows to time")
     enc.add_argument("--bf16-activations", action="store_true",
                      help="also time minislm's bf16 tower with activations rounded to bf16 (row 'bf16 x bf16')")
     enc.add_argument("--json", help="write every timing here")

@@ -34,9 +34,9 @@ import numpy as np
 from ..config import ModelConfig, parse_config
 from ..errors import MinislmError
 from ..weights import bf16_to_float32, expected_shapes
-from .gguf_blocks import BLOCK_TYPES, unpack_rows
+from .gguf_blocks import BLOCK_TYPES, K_QUANT_FIELDS, unpack_rows, unpack_superblocks
 from .gguf_file import read_gguf
-from .grouped import GroupedCodes, RowStack, take_rows
+from .grouped import GroupedCodes, RowStack, SuperBlockCodes, take_rows
 
 ARCHITECTURES = ("phi3", "llama", "phimoe")
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -270,7 +270,8 @@ def logical_shape(t) -> tuple[int, ...]:
 
 
 def unpack(gg: GgufFile, t, index: int | None = None):
-    """One tensor (or one expert of a stacked 3-D tensor) as float32 or GroupedCodes."""
+    """One tensor (or one expert of a stacked 3-D tensor) as float32, GroupedCodes or
+    (K-quants) SuperBlockCodes."""
     data = t.data if index is None else t.data[index]
     kind = t.tensor_type.name
     if kind == "F32":
@@ -281,8 +282,13 @@ def unpack(gg: GgufFile, t, index: int | None = None):
         return bf16_to_float32(np.ascontiguousarray(data).view(np.uint16))
     if data.ndim != 2:
         raise MinislmError(f"{gg.path}: tensor '{t.name}' is a {data.ndim}-D {kind} tensor; expected a matrix")
-    q = unpack_rows(kind, data)
-    if not (np.isfinite(q.scales).all() and np.isfinite(q.offsets).all()):
+    if kind in K_QUANT_FIELDS:  # kept with its two levels of scales (kernels/kquant.py)
+        q = unpack_superblocks(kind, data)
+        finite = np.isfinite(q.d).all() and (q.dmin is None or np.isfinite(q.dmin).all())
+    else:
+        q = unpack_rows(kind, data)
+        finite = np.isfinite(q.scales).all() and np.isfinite(q.offsets).all()
+    if not finite:
         raise MinislmError(f"{gg.path}: tensor '{t.name}' has a scale that is not a finite number (corrupt file)")
     return q
 
@@ -300,7 +306,7 @@ class Planned:
 
     shape: tuple[int, ...]
     sources: tuple  # GGUF tensor names it reads (for error messages)
-    make: object  # () -> float32 array, GroupedCodes or RowStack
+    make: object  # () -> float32 array, GroupedCodes, SuperBlockCodes or RowStack
 
 
 def weight_plan(gg: GgufFile) -> dict[str, Planned]:
@@ -379,7 +385,7 @@ def phimoe_layer(gg: GgufFile, plan: dict, direct, blk: str, hub: str) -> None:
 
 
 def reorder_rows(stored, rows: np.ndarray):
-    return take_rows(stored, rows) if isinstance(stored, GroupedCodes) else stored[rows]
+    return take_rows(stored, rows) if isinstance(stored, (GroupedCodes, SuperBlockCodes)) else stored[rows]
 
 
 def need_tensor(gg: GgufFile, name: str):

@@ -9,6 +9,10 @@ block: codes (n_blocks, weights per block), scales and offsets
 
     weight = scale * code + offset          (one scale/offset per group)
 
+The K-quants' `*_fields` functions return their fields before that multiplication
+(`unpack_superblocks`: the codes, fp16 d and dmin, integer sub-block scales and
+mins), which is what the kernels read (kernels/kquant.py).
+
 The byte layouts are drawn in docs/formats.md; llama.cpp's `ggml-common.h` defines
 them and `gguf.quants.dequantize` (the same project's NumPy reference) is what
 tests/test_gguf_blocks.py holds these functions to, bit for bit.
@@ -16,7 +20,7 @@ tests/test_gguf_blocks.py holds these functions to, bit for bit.
 
 import numpy as np
 
-from .grouped import GroupedCodes
+from .grouped import GroupedCodes, SuperBlockCodes
 
 QK_K = 256  # weights per K-quant super-block
 
@@ -112,16 +116,16 @@ def k_low_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([low, high], axis=2).reshape(len(qs), QK_K)
 
 
-def q4_k(blocks):
+def q4_k_fields(blocks):
     """Q4_K, 144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of
-    nibbles. Eight sub-blocks of 32: w = (d * scale_j) * q - (dmin * min_j)."""
+    nibbles. Eight sub-blocks of 32: w = (d * scale_j) * q - (dmin * min_j).
+    Returns (codes (n, 256), d (n,), scales (n, 8), dmin (n,), mins (n, 8))."""
     d, dmin = fp16(blocks[:, 0:2]), fp16(blocks[:, 2:4])
     sc, m = k_scales_and_mins(blocks[:, 4:16])
-    codes = k_low_nibbles(blocks[:, 16:144])
-    return codes, d[:, None] * sc, -(dmin[:, None] * m)
+    return k_low_nibbles(blocks[:, 16:144]), d, sc, dmin, m
 
 
-def q5_k(blocks):
+def q5_k_fields(blocks):
     """Q5_K, 176 bytes: as Q4_K with 32 bytes of fifth bits before the nibbles; the
     fifth bit of weight 32 j + l is bit j of byte l."""
     d, dmin = fp16(blocks[:, 0:2]), fp16(blocks[:, 2:4])
@@ -129,12 +133,13 @@ def q5_k(blocks):
     qh = blocks[:, 16:48]  # (n, 32)
     fifth = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, 8, 32)
     codes = k_low_nibbles(blocks[:, 48:176]) | (fifth.reshape(len(blocks), QK_K) << np.uint8(4))
-    return codes, d[:, None] * sc, -(dmin[:, None] * m)
+    return codes, d, sc, dmin, m
 
 
-def q6_k(blocks):
+def q6_k_fields(blocks):
     """Q6_K, 210 bytes: 128 bytes of low nibbles, 64 bytes of 2-bit high parts,
     16 int8 scales, fp16 d. Sixteen sub-blocks of 16: w = (d * scale_j) * (q - 32).
+    Returns (codes (n, 256), d (n,), scales (n, 16) int8, None, None).
 
     Each half of 128 weights uses 64 low-nibble bytes L and 32 high bytes H; with
     l < 32, weight l takes L[l] low and H[l] bits 0-1, weight l+32 L[l+32] low and
@@ -143,14 +148,31 @@ def q6_k(blocks):
     n = len(blocks)
     ql = blocks[:, 0:128].reshape(n, 2, 2, 32)  # (n, half, which 32 bytes, 32)
     qh = blocks[:, 128:192].reshape(n, 2, 1, 32)  # (n, half, 1, 32)
-    sc = blocks[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
-    d = fp16(blocks[:, 208:210])
+    sc = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8)  # (n, 16)
     low, high = nibbles(ql)  # (n, half, 2, 32) each
     low4 = np.concatenate([low, high], axis=2)  # (n, half, 4, 32): weights l, l+32, l+64, l+96
     top2 = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3  # (n, half, 4, 32)
-    codes = (low4 | (top2 << np.uint8(4))).reshape(n, QK_K)
-    scales = d[:, None] * sc  # (n, 16)
-    return codes, scales, -32 * scales
+    return (low4 | (top2 << np.uint8(4))).reshape(n, QK_K), fp16(blocks[:, 208:210]), sc, None, None
+
+
+def with_offsets(fields):
+    """A K-quant's fields -> (codes, scales, offsets) per sub-block (see grouped.py)."""
+    codes, d, sc, dmin, m = fields
+    scales = d[:, None] * sc.astype(np.float32)
+    offsets = -32 * scales if dmin is None else -(dmin[:, None] * m.astype(np.float32))
+    return codes, scales, offsets
+
+
+def q4_k(blocks):
+    return with_offsets(q4_k_fields(blocks))
+
+
+def q5_k(blocks):
+    return with_offsets(q5_k_fields(blocks))
+
+
+def q6_k(blocks):
+    return with_offsets(q6_k_fields(blocks))
 
 
 # type name -> (weights per block, bytes per block, weights per group, bits per code, unpacker)
@@ -166,6 +188,19 @@ BLOCK_TYPES = {
     "Q5_K": (QK_K, 176, 32, 5, q5_k),
     "Q6_K": (QK_K, 210, 16, 6, q6_k),
 }
+
+
+K_QUANT_FIELDS = {"Q4_K": (4, q4_k_fields), "Q5_K": (5, q5_k_fields), "Q6_K": (6, q6_k_fields)}
+
+
+def unpack_superblocks(kind: str, data: np.ndarray) -> SuperBlockCodes:
+    """A K-quant tensor as stored, (rows, bytes per row) uint8 -> SuperBlockCodes: its
+    codes, and its scales at their two levels as the file has them (grouped.py)."""
+    bits, fields = K_QUANT_FIELDS[kind]
+    rows = data.shape[0]
+    codes, d, sc, dmin, m = fields(np.ascontiguousarray(data).reshape(-1, BLOCK_TYPES[kind][1]))
+    per_row = lambda a: None if a is None else a.reshape(rows, -1)  # noqa: E731
+    return SuperBlockCodes(codes.reshape(rows, -1), per_row(d), per_row(sc), per_row(dmin), per_row(m), bits)
 
 
 def unpack_rows(kind: str, data: np.ndarray) -> GroupedCodes:

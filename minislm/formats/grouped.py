@@ -30,11 +30,20 @@ the sign of a zero (`8d + (-8d)` is +0 where `d * 0` may be -0), which no sum ca
 A reader produces a `GroupedCodes` per matrix; a second, small step turns it into
 what the decoder multiplies by: `dequantize` (float32: the exact path, for tests and
 small models), or a packed kernel weight that computes the same sum (the next step).
+
+K-quants (Q4_K, Q5_K, Q6_K) have a second shape, `SuperBlockCodes`, which keeps
+their two levels of scales (an fp16 d and dmin per 256 weights, 6-bit integer
+scales and mins per sub-block) instead of multiplying them out into a float32 scale
+and offset per group: the kernels read those integers (kernels/kquant.py), which
+is what keeps a K-quant file at its own size in memory. `as_grouped` gives the
+table's form above, exactly.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..kernels.reference import KQUANT_KINDS, QK_K
 
 
 @dataclass(frozen=True)
@@ -84,10 +93,56 @@ def dequantize(q: GroupedCodes) -> np.ndarray:
     return original
 
 
-def take_rows(q: GroupedCodes, rows: np.ndarray) -> GroupedCodes:
-    """The matrix with its rows reordered (row i of the result is row rows[i] of q)."""
+def take_rows(q, rows: np.ndarray):
+    """The matrix (GroupedCodes or SuperBlockCodes) with its rows reordered (row i of
+    the result is row rows[i] of q)."""
+    if isinstance(q, SuperBlockCodes):
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return SuperBlockCodes(q.codes[rows], q.d[rows], q.sub_scales[rows], pick(q.dmin), pick(q.sub_mins), q.bits)
     zero = q.zero[rows] if isinstance(q.zero, np.ndarray) else q.zero
     return GroupedCodes(q.codes[rows], q.scales[rows], q.offsets[rows], q.group_size, q.bits, q.input_order, zero)
+
+
+SUPER_BLOCK = QK_K  # weights per K-quant super-block (256)
+
+
+@dataclass(frozen=True)
+class SuperBlockCodes:
+    """A K-quant (out, in) matrix with its two levels of scales:
+
+        W[r, k] = d[r, s] * sc[r, j] * (codes[r, k] - z) - dmin[r, s] * m[r, j]
+                  s = k // 256, j = k // sub_block
+
+    Q4_K and Q5_K (bits 4, 5): sub-blocks of 32, 6-bit sc and m (uint8), z = 0.
+    Q6_K (bits 6): sub-blocks of 16, int8 sc, no dmin and m, z = 32.
+    """
+
+    codes: np.ndarray  # (out, in) uint8, below 2**bits
+    d: np.ndarray  # (out, in // 256) float32 holding float16 values
+    sub_scales: np.ndarray  # (out, in // sub_block) uint8 (Q6_K: int8)
+    dmin: np.ndarray | None  # (out, in // 256) float32 holding float16 values, or None (Q6_K)
+    sub_mins: np.ndarray | None  # (out, in // sub_block) uint8, or None (Q6_K)
+    bits: int  # 4, 5 or 6
+
+    @property
+    def sub_block(self) -> int:
+        return KQUANT_KINDS[self.bits][0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def as_grouped(self) -> GroupedCodes:
+        """The same weights as GroupedCodes (scale d*sc and offset -dmin*m per sub-block,
+        or Q6_K's zero code 32): every product is exact in float32, so both forms
+        dequantize to the same bits."""
+        G, zero, _ = KQUANT_KINDS[self.bits]
+        per_sub = SUPER_BLOCK // G
+        scales = np.repeat(self.d, per_sub, axis=1) * self.sub_scales.astype(np.float32)
+        if self.dmin is None:
+            return GroupedCodes(self.codes, scales, -zero * scales, G, self.bits, zero=zero)
+        offsets = -(np.repeat(self.dmin, per_sub, axis=1) * self.sub_mins.astype(np.float32))
+        return GroupedCodes(self.codes, scales, offsets, G, self.bits)
 
 
 @dataclass(frozen=True)
@@ -103,6 +158,8 @@ class RowStack:
 
 def to_float32(stored) -> np.ndarray:
     """What the float path multiplies by: a float32 array, whatever the reader made."""
+    if isinstance(stored, SuperBlockCodes):
+        stored = stored.as_grouped()
     if isinstance(stored, GroupedCodes):
         return dequantize(stored)
     if isinstance(stored, RowStack):

@@ -15,6 +15,12 @@ the packed weight holds the file's weights bit for bit (tests compare their
 group), which is why the packed path is compared with the float path under the
 kernels' own tolerance, not bit for bit.
 
+K-quants arrive as SuperBlockCodes and become `KQuantWeight`s (kernels/kquant.py),
+which keep the file's two levels of scales and its code widths: the same weights,
+bit for bit, at the file's size (a GroupedCodes of a Q4_K tensor would cost 6 bits
+a weight in Int4Weight tiles, a Q6_K one 10 in Int8Weight tiles, against the file's
+4.5 and 6.5625). Their activations are int8 per 256 inputs instead of per 32.
+
 Two shapes of GroupedCodes need a wrapper, since one packed matrix cannot express
 them: GPTQ's act-order (the columns are stored sorted by group: the activations are
 gathered in that order before the multiplication) and stacked parts of different
@@ -27,19 +33,26 @@ whether this install has them, and `minislm.load` falls back to float32 without.
 
 import numpy as np
 
-from .grouped import GroupedCodes, RowStack, to_float32
+from .grouped import GroupedCodes, RowStack, SuperBlockCodes, to_float32
 
 
 def available() -> bool:
     from .. import kernels
 
-    return hasattr(getattr(kernels, "Int4Weight", None), "from_codes") and hasattr(kernels, "Int8Weight")
+    return (hasattr(getattr(kernels, "Int4Weight", None), "from_codes") and hasattr(kernels, "Int8Weight")
+            and hasattr(kernels, "KQuantWeight"))
 
 
 def to_kernel_weight(stored, name: str = "weight"):
-    """A float32 array stays float32; GroupedCodes and RowStack become packed weights."""
+    """A float32 array stays float32; GroupedCodes, SuperBlockCodes and RowStack become
+    packed weights."""
     if isinstance(stored, RowStack):
         return StackedRows([to_kernel_weight(part, name) for part in stored.parts])
+    if isinstance(stored, SuperBlockCodes):
+        from ..kernels import KQuantWeight
+
+        q = stored
+        return KQuantWeight.from_superblocks(q.codes, q.d, q.sub_scales, q.dmin, q.sub_mins, q.bits, name=name)
     if not isinstance(stored, GroupedCodes):
         return to_float32(stored)
     from ..kernels import Int4Weight, Int8Weight

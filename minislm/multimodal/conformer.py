@@ -31,6 +31,9 @@ F = 1536, Cc = 1024 subsampling channels.
 
 import numpy as np
 
+from ..kernels import get_threads
+from ..kernels.conv import conv3x3_stride2, conv_relu_then_depthwise
+from ..kernels.threads import on_python_threads, row_bands
 from ..model import NO_TRACE, layer_norm, linear, softmax
 from .config import CONFORMER, ConformerConfig
 
@@ -44,32 +47,52 @@ def swish(x: np.ndarray) -> np.ndarray:
 
 
 def relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, np.float32(0))
+    """max(x, 0), in place (x is always a fresh product here)."""
+    return np.maximum(x, np.float32(0), out=x)
 
 
 # ---------------------------------------------------------------- subsampling
 
 
-def conv_stride2(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, depthwise: bool) -> np.ndarray:
-    """A 3x3 convolution with stride 2 and padding 1 over (time, mel).
+def taps_of(weight: np.ndarray) -> np.ndarray:
+    """A (C, 1, 3, 3) filter bank as the kernels take it: (9, C), taps in (dy, dx) order."""
+    return np.ascontiguousarray(np.asarray(weight, dtype=np.float32).reshape(len(weight), 9).T)
 
-    x (Cin, H, W) -> (Cout, ceil(H/2), ceil(W/2)). Full (weight (Cout, Cin, 3, 3)):
-    every output channel sums all input channels; depthwise (weight (C, 1, 3, 3)):
-    each channel is filtered on its own.
-    """
-    C, H, W = x.shape
-    Ho, Wo = (H - 1) // 2 + 1, (W - 1) // 2 + 1
-    padded = np.zeros((C, H + 2, W + 2), dtype=np.float32)
-    padded[:, 1:-1, 1:-1] = x
-    taps = [padded[:, dy : dy + 2 * Ho : 2, dx : dx + 2 * Wo : 2] for dy in range(3) for dx in range(3)]  # 9 x (C, Ho, Wo)
-    if depthwise:
-        kernel = weight.reshape(C, 9)
-        out = taps[0] * kernel[:, 0, None, None]
-        for t in range(1, 9):
-            out += taps[t] * kernel[:, t, None, None]
-        return out + bias[:, None, None]
-    patches = np.stack(taps, axis=1).reshape(C * 9, Ho * Wo)  # rows in the kernel's (Cin, dy, dx) order
-    return (weight.reshape(len(weight), C * 9) @ patches + bias[:, None]).reshape(-1, Ho, Wo)
+
+def conv_stride2(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """A depthwise 3x3 convolution with stride 2 and padding 1 over (time, mel), channels
+    last: x (H, W, C) -> (ceil(H/2), ceil(W/2), C), each channel filtered on its own
+    (weight (C, 1, 3, 3))."""
+    H, W, C = x.shape
+    x, taps, bias = np.ascontiguousarray(x, dtype=np.float32), taps_of(weight), np.asarray(bias, np.float32)
+    out = np.empty(((H + 1) // 2, (W + 1) // 2, C), dtype=np.float32)
+    on_row_bands(lambda lo, hi: conv3x3_stride2(x, taps, bias, False, out, lo, hi), len(out))
+    return out
+
+
+def first_convolutions(w: dict, features: np.ndarray, depthwise: bool) -> np.ndarray:
+    """conv.0 (the one-channel spectrogram filtered by each of the Cc output channels,
+    3x3, stride 2) and its ReLU: (T, 80) -> (T/2, 40, Cc), channels last; with
+    `depthwise`, then also stage 1's depthwise conv.2 -> (T/4, 20, Cc), in one kernel
+    that never holds the (T/2, 40, Cc) map (82 MB for 10 s of speech)."""
+    p = CONFORMER + "embed.conv."
+    x = np.ascontiguousarray(features, dtype=np.float32)[:, :, None]  # (T, 80, 1)
+    H, W, C = (len(x) + 1) // 2, (x.shape[1] + 1) // 2, len(w[p + "0.weight"])
+    taps0, bias0 = taps_of(w[p + "0.weight"]), np.asarray(w[p + "0.bias"], np.float32)
+    if not depthwise:
+        out = np.empty((H, W, C), dtype=np.float32)
+        on_row_bands(lambda lo, hi: conv3x3_stride2(x, taps0, bias0, True, out, lo, hi), len(out))
+        return out
+    taps2, bias2 = taps_of(w[p + "2.weight"]), np.asarray(w[p + "2.bias"], np.float32)
+    out = np.empty(((H + 1) // 2, (W + 1) // 2, C), dtype=np.float32)
+    on_row_bands(lambda lo, hi: conv_relu_then_depthwise(x, taps0, bias0, taps2, bias2, out, lo, hi), len(out))
+    return out
+
+
+def on_row_bands(work, n_rows: int) -> None:
+    """work(lo, hi) for one band [lo, hi) of the n_rows output rows per thread."""
+    bands = row_bands(n_rows, max(1, min(get_threads(), n_rows)))
+    on_python_threads(lambda b: work(*bands[b]), len(bands))
 
 
 def channel_matrix(weight):
@@ -80,22 +103,27 @@ def channel_matrix(weight):
 
 
 def pointwise(x: np.ndarray, weight, bias: np.ndarray) -> np.ndarray:
-    """A 1x1 convolution: (Cin, H, W) -> (Cout, H, W), a matrix over the channels."""
-    C, H, W = x.shape
-    return linear(x.reshape(C, H * W).T, channel_matrix(weight), bias).T.reshape(-1, H, W)
+    """A 1x1 convolution: (H, W, Cin) -> (H, W, Cout), a matrix over the channels."""
+    H, W, C = x.shape
+    return linear(x.reshape(H * W, C), channel_matrix(weight), bias).reshape(H, W, -1)
 
 
 def subsample_block(config: ConformerConfig, w: dict, features: np.ndarray) -> np.ndarray:
-    """(T, 80) normalised features -> (ceil(T/8), Cc * 10): the conv stack, channels
-    and remaining mel bins flattened channel-major (index c * 10 + f)."""
+    """(T, 80) normalised features -> (ceil(T/8), Cc * 10): the conv stack over
+    channels-last maps, then channels and remaining mel bins flattened channel-major
+    (index c * 10 + f, as the reference flattens its (Cc, T, F) maps).
+
+    conv.0 + ReLU, then per stage a depthwise conv (conv.2, conv.5) and a pointwise one
+    (conv.3, conv.6) + ReLU; conv.0 and conv.2 run as one kernel (`first_convolutions`)."""
     p = CONFORMER + "embed.conv."
-    x = relu(conv_stride2(features[None], w[p + "0.weight"], w[p + "0.bias"], depthwise=False))  # (Cc, T/2, 40)
+    x = first_convolutions(w, features, depthwise=config.stages > 1)  # (T/4, 20, Cc): conv.0, ReLU, conv.2
     for stage in range(1, config.stages):
         dw, pw = 3 * stage - 1, 3 * stage  # conv.2 + conv.3, conv.5 + conv.6
-        x = conv_stride2(x, w[f"{p}{dw}.weight"], w[f"{p}{dw}.bias"], depthwise=True)
+        if stage > 1:  # stage 1's depthwise conv ran in first_convolutions
+            x = conv_stride2(x, w[f"{p}{dw}.weight"], w[f"{p}{dw}.bias"])
         x = relu(pointwise(x, w[f"{p}{pw}.weight"], w[f"{p}{pw}.bias"]))
-    Cc, Tq, F = x.shape
-    return np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(Tq, Cc * F)
+    Tq, F, Cc = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(Tq, Cc * F)
 
 
 def subsample(config: ConformerConfig, w: dict, features: np.ndarray, block: int = 256) -> np.ndarray:

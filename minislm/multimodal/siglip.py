@@ -25,8 +25,9 @@ import math
 
 import numpy as np
 
+from ..kernels.threads import side_by_side
 from ..model import layer_norm, linear, softmax
-from ..vision.tower import for_each_crop, patch_embedding
+from ..vision.tower import patch_embedding
 from .config import TOWER, SiglipConfig
 
 
@@ -96,7 +97,7 @@ def self_attention(config: SiglipConfig, w: dict, layer: str, x: np.ndarray, key
             scores[:, :, ~keys[view]] = -np.inf
         out[view] = softmax(scores, axis=-1) @ v[view]
 
-    for_each_crop(attend, N)
+    side_by_side(attend, N)
     y = linear(out.transpose(0, 2, 1, 3).reshape(N * P, C), w[layer + "self_attn.out_proj.weight"],
                w[layer + "self_attn.out_proj.bias"])
     return y.reshape(N, P, C)
