@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from minislm.kernels import KQuantWeight, cpu, kquant
 from minislm.kernels import reference as ref
-from test_kernels_packed import AWKWARD, activations
+from test_kernels_packed import AWKWARD, activations, check_paths
 
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 U = 2.0 ** -24  # float32 unit roundoff
@@ -170,16 +170,7 @@ def f32_sum_bound(q, x):
 
 def check_matmul(q, x, paths=PATHS):
     """q @ x within the float32 bound of the twin on each path, and the same bits on all."""
-    expected = ref.matmul_kquant(x, q.records, q.bits, q.shape)
-    bound = f32_sum_bound(q, x)
-    results = []
-    for path in paths:
-        y = q.matmul(x, path=path)
-        assert y.shape == (x.shape[0], q.shape[0]) and y.dtype == np.float32 and y.flags.c_contiguous
-        assert (np.abs(y.astype(np.float64) - expected) <= bound).all(), path
-        results.append(y)
-    for y in results[1:]:
-        assert np.array_equal(y.view(np.uint32), results[0].view(np.uint32))
+    check_paths(q, x, ref.matmul_kquant(x, q.records, q.bits, q.shape), f32_sum_bound(q, x), paths)
 
 
 @PROPERTY

@@ -365,7 +365,12 @@ def check_matmul(q, x, paths=PATHS):
     CPU's choice), and the same bits on all of them."""
     zero = q.zero if q.zeros is None else q.zeros
     expected = ref.matmul_packed(x, q.codes, q.scales, zero, q.offsets, q.shape, q.BITS)
-    bound = f32_sum_bound(q, x)
+    check_paths(q, x, expected, f32_sum_bound(q, x), paths)
+
+
+def check_paths(q, x, expected, bound, paths):
+    """q.matmul(x, path) within `bound` of the float64 `expected` on each path, and the
+    same bits on all of them (shared with test_kernels_kquant.py)."""
     results = []
     for path in paths:
         y = q.matmul(x, path=path)
