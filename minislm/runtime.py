@@ -69,9 +69,7 @@ class WeightsFormat:
     @classmethod
     def of(cls, weights: dict, kv_cache: str) -> "WeightsFormat":
         sizes, counts = {}, {}
-        for w in weights.values():
-            if getattr(w, "ndim", 2) != 2:
-                continue  # norm gains and biases: always float32 vectors
+        for w in matrices_of(weights.values()):
             kind = matrix_kind(w)
             sizes[kind] = sizes.get(kind, 0) + int(getattr(w, "nbytes", 0))
             counts[kind] = counts.get(kind, 0) + 1
@@ -88,6 +86,19 @@ class WeightsFormat:
         main, rest = self.kinds[0][0] if self.kinds else "float32", self.kinds[1:]
         others = ", ".join(f"{n} {'matrix' if n == 1 else 'matrices'} {k}" for k, n in rest)
         return f"{main}{f' ({others})' if others else ''}, KV cache {self.kv_cache}"
+
+
+def matrices_of(weights):
+    """The matrices among `weights`, a stack of parts of different types ([q | k | v] of
+    a `llama` GGUF, RowStack in formats/grouped.py) as its parts, and act-order's
+    gathered inputs as the weight they wrap. Norm gains and biases are left out."""
+    for w in weights:
+        if isinstance(w, StackedRows):
+            yield from matrices_of(w.parts)
+        elif isinstance(w, GatheredInputs):
+            yield w.weight
+        elif getattr(w, "ndim", 2) == 2:
+            yield w
 
 
 # "Q4_K" -> its sub-block (32; Q6_K 16), what WeightsFormat reports as the group size

@@ -150,7 +150,12 @@ def test_k_quant_gguf_through_the_kernels(tmp_path, layout):
     for i, (name, a) in enumerate(arrays.items()):
         kind = "Q6_K" if ("attn_v" in name or "ffn_down" in name) else ("Q4_K", "Q5_K")[i % 2]
         tensors[name] = (a, None) if a.ndim == 1 else (random_k_blocks(rng, *a.shape, kind), gguf.GGMLQuantizationType[kind])
-    packed_vs_twin(write_gguf(tmp_path / "k.gguf", folder, layout, tensors=tensors))
+    path = write_gguf(tmp_path / "k.gguf", folder, layout, tensors=tensors)
+    packed_vs_twin(path)
+    fmt = minislm.load(path).weights_format   # the file's own types, not "int4"/"int8"
+    assert set(dict(fmt.kinds)) == {"Q4_K", "Q5_K", "Q6_K"}, fmt.kinds   # stacked parts counted as themselves
+    assert fmt.format in ("Q4_K", "Q5_K", "Q6_K") and fmt.bits == int(fmt.format[1])
+    assert fmt.group_size == (16 if fmt.format == "Q6_K" else 32)
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_1"])
