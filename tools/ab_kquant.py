@@ -1,6 +1,6 @@
 """A K-quant GGUF decoded two ways in one process: at the file's size, and widened into tiles.
 
-    python tools/ab_kquant.py FILE.gguf [--rounds 12] [--tokens 8] [--threads 2]
+    python tools/ab_kquant.py FILE.gguf [--rounds 12] [--tokens 8] [--threads 2] [--quiet-below 10]
 
 The same blocks become two models: the loader's (`KQuantWeight`, kernels/kquant.py:
 the file's super-blocks, 4.6-6.6 bits a weight) and the way minislm read K-quants
@@ -11,6 +11,9 @@ moved between 33 and 62 GB/s within minutes) hurts both alike; separate bench ru
 of the two cannot be compared that closely. Prints, for each: the bytes a step
 reads, the best and median ms per token (a whole decode step: every GEMV plus the
 attention, norms, RoPE and SwiGLU), and the same for the GEMVs alone, per kind.
+On a shared Linux machine `--quiet-below P` starts each round only when the CPU
+pressure (/proc/pressure/cpu, the share of the last 10 s in which some task waited
+for a core) is below P %, and keeps only the rounds it still was after.
 """
 
 import argparse
@@ -31,6 +34,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=8, help="decode steps per round and model")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quiet-below", type=float, help="wait for CPU pressure below this %% (Linux PSI)")
     args = parser.parse_args()
 
     import minislm
@@ -65,19 +69,31 @@ def main() -> int:
     for name, model in models.items():   # warm-up: compile, first touch, a 128-token cache
         caches[name] = model.new_cache(128 + args.rounds * args.tokens + 1)
         model.lm_head(model.forward(np.arange(3, 131), caches[name])[-1:])
+    kept = 0
     for r in range(args.rounds):
+        wait_for_quiet(args.quiet_below)
+        timed = {}
         for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
             model = models[name]
             start = time.perf_counter()
             for i in range(args.tokens):
                 model.lm_head(model.forward(np.array([5 + i]), caches[name]))
-            steps[name].append((time.perf_counter() - start) / args.tokens)
+            timed[name, "step"] = (time.perf_counter() - start) / args.tokens
             for kind in [None, *kinds]:
                 start = time.perf_counter()
                 for w in matrices(model, kind):
                     w.matmul(inputs[w.shape[1]])
-                gemvs[name, kind].append(time.perf_counter() - start)
-    print(f"{args.model.name}, {args.threads} threads, {args.rounds} alternating rounds of {args.tokens} tokens")
+                timed[name, kind] = time.perf_counter() - start
+        if args.quiet_below is not None and cpu_pressure() >= args.quiet_below:
+            continue  # someone else ran meanwhile: the round measured them too
+        kept += 1
+        for (name, what), seconds in timed.items():
+            (steps[name] if what == "step" else gemvs[name, what]).append(seconds)
+    if not kept:
+        print("no round stayed quiet; nothing to report", file=sys.stderr)
+        return 1
+    print(f"{args.model.name}, {args.threads} threads, {kept} of {args.rounds} alternating rounds of {args.tokens} tokens"
+          + (f" (kept: CPU pressure below {args.quiet_below} % before and after)" if args.quiet_below is not None else ""))
     print("| weights | GB of matrices | decode ms/token best / median | tok/s best | GEMVs ms best / median | GEMVs GB/s best |")
     print("|---|---|---|---|---|---|")
     for name, model in models.items():
@@ -95,6 +111,18 @@ def main() -> int:
             print(f"| {kind} | {name} | {nbytes / 1e9:.3f} | {min(g) * 1e3:.1f} / {statistics.median(g) * 1e3:.1f} | "
                   f"{nbytes / min(g) / 1e9:.1f} |")
     return 0
+
+
+def cpu_pressure() -> float:
+    """Linux's CPU pressure, avg10: % of the last 10 s some runnable task waited for a core."""
+    with open("/proc/pressure/cpu") as f:
+        return float(f.readline().split()[1].split("=")[1])
+
+
+def wait_for_quiet(below: float | None, longest_s: float = 900) -> None:
+    start = time.monotonic()
+    while below is not None and cpu_pressure() >= below and time.monotonic() - start < longest_s:
+        time.sleep(2)
 
 
 if __name__ == "__main__":

@@ -50,9 +50,9 @@ ENGINES = [
     Engine("minislm-int4-g128-folder", "minislm", "int4", 0.5 + 2 / 128, prequantized=True),
     # a user's GGUF (Q4_0, llama.cpp's quantizer: Q6_K output layer), run by minislm
     Engine("minislm-gguf-Q4_0", "minislm", "Q4_0", 18 / 32, gguf=True, decode_peer="llama.cpp-Q4_0"),
-    # Q4_K_M (what Microsoft's Phi-3-mini GGUF repository ships): Q4_K and Q6_K codes; the
-    # kernels hold them in wider tiles (a float32 scale and offset per 32, 6-bit codes in
-    # bytes), ~0.8 bytes a weight against the file's ~0.6 (docs/formats.md)
+    # Q4_K_M (what Microsoft's Phi-3-mini GGUF repository ships): Q4_K and Q6_K codes, kept
+    # in their super-blocks (kernels/kquant.py): ~0.64 bytes a weight, the file's +1.8 %
+    # (0.85 here: loading holds a tensor's unpacked codes beside the memory-mapped file)
     Engine("minislm-gguf-Q4_K_M", "minislm", "Q4_K_M", 0.85, gguf=True, decode_peer="llama.cpp-Q4_K_M"),
     Engine("llama.cpp-F16", "llama.cpp", "F16", 2.0),
     Engine("llama.cpp-Q8_0", "llama.cpp", "Q8_0", 34 / 32),
