@@ -102,3 +102,23 @@ def side_by_side(work, n_items):
         on_python_threads(work, n_items)
     finally:
         limits.restore_original_limits()
+
+
+def matmul_in_bands(x, w, out):
+    """out (T, n) = x (T, k) @ w (n, k).T for float32 arrays, each thread multiplying its
+    band of x's rows by the whole of w with BLAS on one thread (`side_by_side`).
+
+    As fast as BLAS's own threads on these products (measured on 2 cores: 12.6 against
+    12.4 ms at 1154 x 1024 x 1024, 409 against 411 ms at 9809 x 4096 x 1024), and it
+    leaves no BLAS thread behind: after a threaded product OpenBLAS's threads spin for
+    up to ~0.1 s, and the Python threads of the work that follows share the cores with
+    them (a 2-view CLIP attention took 28 ms right after a threaded product, 23 ms
+    after a pause)."""
+    bands = row_bands(len(x), max(1, min(get_threads(), len(x))))
+
+    def band(i):
+        a, b = bands[i]
+        np.matmul(x[a:b], w.T, out=out[a:b])
+
+    side_by_side(band, len(bands))
+    return out

@@ -1,14 +1,20 @@
-"""Does a BLAS product slow down right after a Numba `prange` kernel? (It does, on 2 cores.)
+"""Thread pools that spin after their work, and what they cost the work that follows.
 
     python tools/bench_thread_pools.py [--threads 2] [--rounds 10]
 
-Times a float32 (1154 x 1024) @ (1024 x 1024) product (a CLIP q_proj on 2 views)
-right after another product, and right after a short `prange` kernel (quick_gelu
-over 1154 x 4096 values, compiled here with `parallel=True` from the serial kernel
-of kernels/rowwise.py); also the same kernel run on Python threads
-(`threads.on_python_threads`, what the encoders do). OpenMP's threads spin for a
-while after a parallel region; a BLAS thread that starts then may share its core
-with one. The best and the median of --rounds rounds are printed.
+1. A float32 (1154 x 1024) @ (1024 x 1024) product (a CLIP q_proj on 2 views) right
+   after another product, right after a short `prange` kernel (quick_gelu over
+   1154 x 4096 values, compiled here with `parallel=True` from the serial kernel of
+   kernels/rowwise.py), and right after that kernel run on Python threads
+   (`threads.on_python_threads`, what the encoders do). OpenMP's threads spin for a
+   while after a parallel region; a BLAS thread that starts then may share a core
+   with one.
+2. Ten of those kernels on Python threads (~10 ms of work) right after the product
+   done by BLAS's own threads, and right after the same product in row bands on
+   Python threads with BLAS on one thread (`threads.matmul_in_bands`, what the CLIP
+   tower does). OpenBLAS's threads spin for a while after a threaded product.
+
+The best and the median of --rounds rounds are printed.
 """
 
 import argparse
@@ -37,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from minislm.kernels import rowwise, set_threads
-    from minislm.kernels.threads import on_python_threads, row_bands
+    from minislm.kernels.threads import matmul_in_bands, on_python_threads, row_bands
 
     set_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -67,6 +73,21 @@ def main() -> None:
     print(f"(1154 x 1024) @ (1024 x 1024) float32 product, threads {args.threads}, ms:")
     for name, t in times.items():
         print(f"  right after {name:30s} best {min(t) * 1e3:6.2f}  median {statistics.median(t) * 1e3:6.2f}")
+
+    out = np.empty((len(x), len(w)), np.float32)
+    products = {"the product on BLAS's threads": lambda: np.matmul(x, w.T, out=out),
+                "the product in bands (BLAS on one thread)": lambda: matmul_in_bands(x, w, out)}
+    times = {name: [] for name in products}
+    for _ in range(args.rounds):
+        for name, run in products.items():
+            run()
+            start = time.perf_counter()
+            for _ in range(10):
+                on_threads()
+            times[name].append(time.perf_counter() - start)
+    print(f"ten quick_gelu kernels on Python threads, threads {args.threads}, ms:")
+    for name, t in times.items():
+        print(f"  right after {name:44s} best {min(t) * 1e3:6.2f}  median {statistics.median(t) * 1e3:6.2f}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels.rowwise import add_residual, layer_norm, quick_gelu, softmax_rows_in_place
-from ..kernels.threads import side_by_side
+from ..kernels.threads import matmul_in_bands, side_by_side
 from ..model import linear
 from .config import VISION_MODEL, VisionConfig
 
@@ -37,7 +37,7 @@ def patch_embedding(pixels: np.ndarray, weight: np.ndarray, patch: int) -> np.nd
     blocks = pixels.reshape(N, channels, side, patch, side, patch)  # (N, 3, row, y, col, x)
     blocks = blocks.transpose(0, 2, 4, 1, 3, 5).reshape(N * side * side, channels * patch * patch)  # (N*576, 588)
     kernel = np.asarray(weight, dtype=np.float32).reshape(weight.shape[0], -1)  # (C, 588), same (3, y, x) order
-    return linear(blocks, kernel).reshape(N, side * side, -1)  # row-major patches: left to right, top to bottom
+    return project(blocks, kernel).reshape(N, side * side, -1)  # row-major patches: left to right, top to bottom
 
 
 def embeddings(config: VisionConfig, w: dict, pixels: np.ndarray) -> np.ndarray:
@@ -76,11 +76,17 @@ class Workspace:
                    np.empty((rows, C), np.float32))
 
 
-def project(x: np.ndarray, weight, out: np.ndarray) -> np.ndarray:
-    """x @ weight.T (`model.linear`, no bias) written into `out`: the product by BLAS
-    straight into it for a float32 matrix, copied there for a packed one."""
+def project(x: np.ndarray, weight, out: np.ndarray | None = None) -> np.ndarray:
+    """x @ weight.T (`model.linear`, no bias), written into `out` (or a new array).
+
+    A float32 matrix is multiplied by BLAS on one thread per band of rows, the bands
+    side by side on the cores (`matmul_in_bands`): as fast as BLAS's own threads, and
+    no BLAS thread is left spinning into the attention and the kernels that follow,
+    which run on the same cores. A packed matrix multiplies itself (`linear`)."""
+    if out is None:
+        out = np.empty((len(x), weight.shape[0]), dtype=np.float32)
     if isinstance(weight, np.ndarray):
-        return np.matmul(x, weight.T, out=out)
+        return matmul_in_bands(np.ascontiguousarray(x, dtype=np.float32), np.asarray(weight, dtype=np.float32), out)
     out[...] = linear(x, weight)
     return out
 
