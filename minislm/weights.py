@@ -27,6 +27,7 @@ import numpy as np
 from .config import ModelConfig, read_json
 from .errors import MinislmError
 from .multimodal.config import phi4mm_shapes
+from .uncached import UncachedFile
 # bfloat16 is defined once, beside the kernels that widen it (kernels/reference.py):
 # widening is a 16-bit shift (exact), rounding is to nearest, ties to even.
 from .kernels.reference import bf16_to_f32 as bf16_to_float32
@@ -198,7 +199,7 @@ def write_safetensors(path: Path, entries: dict, arrays, metadata: dict | None =
     header_bytes = json.dumps(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # keep tensor data 8-byte aligned
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
+    with UncachedFile(partial) as f:  # the page cache is full of the checkpoint just read (minislm/uncached.py)
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for (name, (tag, shape)), array in zip(entries.items(), arrays, strict=True):
