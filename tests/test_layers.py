@@ -17,7 +17,7 @@ LAYERS = [
                     "minislm.multimodal.config", "minislm.sampling", "minislm.logprobs", "minislm.grammar", "minislm.trace",
                     "minislm.hub", "minislm.text_input", "minislm.compile_notice", "minislm.chat_sandbox",
                     "minislm.reasoning"]),
-    ("storage and kernels", ["minislm.kernels", "minislm.weights", "minislm.streaming", "minislm.cache",
+    ("storage and kernels", ["minislm.kernels", "minislm.weights", "minislm.streaming", "minislm.uncached", "minislm.cache",
                              "minislm.tokenizer", "minislm.tiktoken_bpe", "minislm.formats"]),
     ("model math", ["minislm.model", "minislm.moe", "minislm.blocksparse", "minislm.lora"]),
     ("vision", ["minislm.vision", "minislm.multimodal"]),
