@@ -59,6 +59,7 @@ def load_model(args):
         symmetric=False if getattr(args, "asymmetric", False) else None,
         kv_cache=getattr(args, "kv_cache", None),
         encoder_activations=getattr(args, "encoder_activations", None),
+        decoder_activations=getattr(args, "decoder_activations", None),
     )
     if Path(source).expanduser().is_file():  # a GGUF file carries its own tokenizer
         model = load(source, **flags)

@@ -43,6 +43,10 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
                    help="Phi-3-vision and Phi-4-multimodal with --quant bf16/int4: bf16 rounds the image and speech "
                         "encoders' activations to bf16 before each matrix product, as transformers does in bf16 "
                         "(about twice as fast where the CPU has AVX512-BF16; default float32: exact products)")
+    p.add_argument("--decoder-activations", choices=list(ENCODER_ACTIVATIONS),
+                   help="with --quant bf16: bf16 rounds the decoder's activations to bf16 before each matrix "
+                        "product, as transformers does in bf16 (about twice as fast a prefill where the CPU has "
+                        "AVX512-BF16; default float32: exact products)")
 
 
 def add_group_flags(p: argparse.ArgumentParser) -> None:

@@ -28,8 +28,8 @@ from .formats.hub_quantized import hub_quantization
 from .hub import resolve_model_dir
 from .lora import packed_adapter
 from .multimodal.checkpoint import load_adapters, split_checkpoint
-from .quantize import (QuantConfig, check_encoder_activations, pack_weights, packable, read_packed_weights,
-                       with_encoder_activations)
+from .quantize import (QuantConfig, check_decoder_activations, check_encoder_activations, pack_weights, packable,
+                       read_packed_weights, with_decoder_activations, with_encoder_activations)
 from .runtime import Model
 from .streaming import release, widen
 from .tokenizer import load_tokenizer
@@ -48,6 +48,7 @@ def load(
     output_bits: int | None = None,
     kv_cache: str | None = None,
     encoder_activations: str | None = None,
+    decoder_activations: str | None = None,
 ) -> Model:
     """Load a Phi-3 or PhiMoE checkpoint (local folder, Hugging Face repo id or GGUF
     file; by default the small Shakespeare model shipped inside the package).
@@ -64,7 +65,9 @@ def load(
     encoder_activations: "bf16" rounds the activations of Phi-3-vision's and
     Phi-4-multimodal's encoders to bf16 before each matrix product, as transformers
     does in bf16 (their matrices must be bf16: quant="bf16" or "int4"); by default
-    "float32", the activations as they are.
+    "float32", the activations as they are. decoder_activations: the same for the
+    decoder's matrices (quant="bf16" only): "bf16" computes every product as
+    transformers does in bf16, about twice as fast as the default's exact products.
 
     A GGUF file, or an AWQ/GPTQ/MLX folder, keeps its own codes and scales: each
     matrix becomes a packed weight holding exactly the format's weights, multiplied
@@ -76,12 +79,14 @@ def load(
     if kv_cache is not None and kv_cache not in KV_DTYPES:
         raise MinislmError(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_DTYPES)}")
     announce_compilation()  # says so, once per process, if a kernel really compiles
+    check_decoder_activations(decoder_activations, quant)
     exact = quant == "float32"
     quant = None if exact else quant
     if model is not None and Path(model).expanduser().is_file():
         check_quant_request(Path(model), None, quant, group_size, symmetric, output_bits)
         check_encoder_activations(encoder_activations, None, quant, Path(model))  # a GGUF file: no encoders
-        return load_gguf(Path(model).expanduser(), quant, group_size, symmetric, exact, output_bits, kv_cache)
+        return load_gguf(Path(model).expanduser(), quant, group_size, symmetric, exact, output_bits, kv_cache,
+                         decoder_activations)
     model_dir = resolve_model_dir(bundled_model() if model is None else model, revision)
     config = load_config(model_dir)
     tensors = split_fused_experts(read_checkpoint(model_dir), config, model_dir)
@@ -118,6 +123,8 @@ def load(
             weights = pack_weights(tensors, config, used, model_dir)
     if encoder_activations is not None:
         weights = with_encoder_activations(weights, encoder_activations)
+    if decoder_activations is not None:
+        weights = with_decoder_activations(weights, decoder_activations)
     adapters = load_adapters(model_dir, config, lora_tensors, weights) if config.phi4mm is not None else None
     if adapters and used is not None:  # packed weights: the adapters in bf16 too
         adapters = {name: packed_adapter(adapter) for name, adapter in adapters.items()}
@@ -238,7 +245,7 @@ class UnpackedTensors(Mapping):
 
 
 def load_gguf(path: Path, quant: str | None, group_size: int | None, symmetric: bool | None, exact: bool,
-              output_bits: int | None = None, kv_cache: str | None = None) -> Model:
+              output_bits: int | None = None, kv_cache: str | None = None, decoder_activations: str | None = None) -> Model:
     """A GGUF file: config from its metadata, weights unpacked under the hub's names."""
     from .formats.gguf import generation_stop_ids, load_gguf_tokenizer, open_gguf, weight_plan
 
@@ -248,6 +255,8 @@ def load_gguf(path: Path, quant: str | None, group_size: int | None, symmetric: 
     plan = {name: planned.make for name, planned in weight_plan(gg).items()}
     weights = unpack_weights(plan, gg.config, used, exact, path)
     check_small_tensors_finite(weights, gg.config, path)
+    if decoder_activations is not None:
+        weights = with_decoder_activations(weights, decoder_activations)
     return Model(
         gg.config,
         weights,

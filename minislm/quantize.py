@@ -147,6 +147,34 @@ def check_encoder_activations(activations: str | None, config, packing, where) -
                            "add --quant bf16 or --quant int4 (both keep the encoders in bf16)")
 
 
+def check_decoder_activations(activations: str | None, quant: str | None) -> None:
+    """Refuse --decoder-activations bf16, before the weights load, unless the decoder's
+    matrices will be bf16 (--quant bf16): int4 kernels round activations to int8 their
+    own way, and float32 matrices have no bf16 products to make."""
+    if activations not in (None, *ENCODER_ACTIVATIONS):
+        raise MinislmError(f"--decoder-activations {activations}: choose one of {', '.join(ENCODER_ACTIVATIONS)}")
+    if activations == "bf16" and quant != "bf16":
+        raise MinislmError("--decoder-activations bf16: the decoder's matrices must be bf16; add --quant bf16")
+
+
+def with_decoder_activations(weights: dict, activations: str) -> dict:
+    """`weights` with every bf16 matrix of the decoder (attention, MLP, experts, the
+    output layer) multiplying `activations`: "bf16" rounds each product's input to bf16,
+    as transformers computes the whole model in bf16 (`Bf16Weight.matmul_rounded`:
+    `vdpbf16ps` where the CPU has AVX512-BF16, one product per pair of inputs where the
+    default splits each activation into two bf16 numbers and makes two); "float32" (the
+    default) keeps the activations' precision, the path the fixtures verify to 1e-4.
+    The encoders keep theirs (`with_encoder_activations`). The words are shared."""
+    from .kernels import Bf16Weight
+
+    def rounded(name, w):
+        if name.startswith((IMAGE_EMBED, EXTEND)) or not isinstance(w, Bf16Weight):
+            return w
+        return w.with_activations(activations)
+
+    return {name: rounded(name, w) for name, w in weights.items()}
+
+
 def with_encoder_activations(weights: dict, activations: str) -> dict:
     """`weights` with every bf16 matrix of the image and speech encoders and their
     projectors multiplying `activations`: "bf16" rounds them to bf16 before each

@@ -272,6 +272,13 @@ def test_encoder_activations_need_bf16_encoders(phi3_v_dir):
     assert_clean_error(result, "--encoder-activations bf16", "add --quant bf16 or --quant int4")
 
 
+def test_decoder_activations_need_bf16_matrices():
+    for quant in ([], ["--quant", "int4"]):
+        result = minislm("generate", "--model", str(FIXTURES / "gqa"), *quant, "--decoder-activations", "bf16",
+                         "-n", "1", PROMPT)
+        assert_clean_error(result, "--decoder-activations bf16", "add --quant bf16")
+
+
 # ---------------------------------------------------------------- quantize
 
 

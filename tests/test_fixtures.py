@@ -135,3 +135,21 @@ def test_sliding_fixture_window_is_shorter_than_the_sequence(name):
     model = minislm.load(FIXTURES / name)
     reference = load_file(FIXTURES / name / "reference.safetensors")
     assert model.config.sliding_window < len(reference["case.seq.input_ids"])
+
+
+# --decoder-activations bf16: every product of the decoder takes its input rounded to
+# bf16 (8 significant bits), as transformers in bf16 does, against this float32
+# reference. sharded_bf16's weights are bf16 already, so the default's exact products
+# give its logits to 1e-6; rounded activations moved them by 0.039 (values up to 4.05,
+# one argmax of 48 changed, on a near tie). The bar is 3x that.
+ATOL_BF16_ACTIVATIONS_LOGITS = 0.12
+
+
+def test_bf16_decoder_activations_stay_within_bf16s_rounding():
+    model = minislm.load(FIXTURES / "sharded_bf16", quant="bf16", kv_cache="float32", decoder_activations="bf16")
+    matrices = [w for name, w in model.weights.items() if hasattr(w, "activations")]
+    assert matrices and all(w.activations == "bf16" for w in matrices)
+    reference = load_file(FIXTURES / "sharded_bf16" / "reference.safetensors")
+    worst = max(np.abs(model.logits(reference[f"case.{case}.input_ids"]) - reference[f"case.{case}.logits"]).max()
+                for case in cases(reference))
+    assert ATOL_FP32_LOGITS < worst <= ATOL_BF16_ACTIVATIONS_LOGITS

@@ -36,6 +36,10 @@ class Engine:
 ENGINES = [
     Engine("minislm-fp32", "minislm", "fp32", 4.0),
     Engine("minislm-bf16", "minislm", "bf16", 2.0, {"quant": "bf16"}, decode_peer="llama.cpp-F16"),
+    # the same words, every product's input rounded to bf16 as transformers-bf16 does
+    # (--decoder-activations bf16): the row at transformers' own precision
+    Engine("minislm-bf16xbf16", "minislm", "bf16", 2.0, {"quant": "bf16", "decoder_activations": "bf16"},
+           decode_peer="llama.cpp-F16"),
     Engine("minislm-int4-g32", "minislm", "int4", 0.5 + 2 / 32,
            {"quant": "int4", "group_size": 32}, decode_peer="llama.cpp-Q4_0"),
     # Candidates for the "best variant": group 64 had the fastest GEMVs in

@@ -14,7 +14,7 @@ GiB = 2**30
 # The goals the main table decides: issue 21's (prefill, decode at the roofline and
 # against llama.cpp, quantizing, K-quants at the file's size), and issue 13's loading goals.
 INT4_ROWS = [e.name for e in ENGINES if e.family == "minislm" and e.weights == "int4"]
-PREFILL_GOAL_ROWS = ["minislm-int4-g32", "minislm-int4-g128", "minislm-bf16"]  # goal 1: >= 1.0x PREFILL_PEER
+PREFILL_GOAL_ROWS = ["minislm-int4-g32", "minislm-int4-g128", "minislm-bf16", "minislm-bf16xbf16"]  # goal 1: >= 1.0x PREFILL_PEER
 PREFILL_GOAL = 1.0
 ROOFLINE_ROWS = ["minislm-int4-g32", "minislm-int4-g64", "minislm-int4-g128", "minislm-bf16"]  # goal 2
 # goal 2: decode at >= 90 % of the roofline on 2 threads, >= 85 % on 16; the issue names
@@ -120,7 +120,9 @@ def roofline_goal(threads: int) -> float:
 def prefill_path(row: dict) -> str:
     """The kernel path a minislm row prefilled on (kernels.kernel_paths()), as the worker recorded it."""
     paths = (row.get("info") or {}).get("kernel_paths") or {}
-    return paths.get("bf16 prefill" if row["engine"].endswith("bf16") else "int4/int8 prefill", "?")
+    kind = "bf16 x bf16 prefill" if row["engine"].endswith("bf16xbf16") else \
+        "bf16 prefill" if row["engine"].endswith("bf16") else "int4/int8 prefill"
+    return paths.get(kind, "?")
 
 
 def goals(results: dict) -> list[dict]:
