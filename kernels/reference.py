@@ -789,13 +789,6 @@ def quick_gelu(h, bias):
     return (z * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.851) * z))).astype(np.float32)
 
 
-def swiglu(gate_up):
-    """silu(gate) * up for gate_up (..., 2F) = [gate | up], the sigmoid written with tanh
-    as in `quick_gelu` (`rowwise.swiglu_rows` is its kernel)."""
-    gate, up = np.split(gate_up, 2, axis=-1)
-    return (gate * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * gate)) * up).astype(np.float32)
-
-
 def add_residual(x, y, bias):
     """x + (y + bias): a sublayer's output y, with its last bias, added to the
     residual stream x (`rowwise.add_residual_in_place` writes it into x)."""

@@ -1,11 +1,10 @@
 """The non-GEMM parts of an encoder block, one pass over memory each: LayerNorm,
-quick_gelu, the attention softmax; and the decoder's SwiGLU.
+quick_gelu, the attention softmax.
 
     layer_norm_rows(x, weight, bias, eps, out)   out[t] = LN(x[t]) * weight + bias
     quick_gelu_in_place(h, bias)                 h <- z * sigmoid(1.702 z), z = h + bias
     softmax_rows_in_place(scores, scale)         each row <- softmax(scale * row)
     add_residual_in_place(x, y, bias)            x <- x + (y + bias)
-    swiglu_rows(gate_up, out)                    out <- silu(gate) * up, gate_up = [gate | up]
 
 Why kernels. Between its matrix products a vision tower block (CLIP ViT-L: 577
 positions x 1024 channels per view, 4096 in the MLP) does element-wise work that
@@ -15,15 +14,14 @@ tanh, multiply-add, multiply), the softmax six (max, subtract, exp, sum, divide,
 zero the tiny). At 17 views the MLP's array is 160 MB, so each pass is a trip to
 memory. Here each is one loop over a row that stays in cache, and the
 exponential is `attention.exp_nonpositive` (a polynomial that vectorises), not
-libm's scalar call. The decoder's SwiGLU is the same kind of work: NumPy's silu
-and product took 0.63 s of a 512-token Phi-3-mini prefill (12 s) on 2 cores.
+libm's scalar call.
 
 Each kernel runs on the calling thread with the GIL released (`nogil`); the
 wrappers below share an array's rows among Python threads, and the attention calls
 the softmax once per (view, head) from its own (`threads.side_by_side`).
 Not Numba's `prange`: its OpenMP threads spin after each call and slow the BLAS
 product that follows by more than the kernel takes (`threads.on_python_threads`). The plain-NumPy twins (`reference.layer_norm_rows`,
-`reference.quick_gelu`, `reference.softmax_rows`, `reference.swiglu`) are the definitions;
+`reference.quick_gelu`, `reference.softmax_rows`) are the definitions;
 tests/test_rowwise_kernels.py holds them equal.
 """
 
@@ -81,17 +79,6 @@ def quick_gelu_in_place(h, bias):
         for f in range(F):
             z = h[t, f] + bias[f]
             h[t, f] = z * sigmoid(QUICK_GELU_SLOPE * z)
-
-
-@njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def swiglu_rows(gate_up, out):
-    """out (T, F) <- silu(gate) * up, gate_up (T, 2F) = [gate | up] (the fused
-    gate_up_proj's output, gate first): silu(g) = g * sigmoid(g)."""
-    T, F = out.shape
-    for t in range(T):
-        for f in range(F):
-            g = gate_up[t, f]
-            out[t, f] = g * sigmoid(g) * gate_up[t, F + f]
 
 
 @njit(nogil=True, error_model="numpy", cache=True)  # no fastmath: x + (y + bias) in this order, as NumPy
@@ -192,11 +179,3 @@ def quick_gelu(h, bias):
     rows = as_rows(h, F)
     by_bands(quick_gelu_in_place, rows, as_rows(bias, F)[0])
     return rows.reshape(h.shape)
-
-
-def swiglu(gate_up):
-    """silu(gate) * up for gate_up (..., 2F) = [gate | up] -> float32 (..., F), a new array."""
-    F = gate_up.shape[-1] // 2
-    out = np.empty((*gate_up.shape[:-1], F), np.float32)
-    by_bands(swiglu_rows, as_rows(gate_up, 2 * F), out.reshape(-1, F))
-    return out

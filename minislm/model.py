@@ -64,7 +64,6 @@ from .cache import KVCache
 from .config import ModelConfig, RopeConfig
 from .kernels.attention import attend_cached
 from .kernels.blocksparse import attend_blocksparse
-from .kernels.rowwise import swiglu
 from .moe import expert_prefix, group_by_expert, sparsemixer
 
 
@@ -365,7 +364,7 @@ def mlp(x: np.ndarray, gate_up_proj: Weight, down_proj: Weight, trace=NO_TRACE, 
     gate, up = np.split(gate_up, 2, axis=-1)  # (T, F) each
     trace.record("gate", gate, layer)
     trace.record("up", up, layer)
-    return linear(swiglu(gate_up), down_proj)  # silu(gate) * up in one compiled pass (kernels/rowwise.py) -> (T, D)
+    return linear(silu(gate) * up, down_proj)  # (T, D)
 
 
 def gegelu(u: np.ndarray, limit: float | None) -> np.ndarray:
